@@ -1,0 +1,30 @@
+"""Test configuration.
+
+``TRITON_INTERPRET=1`` must be set before any Triton kernel module is imported, so it is set here,
+at collection time: with it the Triton kernels run on CPU tensors under Triton's interpreter.
+It changes nothing else: ops still dispatch CPU tensors to the torch path unless a test selects
+the Triton backend (``JOMED_FAST_BACKEND=triton``, see the ``backend`` fixture).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Per-dtype tolerances (atol, rtol) of the fast paths against a float64 reference, on log-probs
+# and gradients of O(1) magnitude. fp16/bf16 inputs are rounded once on the way in; accumulation is fp32.
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test once per backend; the Triton one runs its kernels under the interpreter."""
+    monkeypatch.setenv("JOMED_FAST_BACKEND", request.param)
+    return request.param
