@@ -1,0 +1,38 @@
+"""The package imports on a CPU-only machine with no Triton variable set, without importing Triton
+or the C++ extension, and the backend switch behaves as documented."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jomed_fast.ops import _dispatch
+
+
+def test_import_without_triton_env_does_not_import_triton():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "JOMED_FAST_"))}
+    code = "import sys, jomed_fast, jomed_fast.ops; print('triton' in sys.modules, 'jomed_fast._C' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_extension_loads_after_torch():
+    import jomed_fast._C  # noqa: F401
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("JOMED_FAST_BACKEND", raising=False)
+    assert _dispatch.choose_backend(cpu) == "torch"
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "torch")
+    assert _dispatch.choose_backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
+    assert _dispatch.choose_backend(cpu) == "triton"  # conftest set TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _dispatch.choose_backend(cpu)
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="JOMED_FAST_BACKEND: expected one of"):
+        _dispatch.choose_backend(cpu)
