@@ -55,7 +55,7 @@ setup(
         "triton>=3.1; platform_system == 'Linux'",
         "numpy",
         "safetensors",
-        "transformers>=4.50",
+        "transformers>=5.0",
         "tokenizers",
         "peft",
         "bitsandbytes",

@@ -1,0 +1,40 @@
+"""Readers: unmodified Hugging Face VLMs (Qwen2-VL, Pixtral-LLaVA) loaded from local directories,
+optionally in NF4 / int8 with a LoRA adapter, plus offline tiny/small checkpoints built in code.
+
+    from jomed_fast.readers import tiny, load_reader
+    path = tiny.build("qwen2_vl", "/tmp/qwen_tiny")            # or "pixtral"; size="small"
+    reader = load_reader(path, quantization="nf4", lora=True)  # device defaults to CUDA if present
+    inputs = reader.encode([image], [{"role": "user", "content": [{"type": "image"},
+                                                                  {"type": "text", "text": "..."}]}])
+    hidden = reader.hidden_states(inputs)                      # [B, L, H], no logits computed
+    logits_c = hidden[:, -1] @ reader.lm_head_weight()[class_ids].T
+
+No torchvision anywhere: images go through ``ReaderProcessor`` (PIL image processors).
+"""
+
+from . import tiny
+from .loading import (
+    QUANTIZATIONS,
+    LoraSettings,
+    Reader,
+    check_checkpoint_dir,
+    load_adapter,
+    load_reader,
+    lora_target_regex,
+    save_adapter,
+)
+from .processor import IGNORE_INDEX, ReaderProcessor
+
+__all__ = [
+    "tiny",
+    "load_reader",
+    "Reader",
+    "ReaderProcessor",
+    "LoraSettings",
+    "save_adapter",
+    "load_adapter",
+    "check_checkpoint_dir",
+    "lora_target_regex",
+    "QUANTIZATIONS",
+    "IGNORE_INDEX",
+]
