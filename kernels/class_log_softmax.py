@@ -85,6 +85,7 @@ def class_log_softmax_forward(logits: torch.Tensor, class_ids: torch.Tensor) -> 
     """logits ``[R, V]`` (fp32/fp16/bf16), class_ids int64 ``[C]`` -> float32 ``[R, C]``."""
     R, _ = logits.shape
     C = class_ids.numel()
+    class_ids = class_ids.contiguous()  # the kernel reads ids at unit stride
     out = torch.empty((R, C), device=logits.device, dtype=torch.float32)
     if R == 0:
         return out
@@ -104,7 +105,7 @@ def class_log_softmax_backward(
     grad_x = torch.zeros((R, vocab_size), device=out.device, dtype=dtype)
     if R == 0:
         return grad_x
-    grad_out = grad_out.contiguous()
+    grad_out, class_ids = grad_out.contiguous(), class_ids.contiguous()
     block_r, block_c, num_warps = _blocks(C)
     _class_log_softmax_bwd_kernel[(triton.cdiv(R, block_r),)](
         grad_out, out.contiguous(), class_ids, grad_x, R, C, grad_x.stride(0), grad_x.stride(1),

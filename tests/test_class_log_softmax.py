@@ -82,10 +82,11 @@ def test_nan_propagates(backend):
     assert torch.isfinite(out[1]).all()
 
 
-def test_non_contiguous_logits(backend):
+def test_non_contiguous_logits_and_class_ids(backend):
     base = torch.randn(30, 64)
     logits = base[::3, ::2]  # strides (192, 2)
     _check(logits, torch.tensor([31, 0, 9]))
+    _check(logits, torch.tensor([5, 31, 0, 9, 7, 30])[::2])  # ids [5, 0, 7] at stride 2
 
 
 @settings(max_examples=12, deadline=None)
