@@ -47,6 +47,10 @@ class AotSpec:
 
     signature: argument name -> Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``).
     constexprs: values of the ``constexpr`` arguments (block sizes, flags).
+    unit_args: integer arguments (inner strides) that equal 1 for contiguous inputs; the runtime
+        JIT specializes such a value into a constant, so the AOT build does the same.
+    Pointer arguments are compiled as 16-byte aligned, as the JIT specializes fresh torch
+    allocations; together this is the variant a contiguous, freshly allocated input runs.
     """
 
     name: str
@@ -55,3 +59,4 @@ class AotSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    unit_args: tuple[str, ...] = ()

@@ -78,7 +78,12 @@ def compile_spec(spec, arch: int) -> CompileReport:
     kernel = spec.fn.fn.__name__ if hasattr(spec.fn, "fn") else spec.fn.__name__
     report = CompileReport(kernel=kernel, config=spec.name, arch=arch, ok=False)
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        signature, constexprs = dict(spec.signature), dict(spec.constexprs)
+        for name in spec.unit_args:  # what the JIT does with an integer argument equal to 1
+            signature[name], constexprs[name] = "constexpr", 1
+        arg_names = spec.fn.arg_names
+        attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+        src = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(
             src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         )

@@ -183,7 +183,8 @@ def _fwd_blocks(C: int, dot_f32: bool, interpret: bool | None = None) -> _Blocks
         return _Blocks(32, block_c, 32 if dot_f32 else 128, num_warps=4)
     if dot_f32:
         return _Blocks(16, block_c, 32, num_warps=8, num_stages=2)
-    return _Blocks(16, block_c, 64, num_warps=4 if block_c <= 128 else 8)
+    # 16-bit, wide class block: H tiles of 32 keep the staged W rows and accumulators in registers.
+    return _Blocks(16, block_c, 64 if block_c <= 128 else 32, num_warps=4 if block_c <= 128 else 8)
 
 
 def _bwd_blocks(C: int, interpret: bool | None = None) -> _Blocks:
@@ -301,7 +302,8 @@ def aot_specs() -> list[AotSpec]:
         consts = {"HAS_BIAS": has_bias, "FUSE_SOFTMAX": fuse, "DOT_F32": dot_f32,
                   "BLOCK_N": blocks.block_n, "BLOCK_C": blocks.block_c, "BLOCK_H": blocks.block_h}
         specs.append(AotSpec(f"head_class_log_softmax_fwd[{dtypes},{classes},bias={int(has_bias)}]",
-                             _head_class_log_softmax_fwd_kernel, sig, consts, blocks.num_warps, blocks.num_stages))
+                             _head_class_log_softmax_fwd_kernel, sig, consts, blocks.num_warps, blocks.num_stages,
+                             unit_args=("stride_hh", "stride_wh")))
 
     for dtype, C in [("fp32", 2), ("fp32", 256), ("fp16", 2), ("bf16", 2), ("bf16", 256)]:
         blocks = _bwd_blocks(C, interpret=False)
@@ -312,12 +314,12 @@ def aot_specs() -> list[AotSpec]:
             {"dlogits_ptr": "*fp32", "weight_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_hidden_ptr": f"*{dtype}",
              "N": "i32", "H": "i32", "C": "i32", "stride_wv": "i32", "stride_wh": "i32",
              "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr"},
-            consts, blocks.num_warps, blocks.num_stages))
+            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_wh",)))
         specs.append(AotSpec(
             f"head_class_log_softmax_bwd_weight[{dtype},C<={blocks.block_c} per block]",
             _head_class_log_softmax_bwd_weight_kernel,
             {"dlogits_ptr": "*fp32", "hidden_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_weight_ptr": f"*{dtype}",
              "N": "i32", "H": "i32", "C": "i32", "stride_hn": "i32", "stride_hh": "i32",
              "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr"},
-            consts, blocks.num_warps, blocks.num_stages))
+            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_hh",)))
     return specs
