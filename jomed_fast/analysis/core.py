@@ -1,0 +1,122 @@
+"""Inconsistent/consistent split, oracle, reranking baselines, and writing results."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from jomed_fast.eval.metrics import normalize_answer
+from .records import PredictionRecord
+
+Reranker = Callable[[PredictionRecord], int]   # returns the index of the chosen candidate
+
+
+def _key(pred, kind):
+    if kind == "multilabel":
+        return frozenset(pred)
+    if kind == "vqa_open":
+        return normalize_answer(str(pred))
+    return pred
+
+
+def _correct(pred, rec: PredictionRecord) -> bool:
+    return _key(pred, rec.kind) == _key(rec.gold, rec.kind)
+
+
+def is_inconsistent(rec: PredictionRecord) -> bool:
+    return len({_key(c.prediction, rec.kind) for c in rec.candidates}) > 1
+
+
+def split_consistency(records: Sequence[PredictionRecord]) -> Dict[str, set]:
+    """Query ids per split; fix it once (after stage 1) and reuse it for every system."""
+    inc = {r.query_id for r in records if is_inconsistent(r)}
+    return {"inconsistent": inc, "consistent": {r.query_id for r in records} - inc}
+
+
+def split_metrics(systems: Mapping[str, Sequence[PredictionRecord]], split: Dict[str, set]) -> dict:
+    """Fused-prediction accuracy per system and split, plus the share of inconsistent queries."""
+    n_all = len(split["inconsistent"]) + len(split["consistent"])
+    out = {"share_inconsistent": len(split["inconsistent"]) / max(n_all, 1), "systems": {}}
+    for name, recs in systems.items():
+        row = {}
+        for s in ("all", "inconsistent", "consistent"):
+            rs = [r for r in recs if s == "all" or r.query_id in split[s]]
+            row[s] = float(np.mean([_correct(r.fused, r) for r in rs])) if rs else None
+        out["systems"][name] = row
+    return out
+
+
+def oracle_correct(rec: PredictionRecord) -> bool:
+    return any(_correct(c.prediction, rec) for c in rec.candidates)
+
+
+def oracle_accuracy(records: Sequence[PredictionRecord]) -> float:
+    if not records:
+        raise ValueError("records: expected at least one record, got 0")
+    return float(np.mean([oracle_correct(r) for r in records]))
+
+
+def rerank_top_retrieval(rec: PredictionRecord) -> int:
+    return int(np.argmax([c.score for c in rec.candidates]))
+
+
+def rerank_top_confidence(rec: PredictionRecord) -> int:
+    return int(np.argmax([max(c.probs) if c.probs else -np.inf for c in rec.candidates]))
+
+
+def rerank_fusion(rec: PredictionRecord):
+    """Not a pick: the record's fused prediction (marker used by ``rerank_accuracy``)."""
+    return rec.fused
+
+
+def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> Dict[str, float]:
+    """Accuracy of each reranker's chosen candidate (``rerank_fusion`` scores the fused answer)."""
+    out = {}
+    for name, fn in rerankers.items():
+        hits = []
+        for r in records:
+            if fn is rerank_fusion:
+                hits.append(_correct(r.fused, r))
+                continue
+            k = fn(r)
+            if not isinstance(k, (int, np.integer)) or not 0 <= k < len(r.candidates):
+                raise ValueError(f"rerankers[{name!r}]: expected a candidate index in 0..{len(r.candidates) - 1}, got {k!r}")
+            hits.append(_correct(r.candidates[k].prediction, r))
+        out[name] = float(np.mean(hits)) if hits else None
+    return out
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, Optional[float]]],
+                   extra: Optional[dict] = None, plot: bool = True) -> Dict[str, str]:
+    """Write ``name.json`` (atomic), ``name.md`` (rows x columns table) and optionally ``name.png``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, name + ".json"), "md": os.path.join(out_dir, name + ".md")}
+    _atomic_write(paths["json"], json.dumps({"table": table, **(extra or {})}, indent=2, sort_keys=True))
+    cols = list(next(iter(table.values())).keys()) if table else []
+    lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row, vals in table.items():
+        lines.append(f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |")
+    _atomic_write(paths["md"], "\n".join(lines) + "\n")
+    if plot and table:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        w = 0.8 / max(len(table), 1)
+        for i, (row, vals) in enumerate(table.items()):
+            ax.bar(np.arange(len(cols)) + i * w, [vals[c] or 0 for c in cols], w, label=row)
+        ax.set_xticks(np.arange(len(cols)) + w * (len(table) - 1) / 2, cols)
+        ax.set_ylabel("accuracy"); ax.legend(fontsize=7); fig.tight_layout()
+        paths["png"] = os.path.join(out_dir, name + ".png")
+        fig.savefig(paths["png"], dpi=100); plt.close(fig)
+    return paths

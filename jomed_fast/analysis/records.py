@@ -1,0 +1,55 @@
+"""Prediction record format: one JSON object per query (JSONL)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, List, Optional
+
+from jomed_fast.tasks import KINDS
+
+
+@dataclass
+class Candidate:
+    id: str
+    head: str                      # "text" / "image" / ...
+    score: float                   # retrieval score s_k
+    probs: List[float] = field(default_factory=list)   # per-candidate class probabilities [C]
+    prediction: Any = None         # int class, list of ints (multilabel) or str (open)
+
+
+@dataclass
+class PredictionRecord:
+    query_id: str
+    gold: Any                      # int, list of ints, or str
+    kind: str
+    candidates: List[Candidate]
+    fused: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        self.candidates = [c if isinstance(c, Candidate) else Candidate(**c) for c in self.candidates]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PredictionRecord":
+        return cls(**d)
+
+
+def write_jsonl(path: str, records: Iterable[PredictionRecord]) -> None:
+    """Atomic write (temp file + rename)."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        for r in records:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> List[PredictionRecord]:
+    with open(path) as f:
+        return [PredictionRecord.from_dict(json.loads(l)) for l in f if l.strip()]

@@ -1,0 +1,149 @@
+"""Model facts from a config.json: every weight tensor as (name, numel, kind).
+
+``describe(config)`` turns a Qwen2-VL or LLaVA/Pixtral config (dict, path, or a shipped name) into
+an :class:`Arch`: the list of linear layers (in, out, bias; language-model or vision) and of the
+other parameters (embeddings, norms, convs) that bitsandbytes keeps in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SHIPPED = {
+    "qwen2_vl_7b": "qwen2_vl_7b_instruct.json",
+    "qwen2-vl-7b-instruct": "qwen2_vl_7b_instruct.json",
+    "pixtral_12b": "pixtral_12b.json",
+    "pixtral-12b": "pixtral_12b.json",
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    d_in: int
+    d_out: int
+    bias: bool
+    part: str  # "text" | "vision" | "lm_head"
+
+    @property
+    def numel(self) -> int:
+        return self.d_in * self.d_out
+
+
+@dataclass
+class Arch:
+    family: str  # "qwen2_vl" | "pixtral"
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    vision_layers: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_heads: int
+    patch: int
+    merge: int
+    linears: list[Linear] = field(default_factory=list)
+    dense: dict[str, int] = field(default_factory=dict)  # unquantizable params: name -> numel
+
+    @property
+    def text_linears(self) -> list[Linear]:
+        return [l for l in self.linears if l.part == "text"]
+
+
+def load_config(config) -> dict:
+    """A config as a dict: a dict, a shipped name (``SHIPPED``), a config.json path or its directory."""
+    if isinstance(config, dict):
+        return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config: expected a dict, a shipped name or a path, got {type(config).__name__}")
+    key = str(config)
+    if key.lower() in SHIPPED:
+        return json.loads((CONFIG_DIR / SHIPPED[key.lower()]).read_text())
+    p = Path(config)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ValueError(f"config: expected one of {sorted(SHIPPED)} or a config.json path, got {key!r}")
+    return json.loads(p.read_text())
+
+
+def _qwen2_vl(c: dict) -> Arch:
+    t = c.get("text_config") or c
+    g = lambda k: t.get(k, c.get(k))  # noqa: E731  (flat 4.x configs or nested 5.x text_config)
+    H, I, n, nh, kv, V = (g("hidden_size"), g("intermediate_size"), g("num_hidden_layers"),
+                          g("num_attention_heads"), g("num_key_value_heads"), g("vocab_size"))
+    hd = H // nh
+    v = c["vision_config"]
+    E, depth, ratio = v["embed_dim"], v["depth"], v["mlp_ratio"]
+    merge, patch, tps = v["spatial_merge_size"], v["patch_size"], v.get("temporal_patch_size", 2)
+    out_dim = v.get("hidden_size", H)
+    a = Arch("qwen2_vl", H, n, nh, kv, hd, I, V, depth, E, int(E * ratio), v["num_heads"], patch, merge)
+    for i in range(n):
+        p = f"text.{i}."
+        a.linears += [Linear(p + "q", H, nh * hd, True, "text"), Linear(p + "k", H, kv * hd, True, "text"),
+                      Linear(p + "v", H, kv * hd, True, "text"), Linear(p + "o", nh * hd, H, False, "text"),
+                      Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
+                      Linear(p + "down", I, H, False, "text")]
+        a.dense[p + "norms"] = 2 * H
+    a.dense["text.final_norm"] = H
+    a.dense["embed_tokens"] = V * H
+    a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
+    mlp = int(E * ratio)
+    for i in range(depth):
+        p = f"vision.{i}."
+        a.linears += [Linear(p + "qkv", E, 3 * E, True, "vision"), Linear(p + "proj", E, E, True, "vision"),
+                      Linear(p + "fc1", E, mlp, True, "vision"), Linear(p + "fc2", mlp, E, True, "vision")]
+        a.dense[p + "norms"] = 4 * E  # two LayerNorms, weight + bias
+    a.dense["vision.patch_embed"] = E * v.get("in_chans", v.get("in_channels", 3)) * tps * patch * patch
+    m = E * merge * merge
+    a.dense["vision.merger.ln_q"] = 2 * E
+    a.linears += [Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")]
+    return a
+
+
+def _pixtral(c: dict) -> Arch:
+    t, v = c["text_config"], c["vision_config"]
+    H, I, n, nh, kv, V = (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
+                          t["num_attention_heads"], t["num_key_value_heads"], t["vocab_size"])
+    hd = t.get("head_dim") or H // nh
+    Hv, Iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
+    a = Arch("pixtral", H, n, nh, kv, hd, I, V, nv, Hv, Iv, v["num_attention_heads"], v["patch_size"], 1)
+    for i in range(n):
+        p = f"text.{i}."
+        a.linears += [Linear(p + "q", H, nh * hd, False, "text"), Linear(p + "k", H, kv * hd, False, "text"),
+                      Linear(p + "v", H, kv * hd, False, "text"), Linear(p + "o", nh * hd, H, False, "text"),
+                      Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
+                      Linear(p + "down", I, H, False, "text")]
+        a.dense[p + "norms"] = 2 * H
+    a.dense["text.final_norm"] = H
+    a.dense["embed_tokens"] = V * H
+    a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
+    for i in range(nv):
+        p = f"vision.{i}."
+        a.linears += [Linear(p + n_, Hv, Hv, False, "vision") for n_ in ("q", "k", "v", "o")]
+        a.linears += [Linear(p + "gate", Hv, Iv, False, "vision"), Linear(p + "up", Hv, Iv, False, "vision"),
+                      Linear(p + "down", Iv, Hv, False, "vision")]
+        a.dense[p + "norms"] = 2 * Hv
+    a.dense["vision.patch_conv"] = Hv * v.get("num_channels", 3) * v["patch_size"] ** 2
+    a.dense["vision.ln_pre"] = Hv
+    bias = c.get("multimodal_projector_bias", True)
+    a.linears += [Linear("projector.1", Hv, H, bias, "vision"), Linear("projector.2", H, H, bias, "vision")]
+    return a
+
+
+def describe(config) -> Arch:
+    c = load_config(config)
+    mt = c.get("model_type")
+    if mt == "qwen2_vl":
+        return _qwen2_vl(c)
+    if mt == "llava" and (c.get("vision_config") or {}).get("model_type") == "pixtral":
+        return _pixtral(c)
+    raise ValueError(f"config: expected model_type 'qwen2_vl' or 'llava' with a pixtral vision tower, got {mt!r}")

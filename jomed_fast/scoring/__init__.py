@@ -1,0 +1,23 @@
+"""The batched candidate scorer (issue 3, section 4): ``CandidateScorer(reader, task, layout)``.
+
+Modules, one responsibility each:
+
+============  ===============================================================================
+scorer        ``CandidateScorer`` / ``ScoreStats``: the stages, in order (prompts, images,
+              packing, vision, prefix, suffix, head)
+inputs        argument checks: B queries, K candidates each, errors naming the argument
+images        distinct images: preprocessing once, placeholder ids, the vision tower in chunks
+attention     the 4-D masks and the shared-prefix KV-cache handed to the decoder
+heads         the class head: single-token classes, or multi-token classes as a token trie
+memory        the per-row byte model that turns a memory budget into chunk sizes
+============  ===============================================================================
+
+Prompt layouts and ``Candidate`` live in :mod:`jomed_fast.prompts`.
+"""
+
+from ..prompts import LAYOUTS, Candidate
+from .heads import ClassHead
+from .memory import RowCost, default_budget
+from .scorer import CandidateScorer, ScoreStats
+
+__all__ = ["CandidateScorer", "ScoreStats", "Candidate", "ClassHead", "RowCost", "default_budget", "LAYOUTS"]

@@ -1,0 +1,149 @@
+"""The images of one ``score`` call: each distinct image preprocessed once and encoded once.
+
+Images are told apart by object identity (``id``): a query image that appears in the K prompts of
+its query (``paper`` layout) and an index record retrieved for several queries are one entry each.
+The table converts arrays to PIL once, runs the PIL image processor on all of them in one call,
+gives each image's placeholder ids (what replaces its one placeholder token in a prompt) and runs
+the vision tower + projector over them in chunks sized by the memory budget.
+
+Per family:
+
+* Qwen2-VL: ``pixel_values`` rows are the image's ``t*h*w`` patches; the vision tower merges
+  ``merge**2`` patches per token: ``t*h*w/merge**2`` features = placeholder tokens. Images are
+  independent in the tower (block-diagonal attention over ``cu_seqlens``), so a chunk of images
+  gives each image the features it gets alone.
+* Pixtral: ``pixel_values`` are ``[3, H, W]`` per image (stored cropped to the image's size and
+  re-padded per chunk); ``rows * cols`` features fill the ``[IMG]`` tokens of a placeholder that
+  also holds ``[IMG_BREAK]`` / ``[IMG_END]`` (ordinary embeddings). The tower attends
+  block-diagonally across images too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..prompts import as_image
+from ._profiling import stage
+
+
+class ImageTable:
+    """Distinct images of one call; ``add`` returns an image's index (uid)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._index: dict[int, int] = {}
+        self._objects: list[Any] = []  # keeps every object alive, so ids stay unique during the call
+        self._pil: list[Any] = []
+        self.pixels: list[torch.Tensor] = []
+        self.grids: list[tuple[int, int, int]] = []  # Qwen2-VL (t, h, w)
+        self.sizes: list[tuple[int, int]] = []  # Pixtral (height, width)
+        self.placeholders: list[list[int]] = []
+        self.num_features: list[int] = []
+        self.feature_offsets: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def uid(self, image: Any) -> int:
+        return self._index[id(image)]
+
+    def add(self, image: Any, name: str) -> int:
+        key = id(image)
+        if key in self._index:
+            return self._index[key]
+        self._pil.append(as_image(image, name))
+        self._objects.append(image)
+        self._index[key] = len(self._objects) - 1
+        return self._index[key]
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self) -> None:
+        """Run the image processor on every image (one call) and split its output per image."""
+        proc = self.processor
+        if not self._pil:
+            return
+        out = proc.preprocess_images(self._pil)
+        if proc.family == "qwen2_vl":
+            grids = out["image_grid_thw"].tolist()
+            counts = [t * h * w for t, h, w in grids]
+            self.pixels = list(torch.split(out["pixel_values"], counts))
+            self.grids = [tuple(g) for g in grids]
+        else:
+            sizes = out["image_sizes"].tolist()
+            self.sizes = [tuple(s) for s in sizes]
+            self.pixels = [out["pixel_values"][i, :, : s[0], : s[1]] for i, s in enumerate(sizes)]
+        offset = 0
+        for i in range(len(self._pil)):
+            ids = proc.image_placeholder_ids(out, i)
+            self.placeholders.append(ids)
+            n = sum(1 for t in ids if t == proc.image_token_id)
+            self.num_features.append(n)
+            self.feature_offsets.append(offset)
+            offset += n
+        self._pil = []  # the pixels are all that is needed from here on
+
+    @property
+    def total_features(self) -> int:
+        return sum(self.num_features)
+
+    def patches(self, uid: int) -> int:
+        """Patches the vision tower runs for image ``uid`` (its sequence length there)."""
+        if self.processor.family == "qwen2_vl":
+            t, h, w = self.grids[uid]
+            return t * h * w
+        h, w = self.sizes[uid]
+        p = self.processor.patch_size
+        return (h // p) * (w // p)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, reader, max_patches: int) -> torch.Tensor:
+        """Vision tower + projector over every image: ``[total_features, H]`` in the compute
+        dtype, image ``uid`` at rows ``feature_offsets[uid] : + num_features[uid]``. Images go in
+        chunks of at most ``max_patches`` patches (at least one image per chunk)."""
+        model = reader.hf_model.model
+        feats: list[torch.Tensor] = []
+        chunk: list[int] = []
+        patches = 0
+
+        def flush():
+            if chunk:
+                with stage("jomed.vision"):
+                    feats.append(self._encode_chunk(reader, model, chunk))
+
+        for uid in range(len(self)):
+            n = self.patches(uid)
+            if chunk and patches + n > max_patches:
+                flush()
+                chunk, patches = [], 0
+            chunk.append(uid)
+            patches += n
+        flush()
+        if not feats:
+            return torch.empty(0, reader.hidden_size, device=reader.device, dtype=reader.compute_dtype)
+        return torch.cat(feats, dim=0)
+
+    def _encode_chunk(self, reader, model, uids: list[int]) -> torch.Tensor:
+        dev, dtype = reader.device, reader.compute_dtype
+        if self.processor.family == "qwen2_vl":
+            pixel_values = torch.cat([self.pixels[u] for u in uids]).to(dev, dtype)
+            grid = torch.tensor([self.grids[u] for u in uids], dtype=torch.long, device=dev)
+            out = model.get_image_features(pixel_values, grid)
+        else:
+            H = max(self.sizes[u][0] for u in uids)
+            W = max(self.sizes[u][1] for u in uids)
+            pixel_values = torch.zeros(len(uids), 3, H, W, dtype=dtype, device=dev)
+            for i, u in enumerate(uids):
+                h, w = self.sizes[u]
+                pixel_values[i, :, :h, :w] = self.pixels[u]
+            sizes = torch.tensor([self.sizes[u] for u in uids], dtype=torch.long, device=dev)
+            out = model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
+        pooled = out.pooler_output
+        pooled = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
+        expected = sum(self.num_features[u] for u in uids)
+        if pooled.shape[0] != expected:
+            raise RuntimeError(  # the processor and the tower disagree: a reader/config mismatch
+                f"reader: the vision tower gave {pooled.shape[0]} features for {expected} image tokens"
+            )
+        return pooled.to(dtype)

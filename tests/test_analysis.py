@@ -1,0 +1,54 @@
+import json
+import pytest
+from jomed_fast.analysis import *
+
+
+def rec(q, gold, preds, scores, probs, fused):
+    return PredictionRecord(q, gold, "multiclass", [
+        Candidate(f"{q}c{i}", "text" if i % 2 == 0 else "image", s, pr, p)
+        for i, (p, s, pr) in enumerate(zip(preds, scores, probs))], fused)
+
+
+RECS = [
+    rec("a", 0, [0, 0], [0.9, 0.1], [[0.9, 0.1], [0.8, 0.2]], 0),   # consistent, right
+    rec("b", 1, [0, 1], [0.9, 0.1], [[0.6, 0.4], [0.1, 0.9]], 1),   # inconsistent, oracle ok
+    rec("c", 1, [0, 0], [0.5, 0.4], [[0.7, 0.3], [0.9, 0.1]], 0),   # consistent, wrong
+]
+
+
+def test_roundtrip(tmp_path):
+    p = str(tmp_path / "r.jsonl")
+    write_jsonl(p, RECS)
+    assert read_jsonl(p) == RECS
+
+
+def test_split_oracle_rerank(tmp_path):
+    split = split_consistency(RECS)
+    assert split == {"inconsistent": {"b"}, "consistent": {"a", "c"}}
+    m = split_metrics({"jomed": RECS}, split)
+    assert m["share_inconsistent"] == pytest.approx(1 / 3)
+    assert m["systems"]["jomed"] == {"all": pytest.approx(2 / 3), "inconsistent": 1.0, "consistent": 0.5}
+    assert oracle_accuracy(RECS) == pytest.approx(2 / 3)
+    acc = rerank_accuracy(RECS, {"top1": rerank_top_retrieval, "conf": rerank_top_confidence,
+                                 "fusion": rerank_fusion, "last": lambda r: len(r.candidates) - 1})
+    assert acc == {"top1": pytest.approx(1 / 3), "conf": pytest.approx(2 / 3),
+                   "fusion": pytest.approx(2 / 3), "last": pytest.approx(2 / 3)}
+    paths = write_analysis(str(tmp_path), "rerank", {"jomed": acc})
+    assert json.load(open(paths["json"]))["table"]["jomed"]["top1"] == pytest.approx(1 / 3)
+    assert "| jomed |" in open(paths["md"]).read()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="kind"):
+        PredictionRecord("x", 0, "nope", [], 0)
+    with pytest.raises(ValueError, match="rerankers"):
+        rerank_accuracy(RECS, {"bad": lambda r: 9})
+
+
+def test_multilabel_and_open():
+    ml = PredictionRecord("m", [1, 2], "multilabel", [Candidate("x", "text", 1.0, [], [2, 1]),
+                                                      Candidate("y", "image", 0.5, [], [1])], [1])
+    assert is_inconsistent(ml) and oracle_correct(ml)
+    op = PredictionRecord("o", "The left lung", "vqa_open", [Candidate("x", "text", 1.0, [], "left lung."),
+                                                             Candidate("y", "text", 0.2, [], "Left Lung")], "heart")
+    assert not is_inconsistent(op) and oracle_correct(op)

@@ -1,0 +1,278 @@
+"""topk_similarity: torch (CPU) and Triton (interpreter) paths against the float64 reference.
+
+Scores of random data are compared with tolerances and ids only where the reference's scores are
+well separated (fp32 sums in another order may swap two nearly equal scores). Integer-valued data
+gives exact scores on every path, so there ties are many and ids, tie order included, must match.
+"""
+
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jomed_fast.ops import topk_similarity, topk_similarity_reference
+
+# The module, not the function of the same name that jomed_fast.ops exports.
+topk_module = importlib.import_module("jomed_fast.ops.topk_similarity")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Inputs are rounded to the index dtype before the reference sees them, so only fp32 accumulation
+# (in another order) separates a fast path from float64: scores are O(sqrt(D)) here.
+SCORE_ATOL, SCORE_RTOL = 1e-3, 1e-5
+
+
+def _rand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def _check(queries, index, k):
+    """Shapes, dtypes, scores against float64, ids where the scores are separated."""
+    scores, ids = topk_similarity(queries, index, k)
+    Q, N = queries.shape[0], index.shape[0]
+    assert scores.shape == (Q, k) and scores.dtype == torch.float32
+    assert ids.shape == (Q, k) and ids.dtype == torch.int64
+    q64, x64 = queries.to(index.dtype).double(), index.double()
+    ref_scores, ref_ids = topk_similarity_reference(q64, x64, k)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=SCORE_ATOL, rtol=SCORE_RTOL)
+    assert ids.min() >= 0 and ids.max() < N
+    assert all(len(set(row)) == k for row in ids.tolist())
+    # Each id's own float64 score is the score returned for it.
+    own = (q64[:, None, :] * x64[ids]).sum(-1)
+    torch.testing.assert_close(scores.double(), own, atol=SCORE_ATOL, rtol=SCORE_RTOL)
+    # Ids agree wherever the reference score is apart from its neighbours (the k+1-th included).
+    full = torch.sort(q64 @ x64.T, dim=1, descending=True, stable=True).values
+    padded = torch.cat([full, full[:, -1:] - 1], dim=1)
+    gap = 4 * SCORE_ATOL
+    separated = (padded[:, :k] - padded[:, 1:k + 1] > gap)
+    separated[:, 1:] &= padded[:, :k - 1] - padded[:, 1:k] > gap
+    assert torch.equal(ids[separated], ref_ids[separated])
+    return scores, ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "Q,N,D,k",
+    [
+        (5, 300, 40, 7),  # N not a multiple of any tile
+        (64, 257, 32, 50),  # the retrieval shape, k=50
+        (9, 130, 24, 1),  # k = 1
+        (1, 37, 16, 37),  # Q = 1, k = N
+        (3, 1000, 20, 100),  # k > 64: the segment path
+    ],
+)
+def test_matches_float64(backend, dtype, Q, N, D, k):
+    gen = torch.Generator().manual_seed(Q * 1000 + N)
+    _check(_rand((Q, D), dtype, gen), _rand((N, D), dtype, gen), k)
+
+
+def test_k_1024(backend):
+    gen = torch.Generator().manual_seed(1)
+    _check(_rand((3, 16), torch.float16, gen), _rand((1100, 16), torch.float16, gen), 1024)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Q,N,D,k", [(6, 300, 8, 50), (2, 400, 4, 130)])
+def test_ties_lower_id_first(backend, dtype, Q, N, D, k):
+    """Integer-valued embeddings: every score is exact, many are equal; ids must match the
+    reference exactly, ties ordered by the lower id."""
+    gen = torch.Generator().manual_seed(7)
+    queries = torch.randint(-2, 3, (Q, D), generator=gen).to(dtype)
+    index = torch.randint(-1, 2, (N, D), generator=gen).to(dtype)
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(scores.double(), ref_scores)
+    assert torch.equal(ids, ref_ids)
+
+
+def test_duplicate_rows_tie_across_cpu_chunks(monkeypatch):
+    """The CPU path's per-chunk torch.topk picks any member of a tie; the fix-up must restore
+    lower-id-first, also across chunk boundaries."""
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "torch")
+    monkeypatch.setattr(topk_module, "_CPU_CHUNK_ROWS", 7)
+    gen = torch.Generator().manual_seed(3)
+    # Integer-valued rows: fp32 BLAS sums a duplicated row differently at different positions of a
+    # chunk, which would break an exact tie before the tie-break is reached.
+    rows = torch.randint(-3, 4, (5, 12), generator=gen).float()
+    index = rows[torch.randint(0, 5, (60,), generator=gen)]  # every row 12 times on average
+    queries = torch.randint(-3, 4, (4, 12), generator=gen).float()
+    for k in (1, 5, 20, 60):
+        scores, ids = topk_similarity(queries, index, k)
+        ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+        assert torch.equal(scores.double(), ref_scores)
+        assert torch.equal(ids, ref_ids)
+
+
+def test_several_splits_merge(monkeypatch):
+    """On a GPU the launcher splits N across programs when Q is small; force splits here."""
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
+    from jomed_fast.kernels import topk_similarity as kernel
+
+    monkeypatch.setattr(kernel, "_splits", lambda Q, N, block_q, block_n, device: (triton_cdiv(N, 200), 200))
+    gen = torch.Generator().manual_seed(5)
+    for k in (30, 90):  # the register and the segment path
+        _check(_rand((3, 24), torch.float16, gen), _rand((650, 24), torch.float16, gen), k)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 65, 300])
+def test_late_entrant_at_rank_k(backend, k):
+    """A tile is merged only when a key beats some query's current k-th key: a row in the last tile
+    that lands exactly at rank k (above the old k-th, below the (k-1)-th) must still get in."""
+    N = 700
+    values = -torch.arange(N, dtype=torch.float32)  # rows k-1.. : 0, -1, -2, ...
+    values[: k - 1] = 1000 + torch.arange(k - 1, 0, -1)  # ranks 1..k-1, all in the first tile(s)
+    values[N - 1] = 10  # rank k, in the last tile
+    scores, ids = topk_similarity(torch.ones(1, 1, dtype=torch.float16), values[:, None].half(), k)
+    assert ids[0, -1] == N - 1 and scores[0, -1] == 10
+    assert torch.equal(ids[0, :-1], torch.arange(k - 1))
+
+
+def test_gpu_block_sizes(monkeypatch):
+    """The blocks a GPU launch picks (BLOCK_N = 64, so many tiles and, for k > 64, several list
+    segments), run under the interpreter."""
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
+    from jomed_fast.kernels import topk_similarity as kernel
+
+    gpu_config = kernel._config
+    monkeypatch.setattr(kernel, "_config", lambda Q, k, fp32: gpu_config(Q, k, fp32, interpret=False))
+    gen = torch.Generator().manual_seed(9)
+    for Q, k, dtype in ((3, 1, torch.float16), (20, 50, torch.bfloat16), (5, 200, torch.float32)):
+        _check(_rand((Q, 40), dtype, gen), _rand((700, 40), dtype, gen), k)
+
+
+def test_query_dtype_is_cast_to_index_dtype(backend):
+    gen = torch.Generator().manual_seed(2)
+    queries = torch.randn(4, 32, generator=gen)
+    index = torch.randn(90, 32, generator=gen).half()
+    scores, ids = topk_similarity(queries, index, 10)
+    scores_half, ids_half = topk_similarity(queries.half(), index, 10)
+    assert torch.equal(scores, scores_half) and torch.equal(ids, ids_half)
+
+
+def test_non_contiguous_inputs(backend):
+    gen = torch.Generator().manual_seed(4)
+    index = torch.randn(120, 64, generator=gen)[:, ::2]  # strides (64, 2)
+    queries = torch.randn(32, 5, generator=gen).T  # strides (1, 5)
+    _check(queries, index, 11)
+
+
+def test_large_magnitude_fp16_index(backend):
+    """Scores far beyond the fp16 range: products accumulate in fp32, nothing overflows."""
+    gen = torch.Generator().manual_seed(6)
+    queries = _rand((3, 48), torch.float16, gen, scale=1e2)
+    index = _rand((200, 48), torch.float16, gen, scale=1e2)
+    scores, _ = topk_similarity(queries, index, 5)
+    assert torch.isfinite(scores).all() and scores.abs().max() > 65504
+    scores64, _ = topk_similarity_reference(queries.double(), index.double(), 5)
+    torch.testing.assert_close(scores.double(), scores64, atol=0, rtol=1e-5)
+
+
+def test_nan_index_row_ranks_first(backend):
+    """Documented: a NaN score ranks above every number (as in torch.topk); it propagates."""
+    gen = torch.Generator().manual_seed(8)
+    queries = torch.randn(4, 16, generator=gen)
+    index = torch.randn(100, 16, generator=gen)
+    index[37, 3] = math.nan
+    index[80] = -math.nan  # the sign bit set: must still rank first, not last
+    scores, ids = topk_similarity(queries, index, 6)
+    assert torch.isnan(scores[:, :2]).all() and torch.isfinite(scores[:, 2:]).all()
+    assert ids[:, :2].tolist() == [[37, 80]] * 4
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), 6)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores[:, 2:].double(), ref_scores[:, 2:], atol=SCORE_ATOL, rtol=SCORE_RTOL)
+
+
+def test_nan_query_gives_nan_scores(backend):
+    queries = torch.randn(3, 8)
+    queries[1, 0] = math.nan
+    scores, ids = topk_similarity(queries, torch.randn(50, 8), 4)
+    assert torch.isnan(scores[1]).all() and ids[1].tolist() == [0, 1, 2, 3]
+    assert torch.isfinite(scores[[0, 2]]).all()
+
+
+def test_no_queries_and_no_gradient(backend):
+    scores, ids = topk_similarity(torch.empty(0, 8), torch.randn(10, 8), 3)
+    assert scores.shape == (0, 3) and ids.shape == (0, 3)
+    queries = torch.randn(2, 8, requires_grad=True)
+    scores, _ = topk_similarity(queries, torch.randn(10, 8), 3)
+    assert not scores.requires_grad
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    Q=st.integers(1, 20),
+    N=st.integers(1, 300),
+    D=st.integers(1, 48),
+    data=st.data(),
+    dtype=st.sampled_from(DTYPES),
+    use_triton=st.booleans(),
+)
+def test_property_random_shapes(monkeypatch_module, Q, N, D, data, dtype, use_triton):
+    k = data.draw(st.integers(1, min(N, 100)))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    with monkeypatch_module.context() as m:
+        m.setenv("JOMED_FAST_BACKEND", "triton" if use_triton else "torch")
+        _check(_rand((Q, D), dtype, gen), _rand((N, D), dtype, gen), k)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as m:
+        yield m
+
+
+def test_compiles_fullgraph(backend):
+    index = torch.randn(64, 16)
+
+    def retrieve(queries):
+        scores, ids = topk_similarity(queries * 2.0, index, 5)
+        return torch.softmax(scores, dim=-1), ids + 1
+
+    compiled = torch.compile(retrieve, fullgraph=True, backend="aot_eager")
+    queries = torch.randn(3, 16)
+    probs, ids = compiled(queries)
+    eager_probs, eager_ids = retrieve(queries)
+    torch.testing.assert_close(probs, eager_probs)
+    assert torch.equal(ids, eager_ids)
+
+
+def test_registered_as_custom_op():
+    assert hasattr(torch.ops.jomed_fast, "topk_similarity")
+    queries, index = torch.randn(2, 4), torch.randn(9, 4)
+    torch.library.opcheck(torch.ops.jomed_fast.topk_similarity.default, (queries, index, 3))
+
+
+_Q, _X = torch.randn(3, 8), torch.randn(20, 8)
+
+
+@pytest.mark.parametrize(
+    "queries,index,k,error,match",
+    [
+        (torch.randn(8), _X, 3, ValueError, r"queries: expected 2-D \[Q, D\]"),
+        (_Q, torch.randn(2, 20, 8), 3, ValueError, r"index: expected 2-D \[N, D\]"),
+        (_Q, torch.randn(20, 7), 3, ValueError, r"index: expected \[N, D\] with D = 8"),
+        (_Q, torch.randn(0, 8), 1, ValueError, "index: expected a non-empty index"),
+        (torch.randn(3, 0), torch.randn(5, 0), 1, ValueError, r"queries: expected \[Q, D\] with D >= 1"),
+        (_Q, _X, 0, ValueError, r"k: expected 1 <= k <= min\(N, 1024\) = 20"),
+        (_Q, _X, 21, ValueError, r"k: expected 1 <= k <= min\(N, 1024\) = 20 \(N=20\), got 21"),
+        (_Q, torch.randn(1100, 8), 1025, ValueError, r"k: expected 1 <= k <= min\(N, 1024\) = 1024"),
+        (_Q, _X, 2.0, TypeError, "k: expected an int, got float"),
+        (_Q, _X, True, TypeError, "k: expected an int, got bool"),
+        (_Q, _X, torch.tensor(3), TypeError, "k: expected an int, got Tensor"),
+        (torch.randint(0, 5, (3, 8)), _X, 3, TypeError, "queries: expected a floating tensor"),
+        (_Q, torch.randint(0, 5, (20, 8)), 3, TypeError, "index: expected a floating tensor"),
+        (_Q, _X.double(), 3, TypeError, "index: expected a floating tensor"),
+        ([[0.0] * 8], _X, 3, TypeError, "queries: expected a torch.Tensor, got list"),
+        (_Q, torch.randn(20, 8, device="meta"), 3, ValueError, "index: expected a tensor on cpu"),
+    ],
+)
+def test_bad_inputs(backend, queries, index, k, error, match):
+    with pytest.raises(error, match=match):
+        topk_similarity(queries, index, k)
