@@ -41,6 +41,15 @@ logger = logging.getLogger(__name__)
 VERIFY_MODES = ("none", "exists", "open", "decode")
 
 
+
+def _image_of(record, what: str) -> np.ndarray:
+    """The record's in-memory image, else the decoded file at ``image_path``."""
+    if record.image is not None:
+        return record.image
+    if record.image_path is None:
+        raise ValueError(f"{what} {record.id!r} has neither an image nor an image_path")
+    return load_image(record.image_path)
+
 @dataclass(eq=False)
 class Sample:
     """A question about an image, with its answer.
@@ -60,11 +69,7 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
     def load_image(self) -> np.ndarray:
-        if self.image is not None:
-            return self.image
-        if self.image_path is None:
-            raise ValueError(f"sample {self.id!r} has neither an image nor an image_path")
-        return load_image(self.image_path)
+        return _image_of(self, "sample")
 
 
 @dataclass(eq=False)
@@ -78,11 +83,7 @@ class IndexRecord:
     extra: dict = field(default_factory=dict)
 
     def load_image(self) -> np.ndarray:
-        if self.image is not None:
-            return self.image
-        if self.image_path is None:
-            raise ValueError(f"index record {self.id!r} has neither an image nor an image_path")
-        return load_image(self.image_path)
+        return _image_of(self, "index record")
 
 
 class Loaded(list):
