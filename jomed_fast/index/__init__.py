@@ -22,27 +22,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from jomed_fast._files import atomic_write_via, sha256_file
+
 FILES = ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl")
 HEADS = {"image": "image_embeddings.npy", "text": "text_embeddings.npy"}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
+_sha256 = sha256_file
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_atomic_write = atomic_write_via
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from jomed_fast._files import replace_dir_atomically
 
 from .processor import ReaderProcessor
 
@@ -330,8 +330,8 @@ def _quantization_config(quantization, compute_dtype, family, quantize_vision):
     if quantization is None:
         return None
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
         raise ImportError(f"quantization={quantization!r} needs bitsandbytes: {exc}") from exc
     skip = ["lm_head"] + ([] if quantize_vision else list(_VISION_MODULES[family]))
@@ -452,23 +452,13 @@ def save_adapter(reader: Reader, out_dir: str | os.PathLike) -> Path:
         raise ValueError("reader: has no LoRA adapter to save (load it with lora=True or call add_lora)")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         reader.model.save_pretrained(tmp, safe_serialization=True)
         meta = {"family": reader.family, "base": str(reader.path), "lora": dataclasses.asdict(reader.lora)
                 if reader.lora else None}
         (tmp / "jomed_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir_atomically(out, fill)
 
 
 def load_adapter(reader: Reader, adapter_dir: str | os.PathLike, trainable: bool = False) -> Reader:

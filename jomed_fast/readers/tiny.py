@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from jomed_fast._files import replace_dir_atomically
 
 ARCHS = ("qwen2_vl", "pixtral")
 SIZES = ("tiny", "small")
@@ -472,12 +472,16 @@ def make_image_processor(arch: str, size: str = "tiny"):
     _check(arch, size)
     d = _DIMS[arch, size]
     if arch == "qwen2_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
 
         return Qwen2VLImageProcessorPil(
             min_pixels=d["min_pixels"], max_pixels=d["max_pixels"], patch_size=14, temporal_patch_size=2, merge_size=2
         )
-    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+    from transformers.models.pixtral.image_processing_pil_pixtral import (
+        PixtralImageProcessorPil,
+    )
 
     return PixtralImageProcessorPil(size={"longest_edge": d["longest_edge"]}, patch_size={"height": 16, "width": 16})
 
@@ -554,23 +558,13 @@ def build(
     model = model.to(torch_dtype).eval()
     config.dtype = dtype
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp, save_jinja_files=False)
         image_processor.save_pretrained(tmp)
         (tmp / BUILD_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir_atomically(out, fill)
 
 
 __all__ = [
