@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jomed_fast.data.io import atomic_write_text
 from jomed_fast.eval.metrics import normalize_answer
+
 from .records import PredictionRecord
 
 Reranker = Callable[[PredictionRecord], int]   # returns the index of the chosen candidate
@@ -89,24 +90,17 @@ def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str,
     return out
 
 
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, Optional[float]]],
                    extra: Optional[dict] = None, plot: bool = True) -> Dict[str, str]:
     """Write ``name.json`` (atomic), ``name.md`` (rows x columns table) and optionally ``name.png``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, name + ".json"), "md": os.path.join(out_dir, name + ".md")}
-    _atomic_write(paths["json"], json.dumps({"table": table, **(extra or {})}, indent=2, sort_keys=True))
+    atomic_write_text(paths["json"], json.dumps({"table": table, **(extra or {})}, indent=2, sort_keys=True))
     cols = list(next(iter(table.values())).keys()) if table else []
     lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row, vals in table.items():
         lines.append(f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |")
-    _atomic_write(paths["md"], "\n".join(lines) + "\n")
+    atomic_write_text(paths["md"], "\n".join(lines) + "\n")
     if plot and table:
         import matplotlib
         matplotlib.use("Agg")

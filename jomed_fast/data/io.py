@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any, Iterable, Union
 
 import numpy as np
+
+from jomed_fast._files import sha256_file  # noqa: F401  (re-exported: data.io.sha256_file)
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,15 +60,6 @@ def atomic_write_json(path: PathLike, obj: Any, *, fsync: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", fsync=fsync)
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def as_rgb_uint8(image: Any, *, name: str = "image") -> np.ndarray:

@@ -9,11 +9,9 @@ or faiss ``IndexFlatIP`` (``IndexIVFFlat`` with ``nlist`` for large N).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
