@@ -75,6 +75,22 @@ def load_config(config) -> dict:
     return json.loads(p.read_text())
 
 
+
+def _add_text_decoder(a: "Arch", qkv_bias: bool) -> None:
+    """The LLaMA-style decoder both families share: per layer q/k/v/o + gated MLP and two RMSNorms,
+    then the final norm, the token embedding and an untied LM head."""
+    H, n, nh, kv, hd, I, V = a.hidden, a.layers, a.heads, a.kv_heads, a.head_dim, a.intermediate, a.vocab
+    for i in range(n):
+        p = f"text.{i}."
+        a.linears += [Linear(p + "q", H, nh * hd, qkv_bias, "text"), Linear(p + "k", H, kv * hd, qkv_bias, "text"),
+                      Linear(p + "v", H, kv * hd, qkv_bias, "text"), Linear(p + "o", nh * hd, H, False, "text"),
+                      Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
+                      Linear(p + "down", I, H, False, "text")]
+        a.dense[p + "norms"] = 2 * H
+    a.dense["text.final_norm"] = H
+    a.dense["embed_tokens"] = V * H
+    a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
+
 def _qwen2_vl(c: dict) -> Arch:
     t = c.get("text_config") or c
     g = lambda k: t.get(k, c.get(k))  # noqa: E731  (flat 4.x configs or nested 5.x text_config)
@@ -86,16 +102,7 @@ def _qwen2_vl(c: dict) -> Arch:
     merge, patch, tps = v["spatial_merge_size"], v["patch_size"], v.get("temporal_patch_size", 2)
     out_dim = v.get("hidden_size", H)
     a = Arch("qwen2_vl", H, n, nh, kv, hd, I, V, depth, E, int(E * ratio), v["num_heads"], patch, merge)
-    for i in range(n):
-        p = f"text.{i}."
-        a.linears += [Linear(p + "q", H, nh * hd, True, "text"), Linear(p + "k", H, kv * hd, True, "text"),
-                      Linear(p + "v", H, kv * hd, True, "text"), Linear(p + "o", nh * hd, H, False, "text"),
-                      Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
-                      Linear(p + "down", I, H, False, "text")]
-        a.dense[p + "norms"] = 2 * H
-    a.dense["text.final_norm"] = H
-    a.dense["embed_tokens"] = V * H
-    a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
+    _add_text_decoder(a, qkv_bias=True)  # Qwen2 has q/k/v biases
     mlp = int(E * ratio)
     for i in range(depth):
         p = f"vision.{i}."
@@ -116,16 +123,7 @@ def _pixtral(c: dict) -> Arch:
     hd = t.get("head_dim") or H // nh
     Hv, Iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
     a = Arch("pixtral", H, n, nh, kv, hd, I, V, nv, Hv, Iv, v["num_attention_heads"], v["patch_size"], 1)
-    for i in range(n):
-        p = f"text.{i}."
-        a.linears += [Linear(p + "q", H, nh * hd, False, "text"), Linear(p + "k", H, kv * hd, False, "text"),
-                      Linear(p + "v", H, kv * hd, False, "text"), Linear(p + "o", nh * hd, H, False, "text"),
-                      Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
-                      Linear(p + "down", I, H, False, "text")]
-        a.dense[p + "norms"] = 2 * H
-    a.dense["text.final_norm"] = H
-    a.dense["embed_tokens"] = V * H
-    a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
+    _add_text_decoder(a, qkv_bias=False)  # Mistral has none
     for i in range(nv):
         p = f"vision.{i}."
         a.linears += [Linear(p + n_, Hv, Hv, False, "vision") for n_ in ("q", "k", "v", "o")]
