@@ -356,6 +356,20 @@ def build_tokenizer(arch: str, size: str = "tiny"):
 # --------------------------------------------------------------------------------------------
 # Configs and image processors.
 # --------------------------------------------------------------------------------------------
+def _decoder_dims(d: dict, vocab: int) -> dict:
+    """Config fields of the SiLU, GQA decoder both families share."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=d["hidden"],
+        intermediate_size=d["intermediate"],
+        num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"],
+        num_key_value_heads=d["kv_heads"],
+        hidden_act="silu",
+        initializer_range=d["init"],
+    )
+
+
 def make_config(arch: str, size: str = "tiny", tokenizer=None):
     """The model config of ``arch``/``size`` (no weights): cheap, used to test ``small``'s facts.
 
@@ -375,17 +389,10 @@ def make_config(arch: str, size: str = "tiny", tokenizer=None):
         from transformers import Qwen2VLConfig
 
         text = dict(
+            **_decoder_dims(d, vocab),
             model_type="qwen2_vl_text",
-            vocab_size=vocab,
-            hidden_size=d["hidden"],
-            intermediate_size=d["intermediate"],
-            num_hidden_layers=d["layers"],
-            num_attention_heads=d["heads"],
-            num_key_value_heads=d["kv_heads"],
-            hidden_act="silu",
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
-            initializer_range=d["init"],
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": d["mrope_section"]},
             bos_token_id=conv("<|endoftext|>"),
             eos_token_id=conv("<|im_end|>"),
@@ -420,19 +427,12 @@ def make_config(arch: str, size: str = "tiny", tokenizer=None):
         from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
 
         text = MistralConfig(
-            vocab_size=vocab,
-            hidden_size=d["hidden"],
-            intermediate_size=d["intermediate"],
-            num_hidden_layers=d["layers"],
-            num_attention_heads=d["heads"],
-            num_key_value_heads=d["kv_heads"],
+            **_decoder_dims(d, vocab),
             head_dim=d["head_dim"],
-            hidden_act="silu",
             max_position_embeddings=1_024_000,
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
             sliding_window=None,
-            initializer_range=d["init"],
             bos_token_id=ids["<s>"],
             eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"],
