@@ -2,26 +2,61 @@
 
 ``python -m jomed_fast.memory._measure_activations CKPT_DIR T`` loads the reader in NF4 with LoRA
 and non-reentrant gradient checkpointing, warms up with two 64-token steps, then runs one T-token
-forward + backward and prints JSON: RSS before the step, peak RSS (``ru_maxrss``) and their
-difference. Run it with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns freed tensors to the OS
-and RSS follows torch's live bytes. Used by tests/test_memory.py.
+forward + backward and prints JSON: resident bytes before the step, the peak during it and their
+difference. The peak is the kernel's high-water mark (VmHWM), reset just before the step through
+``/proc/self/clear_refs`` so the loading and quantization peaks are not counted. Run it with
+``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns freed tensors to the OS and the resident size
+follows torch's live bytes. Used by tests/test_memory.py.
 """
-import sys, resource, torch, json
-torch.set_num_threads(1)
+
+import json
+import sys
+
+import torch
+
 from jomed_fast.readers.loading import load_reader
-d = sys.argv[1]; T=int(sys.argv[2])
-r=load_reader(d,quantization='nf4'); r.add_lora()
-m=r.hf_model; m.train()
-m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-def rss():
-    return int(open('/proc/self/statm').read().split()[1])*4096
-def step(T):
-    ids=torch.randint(0,700,(1,T))
-    out=m(input_ids=ids, use_cache=False, logits_to_keep=1)
-    out.logits.float().sum().backward()
-    m.zero_grad(set_to_none=False)
-step(64); step(64)
-base=rss()
-step(T)
-peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024
-print(json.dumps({"base":base,"peak":peak,"delta":peak-base}))
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
+
+
+def peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status: expected a VmHWM line, found none")
+
+
+def main(checkpoint: str, tokens: int) -> dict:
+    torch.set_num_threads(1)
+    reader = load_reader(checkpoint, quantization="nf4")
+    reader.add_lora()
+    model = reader.hf_model
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def step(T: int) -> None:
+        ids = torch.randint(0, 700, (1, T), generator=torch.Generator().manual_seed(T))
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        out.logits.float().sum().backward()
+        model.zero_grad(set_to_none=False)
+
+    step(64)
+    step(64)
+    base = resident_bytes()
+    reset_peak()
+    step(tokens)
+    peak = peak_bytes()
+    return {"base": base, "peak": peak, "delta": peak - base}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))
