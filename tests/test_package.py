@@ -36,3 +36,18 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("JOMED_FAST_BACKEND", "cuda")
     with pytest.raises(ValueError, match="JOMED_FAST_BACKEND: expected one of"):
         _dispatch.choose_backend(cpu)
+
+
+def test_top_level_entry_points_are_lazy():
+    code = ("import sys, jomed_fast; before = 'jomed_fast.scoring' in sys.modules; "
+            "from jomed_fast import CandidateScorer, Candidate, load_reader; "
+            "import jomed_fast.scoring, jomed_fast.prompts, jomed_fast.readers; "
+            "print(before, CandidateScorer is jomed_fast.scoring.CandidateScorer, "
+            "Candidate is jomed_fast.prompts.Candidate, load_reader is jomed_fast.readers.load_reader, "
+            "'CandidateScorer' in dir(jomed_fast))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True", "True", "True"]
+    import jomed_fast
+
+    with pytest.raises(AttributeError, match="no attribute 'Scorer'"):
+        jomed_fast.Scorer  # noqa: B018
