@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, List, Optional
+from typing import Any
 
 from jomed_fast.tasks import KINDS
 
@@ -15,7 +16,7 @@ class Candidate:
     id: str
     head: str                      # "text" / "image" / ...
     score: float                   # retrieval score s_k
-    probs: List[float] = field(default_factory=list)   # per-candidate class probabilities [C]
+    probs: list[float] = field(default_factory=list)   # per-candidate class probabilities [C]
     prediction: Any = None         # int class, list of ints (multilabel) or str (open)
 
 
@@ -24,8 +25,9 @@ class PredictionRecord:
     query_id: str
     gold: Any                      # int, list of ints, or str
     kind: str
-    candidates: List[Candidate]
+    candidates: list[Candidate]
     fused: Any = None
+    fused_probs: list[float] | None = None   # the fused class distribution [C], when there is one
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -36,7 +38,7 @@ class PredictionRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PredictionRecord":
+    def from_dict(cls, d: dict) -> PredictionRecord:
         return cls(**d)
 
 
@@ -50,6 +52,6 @@ def write_jsonl(path: str, records: Iterable[PredictionRecord]) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: str) -> List[PredictionRecord]:
+def read_jsonl(path: str) -> list[PredictionRecord]:
     with open(path) as f:
         return [PredictionRecord.from_dict(json.loads(l)) for l in f if l.strip()]
