@@ -52,3 +52,31 @@ def test_multilabel_and_open():
     op = PredictionRecord("o", "The left lung", "vqa_open", [Candidate("x", "text", 1.0, [], "left lung."),
                                                              Candidate("y", "text", 0.2, [], "Left Lung")], "heart")
     assert not is_inconsistent(op) and oracle_correct(op)
+
+
+def test_split_macro_f1_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    from jomed_fast.eval import prediction_metrics
+
+    rng = __import__("numpy").random.default_rng(0)
+    recs = []
+    for i in range(40):
+        preds = [int(x) for x in rng.integers(0, 3, size=3)]
+        recs.append(rec(f"q{i}", int(rng.integers(0, 3)), preds, [0.5, 0.3, 0.2], [[1 / 3] * 3] * 3,
+                        int(rng.integers(0, 3))))
+    split = split_consistency(recs)
+    m = split_metrics({"s": recs}, split, metric="macro_f1")
+    for name in ("all", "inconsistent", "consistent"):
+        rs = [r for r in recs if name == "all" or r.query_id in split[name]]
+        want = f1_score([r.gold for r in rs], [r.fused for r in rs], average="macro", labels=[0, 1, 2],
+                        zero_division=0)
+        assert m["systems"]["s"][name] == pytest.approx(want)
+    full = prediction_metrics(recs)
+    assert full["n"] == 40 and full["macro_f1"] == pytest.approx(m["systems"]["s"]["all"])
+    first = prediction_metrics(recs, which="candidate", candidate=0)
+    assert first["accuracy"] == pytest.approx(sum(r.candidates[0].prediction == r.gold for r in recs) / 40)
+    with pytest.raises(ValueError, match="metric:"):
+        split_metrics({"s": recs}, split, metric="auc")
+    with pytest.raises(ValueError, match="records: expected one task kind"):
+        prediction_metrics([recs[0], PredictionRecord("z", [0], "multilabel", [], [0])])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,21 +31,36 @@ def is_inconsistent(rec: PredictionRecord) -> bool:
     return len({_key(c.prediction, rec.kind) for c in rec.candidates}) > 1
 
 
-def split_consistency(records: Sequence[PredictionRecord]) -> Dict[str, set]:
+def split_consistency(records: Sequence[PredictionRecord]) -> dict[str, set]:
     """Query ids per split; fix it once (after stage 1) and reuse it for every system."""
     inc = {r.query_id for r in records if is_inconsistent(r)}
     return {"inconsistent": inc, "consistent": {r.query_id for r in records} - inc}
 
 
-def split_metrics(systems: Mapping[str, Sequence[PredictionRecord]], split: Dict[str, set]) -> dict:
-    """Fused-prediction accuracy per system and split, plus the share of inconsistent queries."""
+def split_metrics(systems: Mapping[str, Sequence[PredictionRecord]], split: dict[str, set],
+                  metric: str = "accuracy", num_classes: int | None = None) -> dict:
+    """A fused-prediction metric per system and split, plus the share of inconsistent queries.
+
+    ``metric``: ``"accuracy"`` (exact match of the fused answer; subset accuracy for multi-label)
+    or ``"macro_f1"`` (over the task's classes; per-label for multi-label), as the paper's
+    Tables 5 and 6 report both.
+    """
+    if metric not in ("accuracy", "macro_f1"):
+        raise ValueError(f"metric: expected 'accuracy' or 'macro_f1', got {metric!r}")
+    from jomed_fast.eval.predictions import prediction_metrics
+
     n_all = len(split["inconsistent"]) + len(split["consistent"])
-    out = {"share_inconsistent": len(split["inconsistent"]) / max(n_all, 1), "systems": {}}
+    out = {"share_inconsistent": len(split["inconsistent"]) / max(n_all, 1), "metric": metric, "systems": {}}
     for name, recs in systems.items():
         row = {}
         for s in ("all", "inconsistent", "consistent"):
             rs = [r for r in recs if s == "all" or r.query_id in split[s]]
-            row[s] = float(np.mean([_correct(r.fused, r) for r in rs])) if rs else None
+            if not rs:
+                row[s] = None
+            elif metric == "accuracy":
+                row[s] = float(np.mean([_correct(r.fused, r) for r in rs]))
+            else:
+                row[s] = prediction_metrics(rs, num_classes)["macro_f1"]
         out["systems"][name] = row
     return out
 
@@ -73,7 +88,7 @@ def rerank_fusion(rec: PredictionRecord):
     return rec.fused
 
 
-def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> Dict[str, float]:
+def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> dict[str, float]:
     """Accuracy of each reranker's chosen candidate (``rerank_fusion`` scores the fused answer)."""
     out = {}
     for name, fn in rerankers.items():
@@ -90,8 +105,8 @@ def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str,
     return out
 
 
-def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, Optional[float]]],
-                   extra: Optional[dict] = None, plot: bool = True) -> Dict[str, str]:
+def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, float | None]],
+                   extra: dict | None = None, plot: bool = True) -> dict[str, str]:
     """Write ``name.json`` (atomic), ``name.md`` (rows x columns table) and optionally ``name.png``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, name + ".json"), "md": os.path.join(out_dir, name + ".md")}

@@ -6,6 +6,7 @@ predictions scores F1 = 0.
 """
 from .metrics import (accuracy, macro_f1, multilabel_macro_f1, subset_accuracy, exact_match,
                       token_prf, open_token_scores, normalize_answer)
+from .predictions import prediction_metrics
 
 __all__ = ["accuracy", "macro_f1", "multilabel_macro_f1", "subset_accuracy", "exact_match",
-           "token_prf", "open_token_scores", "normalize_answer"]
+           "token_prf", "open_token_scores", "normalize_answer", "prediction_metrics"]

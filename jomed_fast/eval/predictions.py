@@ -1,0 +1,62 @@
+"""Metrics of a set of prediction records (``analysis.records.PredictionRecord``), by task kind.
+
+* binary, multi-class, closed VQA: ``accuracy`` and ``macro_f1`` over the ``C`` classes;
+* multi-label: ``subset_accuracy`` (exact set match, the reference's accuracy) and per-label
+  ``macro_f1``;
+* open VQA: ``exact_match`` and token ``recall`` / ``precision`` / ``f1`` (SQuAD-normalised).
+
+``C`` comes from the records (the length of their class distributions) unless given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .metrics import (
+    accuracy,
+    exact_match,
+    macro_f1,
+    multilabel_macro_f1,
+    open_token_scores,
+    subset_accuracy,
+)
+
+__all__ = ["prediction_metrics"]
+
+
+def _num_classes(records) -> int:
+    for r in records:
+        if r.fused_probs:
+            return len(r.fused_probs)
+        for c in r.candidates:
+            if c.probs:
+                return len(c.probs)
+    raise ValueError("num_classes: the records carry no class distribution; pass num_classes")
+
+
+def prediction_metrics(records: Sequence, num_classes: int | None = None, *, which: str = "fused",
+                       candidate: int = 0) -> dict:
+    """Metrics of the records' ``fused`` predictions (or of candidate ``candidate``'s: ``which="candidate"``)."""
+    if not records:
+        raise ValueError("records: expected at least one prediction record, got 0")
+    if which not in ("fused", "candidate"):
+        raise ValueError(f"which: expected 'fused' or 'candidate', got {which!r}")
+    kinds = {r.kind for r in records}
+    if len(kinds) != 1:
+        raise ValueError(f"records: expected one task kind, got {sorted(kinds)}")
+    kind = kinds.pop()
+    preds = [r.fused if which == "fused" else r.candidates[candidate].prediction for r in records]
+    golds = [r.gold for r in records]
+    out: dict = {"n": len(records)}
+    if kind == "vqa_open":
+        out["exact_match"] = exact_match([str(p) for p in preds], [str(g) for g in golds])
+        out.update(open_token_scores([str(p) for p in preds], [str(g) for g in golds]))
+        return out
+    C = num_classes if num_classes is not None else _num_classes(records)
+    if kind == "multilabel":
+        out["subset_accuracy"] = subset_accuracy(preds, golds)
+        out["macro_f1"] = multilabel_macro_f1(preds, golds, C)
+    else:
+        out["accuracy"] = accuracy(preds, golds)
+        out["macro_f1"] = macro_f1(preds, golds, C)
+    return out
