@@ -71,6 +71,8 @@ setup(
         # GPU-only; never imported at module import time (see README, "GPU extras").
         "gpu": ["flash-attn", "cupy-cuda12x", "faiss-gpu"],
     },
+    package_data={"jomed_fast.memory": ["configs/*.json"]},
+    entry_points={"console_scripts": ["jomed-fast = jomed_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
 )

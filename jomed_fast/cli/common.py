@@ -1,0 +1,56 @@
+"""Option sets and loaders several subcommands share (reader, task, data, index + encoder)."""
+
+from __future__ import annotations
+
+from .options import Opt
+
+READER_OPTS = (
+    Opt("reader", str, None, "reader checkpoint directory (local only)", required=True),
+    Opt("adapter", str, None, "LoRA adapter directory written by training (optional)"),
+    Opt("quantization", str, "none", "reader weights", choices=("none", "nf4", "int8")),
+    Opt("device", str, None, "cpu, cuda or cuda:N (default: cuda when available)"),
+    Opt("task", str, "synthetic", "task name (see jomed_fast.tasks)"),
+    Opt("layout", str, "paper", "prompt layout", choices=("paper", "shared_query")),
+)
+DATA_OPTS = (
+    Opt("samples", str, None, "samples JSONL ({id?, image_path, question?, answer})", required=True),
+    Opt("skip_bad", bool, False, "skip and count bad records instead of stopping"),
+)
+INDEX_OPTS = (
+    Opt("index", str, None, "index directory (jomed-fast build-index)"),
+    Opt("index_records", str, None, "the index records JSONL in index order (default: the index's own)"),
+    Opt("encoder", str, None, "retriever encoder directory (TinyCLIP or CLIP)"),
+    Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
+)
+
+
+def load_reader_from(values: dict):
+    from ..readers import load_reader
+
+    quant = None if values["quantization"] == "none" else values["quantization"]
+    reader = load_reader(values["reader"], quantization=quant, lora=values.get("adapter"), device=values["device"])
+    reader.model.requires_grad_(False)
+    return reader.eval()
+
+
+def load_samples_from(values: dict, task):
+    from ..data import load_samples
+
+    return load_samples(values["samples"], task, skip_bad=values["skip_bad"])
+
+
+def load_retrieval_from(values: dict):
+    """(Retrieval, encoder), or (None, None) when no index is given."""
+    if values["index"] is None:
+        return None, None
+    from ..data import load_index_records
+    from ..index import Index
+    from ..retrieval import Retrieval
+    from ..retriever import load_encoder
+
+    if values["encoder"] is None:
+        raise ValueError("--encoder: required with --index (the index's encoder embeds the queries)")
+    encoder = load_encoder(values["encoder"], trust_remote_code=values["trust_remote_code"])
+    index = Index.open(values["index"], encoder)
+    records = load_index_records(values["index_records"]) if values["index_records"] else None
+    return Retrieval(index, records), encoder

@@ -1,0 +1,121 @@
+"""Options of a subcommand: one declaration feeds the flags, the YAML config and ``--help``.
+
+Precedence: an option's default < the YAML file given with ``--config`` < a flag on the command
+line. YAML keys may use dashes or underscores; an unknown key, a value of the wrong type or a
+missing required option is an error naming the option (the CLI prints it on one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Command", "Opt", "add_options", "resolve"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    """One option: ``name`` (snake case; the flag is ``--name-with-dashes``), its type and default.
+
+    ``type`` is ``str``, ``int``, ``float``, ``bool`` (``--x`` / ``--no-x``) or ``list`` (strings;
+    repeat the flag or give several values).
+    """
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def coerce(self, value: Any, where: str) -> Any:
+        if value is None:
+            return None
+        if self.type is list:
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise ValueError(f"{self.flag}: expected a list of strings ({where}), got {value!r}")
+            return [str(v) for v in value]
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{self.flag}: expected true or false ({where}), got {value!r}")
+            return value
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.type in (int, float) and isinstance(value, str):
+            try:
+                value = self.type(value)
+            except ValueError:
+                raise ValueError(f"{self.flag}: expected {self.type.__name__} ({where}), got {value!r}") from None
+        if not isinstance(value, self.type) or isinstance(value, bool) and self.type is not bool:
+            raise ValueError(f"{self.flag}: expected {self.type.__name__} ({where}), got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.flag}: expected one of {', '.join(map(str, self.choices))} ({where}), got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, longer description, options and ``run(values) -> int``."""
+
+    name: str
+    help: str
+    description: str
+    options: tuple
+    run: Callable[[dict], int | None]
+
+
+def add_options(parser: argparse.ArgumentParser, options) -> None:
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of options (flags override it)")
+    for o in options:
+        doc = o.help + (" (required)" if o.required else f" (default: {o.default!r})")
+        if o.type is bool:
+            parser.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=doc)
+        elif o.type is list:
+            parser.add_argument(o.flag, dest=o.name, nargs="+", action="extend", default=argparse.SUPPRESS,
+                                help=doc, metavar="VALUE")
+        else:
+            parser.add_argument(o.flag, dest=o.name, type=str, default=argparse.SUPPRESS, help=doc,
+                                metavar=(o.choices and "{" + ",".join(map(str, o.choices)) + "}") or o.type.__name__.upper())
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"--config: {p} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"--config: {p} must hold a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(options, namespace: argparse.Namespace) -> dict:
+    """Defaults, then the YAML config, then the flags given; checked and typed."""
+    by_name = {o.name: o for o in options}
+    values = {o.name: o.default for o in options}
+    config = getattr(namespace, "config", None)
+    if config:
+        for key, value in _read_yaml(config).items():
+            if key not in by_name:
+                raise ValueError(f"--config: unknown option {key!r} in {config} (known: {', '.join(sorted(by_name))})")
+            values[key] = by_name[key].coerce(value, f"in {config}")
+    for name, o in by_name.items():
+        if hasattr(namespace, name):
+            values[name] = o.coerce(getattr(namespace, name), "on the command line")
+    for o in options:
+        if o.required and values[o.name] is None:
+            raise ValueError(f"{o.flag}: required (give the flag or set {o.name} in the --config file)")
+    return values

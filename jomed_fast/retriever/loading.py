@@ -1,0 +1,29 @@
+"""``load_encoder(path)``: a retriever encoder from a local directory — the in-code TinyCLIP (its
+``config.json`` + ``model.safetensors``) or a Hugging Face CLIP-style model (``HFCLIPEncoder``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .tiny import TinyCLIP, TinyConfig
+
+__all__ = ["load_encoder"]
+
+
+def load_encoder(path: str | os.PathLike, *, trust_remote_code: bool = False, device: str = "cpu"):
+    """TinyCLIP when ``config.json`` holds TinyCLIP's fields, else ``HFCLIPEncoder`` (offline only)."""
+    p = Path(path).expanduser()
+    config = p / "config.json"
+    if not config.is_file():
+        raise ValueError(f"encoder: {config} not found (expected a TinyCLIP or CLIP model directory)")
+    try:
+        fields = set(json.loads(config.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"encoder: {config} is not valid JSON ({e})") from None
+    if fields <= set(TinyConfig.__dataclass_fields__):
+        return TinyCLIP.load(p).to(device)
+    from .hf import HFCLIPEncoder
+
+    return HFCLIPEncoder(p, trust_remote_code=trust_remote_code, device=device)

@@ -1,0 +1,113 @@
+"""``jomed-fast``: the pipeline through the command line on files (synthetic task, tiny models),
+YAML config with flag overrides, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from jomed_fast.cli import main
+from jomed_fast.cli.options import Opt, resolve
+from jomed_fast.data.synthetic import generate, write_synthetic
+from jomed_fast.infer import read_predictions
+from jomed_fast.readers import tiny
+from jomed_fast.retriever import TinyCLIP
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = write_synthetic(generate(n_train=4, n_val=4, n_test=6, index_size=60, image_size=32), root / "data")
+    torch.manual_seed(0)
+    captions = [json.loads(line)["text"] for line in (data / "index.jsonl").read_text().splitlines()]
+    enc = TinyCLIP.from_captions(captions, width=8, depth=1, dim=32)
+    enc.save(root / "encoder")
+    reader = tiny.build("qwen2_vl", root / "reader")
+    return root, data, reader
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_build_predict_evaluate_analyze(files, capsys):
+    root, data, reader = files
+    code, out, _ = run(["build-index", "--records", data / "index.jsonl", "--encoder", root / "encoder",
+                        "--out", root / "ix", "--batch-size", 16, "--chunk-size", 32, "--no-progress"], capsys)
+    assert code == 0 and json.loads(out)["count"] == 60
+    config = root / "predict.yaml"
+    config.write_text(yaml.safe_dump({"reader": str(reader), "samples": str(data / "test.jsonl"),
+                                      "index": str(root / "ix"), "index-records": str(data / "index.jsonl"),
+                                      "encoder": str(root / "encoder"), "k_text": 1, "k_image": 1,
+                                      "progress": False, "batch_size": 4}))
+    preds = {}
+    for name, extra in [("rag", []), ("none", ["--retrieval", "none"]), ("wide", ["--k-text", 2])]:
+        preds[name] = root / f"{name}.jsonl"
+        code, out, err = run(["predict", "--config", config, "--out", preds[name], *extra], capsys)
+        assert code == 0, err
+        recs = read_predictions(preds[name])
+        assert len(recs) == 6
+        assert len(recs[0].candidates) == {"rag": 2, "none": 1, "wide": 3}[name]  # flags override the YAML
+        assert json.loads(out)["n"] == 6
+    code, out, _ = run(["evaluate", "--predictions", preds["rag"], "--out", root / "m.json"], capsys)
+    recs = read_predictions(preds["rag"])
+    acc = sum(r.fused == r.gold for r in recs) / 6
+    assert code == 0 and json.loads((root / "m.json").read_text())["fused"]["accuracy"] == pytest.approx(acc)
+    code, out, _ = run(["analyze", "--system", f"rag={preds['rag']}", f"wide={preds['wide']}",
+                        "--out", root / "report"], capsys)
+    assert code == 0 and "accuracy by split" in out
+    for f in ("consistency_accuracy.json", "consistency_macro_f1.md", "rerank_oracle.png"):
+        assert (root / "report" / f).is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--samples", "x.jsonl", "--out", "p.jsonl"], "--reader: required"),
+    (["evaluate", "--predictions", "/nonexistent/p.jsonl"], "No such file"),
+    (["build-index", "--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml not found"),
+    (["analyze", "--system", "nameonly", "--out", "r"], "--system: expected NAME=PATH"),
+    (["predict", "--reader", "/nonexistent", "--samples", "x", "--out", "p", "--k-text", "two"],
+     "--k-text: expected int"),
+])
+def test_errors_are_one_line_with_exit_code_2(argv, message, capsys):
+    code, _out, err = run(argv, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and err.startswith(f"jomed-fast {argv[0]}: error:")
+
+
+def test_yaml_rules(tmp_path):
+    opts = (Opt("k", int, 2), Opt("name", str, None, required=True), Opt("flag", bool, False),
+            Opt("tags", list, None), Opt("mode", str, "a", choices=("a", "b")))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("k: 5\nname: x\nflag: true\ntags: [p, q]\n")
+    ns = type("NS", (), {"config": str(cfg), "k": "7"})()
+    assert resolve(opts, ns) == {"k": 7, "name": "x", "flag": True, "tags": ["p", "q"], "mode": "a"}
+    for text, match in [("bogus: 1\nname: x\n", "unknown option 'bogus'"), ("k: [1]\nname: x\n", "--k: expected int"),
+                        ("name: x\nflag: 3\n", "--flag: expected true or false"),
+                        ("name: x\nmode: c\n", "--mode: expected one of a, b")]:
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            resolve(opts, type("NS", (), {"config": str(cfg)})())
+
+
+def test_console_script_help_and_exit_code():
+    out = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "predict", "--help"], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0 and "--k-text" in out.stdout and "--config" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "evaluate"], capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "jomed-fast evaluate: error: --predictions: required " \
+        "(give the flag or set predictions in the --config file)"
+
+
+def test_a_config_that_is_not_a_mapping_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("- 1\n")
+    with pytest.raises(TypeError, match="must hold a mapping"):
+        resolve((Opt("k", int, 2),), type("NS", (), {"config": str(cfg)})())
