@@ -1,12 +1,12 @@
 """Metric functions. Inputs are plain Python sequences; errors name the argument."""
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from jomed_fast.tasks.spec import normalize_open_answer
 
 
 def _check_lengths(preds: Sequence, targets: Sequence) -> None:
@@ -72,11 +72,9 @@ def subset_accuracy(preds: Sequence[Iterable[int]], targets: Sequence[Iterable[i
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace (the
+    task layer's :func:`jomed_fast.tasks.normalize_open_answer`, one rule for the whole package)."""
+    return normalize_open_answer(text)
 
 
 def exact_match(preds: Sequence[str], targets: Sequence[str]) -> float:

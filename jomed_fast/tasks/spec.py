@@ -55,9 +55,11 @@ _PUNCT = re.compile(r"[^\w\s]")
 
 
 def normalize_open_answer(text: str) -> str:
-    """SQuAD-style normalisation for open-ended answers: lower case, no punctuation or articles."""
+    """SQuAD normalisation for open-ended answers: lower case, punctuation deleted (``"x-ray"`` ->
+    ``"xray"``, as SQuAD's evaluation script), articles dropped, whitespace collapsed; NFKC and
+    casefold first so full-width and accented forms compare equal. ``jomed_fast.eval`` uses it."""
     text = unicodedata.normalize("NFKC", str(text)).casefold()
-    text = _PUNCT.sub(" ", text)
+    text = _PUNCT.sub("", text)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
