@@ -165,3 +165,40 @@ def test_decisions_and_config_errors():
         with pytest.raises(ValueError, match=match):
             InferConfig(**bad)
     assert json.loads(json.dumps(InferConfig().__dict__))["k_text"] == 2
+
+
+def test_open_vqa_answers_match_unbatched_hf_generate(setup):
+    from jomed_fast.infer import OpenAnswerer, fuse_open_answers, generate_answers
+    from jomed_fast.prompts import as_image, build_messages
+    from jomed_fast.tasks import get_task
+
+    scorer, retrieval, _encoder, samples = setup
+    reader, task = scorer.reader, get_task("vqa_rad_open")
+    cands = [retrieval.candidate(n) for n in (3, 40, 77)]
+    qimg, question = samples[0].load_image(), "what abnormality is seen?"
+    answers, mean_lp = generate_answers(reader, task, "paper", qimg, question, cands, max_new_tokens=6)
+    proc = reader.processor
+    for k, cand in enumerate(cands):  # one prompt at a time, no padding: the independent reference
+        messages, images = build_messages("paper", task, as_image(qimg), question, cand)
+        inputs = reader.encode([as_image(i) for i in images], messages)
+        out = reader.hf_model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
+                                       return_dict_in_generate=True, eos_token_id=proc.end_of_turn_token_id,
+                                       pad_token_id=proc.pad_token_id)
+        new = out.sequences[0, inputs["input_ids"].shape[1]:]
+        lps = [torch.log_softmax(s[0].double(), -1)[t] for s, t in zip(out.scores, new)]
+        ends = (new == proc.end_of_turn_token_id).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else len(new)
+        assert answers[k] == proc.decode(new[:n].tolist(), skip_special_tokens=True).strip()
+        assert float(mean_lp[k]) == pytest.approx(float(torch.stack(lps[:n]).mean()), abs=1e-4)
+    fused, votes = fuse_open_answers(["The cyst.", "cyst", "a mass"], torch.log(torch.tensor([0.5, 0.2, 0.9])),
+                                     torch.tensor([0.4, 0.4, 0.2]))
+    assert fused == "The cyst." and votes == pytest.approx({"cyst": 0.4 * 0.5 + 0.4 * 0.2, "mass": 0.2 * 0.9})
+    from jomed_fast.data import Sample
+
+    open_samples = [Sample(id="o1", image_path=None, answer="cyst", question=question, image=qimg)]
+    recs = predict(OpenAnswerer(reader, task), open_samples, retrieval=retrieval, encoder=_encoder,
+                   config=InferConfig(max_new_tokens=6), progress=False)
+    assert recs[0].kind == "vqa_open" and isinstance(recs[0].fused, str) and recs[0].gold == "cyst"
+    assert all(isinstance(c.prediction, str) and 0 < c.probs[0] <= 1 for c in recs[0].candidates)
+    with pytest.raises(ValueError, match="has a class set"):
+        OpenAnswerer(reader, "synthetic")

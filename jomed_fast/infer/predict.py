@@ -10,6 +10,8 @@ For a batch of B queries (images + questions):
    optionally left out: the "no query image" row of Table 7);
 3. **fuse** (``jomed.fuse``): ``fusion.fuse`` (``paper`` or ``reference``) -> ``p(c | q)`` ``[B, C]``,
    then ``fusion.decide`` (argmax, or the multi-label threshold);
+   Open VQA (``open_vqa``): K greedy answers per query instead, fused over identical normalised
+   strings weighted by ``softmax(s)_k * exp(mean token log-prob)``;
 4. **write**: one :class:`~jomed_fast.analysis.records.PredictionRecord` per query, with every
    candidate's record id, head, retrieval score, class probabilities and individual prediction, so
    the analyses (inconsistent split, oracle, rerankers) can be redone offline.
@@ -36,6 +38,7 @@ from ..analysis.records import Candidate as CandidateRecord
 from ..analysis.records import PredictionRecord
 from ..scoring._profiling import stage
 from .fusion import FUSIONS, decide, fuse
+from .open_vqa import fuse_open_answers, generate_answers
 
 __all__ = ["RETRIEVAL_MODES", "InferConfig", "predict", "read_predictions"]
 
@@ -56,6 +59,7 @@ class InferConfig:
         retrieval: ``"retrieved"``, ``"none"`` (no retrieval) or ``"random"`` (random records).
         query_image: False leaves the query image out of the prompt (robustness study).
         seed: the random-retrieval generator's seed.
+        max_new_tokens: the greedy answer's length limit (open VQA).
     """
 
     k_text: int = 2
@@ -68,6 +72,7 @@ class InferConfig:
     retrieval: str = "retrieved"
     query_image: bool = True
     seed: int = 0
+    max_new_tokens: int = 16
 
     def __post_init__(self):
         if self.k_text < 0 or self.k_image < 0 or self.k_text + self.k_image == 0:
@@ -80,6 +85,8 @@ class InferConfig:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
         if not self.tau > 0:
             raise ValueError(f"tau: expected > 0, got {self.tau}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
 
     @property
     def k(self) -> int:
@@ -168,21 +175,37 @@ def _records(task, batch, log_probs, scores, heads, ids, fused, config) -> list[
     return out
 
 
+def _open_records(scorer, batch, images, cands, scores, heads, ids, config) -> list[PredictionRecord]:
+    """Open VQA: K greedy answers per query, fused over normalised strings (``open_vqa``)."""
+    out = []
+    for b, sample in enumerate(batch):
+        with stage("jomed.generate"):
+            answers, mean_lp = generate_answers(scorer.reader, scorer.task, scorer.layout,
+                                                images[b] if config.query_image else None, sample.question,
+                                                cands[b], config.max_new_tokens)
+        weights = torch.softmax(scores[b].double() / config.tau, 0)
+        fused, _ = fuse_open_answers(answers, mean_lp, weights)
+        cand_recs = [CandidateRecord(id=str(ids[b][k]), head=heads[b][k], score=float(scores[b, k]),
+                                     probs=[float(mean_lp[k].exp())], prediction=answers[k])
+                     for k in range(len(answers))]
+        out.append(PredictionRecord(query_id=str(sample.id), gold=str(sample.answer), kind=scorer.task.kind,
+                                    candidates=cand_recs, fused=fused))
+    return out
+
+
 def predict(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: InferConfig = InferConfig(),
             out_path: str | os.PathLike | None = None, progress: bool = True) -> list[PredictionRecord]:
     """Predict every sample; returns the records in sample order (and appends them to ``out_path``).
 
     Args:
-        scorer: a ``CandidateScorer`` (its reader, task and layout are used as they are).
+        scorer: a ``CandidateScorer`` (its reader, task and layout are used as they are); for an
+            open-VQA task an ``OpenAnswerer(reader, task, layout)``.
         samples: ``jomed_fast.data`` samples (``id``, ``load_image()``, ``question``, ``label``).
         retrieval: a ``jomed_fast.retrieval.Retrieval`` (not needed for ``retrieval="none"``).
         encoder: the retriever's query encoder (``encode_images``), for ``retrieval="retrieved"``.
         out_path: JSONL to append to and resume from (None: keep in memory only).
     """
     task = scorer.task
-    if task.is_open:
-        raise ValueError(f"scorer: task {task.name!r} is open VQA; inference by greedy generation is not "
-                         "supported by predict (closed-set tasks only)")
     if config.layout != scorer.layout:
         raise ValueError(f"config: layout {config.layout!r} differs from the scorer's {scorer.layout!r}")
     ids = [str(s.id) for s in samples]
@@ -202,13 +225,16 @@ def predict(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: 
             images = [s.load_image() for s in batch]
             with stage("jomed.retrieve"):
                 cands, scores, heads, rec_ids = _candidates(config, retrieval, encoder, images, gen)
-            with stage("jomed.score"), torch.no_grad():
-                log_probs = scorer.score(images if config.query_image else [None] * len(batch),
-                                         [s.question for s in batch], cands).float()
-            with stage("jomed.fuse"):
-                method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
-                fused = fuse(log_probs, scores, heads, method, config.tau)
-            new = _records(task, batch, log_probs, scores, heads, rec_ids, fused, config)
+            if task.is_open:
+                new = _open_records(scorer, batch, images, cands, scores, heads, rec_ids, config)
+            else:
+                with stage("jomed.score"), torch.no_grad():
+                    log_probs = scorer.score(images if config.query_image else [None] * len(batch),
+                                             [s.question for s in batch], cands).float()
+                with stage("jomed.fuse"):
+                    method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
+                    fused = fuse(log_probs, scores, heads, method, config.tau)
+                new = _records(task, batch, log_probs, scores, heads, rec_ids, fused, config)
             if path is not None:
                 _append(path, new)
             done.update((r.query_id, r) for r in new)
