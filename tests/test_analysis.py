@@ -80,3 +80,17 @@ def test_split_macro_f1_matches_sklearn():
         split_metrics({"s": recs}, split, metric="auc")
     with pytest.raises(ValueError, match="records: expected one task kind"):
         prediction_metrics([recs[0], PredictionRecord("z", [0], "multilabel", [], [0])])
+
+
+def test_uniform_random_classifier_and_metrics_table():
+    recs = [rec(f"q{i}", i % 3, [0, 1], [0.5, 0.5], [[0.5, 0.3, 0.2]] * 2, i % 3) for i in range(3000)]
+    rand = uniform_random_records(recs, 3, seed=1)
+    assert rand == uniform_random_records(recs, 3, seed=1) and rand != uniform_random_records(recs, 3, seed=2)
+    table = metrics_table({"perfect": recs, "random": rand}, num_classes=3)
+    assert table["perfect"] == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert table["random"]["accuracy"] == pytest.approx(1 / 3, abs=0.03)  # chance
+    ml = [PredictionRecord(f"m{i}", [0], "multilabel", [], [0]) for i in range(2000)]
+    picks = [frozenset(r.fused) for r in uniform_random_records(ml, 2, seed=0)]
+    assert all(picks) and {frozenset({0}), frozenset({1}), frozenset({0, 1})} == set(picks)
+    with pytest.raises(ValueError, match="num_classes"):
+        uniform_random_records(recs, 0)
