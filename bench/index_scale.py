@@ -1,0 +1,223 @@
+"""Index at scale on CPU: build N synthetic records, SIGKILL midway, resume, verify, search vs float64.
+
+    python bench/index_scale.py [--records 100000] [--chunk-size 4096] [--threads 1] [--queries 256]
+                                [--distributed 0] [--work DIR] [--json PATH]
+
+Steps, each timed (wall clock), all through the CLI ``python -m jomed_fast.index build-synthetic``
+with the same saved encoder (a deterministic untrained TinyCLIP, ``--width/--depth/--dim``):
+
+1. ``reference``: one uninterrupted single-process build of N records.
+2. ``killed``: the same command in another directory, SIGKILLed as soon as half of the
+   ``ceil(N / chunk_size)`` chunks are finished; ``resumed``: the same command again, which skips
+   the finished chunks. The resumed files must be byte-identical to the reference (sha256).
+3. ``verify``: ``Index.open`` with the encoder (sha256 of every file, shapes, fingerprint).
+The encoder is first pre-trained (``--pretrain`` records, 3 epochs of the CLIP loss) so that
+its embeddings spread out; an untrained tower maps every input to nearly the same direction and
+the search check would be all ties.
+
+4. ``search``: Q query images (synthetic test samples, encoded by the same encoder) against both
+   heads, k = 10, with ``backend="ops"`` and faiss ``IndexFlatIP``, compared with a float64 brute
+   force :math:`\\operatorname{top-k}_n \\mathrm{fp16}(q) \\cdot X_n` (stable sort: ties by the lower
+   id). ``match``: in every row, k distinct ids whose reference scores equal the reference top-k
+   within 1e-6; and identical ids in every row whose top-(k+1) reference scores are all more than
+   1e-6 apart (rows with ties, e.g. duplicate captions in the text head, are judged by their
+   scores only: faiss does not promise a tie order). ``ids_equal_rows`` is the fraction of rows
+   with identical ids, ties included (``ops`` breaks ties by the lower id, like the reference).
+   Plus tie-aware IVF recall@k (``nlist`` = 4 sqrt(N), ``nprobe`` 8 and 32).
+5. optional ``--distributed W``: the same build under ``torchrun --nproc-per-node W`` (gloo);
+   byte-identical to the reference.
+
+Writes ``bench/results/index_scale.json`` (atomically). Times depend on the machine's load; the
+JSON records the CPU count, the threads per process and the load average at the start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _cli(n: int, out: Path, a, enc_dir: Path) -> list[str]:
+    return ["-m", "jomed_fast.index", "build-synthetic", "--records", str(n), "--out", str(out),
+            "--chunk-size", str(a.chunk_size), "--batch-size", str(a.batch_size), "--threads", str(a.threads),
+            "--encoder", str(enc_dir), "--no-progress"]
+
+
+def _run(cmd: list[str], timeout: float) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _build_killed_then_resumed(a, enc_dir: Path, out: Path, n_chunks: int) -> dict:
+    """Start a build, SIGKILL it once half the chunks are done, resume it; times and chunk counts."""
+    cmd = [sys.executable, *_cli(a.records, out, a, enc_dir)]
+    target = max(1, n_chunks // 2)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    done: list = []
+    while p.poll() is None:
+        done = list((out / "chunks").glob("*.text.npy")) if (out / "chunks").is_dir() else []
+        if len(done) >= target:
+            break
+        time.sleep(0.05)
+    if p.poll() is not None:
+        raise RuntimeError("the build finished before it could be killed; use a smaller --chunk-size")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_s = time.perf_counter() - t0
+    finished = len(list((out / "chunks").glob("*.text.npy")))
+    if (out / "manifest.json").exists():
+        raise RuntimeError("a manifest exists after the kill: the kill came too late")
+    resumed_s = _run(cmd, a.timeout)
+    return {"killed_after_s": round(killed_s, 3), "chunks_finished_at_kill": finished, "chunks": n_chunks,
+            "resumed_s": round(resumed_s, 3), "killed_plus_resumed_s": round(killed_s + resumed_s, 3)}
+
+
+def _search_check(ix, enc, a) -> dict:
+    """Both heads, ops and faiss flat vs the float64 reference; IVF recall (tie-aware)."""
+    from jomed_fast.data.synthetic import SyntheticGenerator
+    from jomed_fast.index.cost import default_nlist
+
+    gen = SyntheticGenerator(n_test=a.queries)
+    with torch.no_grad():
+        q = enc.encode_images([gen.sample("test", i).image for i in range(a.queries)]).float()
+    k, eps = 10, 1e-6
+    out: dict = {"queries": a.queries, "k": k, "tie_eps": eps}
+    for head in ("image", "text"):
+        x64 = torch.from_numpy(np.array(ix.embeddings[head])).double()
+        t0 = time.perf_counter()
+        ref = q.half().double() @ x64.T  # [Q, N]
+        rs, ri = torch.sort(ref, dim=1, descending=True, stable=True)  # ties by the lower id
+        rs, ri = rs[:, : k + 1], ri[:, : k + 1]
+        ref_s = time.perf_counter() - t0
+        gaps = rs[:, :-1] - rs[:, 1:]  # [Q, k]
+        unambiguous = (gaps > eps).all(dim=1)  # no ties, exact or within eps
+        res = {"float64_bruteforce_s": round(ref_s, 4), "rows_unambiguous": int(unambiguous.sum())}
+        for backend in ("ops", "faiss"):
+            ix.search(q[:1], k, head=head, backend=backend)  # build/warm the backend
+            t0 = time.perf_counter()
+            _, i = ix.search(q, k, head=head, backend=backend)
+            dt = time.perf_counter() - t0
+            got = ref.gather(1, i).sort(dim=1, descending=True).values
+            score_err = float((got - rs[:, :k]).abs().max())
+            distinct = all(len(set(r)) == k for r in i.tolist())
+            res[backend] = {"search_s": round(dt, 4), "max_score_error": score_err,
+                            "ids_equal_rows": float((i == ri[:, :k]).all(dim=1).float().mean()),
+                            "ids_equal_where_unambiguous": bool(torch.equal(i[unambiguous], ri[unambiguous, :k])),
+                            "match": distinct and score_err <= eps}
+            res[backend]["match"] &= res[backend]["ids_equal_where_unambiguous"]
+        t0 = time.perf_counter()
+        ix.search(q[:1], k, head=head, backend="faiss", nlist="auto")  # k-means + add, cached
+        res["ivf"] = {"nlist": default_nlist(ix.count), "train_add_s": round(time.perf_counter() - t0, 3)}
+        kth = rs[:, k - 1: k]
+        for nprobe in (8, 32):
+            t0 = time.perf_counter()
+            _, ii = ix.search(q, k, head=head, backend="faiss", nlist="auto", nprobe=nprobe)
+            dt = time.perf_counter() - t0
+            hit = ref.gather(1, ii.clamp(min=0)) >= kth - eps  # tie-aware: any row scoring as high as the k-th
+            hit &= ii >= 0
+            res["ivf"][f"nprobe_{nprobe}"] = {"recall_at_k": float(hit.float().mean()), "search_s": round(dt, 4)}
+        out[head] = res
+    out["match"] = all(out[h][b]["match"] for h in ("image", "text") for b in ("ops", "faiss"))
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=int, default=100_000, help="synthetic index records N")
+    p.add_argument("--chunk-size", type=int, default=4096, help="rows per resumable chunk")
+    p.add_argument("--batch-size", type=int, default=512, help="rows per encoder call")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per build process")
+    p.add_argument("--width", type=int, default=32, help="TinyCLIP conv width")
+    p.add_argument("--depth", type=int, default=4, help="TinyCLIP residual blocks")
+    p.add_argument("--dim", type=int, default=64, help="embedding dim D")
+    p.add_argument("--pretrain", type=int, default=2000,
+                   help="contrastive pre-training of the encoder on this many records first (0: untrained)")
+    p.add_argument("--queries", type=int, default=256, help="query images Q for the search check")
+    p.add_argument("--distributed", type=int, default=0, help="also build with torchrun on W ranks (0: skip)")
+    p.add_argument("--skip-reference", action="store_true", help="no uninterrupted build (no byte comparison)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per build command")
+    p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
+    p.add_argument("--json", type=Path, default=HERE / "results" / "index_scale.json")
+    a = p.parse_args(argv)
+    for name in ("records", "chunk_size", "batch_size", "threads", "width", "depth", "dim", "queries"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(a, name)}")
+    if a.distributed < 0:
+        raise ValueError(f"--distributed: expected an int >= 0, got {a.distributed}")
+
+    from jomed_fast._files import atomic_write_via, sha256_file
+    from jomed_fast.index import Index, synthetic_encoder
+
+    torch.set_num_threads(a.threads)
+    work = Path(tempfile.mkdtemp(prefix="index_scale.")) if a.work is None else a.work
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        enc = synthetic_encoder(width=a.width, depth=a.depth, dim=a.dim)
+        if a.pretrain:  # a few epochs so the embeddings spread out (an untrained tower maps all alike)
+            from jomed_fast.data.synthetic import SyntheticGenerator
+            from jomed_fast.retriever import pretrain
+            recs = SyntheticGenerator(seed=1, index_size=a.pretrain).index_records()
+            t0 = time.perf_counter()
+            pretrain(enc, [r.image for r in recs], [r.text for r in recs], epochs=3, progress=False)
+            pretrain_s = time.perf_counter() - t0
+        enc_dir = enc.save(work / "encoder")
+        n_chunks = -(-a.records // a.chunk_size)
+        rec: dict = {
+            "records": a.records, "chunk_size": a.chunk_size, "chunks": n_chunks, "batch_size": a.batch_size,
+            "threads_per_process": a.threads,
+            "encoder": {"width": a.width, "depth": a.depth, "dim": a.dim, "pretrain_records": a.pretrain,
+                        "pretrain_s": round(pretrain_s, 3) if a.pretrain else 0.0},
+            "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg()),
+                        "python": platform.python_version(), "torch": torch.__version__},
+        }
+        for d in ("ref", "resumed", "dist"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        if not a.skip_reference:
+            rec["reference_build_s"] = round(_run([sys.executable, *_cli(a.records, work / "ref", a, enc_dir)],
+                                                  a.timeout), 3)
+            print(f"reference build: {rec['reference_build_s']} s", flush=True)
+        rec["kill_resume"] = _build_killed_then_resumed(a, enc_dir, work / "resumed", n_chunks)
+        print(f"kill/resume: {rec['kill_resume']}", flush=True)
+        t0 = time.perf_counter()
+        ix = Index.open(work / "resumed", encoder=enc)
+        rec["verify_s"] = round(time.perf_counter() - t0, 3)
+        files = ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl")
+        if not a.skip_reference:
+            rec["resumed_identical_to_reference"] = all(
+                sha256_file(work / "ref" / f) == sha256_file(work / "resumed" / f) for f in files)
+        rec["bytes"] = {f: (work / "resumed" / f).stat().st_size for f in files}
+        rec["search"] = _search_check(ix, enc, a)
+        print(f"search match: {rec['search']['match']}", flush=True)
+        if a.distributed:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.distributed),
+                   *_cli(a.records, work / "dist", a, enc_dir)]
+            rec["distributed"] = {"world": a.distributed, "build_s": round(_run(cmd, a.timeout), 3)}
+            rec["distributed"]["identical"] = all(
+                sha256_file(work / "dist" / f) == sha256_file(work / "resumed" / f) for f in files)
+            print(f"distributed: {rec['distributed']}", flush=True)
+    finally:
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_via(a.json, lambda t: Path(t).write_text(json.dumps(rec, indent=1) + "\n"))
+    print(f"wrote {a.json}")
+    return rec
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+r"""Index build: embed N records with both towers in chunks, then assemble; resumable, shardable.
+
+For records :math:`r_n = (i_n, t_n)`, :math:`n < N`, and an encoder with image/text towers
+:math:`f_I, f_T` returning L2-normalised ``[*, D]`` rows, the build writes
+
+.. math:: X_I[n] = \mathrm{fp16}(f_I(i_n)),\qquad X_T[n] = \mathrm{fp16}(f_T(t_n)),\qquad X \in \mathbb{R}^{N\times D}.
+
+Chunk :math:`c` holds rows :math:`[c\,S, \min(N, (c+1)S))` for ``chunk_size`` S and is three atomically
+written files in ``out_dir/chunks``: ``c.image.npy``, ``c.records.jsonl``, ``c.text.npy`` (written in
+that order, so a present ``.text.npy`` marks a finished chunk). A rerun skips finished chunks: a
+build killed at any point (SIGKILL included) resumes where it stopped and ends byte-identical to an
+uninterrupted one. ``build_progress.json`` pins the settings (encoder fingerprint, N, S); a rerun
+with other settings is refused.
+
+Sharded build (``torch.distributed``, see :mod:`jomed_fast.index.distributed`): with W ranks, rank r
+embeds the chunks with :math:`c \bmod W = r`; rank 0 then streams the chunks into the final files
+(never more than one chunk in memory) and writes the manifest. The files do not depend on W.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from jomed_fast._files import atomic_write_via, sha256_file
+
+from .distributed import Group, resolve_group
+
+FILES = ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl")
+HEADS = {"image": "image_embeddings.npy", "text": "text_embeddings.npy"}
+BUILD_FORMAT = 2  # chunk layout version, pinned in build_progress.json
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a temporary sibling, fsync, rename."""
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write_via(path, w)
+
+
+def _record_line(r) -> str:
+    return json.dumps({"id": r.id, "image_path": r.image_path, "text": r.text}) + "\n"
+
+
+def _chunk_rows(c: int, n: int, chunk_size: int) -> tuple[int, int]:
+    return c * chunk_size, min(n, (c + 1) * chunk_size)
+
+
+def _embed_chunk(records, encoder, cdir: Path, c: int, lo: int, hi: int, batch_size: int, bar) -> None:
+    ims, txs, lines = [], [], []
+    with torch.no_grad():
+        for s in range(lo, hi, batch_size):
+            batch = records[s: min(hi, s + batch_size)]
+            ims.append(encoder.encode_images([r.load_image() for r in batch]).float().cpu())
+            txs.append(encoder.encode_texts([r.text for r in batch]).float().cpu())
+            lines.extend(_record_line(r) for r in batch)
+            bar.update(len(batch))
+    save_npy(cdir / f"{c:06d}.image.npy", torch.cat(ims).numpy().astype(np.float16))
+    atomic_write_via(cdir / f"{c:06d}.records.jsonl", lambda p: Path(p).write_text("".join(lines)))
+    save_npy(cdir / f"{c:06d}.text.npy", torch.cat(txs).numpy().astype(np.float16))  # last: marks done
+
+
+def _concat_npy(parts: list[Path], dest: Path, n: int, bar) -> int:
+    """Stream fp16 chunk files ``[n_c, D]`` into one ``.npy`` ``[N, D]`` (same bytes as ``np.save``)."""
+    if not parts:
+        save_npy(dest, np.zeros((0, 0), np.float16))
+        return 0
+    dim = int(np.load(parts[0], mmap_mode="r").shape[1])
+
+    def w(tmp):
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+        row = 0
+        for p in parts:
+            a = np.load(p, mmap_mode="r")
+            if a.dtype != np.float16 or a.ndim != 2 or a.shape[1] != dim or row + a.shape[0] > n:
+                raise ValueError(f"{p}: expected a float16 chunk [<= {n - row}, {dim}], got {a.dtype} "
+                                 f"{list(a.shape)}; remove it and rerun the build to re-embed it")
+            out[row: row + a.shape[0]] = a
+            row += a.shape[0]
+            bar.update(a.shape[0])
+        if row != n:
+            raise ValueError(f"{dest.parent / 'chunks'}: expected {n} rows in the chunks, got {row}")
+        out.flush()
+        del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    atomic_write_via(dest, w)
+    return dim
+
+
+def _assemble(out: Path, cdir: Path, n: int, n_chunks: int, fingerprint: str, progress: bool) -> dict:
+    """Rank 0: chunks -> final files + manifest, then remove the chunks and the progress file."""
+    with tqdm(total=2 * n, desc="index assemble", disable=not progress) as bar:
+        dims = {h: _concat_npy([cdir / f"{c:06d}.{h}.npy" for c in range(n_chunks)], out / f, n, bar)
+                for h, f in HEADS.items()}
+    if dims["image"] != dims["text"]:
+        raise ValueError(f"encoder: expected image and text towers of the same dim D, got {dims}")
+
+    def wrec(tmp):
+        with open(tmp, "wb") as f:
+            for c in range(n_chunks):
+                with open(cdir / f"{c:06d}.records.jsonl", "rb") as src:
+                    shutil.copyfileobj(src, f)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write_via(out / "records.jsonl", wrec)
+    manifest = {"count": n, "dim": dims["image"], "dtype": "float16", "encoder_fingerprint": fingerprint,
+                "sha256": {f: sha256_file(out / f) for f in FILES}}
+    atomic_write_via(out / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+    shutil.rmtree(cdir)
+    (out / "build_progress.json").unlink()
+    return manifest
+
+
+def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, chunk_size: int = 1024,
+                progress: bool = True, distributed: bool | None = None) -> dict:
+    """Embed and write the index (see the module docstring); returns the manifest.
+
+    ``records``: a sequence of N records (``.id``, ``.image_path``, ``.text``, ``.load_image()``)
+    supporting ``len`` and slicing; ``encoder``: ``encode_images``/``encode_texts`` -> ``[B, D]``
+    and ``fingerprint()``. ``distributed``: ``None`` shards over the default process group when
+    one with several ranks is initialised, ``True`` requires one, ``False`` never shards. Every
+    rank must pass the same records, encoder and settings (checked: fingerprints, N, S).
+    """
+    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    g: Group = resolve_group(distributed)
+    out = Path(out_dir)
+    cdir = out / "chunks"
+    fp = encoder.fingerprint()
+    n = len(records)
+    state = {"format": BUILD_FORMAT, "fingerprint": fp, "count": n, "chunk_size": chunk_size}
+    g.check_same("build settings (encoder fingerprint, record count, chunk_size)", json.dumps(state, sort_keys=True))
+    prog = out / "build_progress.json"
+
+    def prepare():
+        cdir.mkdir(parents=True, exist_ok=True)
+        if prog.exists():
+            old = json.loads(prog.read_text())
+            if old != state:
+                raise ValueError(f"out_dir: a build with other settings is in progress in {out} (expected "
+                                 f"{ {k: v for k, v in state.items() if k != 'fingerprint'} } and encoder "
+                                 f"{fp[:12]}…, found {old}); remove {out} to start over")
+        elif g.rank == 0:  # the others see it absent or complete (atomic), and it equals their state
+            atomic_write_via(prog, lambda p: Path(p).write_text(json.dumps(state)))
+    g.run_all(prepare, "index build: prepare")
+
+    n_chunks = (n + chunk_size - 1) // chunk_size
+    mine = [c for c in range(n_chunks) if c % g.world == g.rank]
+
+    def embed():
+        was_training = getattr(encoder, "training", False)
+        if hasattr(encoder, "eval"):
+            encoder.eval()
+        desc = "index build" if g.world == 1 else f"index build (rank {g.rank}/{g.world})"
+        rows = sum(hi - lo for lo, hi in (_chunk_rows(c, n, chunk_size) for c in mine))
+        try:
+            with tqdm(total=rows, desc=desc, disable=not progress or g.rank != 0) as bar:
+                for c in mine:
+                    lo, hi = _chunk_rows(c, n, chunk_size)
+                    if (cdir / f"{c:06d}.text.npy").exists():  # finished before a kill: skip
+                        bar.update(hi - lo)
+                        continue
+                    _embed_chunk(records, encoder, cdir, c, lo, hi, batch_size, bar)
+        finally:
+            if was_training:
+                encoder.train()
+    g.run_all(embed, "index build: embedding")  # all-reduce: every rank's chunks are on disk after it
+
+    manifest = g.run_all(lambda: _assemble(out, cdir, n, n_chunks, fp, progress) if g.rank == 0 else None,
+                         "index build: assembly")
+    if manifest is None:
+        manifest = json.loads((out / "manifest.json").read_text())
+    return manifest
+
+
+class _LazySynthetic:
+    """The N index records of a synthetic generator, rendered on access (nothing held in memory)."""
+
+    def __init__(self, gen, n: int):
+        self.gen, self.n = gen, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, sl):
+        if isinstance(sl, slice):
+            return [self.gen.index_record(i) for i in range(*sl.indices(self.n))]
+        return self.gen.index_record(sl)
+
+    def __iter__(self):
+        return (self.gen.index_record(i) for i in range(self.n))
+
+
+def synthetic_records(n: int, *, seed: int = 0) -> _LazySynthetic:
+    """The index records ``syn-idx-0..n-1`` of ``SyntheticGenerator(seed=seed, index_size=n)``, lazily."""
+    from jomed_fast.data.synthetic import SyntheticGenerator
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    return _LazySynthetic(SyntheticGenerator(seed=seed, index_size=n), n)
+
+
+def synthetic_captions_vocabulary() -> list[str]:
+    """Every phrase the synthetic captions are assembled from (covers their whole word vocabulary)."""
+    from jomed_fast.data import synthetic as syn
+
+    phrases = [*syn._MODALITY, *syn._VERB, *(d.format("") for d in syn._DX), "atypical appearance biopsy-proven"]
+    phrases += [str(v) for v in syn.DIAGNOSIS.values()]
+    phrases += [f for fs in syn.FINDINGS.values() for f in fs]
+    phrases += [c for cs in syn._DISTRACTOR_CAPTIONS.values() for c in cs]
+    return phrases
+
+
+def synthetic_encoder(*, seed: int = 0, **config):
+    """A deterministic untrained TinyCLIP (``config``: TinyConfig fields) whose vocabulary covers the
+    synthetic captions; the same weights on every rank, so the fingerprints agree."""
+    from jomed_fast.retriever import TinyCLIP
+
+    return TinyCLIP.from_captions(synthetic_captions_vocabulary(), seed=seed, **config)

@@ -1,0 +1,104 @@
+"""The :class:`Index`: open and verify a built index, read its records, search one head."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jomed_fast._files import sha256_file
+
+from .build import FILES, HEADS, build_index
+from .cost import default_nlist
+from .search import FaissSearcher, search_ops
+
+
+class Index:
+    """An opened index; ``embeddings[head]`` are memory-mapped fp16 ``[N, D]`` arrays."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.count, self.dim = manifest["count"], manifest["dim"]
+        self.embeddings = {h: np.load(self.path / f, mmap_mode="r") for h, f in HEADS.items()}
+        self._faiss: dict = {}
+
+    # ---------------------------------------------------------------- build
+    @staticmethod
+    def build(records: Sequence, encoder, out_dir, *, batch_size: int = 256, chunk_size: int = 1024,
+              progress: bool = True, distributed: bool | None = None) -> Index:
+        """Embed N records (image tower + text tower) in resumable chunks, then assemble.
+
+        See :func:`jomed_fast.index.build.build_index`; with a torch.distributed process group of
+        W > 1 ranks (or ``distributed=True``) each rank embeds its share of the chunks, rank 0
+        assembles, and every rank returns the opened index.
+        """
+        manifest = build_index(records, encoder, out_dir, batch_size=batch_size, chunk_size=chunk_size,
+                               progress=progress, distributed=distributed)
+        return Index(Path(out_dir), manifest)
+
+    # ---------------------------------------------------------------- open
+    @staticmethod
+    def open(path, encoder=None, *, verify: bool = True) -> Index:
+        """Open and verify (manifest, sha256 of every file, shapes, encoder fingerprint)."""
+        p = Path(path)
+        mpath = p / "manifest.json"
+        if not mpath.is_file():
+            raise ValueError(f"path: {mpath} not found (not a built index, or the build did not finish)")
+        try:
+            m = json.loads(mpath.read_text())
+            for key in ("count", "dim", "dtype", "encoder_fingerprint", "sha256"):
+                m[key]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{mpath}: malformed manifest ({e!r})") from None
+        for f in FILES:
+            fp = p / f
+            if not fp.is_file():
+                raise ValueError(f"{fp}: missing index file")
+            if verify and sha256_file(fp) != m["sha256"].get(f):
+                raise ValueError(f"{fp}: checksum mismatch with {mpath} (corrupt or modified file)")
+        for f in HEADS.values():
+            a = np.load(p / f, mmap_mode="r")
+            if a.shape != (m["count"], m["dim"]) or a.dtype != np.float16:
+                raise ValueError(f"{p / f}: expected float16 [{m['count']}, {m['dim']}], got {a.dtype} {list(a.shape)}")
+        if encoder is not None and encoder.fingerprint() != m["encoder_fingerprint"]:
+            raise ValueError(f"encoder: fingerprint {encoder.fingerprint()[:12]}… differs from the index's "
+                             f"{m['encoder_fingerprint'][:12]}… ({mpath}); rebuild the index or use its encoder")
+        return Index(p, m)
+
+    def records(self) -> list[dict]:
+        with open(self.path / "records.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    # ---------------------------------------------------------------- search
+    def search(self, queries, k: int, head: str = "image", backend: str = "ops", nlist: int | str | None = None,
+               nprobe: int = 8):
+        """Top-k of Q queries ``[Q, D]`` on one head -> (float32 scores ``[Q, k]``, int64 ids ``[Q, k]``).
+
+        ``backend="ops"``: ``jomed_fast.ops.topk_similarity`` on the memory-mapped fp16 index (exact).
+        ``backend="faiss"``: ``IndexFlatIP`` (exact, fp32 copy) or ``IndexIVFFlat`` when ``nlist`` is
+        given (``"auto"``: a power of two near 4 sqrt(N); ``nprobe`` lists scanned per query);
+        sharded over all GPUs when faiss sees several.
+        The faiss index is built on first use and cached per (head, nlist). See
+        :mod:`jomed_fast.index.search`.
+        """
+        if head not in HEADS:
+            raise ValueError(f"head: expected 'image' or 'text', got {head!r}")
+        q = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries: expected [Q, {self.dim}], got {list(q.shape)}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.count:
+            raise ValueError(f"k: expected an int with 1 <= k <= {self.count}, got {k!r}")
+        emb = self.embeddings[head]
+        if backend == "ops":
+            return search_ops(emb, q, k)
+        if backend != "faiss":
+            raise ValueError(f"backend: expected 'ops' or 'faiss', got {backend!r}")
+        if nlist == "auto":
+            nlist = default_nlist(self.count)
+        key = (head, nlist)
+        if key not in self._faiss:
+            self._faiss[key] = FaissSearcher(emb, nlist)
+        return self._faiss[key].search(q, k, nprobe=nprobe)
