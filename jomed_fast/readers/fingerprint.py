@@ -1,0 +1,70 @@
+"""``reader_fingerprint(reader)``: a sha256 that changes whenever the reader's scores may change.
+
+What it covers, in order (each piece length-prefixed so two pieces can never run together):
+
+* the family, the quantization and the compute dtype (they change the numbers);
+* every regular file at the top of the checkpoint directory (``config.json``, the safetensors
+  weights, the tokenizer and image-processor files), by name and sha256 of its content;
+* the LoRA adapter, when one is on: its settings and every ``lora_`` tensor *as it is in memory*
+  (so an adapter trained in this process, or loaded from any directory, is covered exactly).
+
+The score cache of stage 2 (``jomed_fast.train.score_cache``) keys every record by it, so a cache
+can never hand the scores of one reader to another. File hashes are memoised per
+(path, size, mtime): a 15 GB checkpoint is read once per process, not once per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .._files import sha256_file
+
+__all__ = ["reader_fingerprint"]
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = sha256_file(path)
+    return _FILE_HASHES[key]
+
+
+def _update(h, piece: bytes) -> None:
+    h.update(len(piece).to_bytes(8, "little"))
+    h.update(piece)
+
+
+def reader_fingerprint(reader) -> str:
+    """sha256 hex of a loaded ``jomed_fast.readers.Reader`` (see the module docstring)."""
+    for attr in ("path", "family", "quantization", "compute_dtype", "model"):
+        if not hasattr(reader, attr):
+            raise TypeError(f"reader: expected a jomed_fast.readers.Reader (load_reader), got {type(reader).__name__}")
+    h = hashlib.sha256()
+    for piece in ("jomed-reader-fingerprint-v1", reader.family, str(reader.quantization), str(reader.compute_dtype)):
+        _update(h, piece.encode())
+    root = Path(reader.path)
+    if not root.is_dir():
+        raise ValueError(f"reader.path: expected the checkpoint directory it was loaded from, got {str(root)!r}")
+    for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        _update(h, f.name.encode())
+        _update(h, _file_hash(f).encode())
+    if getattr(reader, "has_lora", False):
+        lora = getattr(reader, "lora", None)
+        _update(h, repr(dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) else lora).encode())
+        for name, p in sorted(reader.lora_parameters().items()):
+            t = p.detach().cpu().contiguous()
+            _update(h, f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            _update(h, t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _clear_memo() -> None:  # for tests
+    _FILE_HASHES.clear()
+

@@ -1,0 +1,99 @@
+r"""Reader scores of (query, candidate) pairs through the score cache: each pair goes to the reader once.
+
+``PairScores.rows(queries, candidate_ids, candidates) -> [B, K, C]`` float32: for B queries and their
+K candidates each, the reader's class log-probabilities
+:math:`\log p_C(c \mid z_k, q_b)` (``CandidateScorer``) — read from the :class:`ScoreCache` where
+stored, computed for the misses only:
+
+1. look every (query id, candidate id) pair up;
+2. group the queries by their number of misses ``m`` (``CandidateScorer.score`` takes the same K
+   for every query of a call), one ``score`` call per group, queries in batch order — the grouping
+   is a pure function of the cache state, so a resumed run scores exactly what an uninterrupted
+   one would;
+3. append all the new rows of the batch as **one** frame (a batch is cached entirely or not at all).
+
+``gold_log_likelihoods(rows, labels) -> [B, K]``: :math:`r_{b,k} = \log p_C(a_b \mid z_k, q_b)` for a
+single gold class per query (the sharp posterior's gold entry); in ``sequence`` class mode with
+``normalize=False`` it is the restricted teacher-forced log-likelihood of the gold answer's tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .score_cache import ScoreCache
+
+__all__ = ["PairScores", "gold_log_likelihoods", "scoring_layout"]
+
+
+def scoring_layout(scorer) -> str:
+    """The cache key's ``layout`` part: prompt layout, class mode and normalisation of ``scorer``."""
+    return f"{scorer.layout}|{scorer.head.mode}|{'norm' if scorer.head.normalize else 'raw'}"
+
+
+def gold_log_likelihoods(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``rows [B, K, C]`` and gold class indices ``labels [B]`` -> ``[B, K]`` = rows[b, k, labels[b]]."""
+    if rows.dim() != 3:
+        raise ValueError(f"rows: expected [B, K, C], got shape {tuple(rows.shape)}")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.shape != rows.shape[:1]:
+        raise ValueError(f"labels: expected shape [B] = [{rows.shape[0]}], got {tuple(labels.shape)}")
+    C = rows.shape[2]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
+        raise ValueError(f"labels: expected class indices in [0, {C}), got {labels.tolist()}")
+    return rows.gather(2, labels.view(-1, 1, 1).expand(-1, rows.shape[1], 1)).squeeze(2)
+
+
+class PairScores:
+    """Reader rows of (query, candidate) pairs, cached (see the module docstring).
+
+    Args:
+        scorer: a ``CandidateScorer`` (frozen reader; run under ``torch.no_grad``).
+        cache: an open :class:`ScoreCache`.
+        namespace: ``(reader fingerprint, task name, layout)``.
+    """
+
+    def __init__(self, scorer, cache: ScoreCache, namespace: tuple[str, str, str]):
+        self.scorer = scorer
+        self.cache = cache
+        self.namespace = namespace
+        self.reader_calls = 0
+
+    def rows(self, query_ids: Sequence[str], query_images: Sequence, questions: Sequence | None,
+             candidate_ids: Sequence[Sequence[str]], candidates: Sequence[Sequence]) -> torch.Tensor:
+        """float32 ``[B, K, C]`` for B queries x K candidates (ids and ``Candidate`` objects)."""
+        B = len(query_ids)
+        if len(candidate_ids) != B or len(candidates) != B or len(query_images) != B:
+            raise ValueError(f"candidate_ids, candidates, query_images: expected {B} entries (one per query), got "
+                             f"{len(candidate_ids)}, {len(candidates)}, {len(query_images)}")
+        K = len(candidate_ids[0]) if B else 0
+        pairs = [(str(query_ids[b]), str(c)) for b in range(B) for c in candidate_ids[b]]
+        if len(pairs) != B * K:
+            raise ValueError(f"candidate_ids: expected K = {K} candidates for every query")
+        found = self.cache.lookup(self.namespace, pairs)
+        missing = [[k for k in range(K) if found[b * K + k] is None] for b in range(B)]
+        new_pairs, new_rows, seconds = [], [], 0.0
+        for m in sorted({len(ks) for ks in missing} - {0}):
+            group = [b for b in range(B) if len(missing[b]) == m]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = self.scorer.score([query_images[b] for b in group],
+                                        None if questions is None else [questions[b] for b in group],
+                                        [[candidates[b][k] for k in missing[b]] for b in group])
+            seconds += time.perf_counter() - t0
+            self.reader_calls += 1
+            out = out.detach().float().cpu().numpy()
+            for g, b in enumerate(group):
+                for j, k in enumerate(missing[b]):
+                    found[b * K + k] = out[g, j]
+                    new_pairs.append(pairs[b * K + k])
+                    new_rows.append(out[g, j])
+        if new_pairs:
+            self.cache.append(self.namespace, new_pairs, np.stack(new_rows), seconds)
+        if not B:
+            return torch.zeros(0, 0, 0)
+        return torch.from_numpy(np.stack([np.asarray(r, dtype=np.float32) for r in found])).view(B, K, -1)

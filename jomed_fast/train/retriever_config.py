@@ -1,0 +1,172 @@
+"""``RetrieverTrainConfig``: every option of stage 2 (retriever fine-tuning), JSON-serialisable.
+
+Defaults are the reference implementation's (github.com/Nirmaz/JOMED, commit b7d186d), as used by
+its stage-2 scripts ``run_scripts/training_retriever_{text,image}/retina/train_retriever_*_qwen.sh``
+(which call ``finetune_qa.py``; ``finetune_qa.set_parser_options`` puts its own defaults before the
+script's arguments):
+
+=====================  =========  ==============================================================
+option                 default    where it comes from
+=====================  =========  ==============================================================
+``k``                  50         scripts: ``--retriever_n_context 50``
+``tau_retriever``      1.0        ``finetune_qa.py``: ``--temperature_score EPSILON`` (= "1.0")
+``tau_reader``         1.0        ``finetune_qa.py``: ``--temperature_gold EPSILON`` (= "1.0")
+``lr``                 1e-4       scripts: ``--lr_retriever 1e-4`` (AdamW, ``src/util.py``
+                                  ``set_optim_open_flamingo``)
+``weight_decay``       1.0        ``finetune_qa.py``: ``--weight_decay EPSILON`` (= "1.0"), passed
+                                  to the retriever's AdamW
+``warmup_steps``       20         ``finetune_qa.py``: ``WARMUP_STEPS = "20"``; cosine decay to 0
+                                  over the run (``get_cosine_schedule_with_warmup``)
+``batch_size``         2          scripts: ``--per_gpu_batch_size 2``
+``refresh_every``      10         scripts: ``--update_base_ret 10`` (argparse prefix of
+                                  ``--update_base_retr_freq``; ``train.py`` re-copies the base
+                                  retriever every that many steps)
+``alpha``              0.15       ``src/jomed.py`` ``partial_encoding``: ``0.15 q_learned + 0.85
+                                  q_fixed`` (``--partial_learning_query_embeddings``)
+``n_trainable``        10         the issue / paper (last 10 image-tower layers); the reference
+                                  code freezes by model type and shows no such number for jina
+``seed``               10         scripts: ``--seed 10``
+``target``             "gold"     the paper's SPD target ``softmax(log p(a|z_k,q) / tau_reader)``;
+                                  ``"gold_with_retriever_prior"`` is the scripts'
+                                  ``--add_prior_to_gold_score``: ``softmax((log_softmax(gold) +
+                                  log_softmax(s.detach())) / tau_reader)`` (``src/jomed.py``)
+``grad_clip``          None       the reference calls ``clip_grad_norm_`` before ``backward`` (no
+                                  effect), so none by default
+=====================  =========  ==============================================================
+
+Chosen here (not in the reference): ``epochs`` (the reference runs ``--total_steps 50000``; set
+``max_steps`` for that), ``checkpoint_every`` (200), ``keep_checkpoints`` (2), ``layout``
+(``"shared_query"``, exact and faster than ``"paper"``; see ``scoring``), ``class_mode`` /
+``sequence_normalize``. The reference's ``KLDivLoss()`` averages over B*K entries; we use
+``ops.retrieval_kl_loss`` (mean over B): the gradient differs by the constant K, which AdamW
+undoes (up to its epsilon).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+__all__ = ["HEADS", "TARGETS", "RetrieverTrainConfig"]
+
+HEADS = ("text", "image")
+TARGETS = ("gold", "gold_with_retriever_prior")
+LAYOUTS = ("shared_query", "paper")
+CLASS_MODES = ("auto", "first_token", "sequence")
+# options that do not change the trajectory: they may differ between a run and its resume
+RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "cache_path", "eval_each_epoch")
+
+
+@dataclasses.dataclass
+class RetrieverTrainConfig:
+    """Stage-2 options; see the module docstring for the source of every default."""
+
+    head: str = "text"
+    k: int = 50
+    tau_retriever: float = 1.0
+    tau_reader: float = 1.0
+    target: str = "gold"
+    lr: float = 1e-4
+    weight_decay: float = 1.0
+    warmup_steps: int = 20
+    batch_size: int = 2
+    epochs: int = 1
+    max_steps: int | None = None
+    refresh_every: int | None = 10
+    alpha: float | None = 0.15
+    n_trainable: int = 10
+    grad_clip: float | None = None
+    seed: int = 10
+    shuffle: bool = True
+    layout: str = "shared_query"
+    class_mode: str = "auto"
+    sequence_normalize: bool = False
+    memory_budget: int | None = None
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_each_epoch: bool = True
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------ checks
+    @staticmethod
+    def _fail(name: str, expected: str, got: Any) -> None:
+        raise ValueError(f"config.{name}: expected {expected}, got {got!r}")
+
+    def _int(self, name: str, lo: int, optional: bool = False) -> None:
+        v = getattr(self, name)
+        if optional and v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            self._fail(name, f"an int >= {lo}" + (" or None" if optional else ""), v)
+
+    def _float(self, name: str, lo: float, *, strict: bool, hi: float = math.inf, optional: bool = False) -> None:
+        v = getattr(self, name)
+        if optional and v is None:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if strict else v >= lo) and v <= hi
+        if not ok:
+            rng = f"{'>' if strict else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
+            self._fail(name, f"a finite float {rng}" + (" or None" if optional else ""), v)
+        if v is not None:
+            setattr(self, name, float(v))
+
+    def _choice(self, name: str, choices: tuple) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, f"one of {choices}", getattr(self, name))
+
+    def validate(self) -> RetrieverTrainConfig:
+        self._choice("head", HEADS)
+        self._choice("target", TARGETS)
+        self._choice("layout", LAYOUTS)
+        self._choice("class_mode", CLASS_MODES)
+        for name in ("k", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
+            self._int(name, 1)
+        for name in ("warmup_steps", "n_trainable", "seed"):
+            self._int(name, 0)
+        self._int("max_steps", 1, optional=True)
+        self._int("refresh_every", 0, optional=True)
+        self._int("memory_budget", 1, optional=True)
+        self._float("tau_retriever", 0.0, strict=True)
+        self._float("tau_reader", 0.0, strict=True)
+        self._float("lr", 0.0, strict=False)
+        self._float("weight_decay", 0.0, strict=False)
+        self._float("alpha", 0.0, strict=False, hi=1.0, optional=True)
+        self._float("grad_clip", 0.0, strict=True, optional=True)
+        for name in ("shuffle", "sequence_normalize", "eval_each_epoch"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "a bool", getattr(self, name))
+        if self.cache_path is not None and not isinstance(self.cache_path, str):
+            self._fail("cache_path", "a str path or None", self.cache_path)
+        return self
+
+    # ------------------------------------------------------------------------------ JSON
+    @property
+    def refresh_on(self) -> bool:
+        return bool(self.refresh_every)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RetrieverTrainConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown options {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+    def replace(self, **changes) -> RetrieverTrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resume_differences(self, saved: dict) -> list[str]:
+        """Options (other than ``RESUME_FREE``) whose value differs from a saved run's config."""
+        mine = self.to_dict()
+        return sorted(k for k in set(mine) | set(saved)
+                      if k not in RESUME_FREE and mine.get(k) != saved.get(k))

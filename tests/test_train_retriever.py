@@ -1,0 +1,232 @@
+"""Stage 2 (retriever SPD fine-tuning) on the synthetic task with the tiny random reader.
+
+The tiny reader's posterior over candidates is arbitrary but deterministic: distillation must make
+the retriever match it (KL falls, top-1 agreement rises). The score cache makes every epoch after
+the first reader-free (the reader is never called again); with refresh on, the run reports a hit
+rate consistent with its counts. A NaN loss stops the run and keeps the last good checkpoint.
+"""
+
+import json
+import math
+
+import _stage2_worker as W
+import numpy as np
+import pytest
+import torch
+
+from jomed_fast.retriever import QueryEncoder
+from jomed_fast.scoring import CandidateScorer
+from jomed_fast.train import NonFiniteLossError, latest_checkpoint
+from jomed_fast.train import retriever as stage2
+from jomed_fast.train.checkpoint import load_weights
+from jomed_fast.train.pair_scores import PairScores, scoring_layout
+from jomed_fast.train.retriever import (
+    RetrieverTrainConfig,
+    distillation_loss,
+    train_retriever,
+    train_retriever_heads,
+)
+from jomed_fast.train.score_cache import ScoreCache
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+FAST = {"k": 8, "batch_size": 4, "refresh_every": None, "alpha": None, "lr": 1e-2, "weight_decay": 0.0,
+        "warmup_steps": 0, "tau_reader": 0.1, "tau_retriever": 0.1, "checkpoint_every": 100}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = W.build(tmp_path_factory.mktemp("stage2"))
+    return W.load(root)
+
+
+def _encoder(enc, cfg):
+    import copy
+
+    return QueryEncoder(copy.deepcopy(enc), cfg.n_trainable, cfg.alpha)
+
+
+# --------------------------------------------------------------------------------------- math
+def _kl64(s, t, tau_s, tau_t):
+    p = torch.softmax(t.double() / tau_t, -1)
+    logq = torch.log_softmax(s.double() / tau_s, -1)
+    return (p * (p.log() - logq)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("target", ["gold", "gold_with_retriever_prior"])
+def test_loss_matches_float64_formula_and_grads_only_s(target):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 6, generator=g, requires_grad=True)
+    r = torch.randn(3, 6, generator=g) * 3
+    cfg = RetrieverTrainConfig(target=target, tau_retriever=0.7, tau_reader=0.3)
+    got = distillation_loss(s, r, cfg)
+    t = r.double() if target == "gold" else (torch.log_softmax(r.double(), -1) + torch.log_softmax(s.detach().double(), -1))
+    assert float(got) == pytest.approx(float(_kl64(s.detach(), t, 0.7, 0.3)), rel=1e-5, abs=1e-7)
+    got.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    _kl64(s64, t, 0.7, 0.3).backward()  # the target is a constant in both
+    torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_config_validation_names_the_option():
+    with pytest.raises(ValueError, match=r"config\.k: expected an int >= 1, got 0"):
+        RetrieverTrainConfig(k=0)
+    with pytest.raises(ValueError, match=r"config\.target: expected one of"):
+        RetrieverTrainConfig(target="prior")
+    with pytest.raises(ValueError, match=r"config\.alpha: expected a finite float >= 0.0 and <= 1.0 or None, got 1.5"):
+        RetrieverTrainConfig(alpha=1.5)
+    with pytest.raises(ValueError, match=r"config: unknown options \['temperature'\]"):
+        RetrieverTrainConfig.from_dict({"temperature": 1.0})
+    cfg = RetrieverTrainConfig()
+    assert RetrieverTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # the reference's values
+    assert (cfg.k, cfg.lr, cfg.refresh_every, cfg.alpha, cfg.n_trainable, cfg.tau_reader, cfg.tau_retriever) == \
+        (50, 1e-4, 10, 0.15, 10, 1.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------- scores
+def test_pair_scores_equal_the_scorer_and_come_back_bitwise_from_the_cache(setup, tmp_path):
+    reader, enc, retrieval, train, _val = setup
+    scorer = CandidateScorer(reader, "synthetic")
+    qs = train[:3]
+    with torch.no_grad():
+        got = retrieval.search(enc.encode_images([s.image for s in qs]), k_text=5, k_image=0)
+        direct = scorer.score([s.image for s in qs], None, got.candidates)
+    ids = [[c.id for c in row] for row in got.candidates]
+    with ScoreCache(tmp_path / "c.bin") as cache:
+        pairs = PairScores(scorer, cache, ("x" * 8, "synthetic", scoring_layout(scorer)))
+        # one query already half-cached: misses are grouped by count, scored once each
+        first = pairs.rows([qs[0].id], [qs[0].image], None, [ids[0][:2]], [got.candidates[0][:2]])
+        rows = pairs.rows([s.id for s in qs], [s.image for s in qs], None, ids, got.candidates)
+        assert cache.stats.misses == 2 + 13 and cache.stats.hits == 2 and len(cache) == 15
+        assert pairs.reader_calls == 3  # [1 x 2], then groups of 3 misses and of 5 misses
+        again = pairs.rows([s.id for s in qs], [s.image for s in qs], None, ids, got.candidates)
+        assert pairs.reader_calls == 3 and cache.stats.hits == 2 + 15
+    torch.testing.assert_close(rows, direct.float(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, rows) and torch.equal(rows[0, :2], first[0])
+
+
+# --------------------------------------------------------------------------------------- training
+def test_distillation_lowers_kl_and_raises_agreement(setup, tmp_path):
+    reader, enc, retrieval, train, val = setup
+    cfg = RetrieverTrainConfig(**FAST, epochs=6)
+    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, val, tmp_path / "run",
+                          progress=False)
+    first, last = res.initial_eval, res.final_eval
+    assert last["kl"] < 0.8 * first["kl"], (first, last)
+    assert last["agreement"] > first["agreement"], (first, last)
+    train_kl = [e["train_loss"] for e in res.epochs]
+    assert train_kl[-1] < train_kl[0]
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["final_eval"] == last and len(saved["epochs"]) == 6
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{res.total_steps:08d}"
+
+
+def test_epochs_after_the_first_never_call_the_reader(setup, tmp_path, monkeypatch):
+    reader, enc, retrieval, train, _val = setup
+    calls = []
+    real = CandidateScorer.score
+    monkeypatch.setattr(CandidateScorer, "score", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    cfg = RetrieverTrainConfig(**{**FAST, "k": 16}, epochs=3, eval_each_epoch=False)
+    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run",
+                          progress=False)
+    e1, later = res.epochs[0], res.epochs[1:]
+    pairs = len(train) * 16
+    assert e1["misses"] == pairs and e1["hits"] == 0 and e1["reader_calls"] == len(calls) > 0
+    for e in later:
+        assert (e["misses"], e["hits"], e["reader_calls"]) == (0, pairs, 0)
+        assert 3 * e["seconds"] < e1["seconds"]  # ~20x measured; a loose bound, timings are not the test
+    assert res.cache["records"] == pairs and res.cache["scored_pairs"] == pairs
+    assert res.cache["saved_seconds"] == pytest.approx(2 * res.cache["reader_seconds"], rel=1e-4)
+    print(f"\nepoch seconds {[round(e['seconds'], 3) for e in res.epochs]}, "
+          f"ratio epoch1/epoch2 {e1['seconds'] / later[0]['seconds']:.1f}x")
+
+
+def test_refresh_brings_new_candidates_and_reports_hit_rate(setup, tmp_path):
+    reader, enc, retrieval, train, _val = setup
+    cfg = RetrieverTrainConfig(**{**FAST, "refresh_every": 1, "lr": 5e-2}, epochs=3, eval_each_epoch=False)
+    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run",
+                          progress=False)
+    for e in res.epochs[1:]:
+        assert 0 < e["hit_rate"] <= 1 and e["hit_rate"] == e["hits"] / (e["hits"] + e["misses"])
+    misses = sum(e["misses"] for e in res.epochs)
+    assert misses > len(train) * 8  # the refreshed retriever brought candidates the first epoch had not
+    assert res.cache["records"] == misses and res.cache["misses"] == misses
+    assert 0 < res.cache["hit_rate"] < 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    reader, enc, retrieval, train, _val = setup
+    real, calls = stage2.distillation_loss, []
+
+    def poisoned(s, r, cfg):
+        calls.append(1)
+        loss = real(s, r, cfg)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(stage2, "distillation_loss", poisoned)
+    cfg = RetrieverTrainConfig(**{**FAST, "checkpoint_every": 2}, epochs=3, eval_each_epoch=False)
+    qe = _encoder(enc, cfg)
+    with pytest.raises(NonFiniteLossError, match=r"at step 6.*step-00000004"):
+        train_retriever(cfg, reader, "synthetic", qe, retrieval, train, None, tmp_path / "run", progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step-00000004"
+    # nothing of step 6 was applied: the weights are those after step 5 (a finite step after the checkpoint)
+    saved = load_weights(ckpt)
+    assert all(math.isfinite(float(v.abs().sum())) for v in saved.values())
+    assert all(torch.isfinite(p).all() for p in qe.learned.parameters())
+
+
+def test_resume_refuses_other_options_and_a_used_run_dir(setup, tmp_path):
+    reader, enc, retrieval, train, _val = setup
+    cfg = RetrieverTrainConfig(**FAST, epochs=1, eval_each_epoch=False)
+    train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="run_dir: .* already holds a run"):
+        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path,
+                        resume=False, progress=False)
+    with pytest.raises(ValueError, match=r"config: options \['lr'\] differ"):
+        train_retriever(cfg.replace(lr=1.0), reader, "synthetic", _encoder(enc, cfg), retrieval, train, None,
+                        tmp_path, progress=False)
+    with pytest.raises(ValueError, match="digest mismatch"):
+        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train[:8], None, tmp_path,
+                        progress=False)
+    with pytest.raises(ValueError, match=r"config\.k: expected at most the index size"):
+        train_retriever(cfg.replace(k=10_000), reader, "synthetic", _encoder(enc, cfg), retrieval, train, None,
+                        tmp_path / "other", progress=False)
+
+
+def test_two_heads_in_sequence_image_starts_from_text(setup, tmp_path, monkeypatch):
+    import copy
+
+    reader, enc, retrieval, train, _val = setup
+    starts = {}
+    real = stage2.train_retriever
+
+    def spy(config, reader, task, retriever, *a, **k):
+        starts[config.head] = {n: p.detach().clone() for n, p in retriever.learned.named_parameters()}
+        return real(config, reader, task, retriever, *a, **k)
+
+    monkeypatch.setattr(stage2, "train_retriever", spy)
+    base = copy.deepcopy(enc)
+    cfg = RetrieverTrainConfig(**{**FAST, "alpha": 0.15}, epochs=1, eval_each_epoch=False)
+    out = train_retriever_heads(cfg, reader, "synthetic", base, retrieval, train, None, tmp_path, progress=False)
+    text_final = load_weights(latest_checkpoint(tmp_path / "text"))
+    for name, t in text_final.items():
+        if name.startswith("learned."):
+            assert torch.equal(starts["image"][name[len("learned."):]], t), name
+    assert out["text"].head == "text" and out["image"].head == "image"
+    image_final = load_weights(latest_checkpoint(tmp_path / "image"))
+    for name, t in image_final.items():  # the caller's encoder holds the image head's final weights
+        if name.startswith("learned."):
+            assert torch.equal(dict(base.named_parameters())[name[len("learned."):]], t)
+    # one cache for both heads
+    assert (tmp_path / "score_cache.bin").is_file() and not (tmp_path / "text" / "score_cache.bin").exists()
+    assert not np.allclose(starts["text"]["vision.layers.1.conv.weight"], starts["image"]["vision.layers.1.conv.weight"])
