@@ -1,0 +1,212 @@
+r"""Stage 1's data: (sample, candidate) examples, class balancing, the frozen retrieval, the epoch order.
+
+* **Examples.** With retrieval, each of the S training samples gets its K = ``k_text + k_image``
+  candidates from the frozen retriever (text head first, then image head, as
+  :meth:`jomed_fast.retrieval.Retrieval.search`), retrieved once at the start (deterministic), and
+  every (sample, candidate) pair is its own example: ``S * K`` examples
+  ``[retrieved image] background: {caption} [query image] {legend}{question} -> answer``
+  (``paper`` layout). Without retrieval (the "reader only" baseline) each sample is one example
+  with the plain query prompt (``candidate=None``).
+* **Class balancing** (optional, the reference's): every class is truncated to the minority
+  class's count :math:`m = \min_c |S_c|` by a seeded random subset of each class (kept in data order).
+* **Order.** :class:`EpochOrder` draws one permutation of the examples per epoch from a
+  ``torch.Generator`` that holds the state *at the start of the current epoch*, so the data position
+  ``(epoch, index)`` and that generator's state resume the stream exactly.
+* **Encoding.** A micro-batch of examples goes through :func:`jomed_fast.prompts.build_messages`
+  (layout, task legend and question, candidate) and the reader's processor
+  (``encode_batch(..., answers=...)``: chat template, image placeholders expanded, right padding,
+  ``labels`` ``-100`` except on the answer and end-of-turn tokens). The answer is the task's
+  canonical text for the sample's label (``task.format_answer(label)``; the sample's ``answer`` when
+  it has no label, e.g. open VQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..prompts import Candidate, as_image, build_messages
+
+__all__ = ["EpochOrder", "Example", "ExampleSet", "balanced_indices", "retrieve_candidates"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training prompt: sample ``sample`` with its candidate ``candidate`` (-1: no candidate)."""
+
+    sample: int
+    candidate: int
+
+
+def _label_of(sample: Any, name: str) -> Any:
+    label = getattr(sample, "label", None)
+    if label is None:
+        raise ValueError(f"{name}: class balancing needs a class label on every sample, got label None")
+    if isinstance(label, (frozenset, set, list, tuple)):
+        raise TypeError(f"{name}: class balancing needs single-label samples, got the label set {sorted(label)}")
+    return int(label)
+
+
+def balanced_indices(samples: Sequence[Any], seed: int) -> list[int]:
+    """Indices (ascending) of a class-balanced subset: each class truncated to the minority count,
+    a random subset per class drawn with ``torch.Generator().manual_seed(seed)``."""
+    if not samples:
+        raise ValueError("train_samples: expected at least one sample, got none")
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(_label_of(s, f"train_samples[{i}]"), []).append(i)
+    m = min(len(v) for v in by_class.values())
+    gen = torch.Generator().manual_seed(int(seed))
+    kept: list[int] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        pick = torch.randperm(len(members), generator=gen)[:m].tolist()
+        kept.extend(members[j] for j in pick)
+    return sorted(kept)
+
+
+def _query_embeddings(retriever, images: list, batch_size: int) -> torch.Tensor:
+    """``[S, D]`` query embeddings from the frozen retriever (``retrieval_queries`` when it has one,
+    as ``QueryEncoder``, else ``encode_images``), in eval mode without gradients."""
+    encode = getattr(retriever, "retrieval_queries", None) or getattr(retriever, "encode_images", None)
+    if encode is None:
+        raise TypeError(f"retriever: expected an encoder with encode_images (or retrieval_queries), "
+                        f"got {type(retriever).__name__}")
+    was_training = getattr(retriever, "training", False)
+    if hasattr(retriever, "eval"):
+        retriever.eval()
+    try:
+        with torch.no_grad():
+            parts = [encode(images[i:i + batch_size]).detach().float().cpu()
+                     for i in range(0, len(images), batch_size)]
+    finally:
+        if was_training:
+            retriever.train()
+    return torch.cat(parts)
+
+
+def retrieve_candidates(samples: Sequence[Any], retrieval, retriever, k_text: int, k_image: int,
+                        batch_size: int = 64) -> tuple[list[list[Candidate]], torch.Tensor]:
+    """Each sample's K candidates (text head first, then image head) and their index rows ``[S, K]``."""
+    if not samples:
+        return [], torch.zeros(0, k_text + k_image, dtype=torch.int64)
+    images = [s.load_image() for s in samples]
+    q = _query_embeddings(retriever, images, batch_size)
+    found = retrieval.search(q, k_text=k_text, k_image=k_image)
+    return found.candidates, found.ids
+
+
+class ExampleSet:
+    """The examples of one split and how to encode them.
+
+    Args:
+        samples: the split's samples (``load_image()``, ``label``, ``answer``, ``question``).
+        task: the task (legend, question, canonical answers).
+        layout: prompt layout.
+        candidates: per sample, its candidates (``None``: reader only, one example per sample).
+    """
+
+    def __init__(self, samples: Sequence[Any], task, layout: str,
+                 candidates: Sequence[Sequence[Candidate]] | None = None):
+        self.samples = list(samples)
+        self.task = task
+        self.layout = layout
+        self.candidates = None if candidates is None else [list(c) for c in candidates]
+        if self.candidates is not None and len(self.candidates) != len(self.samples):
+            raise ValueError(f"candidates: expected one list per sample ({len(self.samples)}), got {len(self.candidates)}")
+        if self.candidates is None:
+            self.examples = [Example(i, -1) for i in range(len(self.samples))]
+        else:
+            self.examples = [Example(i, k) for i, c in enumerate(self.candidates) for k in range(len(c))]
+        self._answers = [self._answer(s, i) for i, s in enumerate(self.samples)]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _answer(self, sample: Any, i: int) -> str:
+        label = getattr(sample, "label", None)
+        if label is not None and self.task.has_label_set:
+            return self.task.format_answer(label)
+        answer = getattr(sample, "answer", None)
+        if not isinstance(answer, str) or not answer:
+            raise ValueError(f"samples[{i}]: expected a label or a non-empty answer string, got {answer!r}")
+        return answer
+
+    def prompt(self, j: int) -> tuple[list[Any], list[dict], str]:
+        """``(images, messages, answer)`` of example ``j``."""
+        ex = self.examples[j]
+        sample = self.samples[ex.sample]
+        cand = None if ex.candidate < 0 else self.candidates[ex.sample][ex.candidate]
+        if cand is not None and cand.image is not None:
+            cand = Candidate(as_image(cand.image, "candidate.image"), cand.text, cand.id)
+        query = as_image(sample.load_image(), f"samples[{ex.sample}].image")
+        messages, images = build_messages(self.layout, self.task, query, getattr(sample, "question", None), cand)
+        return images, messages, self._answers[ex.sample]
+
+    def encode(self, reader, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A padded micro-batch of examples ``indices`` on the reader's device, with ``labels``."""
+        prompts = [self.prompt(int(j)) for j in indices]
+        return reader.encode_batch([(imgs, msgs) for imgs, msgs, _ in prompts],
+                                   answers=[a for _, _, a in prompts])
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Consecutive micro-batches over every example, in order (validation)."""
+        return [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+
+
+class EpochOrder:
+    """The training stream: epoch after epoch, a fresh permutation of ``n`` examples.
+
+    ``generator`` always holds the state at the start of epoch ``epoch``; the epoch's permutation is
+    drawn from a copy of it, and the generator itself advances (by drawing that permutation) only
+    when the epoch ends. ``(epoch, index, generator state)`` is therefore the whole data position.
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError(f"n: expected at least one training example, got {n}")
+        self.n = int(n)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.epoch = 0
+        self.index = 0
+        self._perm: list[int] | None = None
+
+    def permutation(self) -> list[int]:
+        if self._perm is None:
+            g = torch.Generator()
+            g.set_state(self.generator.get_state())
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+        return self._perm
+
+    def next_step(self, batch_size: int, grad_accum: int) -> list[list[int]]:
+        """The micro-batches (example indices) of the next optimizer step; a step never crosses an
+        epoch's end (the epoch's last step may have fewer or smaller micro-batches)."""
+        perm = self.permutation()
+        out, i = [], self.index
+        while len(out) < grad_accum and i < self.n:
+            out.append(perm[i:i + batch_size])
+            i += batch_size
+        return out
+
+    def advance(self, count: int) -> None:
+        self.index += int(count)
+        if self.index >= self.n:
+            torch.randperm(self.n, generator=self.generator)  # the ended epoch's draw: start of the next
+            self.epoch += 1
+            self.index = 0
+            self._perm = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def restore(self, state: dict) -> None:
+        """Set the position (the generator's state is restored by ``load_checkpoint``)."""
+        self.epoch, self.index, self._perm = int(state["epoch"]), int(state["index"]), None
+
+    @staticmethod
+    def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
+        micro = -(-n // batch_size)
+        return -(-micro // grad_accum)
