@@ -111,3 +111,27 @@ def test_a_config_that_is_not_a_mapping_is_refused(tmp_path):
     cfg.write_text("- 1\n")
     with pytest.raises(TypeError, match="must hold a mapping"):
         resolve((Opt("k", int, 2),), type("NS", (), {"config": str(cfg)})())
+
+
+def test_train_reader_then_retriever_through_the_cli(files, capsys, tmp_path):
+    root, data, reader = files
+    ix = tmp_path / "ix"
+    assert run(["build-index", "--records", data / "index.jsonl", "--encoder", root / "encoder", "--out", ix,
+                "--no-progress"], capsys)[0] == 0
+    common = ["--reader", reader, "--train", data / "train.jsonl", "--val", data / "val.jsonl", "--index", ix,
+              "--index-records", data / "index.jsonl", "--encoder", root / "encoder", "--no-progress"]
+    code, out, err = run(["train-reader", *common, "--run-dir", tmp_path / "s1", "--max-steps", 2, "--batch-size", 2,
+                          "--lr", 1e-3, "--no-gradient-checkpointing"], capsys)
+    assert code == 0, err
+    s1 = json.loads(out)
+    assert s1["steps"] == 2 and (tmp_path / "s1" / "adapter" / "adapter_config.json").is_file()
+    code, out, err = run(["train-retriever", *common, "--adapter", s1["adapter"], "--run-dir", tmp_path / "s2",
+                          "--heads", "text", "--k", 4, "--max-steps", 2, "--batch-size", 2], capsys)
+    assert code == 0, err
+    s2 = json.loads(out)
+    assert (tmp_path / "s2" / "encoder" / "model.safetensors").is_file()
+    assert s2["text"]["cache"]["misses"] > 0
+    # a rerun with other options in the same run directory is refused, not mixed in
+    code, _out, err = run(["train-retriever", *common, "--adapter", s1["adapter"], "--run-dir", tmp_path / "s2",
+                           "--heads", "text", "--k", 4, "--max-steps", 3, "--batch-size", 2], capsys)
+    assert code == 2 and "options ['max_steps'] differ from the run being resumed" in err

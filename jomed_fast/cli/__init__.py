@@ -1,10 +1,14 @@
 """``jomed-fast``: the command line (one subcommand per pipeline step).
 
     jomed-fast build-index --records index.jsonl --encoder ENC --out IX
+    jomed-fast train-reader --reader READER --train train.jsonl --index IX --encoder ENC --run-dir runs/s1
+    jomed-fast train-retriever --reader READER --adapter runs/s1/adapter --train train.jsonl \
+        --index IX --encoder ENC --run-dir runs/s2
     jomed-fast predict --config run.yaml --out preds.jsonl
     jomed-fast evaluate --predictions preds.jsonl
     jomed-fast analyze --system rag=rag.jsonl --system jomed=jomed.jsonl --out report/
     jomed-fast plan-memory --model qwen2_vl_7b
+    jomed-fast demo --out runs/demo
 
 Every subcommand takes ``--config run.yaml`` (its options as ``name: value``) and a flag per option
 that overrides the file; ``jomed-fast <subcommand> --help`` lists them. Errors in the inputs (bad
@@ -26,9 +30,9 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError)
 
 
 def commands() -> dict:
-    from . import indexing, inference
+    from . import demo, indexing, inference, training
 
-    return {c.name: c for module in (indexing, inference) for c in module.COMMANDS}
+    return {c.name: c for module in (indexing, training, inference, demo) for c in module.COMMANDS}
 
 
 def _parser(table: dict) -> argparse.ArgumentParser:

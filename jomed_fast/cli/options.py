@@ -44,6 +44,8 @@ class Opt:
                 raise ValueError(f"{self.flag}: expected a list of strings ({where}), got {value!r}")
             return [str(v) for v in value]
         if self.type is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
             if not isinstance(value, bool):
                 raise ValueError(f"{self.flag}: expected true or false ({where}), got {value!r}")
             return value
@@ -119,3 +121,33 @@ def resolve(options, namespace: argparse.Namespace) -> dict:
         if o.required and values[o.name] is None:
             raise ValueError(f"{o.flag}: required (give the flag or set {o.name} in the --config file)")
     return values
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_options(cls, *, skip: tuple = (), prefix: str = "") -> tuple:
+    """One :class:`Opt` per field of a config dataclass (default None: keep the dataclass's default).
+
+    Field types come from the annotations (``int``, ``float``, ``str``, ``bool``, optionally
+    ``| None``); ``prefix`` namespaces the flags when two configs share a command.
+    """
+    opts = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        base = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+        if base not in _FIELD_TYPES:
+            raise TypeError(f"{cls.__name__}.{f.name}: option type {f.type!r} is not int/float/str/bool")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        opts.append(Opt(prefix + f.name, _FIELD_TYPES[base], None, f"{cls.__name__}.{f.name} (default {default!r})"))
+    return tuple(opts)
+
+
+def config_from(cls, values: dict, *, prefix: str = "", base=None, **fixed):
+    """Build ``cls`` from the options given (None: the default), plus ``fixed`` fields."""
+    start = base if base is not None else cls()
+    changes = {f.name: values[prefix + f.name] for f in dataclasses.fields(cls)
+               if values.get(prefix + f.name) is not None}
+    changes.update(fixed)
+    return dataclasses.replace(start, **changes)

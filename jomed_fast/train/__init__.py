@@ -1,20 +1,38 @@
 """Training: stage 1 (reader, ``train.reader``) and stage 2 (retriever, ``train.retriever``).
 
 Shared pieces, one job each: ``checkpoint`` (exact-resume checkpoints, no pickle), ``schedule``
-(warm-up + cosine learning rate), ``guards`` (a non-finite loss stops the run).
+(warm-up + cosine learning rate), ``guards`` (a non-finite loss stops the run), ``data_order``
+(the order of epoch e as a pure function of the seed and e), ``score_cache`` (stage 2's exact
+reader-score cache).
 """
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_named
 from .guards import NonFiniteLossError, check_finite
+from .reader import ReaderTrainConfig, ReaderTrainResult, train_reader
+from .retriever import (
+    RetrieverTrainConfig,
+    RetrieverTrainResult,
+    train_retriever,
+    train_retriever_heads,
+)
 from .schedule import WarmupCosine, warmup_cosine
+from .score_cache import ScoreCache
 
 __all__ = [
-           "NonFiniteLossError",
-           "WarmupCosine",
-           "check_finite",
-           "latest_checkpoint",
-           "load_checkpoint",
-           "save_checkpoint",
-           "save_named",
-           "warmup_cosine",
+    "NonFiniteLossError",
+    "ReaderTrainConfig",
+    "ReaderTrainResult",
+    "RetrieverTrainConfig",
+    "RetrieverTrainResult",
+    "ScoreCache",
+    "WarmupCosine",
+    "check_finite",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_named",
+    "train_reader",
+    "train_retriever",
+    "train_retriever_heads",
+    "warmup_cosine",
 ]

@@ -1,0 +1,116 @@
+"""``train-reader`` (stage 1) and ``train-retriever`` (stage 2): thin wrappers over
+``jomed_fast.train``; every field of the stage's config dataclass is an option, and rerunning the
+same command in the same ``--run-dir`` resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .common import INDEX_OPTS, READER_OPTS, load_retrieval_from
+from .options import Command, Opt, config_from, config_options
+
+
+def _samples(path: str, task, skip_bad: bool):
+    from ..data import load_samples
+
+    return load_samples(path, task, skip_bad=skip_bad)
+
+
+SPLIT_OPTS = (Opt("train", str, None, "training samples JSONL", required=True),
+              Opt("val", str, None, "validation samples JSONL"),
+              Opt("skip_bad", bool, False, "skip and count bad records instead of stopping"),
+              Opt("run_dir", str, None, "checkpoints, config and results (a rerun resumes)", required=True),
+              Opt("resume", bool, True, "continue the run in --run-dir when it has a checkpoint"),
+              Opt("progress", bool, True, "progress bar on stderr"))
+
+
+def _reader_opts() -> tuple:
+    from ..train import ReaderTrainConfig
+
+    return (*READER_OPTS, *SPLIT_OPTS, *INDEX_OPTS, Opt("lora_r", int, 8, "LoRA rank (alpha = 2 r)"),
+            Opt("seed_lora", int, 0, "seed of the fresh LoRA adapter's initialisation"),
+            *config_options(ReaderTrainConfig, skip=("layout",)))
+
+
+def run_train_reader(v: dict) -> int:
+    import torch
+
+    from ..readers import load_reader
+    from ..tasks import get_task
+    from ..train import ReaderTrainConfig, train_reader
+
+    task = get_task(v["task"])
+    config = config_from(ReaderTrainConfig, v, layout=v["layout"])
+    quant = None if v["quantization"] == "none" else v["quantization"]
+    torch.manual_seed(v["seed_lora"])
+    lora = v["adapter"] or {"r": v["lora_r"], "alpha": 2 * v["lora_r"]}
+    reader = load_reader(v["reader"], quantization=quant, lora=lora, device=v["device"], lora_trainable=True)
+    retrieval, encoder = load_retrieval_from(v)
+    train = _samples(v["train"], task, v["skip_bad"])
+    val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else []
+    result = train_reader(config, reader, task, train, val, v["run_dir"], retrieval=retrieval, retriever=encoder,
+                          resume=v["resume"], progress=v["progress"])
+    print(json.dumps({"adapter": str(result.adapter_dir), "best_val_loss": result.best_val_loss,
+                      "best_step": result.best_step, "steps": result.steps}))
+    return 0
+
+
+def _retriever_opts() -> tuple:
+    from ..train import RetrieverTrainConfig
+
+    return (*READER_OPTS, *SPLIT_OPTS, *INDEX_OPTS,
+            Opt("heads", str, "both", "train the text head, the image head, or both in sequence",
+                choices=("both", "text", "image")),
+            *config_options(RetrieverTrainConfig, skip=("head", "layout")))
+
+
+def _save_encoder(encoder, out: Path) -> None:
+    if hasattr(encoder, "save"):
+        encoder.save(out)
+        return
+    for part in (encoder.model, encoder.tokenizer, encoder.processor):  # an HF CLIP-style encoder
+        part.save_pretrained(out)
+
+
+def run_train_retriever(v: dict) -> int:
+    from ..readers import load_reader
+    from ..retriever import QueryEncoder
+    from ..tasks import get_task
+    from ..train import RetrieverTrainConfig, train_retriever, train_retriever_heads
+
+    if v["index"] is None:
+        raise ValueError("--index: required (stage 2 trains the retriever against a fixed index)")
+    task = get_task(v["task"])
+    config = config_from(RetrieverTrainConfig, v, layout=v["layout"])
+    quant = None if v["quantization"] == "none" else v["quantization"]
+    reader = load_reader(v["reader"], quantization=quant, lora=v["adapter"], device=v["device"])
+    reader.model.requires_grad_(False)
+    retrieval, encoder = load_retrieval_from(v)
+    train = _samples(v["train"], task, v["skip_bad"])
+    val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else None
+    run = Path(v["run_dir"])
+    if v["heads"] == "both":
+        results = train_retriever_heads(config, reader, task, encoder, retrieval, train, val, run,
+                                        resume=v["resume"], progress=v["progress"])
+        trained = encoder
+    else:
+        query = QueryEncoder(encoder, config.n_trainable, config.alpha)
+        results = {v["heads"]: train_retriever(config.replace(head=v["heads"]), reader, task, query, retrieval,
+                                               train, val, run / v["heads"], resume=v["resume"],
+                                               progress=v["progress"])}
+        trained = query.learned
+    _save_encoder(trained, run / "encoder")
+    print(json.dumps({"encoder": str(run / "encoder"),
+                      **{h: {"final_eval": r.final_eval, "cache": r.cache} for h, r in results.items()}}))
+    return 0
+
+
+COMMANDS = (
+    Command("train-reader", "stage 1: LoRA fine-tuning of the reader with retrieval in context",
+            "Each (sample, retrieved candidate) is one example; without --index the reader-only baseline. "
+            "Writes RUN_DIR/adapter (load it with --adapter).", _reader_opts(), run_train_reader),
+    Command("train-retriever", "stage 2: the retriever distilled from the frozen reader",
+            "Text head, then image head (--heads both), with the exact reader-score cache in RUN_DIR; "
+            "writes RUN_DIR/encoder (use it as --encoder for predict).", _retriever_opts(), run_train_retriever),
+)

@@ -1,0 +1,213 @@
+"""The whole JOMED method on the synthetic task, end to end, each step resumable.
+
+Steps (``out_dir/<step>``; a step whose output is complete is skipped on a rerun):
+
+1. ``data``      the synthetic task and index written to disk (``data.synthetic``);
+2. ``retriever`` the tiny CLIP retriever pre-trained contrastively on the index's pairs;
+3. ``index``     the two-head fp16 index of every record;
+4. ``stage1_reader_only`` / ``stage1_rag``  stage 1 without retrieval (the paper's reader-only
+   baseline) and with the frozen retriever's top 2 + 2 (fine-tuned RAG);
+5. ``stage2``    the fine-tuned RAG reader frozen, the retriever trained by distillation (text
+   head, then image head);
+6. ``predictions`` test-split inference for reader-only, fine-tuned RAG and JOMED, and JOMED's
+   robustness variants (no retrieval, random retrieval, no query image);
+7. ``report``    the analyses (``demo.report``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..data.io import atomic_write_json
+from .config import DemoConfig
+
+__all__ = ["run_demo"]
+
+SYSTEMS = ("reader_only", "ft_rag", "jomed", "jomed_no_retrieval", "jomed_random_retrieval", "jomed_no_query_image")
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _check_settings(out: Path, config: DemoConfig) -> None:
+    path = out / "demo_config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != config.to_dict():
+            changed = sorted(k for k in old if old.get(k) != config.to_dict().get(k))
+            raise ValueError(f"out_dir: {out} holds a demo run with other settings ({changed}); use another directory")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, config.to_dict())
+
+
+def _data(out: Path, config: DemoConfig, progress: bool):
+    from ..data.synthetic import generate, load_synthetic, write_synthetic
+
+    d = out / "data"
+    if not (d / "manifest.json").exists():
+        _log("writing the synthetic task and index", progress)
+        write_synthetic(generate(seed=config.seed, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test,
+                                 index_size=config.index_size, image_size=config.image_size), d)
+    return load_synthetic(d)
+
+
+def _retriever(out: Path, config: DemoConfig, ds, progress: bool):
+    from ..retriever import TinyCLIP, pretrain
+
+    d = out / "retriever"
+    if not (d / "done.json").exists():
+        _log("pre-training the tiny retriever (contrastive)", progress)
+        captions = [r.text for r in ds.index]
+        model = TinyCLIP.from_captions(captions, seed=config.seed, image_size=config.image_size,
+                                       width=config.retriever_width, depth=config.retriever_depth,
+                                       dim=config.retriever_dim)
+        losses = pretrain(model, [r.load_image() for r in ds.index], captions, epochs=config.retriever_epochs,
+                          seed=config.seed, progress=progress)
+        model.save(d)
+        atomic_write_json(d / "done.json", {"first_loss": losses[0], "last_loss": losses[-1]})
+    return TinyCLIP.load(d)
+
+
+def _index(out: Path, ds, encoder, progress: bool):
+    from ..index import Index
+    from ..retrieval import Retrieval
+
+    d = out / "index"
+    index = Index.open(d, encoder) if (d / "manifest.json").exists() else \
+        Index.build(ds.index, encoder, d, batch_size=256, chunk_size=512, progress=progress)
+    return Retrieval(index, ds.index)
+
+
+def _reader_checkpoint(out: Path, config: DemoConfig) -> Path:
+    from ..readers import tiny
+
+    d = out / "reader"
+    if not (d / "config.json").exists():
+        torch.manual_seed(config.seed)
+        tiny.build(config.arch, d)
+    return d
+
+
+def _stage1(out: Path, name: str, config: DemoConfig, ckpt: Path, ds, retrieval, encoder, progress: bool) -> Path:
+    from ..readers import load_reader
+    from ..train.reader import ReaderTrainConfig, train_reader
+
+    run = out / name
+    if not (run / "result.json").exists():
+        _log(f"stage 1: {name}", progress)
+        torch.manual_seed(config.seed)
+        reader = load_reader(ckpt, lora={"r": config.lora_r, "alpha": 2 * config.lora_r}, device="cpu")
+        epochs = config.reader_epochs if retrieval is not None else config.reader_only_epochs
+        rc = ReaderTrainConfig(lr=config.reader_lr, epochs=epochs, batch_size=config.reader_batch_size,
+                               eval_every=config.reader_eval_every, save_every=config.reader_eval_every,
+                               gradient_checkpointing=False, seed=config.seed, layout=config.layout,
+                               k_text=config.k_text, k_image=config.k_image)
+        train_reader(rc, reader, ds.task, ds.train, ds.val, run, retrieval=retrieval, retriever=encoder,
+                     progress=progress)
+    return run / "adapter"
+
+
+def _frozen_reader(ckpt: Path, adapter: Path):
+    from ..readers import load_reader
+
+    reader = load_reader(ckpt, lora=adapter, device="cpu")
+    reader.model.requires_grad_(False)
+    return reader.eval()
+
+
+def _stage2(out: Path, config: DemoConfig, reader, ds, retrieval, base, progress: bool):
+    from ..retriever import TinyCLIP
+    from ..train.retriever import RetrieverTrainConfig, train_retriever_heads
+
+    d = out / "stage2"
+    if not (d / "encoder" / "done.json").exists():
+        _log("stage 2: retriever distillation (text head, then image head)", progress)
+        rc = RetrieverTrainConfig(k=config.stage2_k, lr=config.stage2_lr, epochs=config.stage2_epochs,
+                                  batch_size=config.stage2_batch_size, alpha=config.stage2_alpha,
+                                  tau_reader=config.stage2_tau_reader, tau_retriever=config.stage2_tau_retriever,
+                                  layout=config.layout, seed=config.seed)
+        trained = copy.deepcopy(base)
+        results = train_retriever_heads(rc, reader, ds.task, trained, retrieval, ds.train[:config.stage2_queries],
+                                        ds.val, d, progress=progress)
+        trained.save(d / "encoder")
+        atomic_write_json(d / "encoder" / "done.json", {h: r.to_dict() for h, r in results.items()})
+    return TinyCLIP.load(d / "encoder")
+
+
+class _MixedQueries:
+    """The stage-2 query encoder at inference: ``norm(α f_trained + (1-α) f_base)`` (or f_trained)."""
+
+    def __init__(self, trained, base, alpha):
+        from ..retriever import QueryEncoder
+
+        self.encoder = QueryEncoder(copy.deepcopy(base), n_trainable=0, alpha=alpha)
+        self.encoder.learned.load_state_dict(trained.state_dict())
+        self.encoder.eval()
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        return self.encoder(images)
+
+
+def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encoder, readers, progress: bool) -> dict:
+    from ..infer import InferConfig, predict, read_predictions
+    from ..scoring import CandidateScorer
+
+    d = out / "predictions"
+    d.mkdir(exist_ok=True)
+    common = {"k_text": config.k_text, "k_image": config.k_image, "layout": config.layout, "batch_size": config.batch_size,
+                  "seed": config.seed}
+    plan = {
+        "reader_only": (readers["reader_only"], None, InferConfig(retrieval="none", **common)),
+        "ft_rag": (readers["rag"], base, InferConfig(**common)),
+        "jomed": (readers["rag"], jomed_encoder, InferConfig(**common)),
+        "jomed_no_retrieval": (readers["rag"], None, InferConfig(retrieval="none", **common)),
+        "jomed_random_retrieval": (readers["rag"], None, InferConfig(retrieval="random", **common)),
+        "jomed_no_query_image": (readers["rag"], jomed_encoder, InferConfig(query_image=False, **common)),
+    }
+    out_records = {}
+    for name in SYSTEMS:
+        reader, encoder, ic = plan[name]
+        path = d / f"{name}.jsonl"
+        done = path.exists() and len(read_predictions(path)) == len(ds.test)
+        if not done:
+            _log(f"inference: {name}", progress)
+        scorer = CandidateScorer(reader, ds.task, config.layout)
+        out_records[name] = predict(scorer, ds.test, retrieval=retrieval, encoder=encoder, config=ic, out_path=path,
+                                    progress=progress and not done)
+    return out_records
+
+
+def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True) -> dict:
+    """Run (or resume) the demo in ``out_dir``; returns the report's summary (tables and checks)."""
+    from ..retriever import TinyCLIP
+    from .report import write_report
+
+    config = config if config is not None else DemoConfig()
+    out = Path(out_dir)
+    _check_settings(out, config)
+    start = time.time()
+    torch.manual_seed(config.seed)
+    ds = _data(out, config, progress)
+    base = _retriever(out, config, ds, progress)
+    retrieval = _index(out, ds, base, progress)
+    ckpt = _reader_checkpoint(out, config)
+    adapters = {"reader_only": _stage1(out, "stage1_reader_only", config, ckpt, ds, None, None, progress),
+                "rag": _stage1(out, "stage1_rag", config, ckpt, ds, retrieval, base, progress)}
+    readers = {name: _frozen_reader(ckpt, path) for name, path in adapters.items()}
+    trained = _stage2(out, config, readers["rag"], ds, retrieval, TinyCLIP.load(out / "retriever"), progress)
+    jomed_encoder = _MixedQueries(trained, base, config.stage2_alpha) if config.stage2_alpha is not None else trained
+    records = _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
+    summary = write_report(out / "report", records, ds.task.num_classes, seed=config.seed)
+    summary["seconds"] = round(time.time() - start, 1)
+    atomic_write_json(out / "report" / "summary.json", summary)
+    _log(f"done in {summary['seconds']:.0f} s; report: {out / 'report' / 'report.md'}", progress)
+    return summary

@@ -1,0 +1,103 @@
+"""The demo's report: the paper's tables on the synthetic test split, and the qualitative checks.
+
+Tables (each as JSON + markdown + PNG through ``analysis.write_analysis``):
+
+* main (Tables 2-4): accuracy and macro-F1 of reader-only, fine-tuned RAG and JOMED;
+* consistency (Tables 5-6): the same per split, the split fixed by fine-tuned RAG's candidates
+  (after stage 1), with the share of inconsistent queries;
+* oracle (Table 1): any candidate right, for fine-tuned RAG's and JOMED's candidates;
+* robustness (Table 7): JOMED with no retrieval, random retrieval, no query image, and a
+  uniform-random classifier;
+* reranking (Table 8): JOMED's top-1 candidate by retrieval score, by reader confidence, fusion.
+
+Checks (the paper's qualitative findings): reader-only < fine-tuned RAG < JOMED on accuracy and
+macro-F1, JOMED at least 2 points over fine-tuned RAG on both, JOMED's gain over fine-tuned RAG
+largest on the inconsistent split, and the oracle above JOMED.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..analysis import (
+    metrics_table,
+    oracle_accuracy,
+    rerank_accuracy,
+    rerank_fusion,
+    rerank_top_confidence,
+    rerank_top_retrieval,
+    split_consistency,
+    split_metrics,
+    uniform_random_records,
+    write_analysis,
+)
+from ..data.io import atomic_write_text
+
+__all__ = ["check_findings", "write_report"]
+
+MIN_GAIN = 0.02
+
+
+def check_findings(main: dict, consistency: dict, oracle: dict) -> dict:
+    """The paper's qualitative findings as named booleans (with the numbers they compare)."""
+    ro, rag, jomed = main["reader_only"], main["ft_rag"], main["jomed"]
+    acc = consistency["accuracy"]["systems"]
+    gain = {s: acc["jomed"][s] - acc["ft_rag"][s] for s in ("inconsistent", "consistent")
+            if acc["jomed"][s] is not None and acc["ft_rag"][s] is not None}
+    return {
+        "reader_only<ft_rag<jomed (accuracy)": ro["accuracy"] < rag["accuracy"] < jomed["accuracy"],
+        "reader_only<ft_rag<jomed (macro_f1)": ro["macro_f1"] < rag["macro_f1"] < jomed["macro_f1"],
+        f"jomed-ft_rag>={MIN_GAIN:g} (accuracy)": jomed["accuracy"] - rag["accuracy"] >= MIN_GAIN,
+        f"jomed-ft_rag>={MIN_GAIN:g} (macro_f1)": jomed["macro_f1"] - rag["macro_f1"] >= MIN_GAIN,
+        "largest gain on the inconsistent split": len(gain) == 2 and gain["inconsistent"] > gain["consistent"],
+        "oracle>jomed": oracle["jomed"] > jomed["accuracy"],
+    }
+
+
+def _md_table(title: str, table: dict) -> str:
+    cols = list(next(iter(table.values())).keys())
+    lines = [f"### {title}", "", "| system | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for row, vals in table.items():
+        lines.append(f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir, records: dict, num_classes: int, seed: int = 0) -> dict:
+    """Write every table and ``report.md`` to ``out_dir``; return the summary (tables + checks)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = metrics_table({k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, num_classes)
+    write_analysis(str(out), "main", main)
+    split = split_consistency(records["ft_rag"])
+    consistency = {m: split_metrics({k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, split, m, num_classes)
+                   for m in ("accuracy", "macro_f1")}
+    for m, res in consistency.items():
+        write_analysis(str(out), f"consistency_{m}", res["systems"], extra={"share_inconsistent": res["share_inconsistent"]})
+    oracle = {k: oracle_accuracy(records[k]) for k in ("ft_rag", "jomed")}
+    oracle_table = {k: {"fused": main[k]["accuracy"], "oracle": v} for k, v in oracle.items()}
+    write_analysis(str(out), "oracle", oracle_table)
+    robustness = metrics_table({"jomed": records["jomed"], "no retrieval": records["jomed_no_retrieval"],
+                                "random retrieval": records["jomed_random_retrieval"],
+                                "no query image": records["jomed_no_query_image"],
+                                "uniform random": uniform_random_records(records["jomed"], num_classes, seed)},
+                               num_classes)
+    write_analysis(str(out), "robustness", robustness)
+    rerank = {"jomed": rerank_accuracy(records["jomed"], {"top1_retrieval": rerank_top_retrieval,
+                                                          "top1_confidence": rerank_top_confidence,
+                                                          "fusion": rerank_fusion})}
+    write_analysis(str(out), "rerank", rerank)
+    checks = check_findings(main, consistency, oracle)
+    share = consistency["accuracy"]["share_inconsistent"]
+    md = ["# JOMED on the synthetic task: report", "",
+          (f"Test queries: {len(records['jomed'])}; inconsistent share (fine-tuned RAG's candidates): "
+          f"{100 * share:.1f}%. All figures in percent."), "",
+          _md_table("Main (accuracy, macro-F1)", main),
+          _md_table("Accuracy by split (Tables 5-6)", consistency["accuracy"]["systems"]),
+          _md_table("Macro-F1 by split (Tables 5-6)", consistency["macro_f1"]["systems"]),
+          _md_table("Oracle (Table 1)", oracle_table), _md_table("Robustness (Table 7)", robustness),
+          _md_table("Reranking (Table 8)", rerank), "### Checks", ""]
+    md += [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return {"main": main, "consistency": {m: r["systems"] for m, r in consistency.items()},
+            "share_inconsistent": share, "oracle": oracle, "robustness": robustness, "rerank": rerank,
+            "checks": checks}
