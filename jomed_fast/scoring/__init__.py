@@ -10,14 +10,16 @@ images        distinct images: preprocessing once, placeholder ids, the vision t
 attention     the 4-D masks and the shared-prefix KV-cache handed to the decoder
 heads         the class head: single-token classes, or multi-token classes as a token trie
 memory        the per-row byte model that turns a memory budget into chunk sizes
+flops         the analytic FLOP model of scoring methods (toolkit, batched HF, generate loop)
 ============  ===============================================================================
 
 Prompt layouts and ``Candidate`` live in :mod:`jomed_fast.prompts`.
 """
 
 from ..prompts import LAYOUTS, Candidate
+from . import flops
 from .heads import ClassHead
 from .memory import RowCost, default_budget
 from .scorer import CandidateScorer, ScoreStats
 
-__all__ = ["CandidateScorer", "ScoreStats", "Candidate", "ClassHead", "RowCost", "default_budget", "LAYOUTS"]
+__all__ = ["LAYOUTS", "Candidate", "CandidateScorer", "ClassHead", "RowCost", "ScoreStats", "default_budget", "flops"]

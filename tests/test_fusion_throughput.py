@@ -1,0 +1,134 @@
+"""bench/fusion_throughput.py on the tiny reader with tiny settings: every record has every field,
+the methods agree, and the counted LLM tokens and vision images equal counts predicted here
+independently (each prompt encoded alone by the processor). Timings are never asserted."""
+
+import importlib.util
+import json
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+from jomed_fast import prompts
+from jomed_fast.tasks import get_task
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fusion_throughput.py")
+B, KS = 2, (1, 4)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("fusion_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    bench = _bench()
+    out = tmp_path_factory.mktemp("fusion")
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = bench.main(["--k", ",".join(map(str, KS)), "--queries", str(B), "--reference-queries", "1",
+                              "--repeats", "1", "--reference-repeats", "1", "--json", str(out / "r.json")])
+    finally:
+        torch.set_num_threads(threads)
+    return bench, res, out
+
+
+def test_json_has_every_field_and_the_plot(result):
+    bench, _, out = result
+    on_disk = json.loads((out / "r.json").read_text())
+    assert (out / "r.png").stat().st_size > 0
+    records = on_disk["records"]
+    # reference_loop, hf_batched x 2 layouts, jomed_paper, jomed_shared_query at each K
+    assert len(records) == 5 * len(KS)
+    for r in records:
+        assert tuple(r) == bench.RECORD_FIELDS
+        assert r["queries_per_s"] > 0 and r["candidates_per_s"] == pytest.approx(r["queries_per_s"] * r["K"])
+        assert r["max_abs_logprob_diff"] < 1e-3
+        assert r["flop_model_speedup"] > 0 and r["peak_mem_bytes"] > 0
+    keys = {(r["method"], r["layout"], r["K"]) for r in records}
+    for K in KS:
+        assert {("hf_batched", "paper", K), ("hf_batched", "shared_query", K), ("reference_loop", "paper", K),
+                ("jomed_paper", "paper", K), ("jomed_shared_query", "shared_query", K)} <= keys
+    assert set(on_disk["growth"]) and on_disk["cross_layout"]
+
+
+def _encoded_lengths(reader, layout, qimgs, cands):
+    """Each prompt alone through the processor: ``[B][K]`` token counts (images expanded)."""
+    task = get_task("synthetic")
+    out = []
+    for q, row in zip(qimgs, cands):
+        lengths = []
+        for c in row:
+            messages, images = prompts.build_messages(layout, task, q, None, c)
+            lengths.append(int(reader.processor.encode(images, messages)["input_ids"].shape[1]))
+        out.append(lengths)
+    return out
+
+
+def test_counts_equal_independent_predictions(result):
+    bench, res, _ = result
+    args = bench.parse_args(["--k", "4", "--queries", str(B)])
+    reader, _ = bench.load(args)
+    task = get_task("synthetic")
+    qimgs, cands = bench.make_workload(B, max(KS), args.image_size, args.seed)
+    steps = res["generate_steps"]
+    for K in KS:
+        rows = [row[:K] for row in cands]
+        rec = {(r["method"], r["layout"]): r for r in res["records"] if r["K"] == K}
+        distinct_candidates = len({id(c.image) for row in rows for c in row})
+        for layout in prompts.LAYOUTS:
+            lengths = _encoded_lengths(reader, layout, qimgs, rows)
+            # hf_batched: every prompt whole, two images per prompt
+            hf = rec["hf_batched", layout]
+            assert hf["llm_tokens"] == sum(map(sum, lengths))
+            assert hf["vision_images"] == B * K * 2
+            # the toolkit: the query image once, each distinct candidate image once
+            ours = rec[f"jomed_{layout}", layout]
+            assert ours["vision_images"] == B + distinct_candidates
+            shapes = bench.prompt_shapes(reader, task, layout, qimgs, rows)
+            assert [[p.tokens for p in row] for row in shapes] == lengths  # prefix + suffix = the prompt
+            prefixes = {p.prefix for row in shapes for p in row}
+            assert ours["llm_tokens"] == sum(P for _, P in prefixes) + sum(p.suffix for row in shapes for p in row)
+            if layout == "paper":
+                assert len(prefixes) == 1  # the system part, shared by every query
+            else:
+                assert len(prefixes) == B  # system + query image + question, once per query
+                assert K == 1 or ours["llm_tokens"] < hf["llm_tokens"]
+        # reference_loop: one query, each prompt once per generated step (growing), images at step 0
+        ref = rec["reference_loop", "paper"]
+        n_steps = steps[f"reference_loop/paper@{K}"]
+        lengths = _encoded_lengths(reader, "paper", qimgs[:1], rows[:1])[0]
+        assert len(n_steps) == K and all(1 <= s <= bench.MAX_NEW_TOKENS for s in n_steps)
+        assert ref["llm_tokens"] == sum(L + j for L, s in zip(lengths, n_steps) for j in range(s))
+        assert ref["vision_images"] == K * 2
+
+
+def test_flop_model_figures_are_consistent(result):
+    _, res, _ = result
+    for r in res["records"]:
+        if r["method"] == "hf_batched":
+            assert r["flop_model_speedup"] == pytest.approx(1.0) and r["speedup_vs_hf_batched"] == pytest.approx(1.0)
+        assert r["fraction_of_flop_bound"] == pytest.approx(r["speedup_vs_hf_batched"] / r["flop_model_speedup"])
+    big = {r["method"]: r for r in res["records"] if r["K"] == max(KS)}
+    assert big["jomed_shared_query"]["flop_model_speedup"] > big["jomed_paper"]["flop_model_speedup"] > 1
+    assert big["reference_loop"]["flop_model_speedup"] < 1
+
+
+def test_arguments_are_checked():
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "hf_batched,magic"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--k", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--clock", "cpu", "--threads", "2"])
