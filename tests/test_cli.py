@@ -135,3 +135,19 @@ def test_train_reader_then_retriever_through_the_cli(files, capsys, tmp_path):
     code, _out, err = run(["train-retriever", *common, "--adapter", s1["adapter"], "--run-dir", tmp_path / "s2",
                            "--heads", "text", "--k", 4, "--max-steps", 3, "--batch-size", 2], capsys)
     assert code == 2 and "options ['max_steps'] differ from the run being resumed" in err
+
+
+def test_predict_open_vqa_through_the_cli(files, capsys, tmp_path):
+    root, data, reader = files
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:2]
+    samples = tmp_path / "open.jsonl"
+    samples.write_text("".join(json.dumps({"id": r["id"], "image_path": str(data / r["image_path"]),
+                                           "question": "what lesion is seen?", "answer": "a simple cyst"}) + "\n"
+                               for r in rows))
+    code, out, err = run(["predict", "--reader", reader, "--task", "vqa_rad_open", "--samples", samples,
+                          "--retrieval", "none", "--max-new-tokens", 3, "--out", tmp_path / "p.jsonl",
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    recs = read_predictions(tmp_path / "p.jsonl")
+    assert [r.kind for r in recs] == ["vqa_open"] * 2 and all(isinstance(r.fused, str) for r in recs)
+    assert {"exact_match", "f1", "recall", "precision"} <= set(json.loads(out))

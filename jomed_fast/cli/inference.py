@@ -26,6 +26,7 @@ PREDICT_OPTS = (*READER_OPTS, *DATA_OPTS, *INDEX_OPTS,
                 Opt("retrieval", str, "retrieved", "robustness mode", choices=("retrieved", "none", "random")),
                 Opt("query_image", bool, True, "put the query image in the prompt"),
                 Opt("seed", int, 0, "seed of the random-retrieval mode"),
+                Opt("max_new_tokens", int, 16, "greedy answer length limit (open VQA tasks)"),
                 Opt("progress", bool, True, "progress bar on stderr"))
 
 
@@ -37,12 +38,18 @@ def run_predict(v: dict) -> int:
     task = get_task(v["task"])
     config = InferConfig(k_text=v["k_text"], k_image=v["k_image"], layout=v["layout"], fusion=v["fusion"],
                          tau=v["tau"], threshold=v["threshold"], batch_size=v["batch_size"],
-                         retrieval=v["retrieval"], query_image=v["query_image"], seed=v["seed"])
+                         retrieval=v["retrieval"], query_image=v["query_image"], seed=v["seed"],
+                         max_new_tokens=v["max_new_tokens"])
     samples = load_samples_from(v, task)
     retrieval, encoder = load_retrieval_from(v) if v["retrieval"] != "none" else (None, None)
     if v["retrieval"] != "none" and retrieval is None:
         raise ValueError(f"--index: required with --retrieval {v['retrieval']} (or use --retrieval none)")
-    scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
+    if task.is_open:  # no class set: greedy answers per candidate, fused over normalised strings
+        from ..infer import OpenAnswerer
+
+        scorer = OpenAnswerer(load_reader_from(v), task, v["layout"])
+    else:
+        scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
     records = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=v["out"],
                       progress=v["progress"])
     from ..eval import prediction_metrics
