@@ -24,6 +24,9 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $(STAMP)
 
 bench: install
+	$(PY) bench/fusion_throughput.py
+
+bench-kernels: install
 	$(PY) bench/kernels.py
 
 aot: install

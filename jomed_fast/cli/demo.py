@@ -15,7 +15,7 @@ def _demo_opts() -> tuple:
     from ..demo.config import DemoConfig
 
     return (Opt("out", str, "runs/demo", "output directory (a rerun resumes)"),
-            Opt("preset", str, "full", "settings to start from", choices=("full", "ci")),
+            Opt("preset", str, "full", "settings to start from", choices=("full", "ci", "smoke")),
             Opt("progress", bool, True, "progress on stderr"),
             *config_options(DemoConfig))
 

@@ -1,7 +1,8 @@
 """Settings of the end-to-end demonstration (``jomed-fast demo``), with two presets.
 
 ``full`` is the documented run (at most 15 minutes on a 2-core CPU); ``ci`` is the same pipeline
-with smaller data and fewer steps, what the test suite runs to assert the paper's orderings.
+with smaller data and fewer steps; ``smoke`` runs every step on a handful of samples (the
+end-to-end test of the plumbing, far too small for the paper's findings).
 
 Departures from the reference's hyper-parameters, and why: the tiny reader and retriever start
 from random (reader) / briefly pre-trained (retriever) weights, not from 7B / CLIP checkpoints,
@@ -60,6 +61,10 @@ class DemoConfig:
 
 
 PRESETS = {
+    # the plumbing in a minute or two (the end-to-end test); too small for the paper's findings
+    "smoke": DemoConfig(n_train=24, n_val=8, n_test=12, index_size=120, retriever_epochs=1, retriever_width=8,
+                        retriever_depth=1, retriever_dim=32, reader_epochs=1, reader_only_epochs=1,
+                        reader_eval_every=1000, stage2_queries=8, stage2_k=4, stage2_epochs=1, batch_size=6),
     "full": DemoConfig(),
     "ci": DemoConfig(n_train=240, n_val=40, n_test=160, index_size=800, retriever_epochs=6, reader_only_epochs=2,
                      stage2_queries=96, stage2_k=12, stage2_epochs=2),
