@@ -335,6 +335,7 @@ class Run:
     llm_tokens: int = 0
     vision_images: int = 0
     steps: list[int] = dataclasses.field(default_factory=list)
+    suffix_padding: float | None = None  # toolkit: ScoreStats suffix slots / real suffix + node tokens
 
     @property
     def name(self) -> str:
@@ -398,8 +399,10 @@ def method_flops(run: Run, dec, vis, shapes: dict[str, list[list[F.Prompt]]], nu
 
 def padding_factors(shapes: list[list[F.Prompt]]) -> dict[str, float]:
     """Slots computed / real tokens when rows are right-padded to the longest: the toolkit's
-    suffixes (one chunk holding all B·K rows) and ``hf_batched``'s whole prompts (one batch per
-    query). The FLOP model counts real tokens only; this is the padding it leaves out."""
+    suffixes if one chunk held all B·K rows (``main`` replaces it with what the scorer's
+    length-aware chunks computed, from ``ScoreStats``, where a toolkit method ran) and
+    ``hf_batched``'s whole prompts (one batch per query). The FLOP model counts real tokens only;
+    this is the padding it leaves out."""
     suffixes = [p.suffix for row in shapes for p in row]
     whole = sum(len(row) * max(p.tokens for p in row) for row in shapes)
     return {"jomed_suffix": len(suffixes) * max(suffixes) / max(1, sum(suffixes)),
@@ -609,7 +612,9 @@ def run_k(K: int, methods: list, qimgs, cands, args, device, memory: PeakMemory,
         run.scores, run.peak = scores.detach().float().cpu(), peak
         run.times.append(seconds)
         if isinstance(m, Jomed):
-            run.llm_tokens, run.vision_images = m.scorer.last_stats.llm_tokens, m.scorer.last_stats.vision_images
+            st = m.scorer.last_stats
+            run.llm_tokens, run.vision_images = st.llm_tokens, st.vision_images
+            run.suffix_padding = st.suffix_slots / max(1, st.suffix_tokens + st.class_tokens)
         else:
             run.llm_tokens, run.vision_images = counter.tokens, counter.images
         if isinstance(m, ReferenceLoop):
@@ -688,6 +693,9 @@ def main(argv=None) -> dict:
                   for layout in {r.layout for r in runs.values()}}
         flops = {name: method_flops(run, dec, vis, shapes, num_classes) for name, run in runs.items()}
         padding.update({f"{layout}@{K}": padding_factors(shape) for layout, shape in shapes.items()})
+        for run in runs.values():  # the toolkit's chunks as run (length-aware), not one padded chunk
+            if run.suffix_padding is not None:
+                padding[f"{run.layout}@{K}"]["jomed_suffix"] = run.suffix_padding
         for name, run in runs.items():
             records.append(make_record(run, runs, diffs, flops))
             all_runs[f"{name}@{K}"] = run

@@ -96,7 +96,7 @@ class _Models:
 
     def hf(self, arch, quant):
         if (arch, quant) not in self._hf:
-            kwargs = dict(local_files_only=True, dtype=torch.float32)
+            kwargs = {"local_files_only": True, "dtype": torch.float32}
             if quant == "nf4":
                 kwargs.update(quantization_config=_nf4_config(), device_map={"": "cpu"})
             with warnings.catch_warnings():
@@ -268,12 +268,29 @@ def test_each_image_and_prefix_runs_once(models, arch):
             assert counter["images"] == s.vision_images == B + B * K - 1
             assert s.prefix_rows == prefix_rows
             assert decoder_calls[0][0] == prefix_rows  # one prefix forward: one row per distinct prefix
-            assert [c[0] for c in decoder_calls[1:]] == [B * K]  # one suffix forward for all rows
+            # the suffix forwards (length-aware plan) cover the B*K rows once, as the stats say
+            assert [tuple(c[:2]) for c in decoder_calls[1:]] == s.chunk_shapes
+            assert sum(rows for rows, _ in s.chunk_shapes) == B * K and s.chunks == len(s.chunk_shapes)
             if layout == "shared_query":
                 assert s.prefix_tokens > s.suffix_tokens / (B * K)  # the query part is in the prefix
+            # fewest forwards: one suffix forward for all rows, padded to the longest
+            decoder_calls.clear()
+            fewest = CandidateScorer(reader, SINGLE, layout, forward_overhead=float("inf"))
+            fewest.score(qimgs, None, cands)
+            f = fewest.last_stats
+            assert [c[0] for c in decoder_calls[1:]] == [B * K] and f.chunks == 1
+            assert f.suffix_slots >= s.suffix_slots > s.suffix_tokens  # the default plan pads no more
     finally:
         handle_dec.remove()
         handle_vis.remove()
+
+
+def _suffix_shapes(reader):
+    """(rows, length) of every decoder forward, by a forward hook (the prefix one included)."""
+    calls = []
+    handle = reader.decoder.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+    return calls, handle
 
 
 @pytest.mark.parametrize("layout", prompts.LAYOUTS)
@@ -281,22 +298,98 @@ def test_each_image_and_prefix_runs_once(models, arch):
 def test_chunks_come_from_the_memory_budget(models, arch, layout):
     reader = models.reader(arch, None)
     qimgs, cands = _queries(2, 3, pad=True, seed=11)
-    whole = CandidateScorer(reader, MULTI, layout)
+    whole = CandidateScorer(reader, MULTI, layout, forward_overhead=float("inf"))
     want = whole.score(qimgs, None, cands)
     assert whole.last_stats.chunks == 1
-    row_bytes = whole.last_stats.row_bytes
-    small = CandidateScorer(reader, MULTI, layout, memory_budget=int(2.5 * row_bytes))
-    got = small.score(qimgs, None, cands)
-    s = small.last_stats
-    assert s.row_bytes == row_bytes and s.rows_per_chunk == 2 and s.chunks == 3
-    # rows 2-3 mix the two queries (gathered prefix cache), rows 0-1 and 4-5 share one (expanded view)
-    if layout == "shared_query":
-        assert s.shared_prefix_chunks == 2
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    # twice the budget, twice the rows (the cost model is linear in rows)
-    bigger = CandidateScorer(reader, MULTI, layout, memory_budget=int(4.5 * row_bytes))
-    bigger.score(qimgs, None, cands)
-    assert bigger.last_stats.rows_per_chunk == 4
+    (rows, longest), = whole.last_stats.chunk_shapes  # one forward, every row padded to the longest
+    assert rows == 6 and whole.last_stats.suffix_slots == 6 * longest > whole.last_stats.suffix_tokens + 6 * whole.head.num_nodes
+    row_bytes = whole.last_stats.row_bytes  # one row at the longest length
+    Pm = whole.last_stats.prefix_slots // max(whole.last_stats.prefix_rows, 1)
+    N = whole.head.num_nodes
+    for factor in (2.5, 4.5):
+        budget = int(factor * row_bytes)
+        for overhead in (float("inf"), None, 0.0):
+            small = CandidateScorer(reader, MULTI, layout, memory_budget=budget, forward_overhead=overhead)
+            calls, handle = _suffix_shapes(reader)
+            try:
+                got = small.score(qimgs, None, cands)
+            finally:
+                handle.remove()
+            s = small.last_stats
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # scattered back to [B, K] order
+            assert s.row_bytes == row_bytes and calls[1:] == s.chunk_shapes and s.chunks == len(s.chunk_shapes)
+            assert sum(r for r, _ in s.chunk_shapes) == 6
+            assert s.suffix_slots == sum(r * n for r, n in s.chunk_shapes) >= s.suffix_tokens + 6 * N
+            assert s.rows_per_chunk == max(r for r, _ in s.chunk_shapes)
+            # paper: one prefix for all rows, every chunk reads it through the expanded view
+            assert s.shared_prefix_chunks == s.chunks if layout == "paper" else 0 <= s.shared_prefix_chunks <= s.chunks
+            for rows, length in s.chunk_shapes:  # every chunk within the budget at its own padded length
+                assert rows <= small.cost.rows(budget, length, Pm)
+            if overhead is None:
+                assert s.forward_overhead == small.cost.forward_overhead() > 0
+            elif overhead == 0:  # free forwards: every chunk is one length, no padding at all
+                assert s.suffix_slots == s.suffix_tokens + 6 * N
+            else:  # fewest forwards: no more than the longest row's budget forces
+                assert s.chunks <= -(-6 // small.cost.rows(budget, longest, Pm))
+        # the budget holds 2 (4) rows of the longest length: the cost model is linear in rows
+        assert small.cost.rows(budget, longest, Pm) == (2 if factor == 2.5 else 4)
+
+
+def _brute_force_cost(lengths, max_rows, overhead):
+    """The cheapest partition of the rows into chunks (any partition, not only sorted runs)."""
+    best = [float("inf")]
+
+    def cost(chunks):
+        return sum(len(c) * max(lengths[r] for r in c) + overhead for c in chunks)
+
+    def rec(i, chunks):
+        if i == len(lengths):
+            if all(len(c) <= max_rows(max(lengths[r] for r in c)) for c in chunks):
+                best[0] = min(best[0], cost(chunks))
+            return
+        for c in chunks:
+            c.append(i)
+            rec(i + 1, chunks)
+            c.pop()
+        chunks.append([i])
+        rec(i + 1, chunks)
+        chunks.pop()
+
+    rec(0, [])
+    return best[0]
+
+
+def _budget_rows(cap):
+    """A budget's ``max_rows``: fewer rows for longer chunks."""
+    return lambda n: max(1, cap * 12 // (n + 6))
+
+
+def test_plan_chunks_is_optimal_and_within_the_budget():
+    from jomed_fast.scoring.memory import plan_chunks
+
+    rng = np.random.RandomState(0)
+    for trial in range(60):
+        R = int(rng.randint(1, 8))
+        lengths = [int(x) for x in rng.randint(1, 12, size=R)]
+        max_rows = _budget_rows(int(rng.randint(1, 5)))
+        overhead = float(rng.choice([0.0, 3.0, 10.0, 40.0]))
+        plan = plan_chunks(lengths, max_rows, overhead)
+        assert sorted(r for c in plan for r in c) == list(range(R))
+        assert all(c == sorted(c, key=lambda r: (lengths[r], r)) for c in plan)
+        assert all(len(c) <= max_rows(max(lengths[r] for r in c)) for c in plan)
+        got = sum(len(c) * max(lengths[r] for r in c) + overhead for c in plan)
+        assert got == _brute_force_cost(lengths, max_rows, overhead), (trial, lengths, overhead, plan)
+    # the regimes: equal lengths -> one forward; free forwards -> one per length; inf -> fewest forwards
+    assert plan_chunks([5] * 7, lambda n: 100, 0.0) == [list(range(7))]
+    assert plan_chunks([3, 9, 3, 9], lambda n: 100, 0.0) == [[0, 2], [1, 3]]
+    # one chunk: 4·9 + F slots; two: 2·3 + 2·9 + 2F: split iff F < 12 (a tie keeps fewer forwards)
+    assert plan_chunks([3, 9, 3, 9], lambda n: 100, 11.5) == [[0, 2], [1, 3]]
+    assert plan_chunks([3, 9, 3, 9], lambda n: 100, 12.0) == [[0, 2, 1, 3]]
+    assert plan_chunks([3, 9, 3, 9], lambda n: 100, float("inf")) == [[0, 2, 1, 3]]
+    assert plan_chunks([3, 9, 3, 9], lambda n: 2 if n > 3 else 100, float("inf")) == [[0, 2], [1, 3]]
+    assert plan_chunks([4] * 5, lambda n: 2, float("inf")) == [[0], [1, 2], [3, 4]]  # ties: longer last runs
+    with pytest.raises(ValueError, match="lengths: expected every row length >= 1, got 0"):
+        plan_chunks([3, 0], lambda n: 4, 1.0)
 
 
 def test_row_cost_grows_with_the_sequence(models):
@@ -353,6 +446,9 @@ def test_arguments_are_checked(models):
         CandidateScorer(reader.hf_model, SINGLE)
     with pytest.raises(ValueError, match="memory_budget"):
         CandidateScorer(reader, SINGLE, memory_budget=0)
+    for bad in (-1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="forward_overhead: expected None or a number of token slots"):
+            CandidateScorer(reader, SINGLE, forward_overhead=bad)
     with pytest.raises(ValueError, match="class_mode"):
         CandidateScorer(reader, SINGLE, class_mode="greedy")
     with pytest.raises(ValueError, match="share their first token"):

@@ -13,7 +13,12 @@
 4. **prefix** (``jomed.prefix``): every distinct prefix runs once (``paper``: the chat template's
    system part, identical for all queries, so once per call; ``shared_query``: system + query image
    + question, once per query) and keeps its KV-cache;
-5. **suffix** (``jomed.suffix``): the B·K candidate rows in chunks sized by the memory budget, each
+5. **suffix** (``jomed.suffix``): the B·K candidate rows in length-aware chunks: the rows sorted by
+   length and cut into the plan of least cost ``Σ_chunks rows · padded length + F · forwards``
+   (token slots; F the fixed cost of a forward, ``RowCost.forward_overhead``), every chunk within
+   the memory budget at its own padded length (``memory.plan_chunks``: the model, the dynamic
+   programme and why F is what it is); each chunk padded to its own longest row, the scores
+   scattered back to ``[B, K]`` order (``ScoreStats.chunk_shapes`` records the forwards). Each
    row's suffix (and, for multi-token classes, the class trie) attending to its prefix's cache
    (see ``attention``) with explicit positions — M-RoPE ``position_ids`` are always passed, so
    the model's cached ``rope_deltas`` are never read;
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -38,11 +43,17 @@ from transformers import DynamicCache
 from .. import prompts as _prompts
 from ..packing import QueryCandidates, pack_candidates_batch
 from ._profiling import stage
-from .attention import PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
+from .attention import (
+    PrefixKV,
+    check_attention,
+    prefix_mask,
+    suffix_mask,
+    to_model_mask,
+)
 from .heads import ClassHead
 from .images import ImageTable
 from .inputs import normalize_inputs
-from .memory import RowCost, check_budget, default_budget
+from .memory import RowCost, check_budget, check_overhead, default_budget, plan_chunks
 
 CHECKPOINT_MODES = ("auto", True, False)
 
@@ -64,11 +75,13 @@ class ScoreStats:
     suffix_tokens: int = 0  # real suffix tokens (all rows)
     class_tokens: int = 0  # trie-node tokens (all rows)
     suffix_slots: int = 0  # suffix + node slots computed, including padding
-    chunks: int = 0
-    rows_per_chunk: int = 0
+    chunks: int = 0  # suffix forwards
+    rows_per_chunk: int = 0  # rows of the largest suffix chunk
+    chunk_shapes: list = dataclasses.field(default_factory=list)  # (rows, padded length incl. nodes) per chunk
     prefix_rows_per_chunk: int = 0
-    row_bytes: int = 0
+    row_bytes: int = 0  # one suffix row at the longest length
     memory_budget: int = 0
+    forward_overhead: float = 0.0  # the cost model's fixed cost of a suffix forward, in token slots
     shared_prefix_chunks: int = 0  # chunks whose rows all read one prefix (expanded cache view)
 
     @property
@@ -95,11 +108,14 @@ class CandidateScorer:
             tokenizer's eos: ``<|im_end|>`` / ``</s>``).
         checkpoint: gradient-checkpoint each suffix chunk when training (``"auto"``: when there
             is more than one chunk), True / False to force.
+        forward_overhead: the fixed cost of one suffix forward in token slots for the chunk plan
+            (``scoring.memory``, "Length-aware chunking"); None: ``RowCost.forward_overhead()``
+            from the reader's dimensions; ``float("inf")``: the fewest forwards the budget allows.
     """
 
-    def __init__(self, reader, task, layout: str = "shared_query", *, memory_budget: Optional[int] = None,
+    def __init__(self, reader, task, layout: str = "shared_query", *, memory_budget: int | None = None,
                  class_mode: str = "auto", normalize: bool = True, end_token: Any = None,
-                 checkpoint: Any = "auto"):
+                 checkpoint: Any = "auto", forward_overhead: float | None = None):
         from ..tasks import Task, get_task
 
         for attr in ("processor", "hf_model", "decoder", "lm_head_weight", "family"):
@@ -124,8 +140,10 @@ class CandidateScorer:
         self.head = ClassHead(self.verbalizer, class_mode, normalize).to(reader.device)
         self.attention = check_attention(reader)
         self.cost = RowCost(reader)
+        given = check_overhead(forward_overhead)
+        self.forward_overhead = self.cost.forward_overhead() if given is None else given
         self.mrope = reader.family == "qwen2_vl"
-        self.last_stats: Optional[ScoreStats] = None
+        self.last_stats: ScoreStats | None = None
 
     @property
     def num_classes(self) -> int:
@@ -168,7 +186,7 @@ class CandidateScorer:
         dev = reader.device
         budget = self.memory_budget or default_budget(dev)
         stats = ScoreStats(layout=self.layout, queries=B, candidates=K, class_mode=self.head.mode,
-                           memory_budget=budget)
+                           memory_budget=budget, forward_overhead=self.forward_overhead)
 
         # 1. prompts -------------------------------------------------------------------------
         splits = [
@@ -232,7 +250,7 @@ class CandidateScorer:
         U = len(first_b)
         pu_t = torch.tensor(pu, dtype=torch.long)
         prefix_lengths = packed.prefix_lengths  # [B]
-        prefix_kv: Optional[PrefixKV] = None
+        prefix_kv: PrefixKV | None = None
         stats.prefix_rows = U if Pm else 0
         stats.prefix_tokens = int(prefix_lengths[first_b].sum()) if Pm else 0
         stats.prefix_slots = U * Pm
@@ -267,8 +285,6 @@ class CandidateScorer:
         pos_all = packed.position_ids.reshape(R, L)
         mrope_all = packed.mrope_position_ids.reshape(3, R, L) if self.mrope else None
         deltas_all = packed.rope_deltas.reshape(R) if self.mrope else None
-        per_chunk = self.cost.rows(budget, L + N, Pm, grad)
-        stats.rows_per_chunk = min(per_chunk, R)
         stats.row_bytes = self.cost.row_bytes(L + N, Pm, grad)
         stats.suffix_tokens = int(n_all.sum())
         stats.class_tokens = R * N
@@ -276,26 +292,25 @@ class CandidateScorer:
         head = self.head
         depths = head.node_depths.to(dev)
 
-        def run_chunk(r0: int, r1: int) -> torch.Tensor:
-            rows = torch.arange(r0, r1)
-            n = n_all[r0:r1]
-            Rc = r1 - r0
+        def run_chunk(rows: torch.Tensor) -> torch.Tensor:
+            n = n_all[rows]
+            Rc = len(rows)
             Lc = int(n.max())
             bs = row_b[rows]
             P_rows = prefix_lengths[bs]
             n_dev = n.to(dev)
             with stage("jomed.suffix"):
-                ids = ids_all[r0:r1, :Lc]
+                ids = ids_all[rows, :Lc]
                 if N:
                     ids = torch.cat([ids, head.node_tokens.cpu()[None].expand(Rc, N)], dim=1)
-                index = [i for r in range(r0, r1) for i in feature_index(row_uids[r // K][r % K])]
+                index = [i for r in rows.tolist() for i in feature_index(row_uids[r // K][r % K])]
                 x = embed_with_images(ids, index)
                 node_pos = (P_rows + n).to(dev)[:, None] + depths[None] - 1  # [Rc, N]
                 if self.mrope:  # text after the prompt: HF's cache position + rope delta
-                    node_pos = node_pos + deltas_all[r0:r1].to(dev)[:, None]
-                    pos = torch.cat([mrope_all[:, r0:r1, :Lc].to(dev), node_pos[None].expand(3, Rc, N)], dim=2)
+                    node_pos = node_pos + deltas_all[rows].to(dev)[:, None]
+                    pos = torch.cat([mrope_all[:, rows, :Lc].to(dev), node_pos[None].expand(3, Rc, N)], dim=2)
                 else:
-                    pos = torch.cat([pos_all[r0:r1, :Lc].to(dev), node_pos], dim=1)
+                    pos = torch.cat([pos_all[rows, :Lc].to(dev), node_pos], dim=1)
                 allowed = suffix_mask(P_rows.to(dev), Pm, n_dev, Lc, head.node_ancestors)
                 mask = to_model_mask(allowed, self.attention, x.dtype)
                 cache = prefix_kv.cache_for(pu_t[bs]) if prefix_kv is not None else None
@@ -306,22 +321,31 @@ class CandidateScorer:
             with stage("jomed.head"):
                 return head.scores(h_ans, h_nodes, weight)
 
-        chunks = [(r0, min(R, r0 + per_chunk)) for r0 in range(0, R, per_chunk)]
+        # the chunk plan: rows by length, cut by the cost model within the budget (memory.plan_chunks)
+        plan = plan_chunks((n_all + N).tolist(), lambda length: self.cost.rows(budget, length, Pm, grad),
+                           self.forward_overhead)
+        chunks = [torch.tensor(c, dtype=torch.long) for c in plan]
         stats.chunks = len(chunks)
         use_ckpt = grad and (self.checkpoint is True or (self.checkpoint == "auto" and len(chunks) > 1))
         outs = []
-        for r0, r1 in chunks:
-            bs = row_b[r0:r1]
-            stats.suffix_slots += (r1 - r0) * (int(n_all[r0:r1].max()) + N)
+        for rows in chunks:
+            bs = row_b[rows]
+            padded = int(n_all[rows].max()) + N
+            stats.chunk_shapes.append((len(rows), padded))
+            stats.suffix_slots += len(rows) * padded
+            stats.rows_per_chunk = max(stats.rows_per_chunk, len(rows))
             stats.shared_prefix_chunks += int(prefix_kv is not None and bool((pu_t[bs] == pu_t[bs[0]]).all()))
             if use_ckpt:
                 from torch.utils.checkpoint import checkpoint
 
-                outs.append(checkpoint(run_chunk, r0, r1, use_reentrant=False))
+                outs.append(checkpoint(run_chunk, rows, use_reentrant=False))
             else:
-                outs.append(run_chunk(r0, r1))
+                outs.append(run_chunk(rows))
         self.last_stats = stats
-        return torch.cat(outs).view(B, K, -1)
+        ran = torch.cat(chunks)  # row index of each output, in run order
+        inverse = torch.empty_like(ran)
+        inverse[ran] = torch.arange(R)
+        return torch.cat(outs).index_select(0, inverse.to(dev)).view(B, K, -1)
 
     # ------------------------------------------------------------------------------------ helpers
     def _query(self, table: ImageTable, split, prefix_uids: list[int], row_uids: list[list[int]]) -> QueryCandidates:
