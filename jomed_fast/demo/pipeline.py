@@ -133,6 +133,7 @@ def _stage2(out: Path, config: DemoConfig, reader, ds, retrieval, base, progress
         rc = RetrieverTrainConfig(k=config.stage2_k, lr=config.stage2_lr, epochs=config.stage2_epochs,
                                   batch_size=config.stage2_batch_size, alpha=config.stage2_alpha,
                                   tau_reader=config.stage2_tau_reader, tau_retriever=config.stage2_tau_retriever,
+                                  n_trainable=config.stage2_n_trainable, weight_decay=config.stage2_weight_decay,
                                   layout=config.layout, seed=config.seed)
         trained = copy.deepcopy(base)
         results = train_retriever_heads(rc, reader, ds.task, trained, retrieval, ds.train[:config.stage2_queries],
