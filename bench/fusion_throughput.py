@@ -90,7 +90,7 @@ from jomed_fast import prompts as _prompts
 from jomed_fast._files import atomic_write_via
 from jomed_fast.scoring import Candidate, CandidateScorer
 from jomed_fast.scoring import flops as F
-from jomed_fast.scoring._profiling import stage
+from jomed_fast._profiling import stage
 
 METHODS = ("reference_loop", "hf_batched", "jomed_paper", "jomed_shared_query")
 RECORD_FIELDS = ("method", "layout", "K", "queries_per_s", "candidates_per_s", "speedup_vs_hf_batched",

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .._files import atomic_write_via
 from ..analysis.records import Candidate as CandidateRecord
 from ..analysis.records import PredictionRecord
-from ..scoring._profiling import stage
+from .._profiling import stage
 from .fusion import FUSIONS, decide, fuse
 from .open_vqa import fuse_open_answers, generate_answers
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..prompts import as_image
-from ._profiling import stage
+from .._profiling import stage
 
 
 class ImageTable:

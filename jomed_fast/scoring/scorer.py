@@ -42,7 +42,7 @@ from transformers import DynamicCache
 
 from .. import prompts as _prompts
 from ..packing import QueryCandidates, pack_candidates_batch
-from ._profiling import stage
+from .._profiling import stage
 from .attention import (
     PrefixKV,
     check_attention,

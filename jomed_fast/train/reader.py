@@ -34,7 +34,6 @@ Files in ``run_dir``: ``config.json`` (the options; a resume with other options 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._profiling import stage
 from ..data.io import atomic_write_json
 from . import reader_loss as _loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_named
@@ -159,22 +159,19 @@ def _total_steps(config: ReaderTrainConfig, n_examples: int) -> int:
     return full if config.max_steps is None else min(full, config.max_steps)
 
 
+def _checkpointing_on(model) -> bool:
+    # transformers 5 renamed the property (the old name warns); read whichever the class has
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 def _set_gradient_checkpointing(reader, enabled: bool) -> None:
     model = reader.hf_model
     if enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
+    elif _checkpointing_on(model):
         model.gradient_checkpointing_disable()
-
-
-@contextlib.contextmanager
-def _range(name: str):
-    """An NVTX range on CUDA builds (Nsight), a profiler record always (no-op cost otherwise)."""
-    with contextlib.ExitStack() as stack:
-        if torch.cuda.is_available():
-            stack.enter_context(torch.cuda.nvtx.range(name))
-        stack.enter_context(torch.profiler.record_function(name))
-        yield
 
 
 def validation_loss(reader, examples: ExampleSet, batch_size: int) -> float:
@@ -183,7 +180,7 @@ def validation_loss(reader, examples: ExampleSet, batch_size: int) -> float:
     reader.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad(), _range("jomed.stage1.validation"):
+        with torch.no_grad(), stage("jomed.stage1.validation"):
             for idx in examples.batches(batch_size):
                 nll, n = _loss.answer_nll(reader, examples.encode(reader, idx))
                 total += float(nll)
@@ -273,7 +270,7 @@ def _evaluate(run: _Run, val: ExampleSet, batch_size: int) -> float:
 
 def _optimizer_step(run: _Run, train: ExampleSet, micro: list[list[int]]) -> float:
     """One optimizer step over ``micro`` (forward/backward, clip, AdamW, LR schedule); advances the data."""
-    with _range("jomed.stage1.step"):
+    with stage("jomed.stage1.step"):
         loss = _train_step(run.reader, train, micro, run.step + 1, run.result.last_checkpoint)
         if run.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.config.max_grad_norm)
