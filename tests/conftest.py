@@ -11,8 +11,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Per-dtype tolerances (atol, rtol) of the fast paths against a float64 reference, on log-probs
 # and gradients of O(1) magnitude. fp16/bf16 inputs are rounded once on the way in; accumulation is fp32.
@@ -28,3 +28,14 @@ def backend(request, monkeypatch):
     """Run a test once per backend; the Triton one runs its kernels under the interpreter."""
     monkeypatch.setenv("JOMED_FAST_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models' matmuls are too small to gain from a second thread, and on a busy machine
+    (another process on the other core) OpenMP's join makes a 2-thread forward ~20x slower.
+    Modules running tiny readers use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

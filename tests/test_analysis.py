@@ -1,5 +1,7 @@
 import json
+
 import pytest
+
 from jomed_fast.analysis import *
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from jomed_fast.kernels import KERNEL_MODULES
 
 

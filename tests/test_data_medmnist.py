@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jomed_fast.data import DataError, load_medmnist, load_medmnist_all, load_samples, medmnist_to_jsonl
+from jomed_fast.data import (
+    DataError,
+    load_medmnist,
+    load_medmnist_all,
+    load_samples,
+    medmnist_to_jsonl,
+)
 from jomed_fast.tasks import get_task
 
 SHARED = Path(os.environ.get("JOMED_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

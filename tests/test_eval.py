@@ -1,11 +1,18 @@
 import pytest
-from hypothesis import given, settings, strategies as st
-import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from jomed_fast.eval import (accuracy, macro_f1, multilabel_macro_f1, subset_accuracy, exact_match,
-                             token_prf, open_token_scores)
+from jomed_fast.eval import (
+    accuracy,
+    exact_match,
+    macro_f1,
+    multilabel_macro_f1,
+    open_token_scores,
+    subset_accuracy,
+    token_prf,
+)
 
 
 @st.composite

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import TOLERANCES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jomed_fast.ops import head_class_log_softmax, head_class_log_softmax_reference
-
-from conftest import TOLERANCES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -4,11 +4,9 @@ import math
 
 import pytest
 import torch
-
-from jomed_fast.ops import HeadClassNLLLoss, RetrievalKLLoss, retrieval_kl_loss
-
 from conftest import TOLERANCES
 
+from jomed_fast.ops import HeadClassNLLLoss, RetrievalKLLoss, retrieval_kl_loss
 
 # --- RetrievalKLLoss ---------------------------------------------------------------------------
 

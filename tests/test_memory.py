@@ -22,7 +22,15 @@ import sys
 
 import pytest
 
-from jomed_fast.memory import Run, describe, plan, format_table, measured_module_bytes, suggest, weight_bytes
+from jomed_fast.memory import (
+    Run,
+    describe,
+    format_table,
+    measured_module_bytes,
+    plan,
+    suggest,
+    weight_bytes,
+)
 from jomed_fast.memory.cli import main as cli_main
 from jomed_fast.memory.plan import GB, tokens_in_flight
 

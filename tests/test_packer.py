@@ -243,8 +243,8 @@ def test_worked_example():
 )
 def test_named_cases(case):
     m = 2
-    text = lambda n: Piece(text=list(range(1, n + 1)))  # noqa: E731
-    img = lambda t=1, h=2, w=2: Piece(grid=(t, h, w))  # noqa: E731
+    text = lambda n: Piece(text=list(range(1, n + 1)))
+    img = lambda t=1, h=2, w=2: Piece(grid=(t, h, w))
     prefix = [text(3), img(1, 4, 4), text(2)]
     segments = {
         "k1": [[img(), text(4)]],

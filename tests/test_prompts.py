@@ -9,7 +9,14 @@ from PIL import Image
 
 from jomed_fast import prompts
 from jomed_fast.data import IndexRecord
-from jomed_fast.prompts import Candidate, as_candidate, as_image, build_messages, render_prompt, split_query
+from jomed_fast.prompts import (
+    Candidate,
+    as_candidate,
+    as_image,
+    build_messages,
+    render_prompt,
+    split_query,
+)
 from jomed_fast.readers import ReaderProcessor, tiny
 from jomed_fast.tasks import Task, get_task
 

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import TOLERANCES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jomed_fast.ops import retrieval_kl_loss, retrieval_kl_loss_reference
-
-from conftest import TOLERANCES
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["batchmean", "sum", "none"]

@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from jomed_fast.data.synthetic import SyntheticGenerator
-from jomed_fast.retriever import QueryEncoder, TinyCLIP, images_to_tensor, merge_heads, pretrain, recall_at_k
+from jomed_fast.retriever import (
+    QueryEncoder,
+    TinyCLIP,
+    images_to_tensor,
+    merge_heads,
+    pretrain,
+    recall_at_k,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +86,14 @@ def test_merge_heads():
 
 def test_hf_clip_local_dir(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        PreTrainedTokenizerFast,
+    )
+
     from jomed_fast.retriever.hf import HFCLIPEncoder
     cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, vocab_size=50, max_position_embeddings=16),
@@ -89,7 +102,7 @@ def test_hf_clip_local_dir(tmp_path):
                      projection_dim=16)
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(tmp_path)
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("a lesion breast normal mass".split())}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["a", "lesion", "breast", "normal", "mass"])}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)

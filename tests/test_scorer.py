@@ -21,6 +21,7 @@ from jomed_fast.scoring import Candidate, CandidateScorer
 from jomed_fast.tasks import Task, get_task
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -57,14 +58,6 @@ def _queries(B, K, pad, seed=0):
 
 
 # ---------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny readers' matmuls are too small to gain from a second thread, and on a busy machine
-    (another process on the other core) OpenMP's join makes a 2-thread forward ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jomed_fast.tasks import (
+    _REGISTRY,
     KINDS,
     RestrictedDecoding,
     Task,
@@ -19,7 +20,6 @@ from jomed_fast.tasks import (
     register_task,
     task_names,
 )
-from jomed_fast.tasks import _REGISTRY  # noqa: F401  (cleanup of registered test tasks)
 
 PAPER_TASKS = {
     "breast": ("binary", 2),

@@ -28,18 +28,14 @@ from jomed_fast.train.retriever import (
 )
 from jomed_fast.train.score_cache import ScoreCache
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
 
 FAST = {"k": 8, "batch_size": 4, "refresh_every": None, "alpha": None, "lr": 1e-2, "weight_decay": 0.0,
         "warmup_steps": 0, "tau_reader": 0.1, "tau_retriever": 0.1, "checkpoint_every": 100}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
