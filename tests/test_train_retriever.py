@@ -79,7 +79,7 @@ def test_config_validation_names_the_option():
         RetrieverTrainConfig(target="prior")
     with pytest.raises(ValueError, match=r"config\.alpha: expected a finite float >= 0.0 and <= 1.0 or None, got 1.5"):
         RetrieverTrainConfig(alpha=1.5)
-    with pytest.raises(ValueError, match=r"config: unknown options \['temperature'\]"):
+    with pytest.raises(ValueError, match=r"RetrieverTrainConfig: unknown options \['temperature'\]"):
         RetrieverTrainConfig.from_dict({"temperature": 1.0})
     cfg = RetrieverTrainConfig()
     assert RetrieverTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -11,13 +11,13 @@ Every check raises ``ValueError`` naming the option, what was expected and what 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..prompts import LAYOUTS
+from ._config import JsonConfig
 
 __all__ = ["ReaderTrainConfig"]
 
@@ -36,7 +36,7 @@ def _is_num(x: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class ReaderTrainConfig:
+class ReaderTrainConfig(JsonConfig):
     """Stage-1 options (see the module docstring for the defaults' source).
 
     Attributes:
@@ -105,24 +105,8 @@ class ReaderTrainConfig:
               self.k_text + self.k_image)
 
     # ------------------------------------------------------------------ JSON
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ReaderTrainConfig:
-        if not isinstance(d, dict):
-            raise TypeError(f"ReaderTrainConfig: expected a dict of options, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ReaderTrainConfig: unknown options {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> ReaderTrainConfig:
-        return dataclasses.replace(self, **changes)
 
     @property
     def examples_per_step(self) -> int:

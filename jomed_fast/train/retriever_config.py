@@ -48,6 +48,8 @@ import dataclasses
 import math
 from typing import Any
 
+from ._config import JsonConfig
+
 __all__ = ["HEADS", "TARGETS", "RetrieverTrainConfig"]
 
 HEADS = ("text", "image")
@@ -59,7 +61,7 @@ RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "cache_path", "eval_each_
 
 
 @dataclasses.dataclass
-class RetrieverTrainConfig:
+class RetrieverTrainConfig(JsonConfig):
     """Stage-2 options; see the module docstring for the source of every default."""
 
     head: str = "text"
@@ -148,22 +150,6 @@ class RetrieverTrainConfig:
     @property
     def refresh_on(self) -> bool:
         return bool(self.refresh_every)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RetrieverTrainConfig:
-        if not isinstance(d, dict):
-            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown options {unknown} (known: {sorted(known)})")
-        return cls(**d)
-
-    def replace(self, **changes) -> RetrieverTrainConfig:
-        return dataclasses.replace(self, **changes)
 
     def resume_differences(self, saved: dict) -> list[str]:
         """Options (other than ``RESUME_FREE``) whose value differs from a saved run's config."""
