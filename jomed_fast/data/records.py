@@ -26,9 +26,10 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -61,11 +62,11 @@ class Sample:
     """
 
     id: str
-    image_path: Optional[str]
+    image_path: str | None
     answer: str
     label: Any = None
-    question: Optional[str] = None
-    image: Optional[np.ndarray] = field(default=None, repr=False)
+    question: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
     extra: dict = field(default_factory=dict)
 
     def load_image(self) -> np.ndarray:
@@ -77,9 +78,9 @@ class IndexRecord:
     """An (image, caption) pair of the retrieval index."""
 
     id: str
-    image_path: Optional[str]
+    image_path: str | None
     text: str
-    image: Optional[np.ndarray] = field(default=None, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
     extra: dict = field(default_factory=dict)
 
     def load_image(self) -> np.ndarray:
@@ -174,20 +175,21 @@ def _read(
             if not skip_bad:
                 raise
             skipped.append(e)
-    if skipped:
-        reasons = Counter(re.sub(r"\s*\(.*", "", e.reason) for e in skipped)
-        logger.warning(
-            "%s: skipped %d bad %s line(s) of %d: %s",
-            path,
-            len(skipped),
-            what,
-            len(skipped) + len(out),
-            ", ".join(f"{n} x {r}" for r, n in reasons.most_common()),
-        )
+    log_skipped(path, skipped, f"{what} line(s)", len(skipped) + len(out))
     return Loaded(out, path=str(path), skipped=skipped)
 
 
-def _get_str(path: Path, lineno: int, row: dict, key: str, rid: Optional[str], *, required: bool = True):
+def log_skipped(path, skipped: Sequence[DataError], what: str, total: int | None = None) -> None:
+    """One warning for the records a ``skip_bad`` read left out, grouped by reason (details dropped)."""
+    if not skipped:
+        return
+    reasons = Counter(re.sub(r"\s*\(.*", "", e.reason) for e in skipped)
+    of = f" of {total}" if total is not None else ""
+    logger.warning("%s: skipped %d bad %s%s: %s", path, len(skipped), what, of,
+                   ", ".join(f"{n} x {r}" for r, n in reasons.most_common()))
+
+
+def _get_str(path: Path, lineno: int, row: dict, key: str, rid: str | None, *, required: bool = True):
     if key not in row or row[key] is None:
         if required:
             raise DataError(path, f"missing {key!r}", line=lineno, record=rid)
@@ -198,7 +200,7 @@ def _get_str(path: Path, lineno: int, row: dict, key: str, rid: Optional[str], *
     return v
 
 
-def _answer_text(task: Optional[Task], raw: Any) -> str:
+def _answer_text(task: Task | None, raw: Any) -> str:
     if isinstance(raw, (list, tuple)):
         sep = task.separator if task is not None else ", "
         return sep.join(str(x) for x in raw)
@@ -207,12 +209,12 @@ def _answer_text(task: Optional[Task], raw: Any) -> str:
 
 def load_samples(
     path: PathLike,
-    task: Union[Task, str, None] = None,
+    task: Task | str | None = None,
     *,
     skip_bad: bool = False,
     verify_images: str = "open",
     load_images: bool = False,
-    image_root: Optional[PathLike] = None,
+    image_root: PathLike | None = None,
 ) -> Loaded:
     """Read a sample JSONL file.
 
@@ -279,7 +281,7 @@ def load_index_records(
     skip_bad: bool = False,
     verify_images: str = "open",
     load_images: bool = False,
-    image_root: Optional[PathLike] = None,
+    image_root: PathLike | None = None,
 ) -> Loaded:
     """Read an index-record JSONL file (``{id, image_path, text}`` per line); see :func:`load_samples`."""
     if verify_images not in VERIFY_MODES:
@@ -314,7 +316,7 @@ def safe_filename(record_id: str) -> str:
     return name
 
 
-def _image_ref(rec: Union[Sample, IndexRecord], out_path: Path, images_dir: Optional[Path]) -> str:
+def _image_ref(rec: Sample | IndexRecord, out_path: Path, images_dir: Path | None) -> str:
     base = out_path.parent
     if rec.image is not None and images_dir is not None:
         target = images_dir / f"{safe_filename(rec.id)}.png"
@@ -335,7 +337,7 @@ def write_samples(
     samples: Iterable[Sample],
     path: PathLike,
     *,
-    images_dir: Optional[PathLike] = None,
+    images_dir: PathLike | None = None,
 ) -> int:
     """Write samples as JSONL (atomically); in-memory images go to ``images_dir`` as PNG.
 
@@ -358,7 +360,7 @@ def write_index_records(
     records: Iterable[IndexRecord],
     path: PathLike,
     *,
-    images_dir: Optional[PathLike] = None,
+    images_dir: PathLike | None = None,
 ) -> int:
     """Write index records as JSONL (atomically); see :func:`write_samples`."""
     path = Path(path)

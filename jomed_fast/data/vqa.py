@@ -80,8 +80,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +87,7 @@ from typing import Any
 from ..tasks import get_task, normalize
 from .errors import DataError
 from .io import PathLike, check_image, load_image
-from .records import VERIFY_MODES, Loaded, Sample, write_samples
+from .records import VERIFY_MODES, Loaded, Sample, log_skipped, write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +255,7 @@ def _build(
             if not skip_bad:
                 raise
             skipped.append(e)
-    if skipped:
-        reasons = Counter(re.sub(r"\s*\(.*", "", e.reason) for e in skipped)
-        logger.warning(
-            "%s: skipped %d bad %s record(s): %s",
-            path, len(skipped), dataset, ", ".join(f"{n} x {r}" for r, n in reasons.most_common()),
-        )
+    log_skipped(path, skipped, f"{dataset} record(s)")
     if not out:
         what = "records" if kind == "all" else f"{kind} ({'yes/no' if kind == 'closed' else 'non-yes/no'}) questions"
         detail = f"{n_split} record(s) of the split, {len(skipped)} bad record(s) skipped"
