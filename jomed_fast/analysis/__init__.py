@@ -1,11 +1,38 @@
 """Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed."""
+from .core import (
+                   PAPER_RERANKERS,
+                   is_inconsistent,
+                   oracle_accuracy,
+                   oracle_correct,
+                   rerank_accuracy,
+                   rerank_fusion,
+                   rerank_top_confidence,
+                   rerank_top_retrieval,
+                   split_consistency,
+                   split_metrics,
+                   write_analysis,
+                   write_consistency_tables,
+)
 from .records import Candidate, PredictionRecord, read_jsonl, write_jsonl
-from .core import (is_inconsistent, split_consistency, split_metrics, oracle_correct, oracle_accuracy,
-                   rerank_top_retrieval, rerank_top_confidence, rerank_fusion, rerank_accuracy,
-                   write_analysis)
 from .robustness import metrics_table, uniform_random_records
 
-__all__ = ["Candidate", "PredictionRecord", "read_jsonl", "write_jsonl", "is_inconsistent",
-           "split_consistency", "split_metrics", "oracle_correct", "oracle_accuracy",
-           "rerank_top_retrieval", "rerank_top_confidence", "rerank_fusion", "rerank_accuracy",
-           "write_analysis", "metrics_table", "uniform_random_records"]
+__all__ = [
+                   "PAPER_RERANKERS",
+                   "Candidate",
+                   "PredictionRecord",
+                   "is_inconsistent",
+                   "metrics_table",
+                   "oracle_accuracy",
+                   "oracle_correct",
+                   "read_jsonl",
+                   "rerank_accuracy",
+                   "rerank_fusion",
+                   "rerank_top_confidence",
+                   "rerank_top_retrieval",
+                   "split_consistency",
+                   "split_metrics",
+                   "uniform_random_records",
+                   "write_analysis",
+                   "write_consistency_tables",
+                   "write_jsonl",
+]

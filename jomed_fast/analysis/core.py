@@ -129,3 +129,21 @@ def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, flo
         paths["png"] = os.path.join(out_dir, name + ".png")
         fig.savefig(paths["png"], dpi=100); plt.close(fig)
     return paths
+
+
+# The paper's Table 8 rerankers (an external one is any ``Reranker`` added to this mapping).
+PAPER_RERANKERS: dict[str, Reranker] = {"top1_retrieval": rerank_top_retrieval,
+                                        "top1_confidence": rerank_top_confidence, "fusion": rerank_fusion}
+
+
+def write_consistency_tables(out_dir: str, systems: Mapping[str, Sequence[PredictionRecord]], split: dict[str, set],
+                             num_classes: int | None = None, extra: dict | None = None) -> dict:
+    """Tables 5-6: accuracy and macro-F1 per split for every system, each written by
+    :func:`write_analysis` as ``consistency_<metric>``; returns ``{metric: split_metrics(...)}``."""
+    out = {}
+    for metric in ("accuracy", "macro_f1"):
+        res = split_metrics(systems, split, metric, num_classes)
+        write_analysis(out_dir, f"consistency_{metric}", res["systems"],
+                       extra={"share_inconsistent": res["share_inconsistent"], **(extra or {})})
+        out[metric] = res
+    return out

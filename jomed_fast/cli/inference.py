@@ -100,32 +100,25 @@ def _systems(specs: list[str]) -> dict:
 
 def run_analyze(v: dict) -> int:
     from ..analysis import (
+        PAPER_RERANKERS,
         oracle_accuracy,
         rerank_accuracy,
-        rerank_fusion,
-        rerank_top_confidence,
-        rerank_top_retrieval,
         split_consistency,
-        split_metrics,
         write_analysis,
+        write_consistency_tables,
     )
 
     systems = _systems(v["system"])
     ref = v["split_from"] or next(iter(systems))
     if ref not in systems:
         raise ValueError(f"--split-from: expected one of {sorted(systems)}, got {ref!r}")
-    split = split_consistency(systems[ref])
     out = Path(v["out"])
-    for metric in ("accuracy", "macro_f1"):
-        m = split_metrics(systems, split, metric=metric)
-        write_analysis(str(out), f"consistency_{metric}", m["systems"],
-                       extra={"share_inconsistent": m["share_inconsistent"], "split_from": ref})
+    tables = write_consistency_tables(str(out), systems, split_consistency(systems[ref]), extra={"split_from": ref})
+    for metric, m in tables.items():
         print(f"{metric} by split (inconsistent share {100 * m['share_inconsistent']:.1f}%, split from {ref}):")
         for name, row in m["systems"].items():
             print(f"  {name:<24}" + "  ".join(f"{k} {'-' if x is None else f'{100 * x:.1f}'}" for k, x in row.items()))
-    rerankers = {"top1_retrieval": rerank_top_retrieval, "top1_confidence": rerank_top_confidence,
-                 "fusion": rerank_fusion}
-    table = {name: {**rerank_accuracy(recs, rerankers), "oracle": oracle_accuracy(recs)}
+    table = {name: {**rerank_accuracy(recs, PAPER_RERANKERS), "oracle": oracle_accuracy(recs)}
              for name, recs in systems.items()}
     write_analysis(str(out), "rerank_oracle", table)
     print(f"reranking and oracle accuracy written to {out}")

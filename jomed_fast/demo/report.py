@@ -20,16 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..analysis import (
+    PAPER_RERANKERS,
     metrics_table,
     oracle_accuracy,
     rerank_accuracy,
-    rerank_fusion,
-    rerank_top_confidence,
-    rerank_top_retrieval,
     split_consistency,
-    split_metrics,
     uniform_random_records,
     write_analysis,
+    write_consistency_tables,
 )
 from ..data.io import atomic_write_text
 
@@ -69,10 +67,8 @@ def write_report(out_dir, records: dict, num_classes: int, seed: int = 0) -> dic
     main = metrics_table({k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, num_classes)
     write_analysis(str(out), "main", main)
     split = split_consistency(records["ft_rag"])
-    consistency = {m: split_metrics({k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, split, m, num_classes)
-                   for m in ("accuracy", "macro_f1")}
-    for m, res in consistency.items():
-        write_analysis(str(out), f"consistency_{m}", res["systems"], extra={"share_inconsistent": res["share_inconsistent"]})
+    consistency = write_consistency_tables(str(out), {k: records[k] for k in ("reader_only", "ft_rag", "jomed")},
+                                           split, num_classes)
     oracle = {k: oracle_accuracy(records[k]) for k in ("ft_rag", "jomed")}
     oracle_table = {k: {"fused": main[k]["accuracy"], "oracle": v} for k, v in oracle.items()}
     write_analysis(str(out), "oracle", oracle_table)
@@ -82,9 +78,7 @@ def write_report(out_dir, records: dict, num_classes: int, seed: int = 0) -> dic
                                 "uniform random": uniform_random_records(records["jomed"], num_classes, seed)},
                                num_classes)
     write_analysis(str(out), "robustness", robustness)
-    rerank = {"jomed": rerank_accuracy(records["jomed"], {"top1_retrieval": rerank_top_retrieval,
-                                                          "top1_confidence": rerank_top_confidence,
-                                                          "fusion": rerank_fusion})}
+    rerank = {"jomed": rerank_accuracy(records["jomed"], PAPER_RERANKERS)}
     write_analysis(str(out), "rerank", rerank)
     checks = check_findings(main, consistency, oracle)
     share = consistency["accuracy"]["share_inconsistent"]

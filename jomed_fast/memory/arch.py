@@ -50,6 +50,7 @@ class Arch:
     vision_heads: int
     patch: int
     merge: int
+    patch_inputs: int = 0  # values one patch feeds the vision tower: channels x (temporal patch) x patch^2
     linears: list[Linear] = field(default_factory=list)
     dense: dict[str, int] = field(default_factory=dict)  # unquantizable params: name -> numel
 
@@ -59,9 +60,12 @@ class Arch:
 
 
 def load_config(config) -> dict:
-    """A config as a dict: a dict, a shipped name (``SHIPPED``), a config.json path or its directory."""
+    """A config as a dict: a dict, a transformers config object, a shipped name (``SHIPPED``), a
+    config.json path or its directory."""
     if isinstance(config, dict):
         return config
+    if hasattr(config, "to_dict") and hasattr(config, "model_type"):  # a PretrainedConfig
+        return config.to_dict()
     if not isinstance(config, (str, os.PathLike)):
         raise TypeError(f"config: expected a dict, a shipped name or a path, got {type(config).__name__}")
     key = str(config)
@@ -76,7 +80,7 @@ def load_config(config) -> dict:
 
 
 
-def _add_text_decoder(a: "Arch", qkv_bias: bool) -> None:
+def _add_text_decoder(a: Arch, qkv_bias: bool) -> None:
     """The LLaMA-style decoder both families share: per layer q/k/v/o + gated MLP and two RMSNorms,
     then the final norm, the token embedding and an untied LM head."""
     H, n, nh, kv, hd, I, V = a.hidden, a.layers, a.heads, a.kv_heads, a.head_dim, a.intermediate, a.vocab
@@ -93,7 +97,7 @@ def _add_text_decoder(a: "Arch", qkv_bias: bool) -> None:
 
 def _qwen2_vl(c: dict) -> Arch:
     t = c.get("text_config") or c
-    g = lambda k: t.get(k, c.get(k))  # noqa: E731  (flat 4.x configs or nested 5.x text_config)
+    g = lambda k: t.get(k, c.get(k))
     H, I, n, nh, kv, V = (g("hidden_size"), g("intermediate_size"), g("num_hidden_layers"),
                           g("num_attention_heads"), g("num_key_value_heads"), g("vocab_size"))
     hd = H // nh
@@ -101,7 +105,9 @@ def _qwen2_vl(c: dict) -> Arch:
     E, depth, ratio = v["embed_dim"], v["depth"], v["mlp_ratio"]
     merge, patch, tps = v["spatial_merge_size"], v["patch_size"], v.get("temporal_patch_size", 2)
     out_dim = v.get("hidden_size", H)
-    a = Arch("qwen2_vl", H, n, nh, kv, hd, I, V, depth, E, int(E * ratio), v["num_heads"], patch, merge)
+    channels = v.get("in_chans", v.get("in_channels", 3))
+    a = Arch("qwen2_vl", H, n, nh, kv, hd, I, V, depth, E, int(E * ratio), v["num_heads"], patch, merge,
+             patch_inputs=channels * tps * patch * patch)
     _add_text_decoder(a, qkv_bias=True)  # Qwen2 has q/k/v biases
     mlp = int(E * ratio)
     for i in range(depth):
@@ -109,7 +115,7 @@ def _qwen2_vl(c: dict) -> Arch:
         a.linears += [Linear(p + "qkv", E, 3 * E, True, "vision"), Linear(p + "proj", E, E, True, "vision"),
                       Linear(p + "fc1", E, mlp, True, "vision"), Linear(p + "fc2", mlp, E, True, "vision")]
         a.dense[p + "norms"] = 4 * E  # two LayerNorms, weight + bias
-    a.dense["vision.patch_embed"] = E * v.get("in_chans", v.get("in_channels", 3)) * tps * patch * patch
+    a.dense["vision.patch_embed"] = E * a.patch_inputs
     m = E * merge * merge
     a.dense["vision.merger.ln_q"] = 2 * E
     a.linears += [Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")]
@@ -122,7 +128,8 @@ def _pixtral(c: dict) -> Arch:
                           t["num_attention_heads"], t["num_key_value_heads"], t["vocab_size"])
     hd = t.get("head_dim") or H // nh
     Hv, Iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-    a = Arch("pixtral", H, n, nh, kv, hd, I, V, nv, Hv, Iv, v["num_attention_heads"], v["patch_size"], 1)
+    a = Arch("pixtral", H, n, nh, kv, hd, I, V, nv, Hv, Iv, v["num_attention_heads"], v["patch_size"], 1,
+             patch_inputs=v.get("num_channels", 3) * v["patch_size"] ** 2)
     _add_text_decoder(a, qkv_bias=False)  # Mistral has none
     for i in range(nv):
         p = f"vision.{i}."
@@ -130,7 +137,7 @@ def _pixtral(c: dict) -> Arch:
         a.linears += [Linear(p + "gate", Hv, Iv, False, "vision"), Linear(p + "up", Hv, Iv, False, "vision"),
                       Linear(p + "down", Iv, Hv, False, "vision")]
         a.dense[p + "norms"] = 2 * Hv
-    a.dense["vision.patch_conv"] = Hv * v.get("num_channels", 3) * v["patch_size"] ** 2
+    a.dense["vision.patch_conv"] = Hv * a.patch_inputs
     a.dense["vision.ln_pre"] = Hv
     bias = c.get("multimodal_projector_bias", True)
     a.linears += [Linear("projector.1", Hv, H, bias, "vision"), Linear("projector.2", H, H, bias, "vision")]

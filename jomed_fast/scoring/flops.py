@@ -50,6 +50,8 @@ import dataclasses
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+from ..memory.arch import describe
+
 __all__ = [
     "DecoderShape",
     "Flops",
@@ -127,39 +129,19 @@ class VisionShape:
 
 
 def decoder_shape(config) -> DecoderShape:
-    """``DecoderShape`` of a HF VLM config (``Qwen2VLConfig``, ``LlavaConfig``) or a text config."""
-    text = getattr(config, "text_config", None) or config
-    heads = int(text.num_attention_heads)
-    head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
-    return DecoderShape(
-        hidden=int(text.hidden_size), layers=int(text.num_hidden_layers), heads=heads,
-        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=int(head_dim),
-        intermediate=int(text.intermediate_size), vocab=int(text.vocab_size),
-    )
+    """``DecoderShape`` of a Qwen2-VL or Pixtral-LLaVA config (object, dict or path). The config
+    facts are read once, by ``jomed_fast.memory.arch.describe`` (what the memory planner uses)."""
+    a = describe(config)
+    return DecoderShape(hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
+                        intermediate=a.intermediate, vocab=a.vocab)
 
 
 def vision_shape(config) -> VisionShape:
-    """``VisionShape`` of a HF VLM config: Qwen2-VL (``vision_config.embed_dim``) or Pixtral-LLaVA."""
-    vc = getattr(config, "vision_config", None)
-    if vc is None:
-        raise ValueError(f"config: expected a vision-language config with a vision_config, got {type(config).__name__}")
-    out_hidden = decoder_shape(config).hidden
-    if getattr(vc, "model_type", "") == "qwen2_vl_vision" or hasattr(vc, "embed_dim"):
-        E = int(vc.embed_dim)
-        m2 = int(vc.spatial_merge_size) ** 2
-        return VisionShape(
-            family="qwen2_vl", hidden=E, layers=int(vc.depth), intermediate=int(E * vc.mlp_ratio),
-            patch_inputs=int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2,
-            merge=m2, out_hidden=out_hidden,
-        )
-    if getattr(vc, "model_type", "") == "pixtral":
-        return VisionShape(
-            family="pixtral", hidden=int(vc.hidden_size), layers=int(vc.num_hidden_layers),
-            intermediate=int(vc.intermediate_size), patch_inputs=int(vc.num_channels) * int(vc.patch_size) ** 2,
-            merge=1, out_hidden=out_hidden,
-        )
-    raise ValueError(f"config.vision_config: expected a Qwen2-VL or Pixtral vision config, got "
-                     f"model_type {getattr(vc, 'model_type', None)!r}")
+    """``VisionShape`` of a Qwen2-VL or Pixtral-LLaVA config (via ``memory.arch.describe``)."""
+    a = describe(config)
+    return VisionShape(family=a.family, hidden=a.vision_hidden, layers=a.vision_layers,
+                       intermediate=a.vision_intermediate, patch_inputs=a.patch_inputs,
+                       merge=a.merge * a.merge, out_hidden=a.hidden)
 
 
 # ---------------------------------------------------------------------------------------------
