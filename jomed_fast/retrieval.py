@@ -19,7 +19,7 @@ are decoded on first use and kept (the same index rows come back across queries 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,14 +89,19 @@ class Retrieval:
             self._images[row] = record.load_image()
         return Candidate(self._images[row], record.text, id=record.id)
 
-    def search(self, query_embeddings: torch.Tensor, k_text: int = 2, k_image: int = 2) -> Retrieved:
-        """Top ``k_text`` of the text head and ``k_image`` of the image head for ``[Q, D]`` queries."""
+    def search(self, query_embeddings, k_text: int = 2, k_image: int = 2) -> Retrieved:
+        """Top ``k_text`` of the text head and ``k_image`` of the image head for Q queries.
+
+        ``query_embeddings``: one ``[Q, D]`` tensor for both heads, or ``{"text": [Q, D], "image":
+        [Q, D]}`` when each head has its own query encoder (``retriever.HeadEncoders``).
+        """
         if k_text < 0 or k_image < 0 or k_text + k_image == 0:
             raise ValueError(f"k_text, k_image: expected >= 0 with a positive sum, got {k_text}, {k_image}")
-        q = query_embeddings.detach().float().cpu()
-        empty = (torch.zeros(q.shape[0], 0), torch.zeros(q.shape[0], 0, dtype=torch.int64))
-        text = self.index.search(q, k_text, head="text", backend=self.backend) if k_text else empty
-        image = self.index.search(q, k_image, head="image", backend=self.backend) if k_image else empty
+        per_head = _per_head_queries(query_embeddings)
+        n = per_head["text"].shape[0]
+        empty = (torch.zeros(n, 0), torch.zeros(n, 0, dtype=torch.int64))
+        text = self.index.search(per_head["text"], k_text, head="text", backend=self.backend) if k_text else empty
+        image = self.index.search(per_head["image"], k_image, head="image", backend=self.backend) if k_image else empty
         merged: Candidates = merge_heads(text, image)
         candidates = [[self.candidate(int(n)) for n in row] for row in merged.ids]
         return Retrieved(ids=merged.ids, scores=merged.scores, heads=merged.heads, candidates=candidates)
@@ -108,3 +113,18 @@ class Retrieval:
         emb = self.index.embeddings[head]
         flat = ids.reshape(-1).cpu().numpy()
         return torch.from_numpy(emb[flat].astype("float32")).reshape(*ids.shape, -1)
+
+
+def _per_head_queries(query_embeddings) -> dict:
+    """``{"text": [Q, D], "image": [Q, D]}`` float32 CPU from one tensor or a per-head mapping."""
+    if isinstance(query_embeddings, torch.Tensor):
+        q = query_embeddings.detach().float().cpu()
+        return {"text": q, "image": q}
+    if isinstance(query_embeddings, Mapping) and set(query_embeddings) == {"text", "image"}:
+        out = {h: torch.as_tensor(query_embeddings[h]).detach().float().cpu() for h in ("text", "image")}
+        if out["text"].shape[0] != out["image"].shape[0]:
+            raise ValueError(f"query_embeddings: expected as many text as image queries, got "
+                             f"{out['text'].shape[0]} and {out['image'].shape[0]}")
+        return out
+    got = sorted(query_embeddings) if isinstance(query_embeddings, Mapping) else type(query_embeddings).__name__
+    raise TypeError(f"query_embeddings: expected a [Q, D] tensor or a mapping with keys 'text' and 'image', got {got}")

@@ -129,8 +129,16 @@ def test_train_reader_then_retriever_through_the_cli(files, capsys, tmp_path):
                           "--heads", "text", "--k", 4, "--max-steps", 2, "--batch-size", 2], capsys)
     assert code == 0, err
     s2 = json.loads(out)
-    assert (tmp_path / "s2" / "encoder" / "model.safetensors").is_file()
+    qdir = tmp_path / "s2" / "query_encoder"
+    assert s2["query_encoder"] == str(qdir) and (qdir / "heads.json").is_file()
+    assert (qdir / "text" / "model.safetensors").is_file() and (qdir / "image" / "model.safetensors").is_file()
     assert s2["text"]["cache"]["misses"] > 0
+    # predict with the trained query encoders; the index still opens with its own encoder
+    code, out, err = run(["predict", "--reader", reader, "--adapter", s1["adapter"], "--samples", data / "test.jsonl",
+                          "--index", ix, "--index-records", data / "index.jsonl", "--encoder", root / "encoder",
+                          "--query-encoder", qdir, "--out", tmp_path / "p.jsonl", "--no-progress"], capsys)
+    assert code == 0, err
+    assert 0.0 <= json.loads(out)["accuracy"] <= 1.0 and len(read_predictions(tmp_path / "p.jsonl")) > 0
     # a rerun with other options in the same run directory is refused, not mixed in
     code, _out, err = run(["train-retriever", *common, "--adapter", s1["adapter"], "--run-dir", tmp_path / "s2",
                            "--heads", "text", "--k", 4, "--max-steps", 3, "--batch-size", 2], capsys)

@@ -12,6 +12,7 @@ import pytest
 
 from jomed_fast.data import DataError
 from jomed_fast.data.synthetic import (
+    _DX_HEDGED,
     ATYPICAL_LOOK,
     CLASS_KEYWORDS,
     FINDINGS,
@@ -36,7 +37,7 @@ def small():
 @pytest.fixture(scope="module")
 def medium():
     """Large enough for the statistical checks (about 1 s to generate)."""
-    return generate(SyntheticConfig(seed=11, n_train=300, n_val=0, n_test=250, index_size=800))
+    return generate(SyntheticConfig(seed=11, n_train=300, n_val=0, n_test=250, index_size=800, hedged_rate=0.3))
 
 
 def _tree(d: Path) -> list[str]:
@@ -88,7 +89,8 @@ def test_images_and_ids(small):
 
 def test_config_validation():
     for bad in (dict(seed=-1), dict(image_size=8), dict(atypical_rate=1.5), dict(visibility=(0.0, 1.0)),
-                dict(relevant_fraction=0.9, misleading_fraction=0.2), dict(train_prototype_fraction=0.0)):
+                dict(relevant_fraction=0.9, misleading_fraction=0.2), dict(train_prototype_fraction=0.0),
+                {"hedged_rate": 1.5}):
         with pytest.raises(ValueError, match="SyntheticConfig"):
             SyntheticConfig(**bad)
     assert SyntheticConfig.from_dict(SMALL.to_dict()) == SMALL
@@ -149,6 +151,16 @@ def test_captions(medium):
         else:
             assert not any(k in text for k in all_keywords), text
         assert text.endswith(".") and r.text[0].isupper()
+        hedged_words = any(h.format("").strip() in text for h in _DX_HEDGED)
+        assert hedged_words == bool(m.get("hedged")), text  # hedged wording exactly on hedged records
+        if m["kind"] == "misleading":
+            assert m["hedged"]
+        if m["kind"] == "relevant" and m["look"] != m["label"]:
+            assert not m["hedged"]  # atypical cases are biopsy-proven
+    relevant = [r.extra["meta"] for r in medium.index if r.extra["meta"]["kind"] == "relevant"
+                and r.extra["meta"]["look"] == r.extra["meta"]["label"]]
+    share = np.mean([m["hedged"] for m in relevant])
+    assert abs(share - medium.config.hedged_rate) < 0.1, share
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,3 +71,18 @@ def test_bad_arguments_are_named(setup):
         r.candidate(N)
     with pytest.raises(ValueError, match="head:"):
         r.embeddings("caption", torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"query_embeddings: expected a \[Q, D\] tensor or a mapping .* got \['text'\]"):
+        r.search({"text": torch.zeros(1, 32)})
+    with pytest.raises(ValueError, match="query_embeddings: expected as many text as image queries, got 1 and 2"):
+        r.search({"text": torch.zeros(1, 32), "image": torch.zeros(2, 32)})
+
+
+def test_per_head_queries_search_each_head_with_its_own(setup):
+    recs, _enc, ix, _queries = setup
+    g = torch.Generator().manual_seed(1)
+    qt, qi = (torch.nn.functional.normalize(torch.randn(3, ix.dim, generator=g), dim=1) for _ in range(2))
+    r = Retrieval(ix, recs)
+    got = r.search({"text": qt, "image": qi}, k_text=2, k_image=3)
+    assert torch.equal(got.ids[:, :2], r.search(qt, k_text=2, k_image=0).ids)
+    assert torch.equal(got.ids[:, 2:], r.search(qi, k_text=0, k_image=3).ids)
+    assert torch.equal(got.scores[:, 2:], r.search(qi, k_text=0, k_image=3).scores)

@@ -112,9 +112,11 @@ def test_pair_scores_equal_the_scorer_and_come_back_bitwise_from_the_cache(setup
 
 # --------------------------------------------------------------------------------------- training
 def test_distillation_lowers_kl_and_raises_agreement(setup, tmp_path):
-    reader, enc, retrieval, train, val = setup
+    # the tiny random reader's posterior is arbitrary: what must be learned is to match it on the
+    # queries trained on (metrics on the training queries: val=None)
+    reader, enc, retrieval, train, _val = setup
     cfg = RetrieverTrainConfig(**FAST, epochs=6)
-    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, val, tmp_path / "run",
+    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run",
                           progress=False)
     first, last = res.initial_eval, res.final_eval
     assert last["kl"] < 0.8 * first["kl"], (first, last)
@@ -199,8 +201,10 @@ def test_resume_refuses_other_options_and_a_used_run_dir(setup, tmp_path):
                         tmp_path / "other", progress=False)
 
 
-def test_two_heads_in_sequence_image_starts_from_text(setup, tmp_path, monkeypatch):
+def test_each_head_trains_its_own_encoder_from_the_base(setup, tmp_path, monkeypatch):
     import copy
+
+    from jomed_fast.retriever import HeadEncoders, load_head_encoders
 
     reader, enc, retrieval, train, _val = setup
     starts = {}
@@ -212,17 +216,61 @@ def test_two_heads_in_sequence_image_starts_from_text(setup, tmp_path, monkeypat
 
     monkeypatch.setattr(stage2, "train_retriever", spy)
     base = copy.deepcopy(enc)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
     cfg = RetrieverTrainConfig(**{**FAST, "alpha": 0.15}, epochs=1, eval_each_epoch=False)
     out = train_retriever_heads(cfg, reader, "synthetic", base, retrieval, train, None, tmp_path, progress=False)
-    text_final = load_weights(latest_checkpoint(tmp_path / "text"))
-    for name, t in text_final.items():
-        if name.startswith("learned."):
-            assert torch.equal(starts["image"][name[len("learned."):]], t), name
-    assert out["text"].head == "text" and out["image"].head == "image"
-    image_final = load_weights(latest_checkpoint(tmp_path / "image"))
-    for name, t in image_final.items():  # the caller's encoder holds the image head's final weights
-        if name.startswith("learned."):
-            assert torch.equal(dict(base.named_parameters())[name[len("learned."):]], t)
+    assert out.text.head == "text" and out.image.head == "image" and isinstance(out.encoders, HeadEncoders)
+    for head in ("text", "image"):  # both heads start from the base, which stays untouched
+        assert all(torch.equal(starts[head][n], before[n]) for n in before)
+        final = load_weights(latest_checkpoint(tmp_path / head))
+        learned = dict(getattr(out.encoders, head).learned.named_parameters())
+        for name, t in final.items():
+            if name.startswith("learned."):
+                assert torch.equal(learned[name[len("learned."):]], t), name
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    name = "vision.layers.1.conv.weight"
+    assert not torch.equal(out.encoders.text.learned.state_dict()[name], out.encoders.image.learned.state_dict()[name])
     # one cache for both heads
     assert (tmp_path / "score_cache.bin").is_file() and not (tmp_path / "text" / "score_cache.bin").exists()
-    assert not np.allclose(starts["text"]["vision.layers.1.conv.weight"], starts["image"]["vision.layers.1.conv.weight"])
+    # saved and loaded back against the base: the same per-head query embeddings, each mixed with the base
+    images = [s.image for s in train[:5]]
+    out.encoders.save(tmp_path / "qe")
+    back = load_head_encoders(tmp_path / "qe", enc)
+    got, want = back.encode_images(images), out.encoders.encode_images(images)
+    for head in ("text", "image"):
+        learned_q = getattr(out.encoders, head).learned.encode_images(images).detach()
+        mixed = torch.nn.functional.normalize(0.15 * learned_q + 0.85 * enc.encode_images(images).detach(), dim=-1)
+        assert torch.allclose(got[head], want[head], atol=1e-6) and torch.allclose(got[head], mixed, atol=1e-5)
+    # retrieval with per-head queries: each head searched with its own embedding
+    res = retrieval.search(got, k_text=3, k_image=3)
+    for head in ("text", "image"):
+        ids = retrieval.index.search(got[head], 3, head=head)[1]
+        cols = [c for c, h in enumerate(res.heads[0]) if h == head]
+        assert torch.equal(res.ids[:, cols], ids)
+    with pytest.raises(ValueError, match="does not fit the index's encoder"):
+        from jomed_fast.retriever import TinyCLIP
+
+        load_head_encoders(tmp_path / "qe", TinyCLIP.from_captions(["a b"], dim=enc.dim * 2))
+
+
+def test_selection_keeps_the_best_validation_epoch(setup, tmp_path):
+    from jomed_fast.infer import InferConfig, predict
+    from jomed_fast.retriever import HeadEncoders
+
+    reader, enc, retrieval, train, val = setup
+    cfg = RetrieverTrainConfig(**FAST, epochs=3, select="best_val_accuracy", select_k=2, layout="paper")
+    qe = _encoder(enc, cfg)
+    res = train_retriever(cfg, reader, "synthetic", qe, retrieval, train, val, tmp_path / "run", progress=False)
+    accs = [res.initial_eval["accuracy"]] + [e["eval"]["accuracy"] for e in res.epochs]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the first epoch with the highest accuracy
+    assert res.selected == {"epoch": best, "accuracy": accs[best]}
+    kept = load_weights(tmp_path / "run" / "checkpoints" / "best")
+    learned = dict(qe.learned.named_parameters())
+    assert all(torch.equal(learned[n[len("learned."):]], t) for n, t in kept.items() if n.startswith("learned."))
+    # the head-only accuracy the selection used is the inference pipeline's, on the text head alone
+    recs = predict(CandidateScorer(reader, "synthetic", "paper"), val, retrieval=retrieval,
+                   encoder=HeadEncoders(qe.eval(), HeadEncoders.untrained(enc, None).image),
+                   config=InferConfig(k_text=2, k_image=0, layout="paper"), progress=False)
+    assert np.mean([r.fused == r.gold for r in recs]) == pytest.approx(accs[best], abs=1e-9)
+    with pytest.raises(ValueError, match=r"config\.select: expected 'last' when eval_each_epoch is False"):
+        RetrieverTrainConfig(select="best_val_accuracy", eval_each_epoch=False)

@@ -17,6 +17,8 @@ from .options import Command, Opt
 
 PREDICT_OPTS = (*READER_OPTS, *DATA_OPTS, *INDEX_OPTS,
                 Opt("out", str, None, "predictions JSONL (appended; a rerun resumes)", required=True),
+                Opt("query_encoder", str, None, "stage-2 query encoders (train-retriever's RUN_DIR/query_encoder); "
+                    "default: the index's --encoder embeds the queries"),
                 Opt("k_text", int, 2, "candidates from the text head"),
                 Opt("k_image", int, 2, "candidates from the image head"),
                 Opt("fusion", str, "paper", "fusion rule", choices=("paper", "reference")),
@@ -44,6 +46,10 @@ def run_predict(v: dict) -> int:
     retrieval, encoder = load_retrieval_from(v) if v["retrieval"] != "none" else (None, None)
     if v["retrieval"] != "none" and retrieval is None:
         raise ValueError(f"--index: required with --retrieval {v['retrieval']} (or use --retrieval none)")
+    if v["query_encoder"] is not None and encoder is not None:
+        from ..retriever import load_head_encoders
+
+        encoder = load_head_encoders(v["query_encoder"], encoder, trust_remote_code=v["trust_remote_code"])
     if task.is_open:  # no class set: greedy answers per candidate, fused over normalised strings
         from ..infer import OpenAnswerer
 

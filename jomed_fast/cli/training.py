@@ -4,6 +4,7 @@ same command in the same ``--run-dir`` resumes from its last checkpoint."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -65,17 +66,9 @@ def _retriever_opts() -> tuple:
             *config_options(RetrieverTrainConfig, skip=("head", "layout")))
 
 
-def _save_encoder(encoder, out: Path) -> None:
-    if hasattr(encoder, "save"):
-        encoder.save(out)
-        return
-    for part in (encoder.model, encoder.tokenizer, encoder.processor):  # an HF CLIP-style encoder
-        part.save_pretrained(out)
-
-
 def run_train_retriever(v: dict) -> int:
     from ..readers import load_reader
-    from ..retriever import QueryEncoder
+    from ..retriever import HeadEncoders, QueryEncoder
     from ..tasks import get_task
     from ..train import RetrieverTrainConfig, train_retriever, train_retriever_heads
 
@@ -91,18 +84,20 @@ def run_train_retriever(v: dict) -> int:
     val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else None
     run = Path(v["run_dir"])
     if v["heads"] == "both":
-        results = train_retriever_heads(config, reader, task, encoder, retrieval, train, val, run,
+        trained = train_retriever_heads(config, reader, task, encoder, retrieval, train, val, run,
                                         resume=v["resume"], progress=v["progress"])
-        trained = encoder
-    else:
-        query = QueryEncoder(encoder, config.n_trainable, config.alpha)
+        results, encoders = trained.results(), trained.encoders
+    else:  # one head trained; the other stays the base encoder
+        encoders = HeadEncoders.untrained(encoder, config.alpha)
+        query = QueryEncoder(copy.deepcopy(encoder), config.n_trainable, config.alpha)
         results = {v["heads"]: train_retriever(config.replace(head=v["heads"]), reader, task, query, retrieval,
                                                train, val, run / v["heads"], resume=v["resume"],
                                                progress=v["progress"])}
-        trained = query.learned
-    _save_encoder(trained, run / "encoder")
-    print(json.dumps({"encoder": str(run / "encoder"),
-                      **{h: {"final_eval": r.final_eval, "cache": r.cache} for h, r in results.items()}}))
+        setattr(encoders, v["heads"], query.eval())
+    encoders.save(run / "query_encoder")
+    print(json.dumps({"query_encoder": str(run / "query_encoder"),
+                      **{h: {"final_eval": r.final_eval, "selected": r.selected, "cache": r.cache}
+                         for h, r in results.items()}}))
     return 0
 
 
@@ -111,6 +106,6 @@ COMMANDS = (
             "Each (sample, retrieved candidate) is one example; without --index the reader-only baseline. "
             "Writes RUN_DIR/adapter (load it with --adapter).", _reader_opts(), run_train_reader),
     Command("train-retriever", "stage 2: the retriever distilled from the frozen reader",
-            "Text head, then image head (--heads both), with the exact reader-score cache in RUN_DIR; "
-            "writes RUN_DIR/encoder (use it as --encoder for predict).", _retriever_opts(), run_train_retriever),
+            "Text head, then image head (--heads both), each its own query encoder, with the exact "
+            "reader-score cache in RUN_DIR; writes RUN_DIR/query_encoder (predict --query-encoder).", _retriever_opts(), run_train_retriever),
 )

@@ -56,10 +56,15 @@ half resolution) is right about 90% of the time and a look-level one (8x8 thumbn
   posterior acoustic shadowing, consistent with carcinoma."; atypical prototypes: "... an oval
   circumscribed hypoechoic mass (atypical appearance); biopsy-proven carcinoma."). A retriever
   that matches *this case* (fine image similarity) brings the right diagnosis even for atypical
-  prototypes; one that matches only the look brings the look's class.
+  prototypes; one that matches only the look brings the look's class. With probability
+  ``hedged_rate`` a typical record's diagnosis is *hedged* as an impression ("..., possibly
+  carcinoma.", "..., cannot exclude fibroadenoma."; ``meta.hedged``).
 * *misleading* (``misleading_fraction``): the typical look of a class ``a`` with a fresh geometry
-  that belongs to no prototype, captioned with another class ``b != a``'s findings and name. A
-  coarse (look-level) retriever brings them as readily as relevant ones; a case-level one does not.
+  that belongs to no prototype, captioned with another class ``b != a``'s findings and name, always
+  hedged (an impression that biopsy did not confirm). A coarse (look-level) retriever brings them
+  as readily as relevant ones; a case-level one does not. Hedged captions are right only part of
+  the time, confirmed ones always: the wording tells a reader how far to trust a record, while
+  the base retriever has no reason to care (the words say nothing about the image).
 * *distractor* (the rest): other modalities (chest radiograph, fundus photograph, dermoscopy,
   histology) with unrelated captions.
 
@@ -98,7 +103,7 @@ from .errors import DataError
 from .io import PathLike, atomic_write_json, sha256_file
 from .records import IndexRecord, Sample, load_index_records, load_samples, write_index_records, write_samples
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 NUM_CLASSES = len(SYNTHETIC_NAMES)
 
@@ -156,7 +161,10 @@ FINDINGS = {
 }
 _MODALITY = ("breast ultrasound", "ultrasound image", "B-mode breast ultrasound", "sonogram of the breast")
 _VERB = ("showing", "demonstrating", "revealing", "with")
+# A report states its diagnosis firmly; an impression hedges it (``hedged_rate`` of the typical
+# relevant records, and every misleading one): hedged statements are right only part of the time.
 _DX = ("consistent with {}", "compatible with {}", "suggestive of {}", "in keeping with {}")
+_DX_HEDGED = ("possibly {}", "cannot exclude {}", "differential includes {}", "equivocal for {}")
 
 DISTRACTOR_MODALITIES = ("chest_xray", "fundus", "dermoscopy", "histology")
 _DISTRACTOR_CAPTIONS = {
@@ -208,6 +216,7 @@ class SyntheticConfig:
     speckle: float = 0.3
     relevant_fraction: float = 0.5
     misleading_fraction: float = 0.15
+    hedged_rate: float = 0.0
 
     def __post_init__(self) -> None:
         def need(cond: bool, what: str) -> None:
@@ -227,6 +236,7 @@ class SyntheticConfig:
         need(0.0 <= self.label_noise <= 1.0, f"label_noise: expected in [0, 1], got {self.label_noise}")
         lo, hi = self.visibility
         need(0.0 < lo <= hi <= 1.0, f"visibility: expected 0 < lo <= hi <= 1, got {self.visibility}")
+        need(0.0 <= self.hedged_rate <= 1.0, f"hedged_rate: expected in [0, 1], got {self.hedged_rate}")
         need(0.0 <= self.speckle <= 1.0, f"speckle: expected in [0, 1], got {self.speckle}")
         rf, mf = self.relevant_fraction, self.misleading_fraction
         need(0 <= rf and 0 <= mf and rf + mf <= 1, f"relevant_fraction + misleading_fraction must be in [0, 1], got {rf} + {mf}")
@@ -456,12 +466,15 @@ def render_distractor(modality: str, rng: np.random.Generator, size: int) -> np.
 # ----------------------------------------------------------------------------------------------
 # captions
 # ----------------------------------------------------------------------------------------------
-def caption_for(label: int, look: int, rng: np.random.Generator) -> str:
-    """A caption naming the findings of ``look`` and the diagnosis ``label``."""
+def caption_for(label: int, look: int, rng: np.random.Generator, hedged: bool = False) -> str:
+    """A caption naming the findings of ``look`` and the diagnosis ``label`` (``hedged``: as an impression)."""
     mod = _MODALITY[int(rng.integers(len(_MODALITY)))]
     verb = _VERB[int(rng.integers(len(_VERB)))]
     finding = FINDINGS[look][int(rng.integers(len(FINDINGS[look])))]
-    if look == label:
+    if hedged:
+        dx = _DX_HEDGED[int(rng.integers(len(_DX_HEDGED)))].format(DIAGNOSIS[label])
+        text = f"{mod} {verb} {finding}, {dx}."
+    elif look == label:
         dx = _DX[int(rng.integers(len(_DX)))].format(DIAGNOSIS[label])
         text = f"{mod} {verb} {finding}, {dx}."
     else:
@@ -470,7 +483,7 @@ def caption_for(label: int, look: int, rng: np.random.Generator) -> str:
 
 
 def _misleading_caption(named: int, rng: np.random.Generator) -> str:
-    return caption_for(named, named, rng)
+    return caption_for(named, named, rng, hedged=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,9 +626,11 @@ class SyntheticGenerator:
             proto = self.prototypes[int(rank[i]) % len(self.prototypes)]
             vis = float(rng.uniform(*cfg.visibility))
             image = render_ultrasound(self._geom(proto), proto.look, vis, size, rng, cfg.speckle)
-            text = caption_for(proto.label, proto.look, rng)
+            # drawn only when hedging is on: with hedged_rate 0 the random draws are version 1's
+            hedged = bool(cfg.hedged_rate > 0 and rng.uniform() < cfg.hedged_rate and not proto.atypical)
+            text = caption_for(proto.label, proto.look, rng, hedged=hedged)
             meta = {"kind": kind, "label": proto.label, "look": proto.look, "prototype": proto.id,
-                    "modality": "ultrasound"}
+                    "modality": "ultrasound", "hedged": hedged}
         elif kind == "misleading":
             look = int(rank[i]) % NUM_CLASSES
             named = int((look + 1 + rng.integers(NUM_CLASSES - 1)) % NUM_CLASSES)
@@ -623,7 +638,8 @@ class SyntheticGenerator:
             vis = float(rng.uniform(*cfg.visibility))
             image = render_ultrasound(geom, look, vis, size, rng, cfg.speckle, jitter=False)
             text = _misleading_caption(named, rng)
-            meta = {"kind": kind, "label": named, "look": look, "prototype": None, "modality": "ultrasound"}
+            meta = {"kind": kind, "label": named, "look": look, "prototype": None, "modality": "ultrasound",
+                    "hedged": True}
         else:
             modality = DISTRACTOR_MODALITIES[int(rank[i]) % len(DISTRACTOR_MODALITIES)]
             image = render_distractor(modality, rng, size)

@@ -16,7 +16,6 @@ Steps (``out_dir/<step>``; a step whose output is complete is skipped on a rerun
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -55,7 +54,8 @@ def _data(out: Path, config: DemoConfig, progress: bool):
     if not (d / "manifest.json").exists():
         _log("writing the synthetic task and index", progress)
         write_synthetic(generate(seed=config.seed, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test,
-                                 index_size=config.index_size, image_size=config.image_size), d)
+                                 index_size=config.index_size, image_size=config.image_size,
+                                 misleading_fraction=config.misleading_fraction, hedged_rate=config.hedged_rate), d)
     return load_synthetic(d)
 
 
@@ -124,38 +124,26 @@ def _frozen_reader(ckpt: Path, adapter: Path):
 
 
 def _stage2(out: Path, config: DemoConfig, reader, ds, retrieval, base, progress: bool):
-    from ..retriever import TinyCLIP
+    """The trained per-head query encoders (``retriever.HeadEncoders``), trained once and kept in
+    ``stage2/query_encoder``."""
+    from ..retriever import load_head_encoders
     from ..train.retriever import RetrieverTrainConfig, train_retriever_heads
 
     d = out / "stage2"
-    if not (d / "encoder" / "done.json").exists():
+    if not (d / "query_encoder" / "done.json").exists():
         _log("stage 2: retriever distillation (text head, then image head)", progress)
         rc = RetrieverTrainConfig(k=config.stage2_k, lr=config.stage2_lr, epochs=config.stage2_epochs,
                                   batch_size=config.stage2_batch_size, alpha=config.stage2_alpha,
                                   tau_reader=config.stage2_tau_reader, tau_retriever=config.stage2_tau_retriever,
                                   n_trainable=config.stage2_n_trainable, weight_decay=config.stage2_weight_decay,
+                                  select=config.stage2_select, select_k=config.k_text,
                                   layout=config.layout, seed=config.seed)
-        trained = copy.deepcopy(base)
-        results = train_retriever_heads(rc, reader, ds.task, trained, retrieval, ds.train[:config.stage2_queries],
-                                        ds.val, d, progress=progress)
-        trained.save(d / "encoder")
-        atomic_write_json(d / "encoder" / "done.json", {h: r.to_dict() for h, r in results.items()})
-    return TinyCLIP.load(d / "encoder")
-
-
-class _MixedQueries:
-    """The stage-2 query encoder at inference: ``norm(α f_trained + (1-α) f_base)`` (or f_trained)."""
-
-    def __init__(self, trained, base, alpha):
-        from ..retriever import QueryEncoder
-
-        self.encoder = QueryEncoder(copy.deepcopy(base), n_trainable=0, alpha=alpha)
-        self.encoder.learned.load_state_dict(trained.state_dict())
-        self.encoder.eval()
-
-    @torch.no_grad()
-    def encode_images(self, images):
-        return self.encoder(images)
+        image_rc = rc.replace(select_k=config.k_image)
+        trained = train_retriever_heads(rc, reader, ds.task, base, retrieval, ds.train[:config.stage2_queries],
+                                        ds.val, d, progress=progress, image_config=image_rc)
+        trained.encoders.save(d / "query_encoder")
+        atomic_write_json(d / "query_encoder" / "done.json", {h: r.to_dict() for h, r in trained.results().items()})
+    return load_head_encoders(d / "query_encoder", base)
 
 
 def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encoder, readers, progress: bool) -> dict:
@@ -189,7 +177,6 @@ def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encod
 
 def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True) -> dict:
     """Run (or resume) the demo in ``out_dir``; returns the report's summary (tables and checks)."""
-    from ..retriever import TinyCLIP
     from .report import write_report
 
     config = config if config is not None else DemoConfig()
@@ -204,8 +191,7 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True
     adapters = {"reader_only": _stage1(out, "stage1_reader_only", config, ckpt, ds, None, None, progress),
                 "rag": _stage1(out, "stage1_rag", config, ckpt, ds, retrieval, base, progress)}
     readers = {name: _frozen_reader(ckpt, path) for name, path in adapters.items()}
-    trained = _stage2(out, config, readers["rag"], ds, retrieval, TinyCLIP.load(out / "retriever"), progress)
-    jomed_encoder = _MixedQueries(trained, base, config.stage2_alpha) if config.stage2_alpha is not None else trained
+    jomed_encoder = _stage2(out, config, readers["rag"], ds, retrieval, base, progress)
     records = _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
     summary = write_report(out / "report", records, ds.task.num_classes, seed=config.seed)
     summary["seconds"] = round(time.time() - start, 1)

@@ -215,7 +215,7 @@ def synthetic_captions_vocabulary() -> list[str]:
     """Every phrase the synthetic captions are assembled from (covers their whole word vocabulary)."""
     from jomed_fast.data import synthetic as syn
 
-    phrases = [*syn._MODALITY, *syn._VERB, *(d.format("") for d in syn._DX), "atypical appearance biopsy-proven"]
+    phrases = [*syn._MODALITY, *syn._VERB, *(d.format("") for d in (*syn._DX, *syn._DX_HEDGED)), "atypical appearance biopsy-proven"]
     phrases += [str(v) for v in syn.DIAGNOSIS.values()]
     phrases += [f for fs in syn.FINDINGS.values() for f in fs]
     phrases += [c for cs in syn._DISTRACTOR_CAPTIONS.values() for c in cs]

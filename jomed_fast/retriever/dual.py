@@ -6,7 +6,8 @@ Both heads encode the query image with the image tower :math:`q = f_I(x) \in \ma
 * image head: :math:`s^{I}_n = q \cdot i_n` (index image embeddings ``[N, D]``)
 
 Query embedding with mixing: :math:`q = \mathrm{norm}(\alpha\, q_{learned} + (1-\alpha)\, q_{frozen})`
-(reference :math:`\alpha = 0.15`; ``alpha=None`` uses the learned embedding alone).
+(reference :math:`\alpha = 0.15`; ``alpha=None`` uses the learned embedding alone). After stage 2
+each head has its own ``QueryEncoder`` (``retriever.heads.HeadEncoders``).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""``load_encoder(path)``: a retriever encoder from a local directory — the in-code TinyCLIP (its
-``config.json`` + ``model.safetensors``) or a Hugging Face CLIP-style model (``HFCLIPEncoder``)."""
+"""``load_encoder(path)`` / ``save_encoder(encoder, path)``: a retriever encoder in a local directory —
+the in-code TinyCLIP (its ``config.json`` + ``model.safetensors``) or a Hugging Face CLIP-style
+model (``HFCLIPEncoder``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from .tiny import TinyCLIP, TinyConfig
 
-__all__ = ["load_encoder"]
+__all__ = ["load_encoder", "save_encoder"]
 
 
 def load_encoder(path: str | os.PathLike, *, trust_remote_code: bool = False, device: str = "cpu"):
@@ -27,3 +28,13 @@ def load_encoder(path: str | os.PathLike, *, trust_remote_code: bool = False, de
     from .hf import HFCLIPEncoder
 
     return HFCLIPEncoder(p, trust_remote_code=trust_remote_code, device=device)
+
+
+def save_encoder(encoder, out: str | os.PathLike) -> Path:
+    """Write ``encoder`` so that :func:`load_encoder` reads it back (TinyCLIP or an HF CLIP-style encoder)."""
+    out = Path(out)
+    if hasattr(encoder, "save"):
+        return encoder.save(out)
+    for part in (encoder.model, encoder.tokenizer, encoder.processor):  # an HF CLIP-style encoder
+        part.save_pretrained(out)
+    return out

@@ -120,6 +120,11 @@ class TinyCLIP(nn.Module):
         """The image tower's blocks, in order (what :class:`QueryEncoder` unfreezes from the end)."""
         return list(self.vision.layers)
 
+    def image_head_modules(self) -> list[nn.Module]:
+        """What follows the blocks (the projection to the joint space): trained with them, as the
+        HF encoder's post-layernorm and visual projection are."""
+        return [self.vision.proj]
+
     def _text_batch(self, texts):
         ids, offs = [], []
         for t in texts:

@@ -22,9 +22,11 @@ For a batch of B training queries (image :math:`x_b`, question, gold class :math
    AdamW on the last ``n_trainable`` image-tower layers, linear warm-up + cosine decay.
 
 Metrics (per epoch, on ``val`` or else the training queries, candidates from the current
-candidate encoder): the KL above with the paper's target, and the **top-1 agreement**
+candidate encoder): the KL above with the paper's target, the **top-1 agreement**
 :math:`\frac1B\sum_b [\arg\max_k s_{b,k} = \arg\max_k r_{b,k}]` — how often the retriever's first
-choice is the reader's.
+choice is the reader's — and the **head-only accuracy**: the head's top ``select_k`` under the
+trained query embedding, fused by the paper's rule. ``select="best_val_accuracy"`` keeps the
+epoch (step 0 included) with the highest accuracy (checkpoint ``best``, restored at the end).
 
 Faults: checkpoints (:mod:`.checkpoint`: trainable weights, the candidate encoder's copies of them,
 AdamW, scheduler, RNG, data position, history) every ``checkpoint_every`` steps and at the end;
@@ -32,9 +34,10 @@ AdamW, scheduler, RNG, data position, history) every ``checkpoint_every`` steps 
 :class:`~.guards.NonFiniteLossError` before anything is applied; the last checkpoint stays.
 The data order of epoch e is a pure function of (seed, e) (:mod:`.data_order`).
 
-``train_retriever`` trains one head; ``train_retriever_heads`` the paper's sequence: the text
-head, then the image head starting from the text head's final weights (``run_dir/text``,
-``run_dir/image``, one score cache ``run_dir/score_cache.bin`` shared by both).
+``train_retriever`` trains one head; ``train_retriever_heads`` both, as the reference: the text
+head, then the image head, each its own query encoder started from the base encoder
+(``retriever.HeadEncoders``; ``run_dir/text``, ``run_dir/image``, one score cache
+``run_dir/score_cache.bin`` shared by both).
 """
 
 from __future__ import annotations
@@ -55,7 +58,15 @@ from .. import ops
 from .._files import atomic_write_via
 from ..readers.fingerprint import reader_fingerprint
 from ..retriever.dual import QueryEncoder
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..retriever.heads import HeadEncoders
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    STATE_JSON,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_named,
+)
 from .data_order import batches_per_epoch, epoch_batches, epoch_order
 from .guards import check_finite
 from .pair_scores import PairScores, gold_log_likelihoods, scoring_layout
@@ -64,6 +75,7 @@ from .schedule import WarmupCosine
 from .score_cache import ScoreCache
 
 __all__ = [
+    "HeadsResult",
     "RetrieverTrainConfig",
     "RetrieverTrainResult",
     "distillation_loss",
@@ -217,20 +229,34 @@ class _Stage2:
         """``q̃ [B, D]``: the learned encoder mixed with the anchor (``QueryEncoder``), with grad."""
         return self.encoder(images)
 
+    def head_accuracy_hits(self, queries: _Queries, idx: list[int], images: list) -> int:
+        """How many of the queries ``idx`` the head alone answers right: its top ``select_k`` under
+        the trained (mixed) query embedding, fused by the paper rule (``softmax(s)``, tau 1)."""
+        cfg = self.config
+        kt, ki = (cfg.select_k, 0) if cfg.head == "text" else (0, cfg.select_k)
+        got = self.retrieval.search(self.query_embeddings(images), k_text=kt, k_image=ki)
+        rows = self.pairs.rows([queries.ids[i] for i in idx], images,
+                               None if queries.questions is None else [queries.questions[i] for i in idx],
+                               [[str(c.id) for c in row] for row in got.candidates], got.candidates)
+        fused = ops.fuse_candidates(rows, got.scores.to(rows.dtype), 1.0)
+        return int((fused.argmax(-1) == queries.labels[idx]).sum())
+
 
 @torch.no_grad()
 def evaluate_retriever(stage: _Stage2, queries: _Queries) -> dict:
-    """KL (paper target, config temperatures) and top-1 agreement, averaged over the queries."""
+    """KL (paper target, config temperatures), top-1 agreement and the head-only fused accuracy
+    (``_Stage2.head_accuracy_hits``), averaged over the queries."""
     cfg = stage.config
     stage.train_mode(False)
-    kl_sum, agree_sum = 0.0, 0
+    kl_sum, agree_sum, hits = 0.0, 0, 0
     for idx in epoch_batches(list(range(len(queries))), cfg.batch_size):
         r, e, images = stage.batch(queries, idx)
         s = retriever_scores(stage.query_embeddings(images), e)
         kl_sum += float(ops.retrieval_kl_loss(s, r, cfg.tau_retriever, cfg.tau_reader, reduction="sum"))
         agree_sum += int(top1_agreement(s, r).sum())
+        hits += stage.head_accuracy_hits(queries, idx, images)
     n = len(queries)
-    return {"kl": kl_sum / n, "agreement": agree_sum / n, "queries": n}
+    return {"kl": kl_sum / n, "agreement": agree_sum / n, "accuracy": hits / n, "queries": n}
 
 
 @dataclasses.dataclass
@@ -246,6 +272,7 @@ class RetrieverTrainResult:
     final_eval: dict | None
     cache: dict
     checkpoint: str | None
+    selected: dict | None = None  # {"epoch", "accuracy"} the weights kept (select="best_val_accuracy")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,6 +301,37 @@ def _postfix(loss, agreement: float, hit_rate, history: list) -> dict:
     if last:
         out["eval_kl"] = f"{last['kl']:.4f}"
     return out
+
+
+class _Best:
+    """Model selection on validation (``select="best_val_accuracy"``): the weights of the epoch with
+    the highest head-only accuracy (step 0 included; the earlier epoch wins ties) are kept as the
+    named checkpoint ``best`` (so a resumed run still has them) and restored at the end."""
+
+    NAME = "best"
+
+    def __init__(self, run_dir: Path, stage: _Stage2, opt, on: bool):
+        self.run_dir, self.stage, self.opt, self.on = run_dir, stage, opt, on
+        self.path = Path(run_dir) / CHECKPOINT_DIR / self.NAME
+
+    def current(self) -> dict | None:
+        if not self.path.is_dir():
+            return None
+        return json.loads((self.path / STATE_JSON).read_text())["extra"]["selected"]
+
+    def offer(self, epoch: int, step: int, ev: dict | None) -> None:
+        if not self.on or ev is None:
+            return
+        now = self.current()
+        if now is None or ev["accuracy"] > now["accuracy"]:
+            save_named(self.run_dir, self.NAME, step, params=self.stage.params, optimizer=self.opt,
+                       extra={"selected": {"epoch": epoch, "accuracy": ev["accuracy"]}})
+
+    def restore(self) -> dict | None:
+        if not self.on:
+            return None
+        load_checkpoint(self.path, params=self.stage.params)
+        return self.current()
 
 
 def _check_inputs(retriever, retrieval, config) -> QueryEncoder:
@@ -383,6 +441,9 @@ def _run(stage: _Stage2, queries: _Queries, eval_queries: _Queries, run_dir: Pat
     elif cfg.eval_each_epoch:
         initial_eval = evaluate_retriever(stage, eval_queries)
     last_ckpt = str(ckpt) if ckpt is not None else None
+    best = _Best(run_dir, stage, opt, cfg.select == "best_val_accuracy")
+    if ckpt is None:
+        best.offer(0, step, initial_eval)
 
     def save() -> str:
         return str(save_checkpoint(
@@ -432,6 +493,7 @@ def _run(stage: _Stage2, queries: _Queries, eval_queries: _Queries, run_dir: Pat
                 if position >= len(order):
                     ev = evaluate_retriever(stage, eval_queries) if cfg.eval_each_epoch else None
                     history.append(_close_epoch(rec, epoch + 1, ev))
+                    best.offer(epoch + 1, step, ev)
                     epoch, position, rec = epoch + 1, 0, _new_epoch_record()
                 if step % cfg.checkpoint_every == 0 or step == total:
                     last_ckpt = save()
@@ -440,25 +502,37 @@ def _run(stage: _Stage2, queries: _Queries, eval_queries: _Queries, run_dir: Pat
     if position > 0:  # stopped by max_steps mid-epoch: close the partial epoch's record
         ev = evaluate_retriever(stage, eval_queries) if cfg.eval_each_epoch else None
         history.append(_close_epoch(rec, epoch + 1, ev))
+        best.offer(epoch + 1, step, ev)
         rec = _new_epoch_record()
     final_eval = history[-1]["eval"] if history else initial_eval
     result = RetrieverTrainResult(run_dir=str(run_dir), head=cfg.head, steps=step, total_steps=total,
                                   epochs=history, initial_eval=initial_eval, final_eval=final_eval,
-                                  cache=cache.stats.to_dict(), checkpoint=last_ckpt)
+                                  cache=cache.stats.to_dict(), checkpoint=last_ckpt, selected=best.restore())
     _write_json(run_dir / RESULT_FILE, result.to_dict())
     return result
 
 
+@dataclasses.dataclass
+class HeadsResult:
+    """``train_retriever_heads``' outcome: each head's run and the trained per-head query encoders."""
+
+    text: RetrieverTrainResult
+    image: RetrieverTrainResult
+    encoders: HeadEncoders
+
+    def results(self) -> dict:
+        return {"text": self.text, "image": self.image}
+
+
 def train_retriever_heads(config: RetrieverTrainConfig, reader, task, retriever, retrieval, train: Sequence,
                           val: Sequence | None = None, run_dir: str = "runs/stage2", *, resume: bool = True,
-                          progress: bool = True, image_config: RetrieverTrainConfig | None = None) -> dict:
-    """The paper's sequence: the text head (``run_dir/text``), then the image head (``run_dir/image``)
-    starting from the text head's final weights. Returns ``{"text": result, "image": result}``.
+                          progress: bool = True, image_config: RetrieverTrainConfig | None = None) -> HeadsResult:
+    """Both heads, as the reference: the text head (``run_dir/text``), then the image head
+    (``run_dir/image``), each its own query encoder started from ``retriever`` (the *base* encoder,
+    which is not changed) and mixed with it (``alpha``); see ``retriever.heads``.
 
-    ``retriever`` is the *base* encoder (not a ``QueryEncoder``); both heads mix with it
-    (``alpha``) and it is trained in place. ``image_config`` (default: ``config`` with
-    ``head="image"``) may change options of the second run. One score cache
-    (``run_dir/score_cache.bin``, unless ``config.cache_path``) serves both heads.
+    ``image_config`` (default: ``config`` with ``head="image"``) may change options of the second
+    run. One score cache (``run_dir/score_cache.bin``, unless ``config.cache_path``) serves both heads.
     """
     if isinstance(retriever, QueryEncoder):
         raise TypeError("retriever: expected the base encoder (each head builds its own QueryEncoder), got a QueryEncoder")
@@ -466,17 +540,11 @@ def train_retriever_heads(config: RetrieverTrainConfig, reader, task, retriever,
         config = RetrieverTrainConfig.from_dict(config)
     root = Path(run_dir)
     cache_path = config.cache_path or str(root / CACHE_FILE)
-    text_cfg = config.replace(head="text", cache_path=cache_path)
-    image_cfg = (image_config or config).replace(head="image", cache_path=cache_path)
-    base = copy.deepcopy(retriever)  # the initial encoder: the image head's mixing anchor
-    text_enc = QueryEncoder(retriever, text_cfg.n_trainable, text_cfg.alpha)
-    text = train_retriever(text_cfg, reader, task, text_enc, retrieval, train, val, root / "text",
-                           resume=resume, progress=progress)
-    image_enc = QueryEncoder(copy.deepcopy(base), image_cfg.n_trainable, image_cfg.alpha)
-    with torch.no_grad():
-        image_enc.learned.load_state_dict(text_enc.learned.state_dict())
-    image = train_retriever(image_cfg, reader, task, image_enc, retrieval, train, val, root / "image",
-                            resume=resume, progress=progress)
-    with torch.no_grad():  # hand the final weights back in the caller's encoder
-        retriever.load_state_dict(image_enc.learned.state_dict())
-    return {"text": text, "image": image}
+    configs = {"text": config.replace(head="text", cache_path=cache_path),
+               "image": (image_config or config).replace(head="image", cache_path=cache_path)}
+    encoders, results = {}, {}
+    for head, cfg in configs.items():
+        encoders[head] = QueryEncoder(copy.deepcopy(retriever), cfg.n_trainable, cfg.alpha)
+        results[head] = train_retriever(cfg, reader, task, encoders[head], retrieval, train, val, root / head,
+                                        resume=resume, progress=progress)
+    return HeadsResult(text=results["text"], image=results["image"], encoders=HeadEncoders(**encoders))

@@ -32,6 +32,11 @@ option                 default    where it comes from
                                   log_softmax(s.detach())) / tau_reader)`` (``src/jomed.py``)
 ``grad_clip``          None       the reference calls ``clip_grad_norm_`` before ``backward`` (no
                                   effect), so none by default
+``select``             "last"     ``"best_val_accuracy"``: keep the epoch (step 0 included) whose
+                                  head-only fused accuracy on ``val`` is highest, as the reference
+                                  evaluates fused accuracy on its eval set during training
+                                  (``--fused_eval --eval_freq``, ``--eval_in_specific_step 0``)
+``select_k``           2          candidates that accuracy fuses (the inference ``k`` of the head)
 =====================  =========  ==============================================================
 
 Chosen here (not in the reference): ``epochs`` (the reference runs ``--total_steps 50000``; set
@@ -50,10 +55,11 @@ from typing import Any
 
 from ._config import JsonConfig
 
-__all__ = ["HEADS", "TARGETS", "RetrieverTrainConfig"]
+__all__ = ["HEADS", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
 
 HEADS = ("text", "image")
 TARGETS = ("gold", "gold_with_retriever_prior")
+SELECTIONS = ("last", "best_val_accuracy")
 LAYOUTS = ("shared_query", "paper")
 CLASS_MODES = ("auto", "first_token", "sequence")
 # options that do not change the trajectory: they may differ between a run and its resume
@@ -79,6 +85,8 @@ class RetrieverTrainConfig(JsonConfig):
     alpha: float | None = 0.15
     n_trainable: int = 10
     grad_clip: float | None = None
+    select: str = "last"
+    select_k: int = 2
     seed: int = 10
     shuffle: bool = True
     layout: str = "shared_query"
@@ -126,7 +134,10 @@ class RetrieverTrainConfig(JsonConfig):
         self._choice("target", TARGETS)
         self._choice("layout", LAYOUTS)
         self._choice("class_mode", CLASS_MODES)
-        for name in ("k", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
+        self._choice("select", SELECTIONS)
+        if self.select != "last" and not self.eval_each_epoch:
+            self._fail("select", "'last' when eval_each_epoch is False (selection needs the evaluations)", self.select)
+        for name in ("k", "select_k", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
             self._int(name, 1)
         for name in ("warmup_steps", "n_trainable", "seed"):
             self._int(name, 0)
