@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -34,9 +34,17 @@ class Linear:
         return self.d_in * self.d_out
 
 
-@dataclass
-class Arch:
-    family: str  # "qwen2_vl" | "pixtral"
+def positive_int(name: str, value) -> int:
+    """``value`` if it is an int > 0 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The language model's dimensions: H, ℓ, heads, kv_heads, d, I, V (what the FLOP model needs)."""
+
     hidden: int
     layers: int
     heads: int
@@ -44,15 +52,35 @@ class Arch:
     head_dim: int
     intermediate: int
     vocab: int
-    vision_layers: int
-    vision_hidden: int
-    vision_intermediate: int
-    vision_heads: int
-    patch: int
-    merge: int
+
+    def __post_init__(self):
+        for f in fields(DecoderShape):
+            positive_int(f"{type(self).__name__}.{f.name}", getattr(self, f.name))
+
+    def decoder(self) -> DecoderShape:
+        """Just the language model's dimensions (from an ``Arch``, which has them too)."""
+        return DecoderShape(**{f.name: getattr(self, f.name) for f in fields(DecoderShape)})
+
+
+@dataclass(frozen=True)
+class Arch(DecoderShape):
+    """A whole model: the decoder's dimensions, the vision tower's, and every weight tensor."""
+
+    family: str = ""  # "qwen2_vl" | "pixtral" (defaults only because the base fields come first)
+    vision_layers: int = 0
+    vision_hidden: int = 0
+    vision_intermediate: int = 0
+    vision_heads: int = 0
+    patch: int = 0
+    merge: int = 0
     patch_inputs: int = 0  # values one patch feeds the vision tower: channels x (temporal patch) x patch^2
     linears: list[Linear] = field(default_factory=list)
     dense: dict[str, int] = field(default_factory=dict)  # unquantizable params: name -> numel
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.family not in ("qwen2_vl", "pixtral"):
+            raise ValueError(f"Arch.family: expected 'qwen2_vl' or 'pixtral', got {self.family!r}")
 
     @property
     def text_linears(self) -> list[Linear]:
@@ -86,10 +114,10 @@ def _add_text_decoder(a: Arch, qkv_bias: bool) -> None:
     H, n, nh, kv, hd, I, V = a.hidden, a.layers, a.heads, a.kv_heads, a.head_dim, a.intermediate, a.vocab
     for i in range(n):
         p = f"text.{i}."
-        a.linears += [Linear(p + "q", H, nh * hd, qkv_bias, "text"), Linear(p + "k", H, kv * hd, qkv_bias, "text"),
+        a.linears.extend([Linear(p + "q", H, nh * hd, qkv_bias, "text"), Linear(p + "k", H, kv * hd, qkv_bias, "text"),
                       Linear(p + "v", H, kv * hd, qkv_bias, "text"), Linear(p + "o", nh * hd, H, False, "text"),
                       Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
-                      Linear(p + "down", I, H, False, "text")]
+                      Linear(p + "down", I, H, False, "text")])
         a.dense[p + "norms"] = 2 * H
     a.dense["text.final_norm"] = H
     a.dense["embed_tokens"] = V * H
@@ -106,19 +134,20 @@ def _qwen2_vl(c: dict) -> Arch:
     merge, patch, tps = v["spatial_merge_size"], v["patch_size"], v.get("temporal_patch_size", 2)
     out_dim = v.get("hidden_size", H)
     channels = v.get("in_chans", v.get("in_channels", 3))
-    a = Arch("qwen2_vl", H, n, nh, kv, hd, I, V, depth, E, int(E * ratio), v["num_heads"], patch, merge,
-             patch_inputs=channels * tps * patch * patch)
+    a = Arch(hidden=H, layers=n, heads=nh, kv_heads=kv, head_dim=hd, intermediate=I, vocab=V, family="qwen2_vl",
+             vision_layers=depth, vision_hidden=E, vision_intermediate=int(E * ratio), vision_heads=v["num_heads"],
+             patch=patch, merge=merge, patch_inputs=channels * tps * patch * patch)
     _add_text_decoder(a, qkv_bias=True)  # Qwen2 has q/k/v biases
     mlp = int(E * ratio)
     for i in range(depth):
         p = f"vision.{i}."
-        a.linears += [Linear(p + "qkv", E, 3 * E, True, "vision"), Linear(p + "proj", E, E, True, "vision"),
-                      Linear(p + "fc1", E, mlp, True, "vision"), Linear(p + "fc2", mlp, E, True, "vision")]
+        a.linears.extend([Linear(p + "qkv", E, 3 * E, True, "vision"), Linear(p + "proj", E, E, True, "vision"),
+                      Linear(p + "fc1", E, mlp, True, "vision"), Linear(p + "fc2", mlp, E, True, "vision")])
         a.dense[p + "norms"] = 4 * E  # two LayerNorms, weight + bias
     a.dense["vision.patch_embed"] = E * a.patch_inputs
     m = E * merge * merge
     a.dense["vision.merger.ln_q"] = 2 * E
-    a.linears += [Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")]
+    a.linears.extend([Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")])
     return a
 
 
@@ -128,19 +157,20 @@ def _pixtral(c: dict) -> Arch:
                           t["num_attention_heads"], t["num_key_value_heads"], t["vocab_size"])
     hd = t.get("head_dim") or H // nh
     Hv, Iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-    a = Arch("pixtral", H, n, nh, kv, hd, I, V, nv, Hv, Iv, v["num_attention_heads"], v["patch_size"], 1,
-             patch_inputs=v.get("num_channels", 3) * v["patch_size"] ** 2)
+    a = Arch(hidden=H, layers=n, heads=nh, kv_heads=kv, head_dim=hd, intermediate=I, vocab=V, family="pixtral",
+             vision_layers=nv, vision_hidden=Hv, vision_intermediate=Iv, vision_heads=v["num_attention_heads"],
+             patch=v["patch_size"], merge=1, patch_inputs=v.get("num_channels", 3) * v["patch_size"] ** 2)
     _add_text_decoder(a, qkv_bias=False)  # Mistral has none
     for i in range(nv):
         p = f"vision.{i}."
-        a.linears += [Linear(p + n_, Hv, Hv, False, "vision") for n_ in ("q", "k", "v", "o")]
-        a.linears += [Linear(p + "gate", Hv, Iv, False, "vision"), Linear(p + "up", Hv, Iv, False, "vision"),
-                      Linear(p + "down", Iv, Hv, False, "vision")]
+        a.linears.extend([Linear(p + n_, Hv, Hv, False, "vision") for n_ in ("q", "k", "v", "o")])
+        a.linears.extend([Linear(p + "gate", Hv, Iv, False, "vision"), Linear(p + "up", Hv, Iv, False, "vision"),
+                      Linear(p + "down", Iv, Hv, False, "vision")])
         a.dense[p + "norms"] = 2 * Hv
     a.dense["vision.patch_conv"] = Hv * a.patch_inputs
     a.dense["vision.ln_pre"] = Hv
     bias = c.get("multimodal_projector_bias", True)
-    a.linears += [Linear("projector.1", Hv, H, bias, "vision"), Linear("projector.2", H, H, bias, "vision")]
+    a.linears.extend([Linear("projector.1", Hv, H, bias, "vision"), Linear("projector.2", H, H, bias, "vision")])
     return a
 
 

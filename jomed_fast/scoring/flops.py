@@ -50,7 +50,7 @@ import dataclasses
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from ..memory.arch import describe
+from ..memory.arch import DecoderShape, describe, positive_int
 
 __all__ = [
     "DecoderShape",
@@ -73,10 +73,6 @@ __all__ = [
 VISION_FAMILIES = ("qwen2_vl", "pixtral")
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 def _count(name: str, value: Any) -> int:
@@ -88,23 +84,6 @@ def _count(name: str, value: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 # Shapes from a config
 # ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class DecoderShape:
-    """The language model's dimensions: H, ℓ, heads, kv_heads, d, I, V."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _positive(f"DecoderShape.{f.name}", getattr(self, f.name))
-
-
 @dataclasses.dataclass(frozen=True)
 class VisionShape:
     """The vision tower's dimensions (``family`` picks the block structure, see the module doc).
@@ -125,15 +104,13 @@ class VisionShape:
         if self.family not in VISION_FAMILIES:
             raise ValueError(f"VisionShape.family: expected one of {VISION_FAMILIES}, got {self.family!r}")
         for f in dataclasses.fields(self)[1:]:
-            _positive(f"VisionShape.{f.name}", getattr(self, f.name))
+            positive_int(f"VisionShape.{f.name}", getattr(self, f.name))
 
 
 def decoder_shape(config) -> DecoderShape:
     """``DecoderShape`` of a Qwen2-VL or Pixtral-LLaVA config (object, dict or path). The config
     facts are read once, by ``jomed_fast.memory.arch.describe`` (what the memory planner uses)."""
-    a = describe(config)
-    return DecoderShape(hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
-                        intermediate=a.intermediate, vocab=a.vocab)
+    return describe(config).decoder()
 
 
 def vision_shape(config) -> VisionShape:
@@ -169,7 +146,7 @@ def decoder_flops(dec: DecoderShape, tokens: int, cached: int = 0) -> int:
 
 def head_flops(dec: DecoderShape, positions: int, columns: int | None = None) -> int:
     """The LM head at ``positions`` positions over ``columns`` rows of it (default: all V)."""
-    cols = dec.vocab if columns is None else _positive("columns", columns)
+    cols = dec.vocab if columns is None else positive_int("columns", columns)
     return 2 * dec.hidden * cols * _count("positions", positions)
 
 
@@ -265,7 +242,7 @@ def generate_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[Prompt
     total = Flops()
     for p, T in zip(prompts, steps):
         image = sum(vision_flops(vis, n) for _, n in p.images)
-        for j in range(_positive("steps[]", T)):
+        for j in range(positive_int("steps[]", T)):
             total += Flops(vision=image if j == 0 or images_every_step else 0,
                            llm=decoder_flops(dec, p.tokens + j), head=head_flops(dec, 1))
     return total
@@ -277,7 +254,7 @@ def shared_prefix_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[P
     the class head (``first_token``: C columns at one position; ``sequence`` mode with N =
     ``class_nodes`` trie nodes: ``allowed_tokens`` columns at 1 + N positions)."""
     prompts = _check_prompts(prompts)
-    _positive("num_classes", num_classes)
+    positive_int("num_classes", num_classes)
     _count("class_nodes", class_nodes)
     if class_nodes and allowed_tokens is None:
         raise ValueError("allowed_tokens: expected the number of allowed tokens when class_nodes > 0, got None")
