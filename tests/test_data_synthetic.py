@@ -22,6 +22,7 @@ from jomed_fast.data.synthetic import (
     generate,
     images_array,
     load_synthetic,
+    render_ultrasound,
     write_synthetic,
 )
 from jomed_fast.tasks import get_task
@@ -90,7 +91,7 @@ def test_images_and_ids(small):
 def test_config_validation():
     for bad in (dict(seed=-1), dict(image_size=8), dict(atypical_rate=1.5), dict(visibility=(0.0, 1.0)),
                 dict(relevant_fraction=0.9, misleading_fraction=0.2), dict(train_prototype_fraction=0.0),
-                {"hedged_rate": 1.5}):
+                {"hedged_rate": 1.5}, {"atypical_cue": -0.1}, {"atypical_cue": 1.5}):
         with pytest.raises(ValueError, match="SyntheticConfig"):
             SyntheticConfig(**bad)
     assert SyntheticConfig.from_dict(SMALL.to_dict()) == SMALL
@@ -216,18 +217,46 @@ def _features(recs) -> np.ndarray:
     return np.concatenate([q, thumb], 1)
 
 
-def test_label_is_in_the_image_but_not_entirely(medium):
-    a, b = _features(medium.train), _features(medium.test)
-    y_tr = np.array([s.label for s in medium.train])
-    y_te = np.array([s.label for s in medium.test])
+def _centroid_right(train, test) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-centroid classifier (intensity quantiles + thumbnail): right per test case, and
+    which test cases are atypical."""
+    a, b = _features(train), _features(test)
+    y_tr, y_te = np.array([s.label for s in train]), np.array([s.label for s in test])
     mu, sd = a.mean(0), a.std(0) + 1e-9
     a, b = (a - mu) / sd, (b - mu) / sd
     centroids = np.stack([a[y_tr == c].mean(0) for c in range(NUM_CLASSES)])
-    pred = ((b[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
-    acc = (pred == y_te).mean()
-    assert 0.3 < acc < 0.8, acc  # chance is 0.2
-    atypical = np.array([s.extra["meta"]["atypical"] for s in medium.test])
-    assert (pred == y_te)[~atypical].mean() > (pred == y_te)[atypical].mean() + 0.05  # atypical cases mislead
+    right = ((b[:, None] - centroids[None]) ** 2).sum(-1).argmin(1) == y_te
+    return right, np.array([s.extra["meta"]["atypical"] for s in test])
+
+
+def test_label_is_in_the_image_but_not_entirely(medium):
+    right, atypical = _centroid_right(medium.train, medium.test)
+    assert 0.3 < right.mean() < 0.8, right.mean()  # chance is 0.2
+    assert right[~atypical].mean() > right[atypical].mean() + 0.05  # atypical cases mislead
+
+
+def test_atypical_cue_marks_atypical_cases_only():
+    config = SyntheticConfig(seed=3, n_train=300, n_val=0, n_test=250, index_size=200)
+    plain, cued = SyntheticGenerator(config), SyntheticGenerator(config, atypical_cue=0.6)
+    for split, n in (("train", 300), ("test", 250)):
+        for i in range(0, n, 7):
+            a, b = plain.sample(split, i), cued.sample(split, i)
+            changed = not np.array_equal(a.image, b.image)
+            assert changed == a.extra["meta"]["atypical"], (split, i)
+    for i in range(200):
+        a, b = plain.index_record(i), cued.index_record(i)
+        atypical = a.extra["meta"]["kind"] == "relevant" and plain.prototypes[a.extra["meta"]["prototype"]].atypical
+        assert (not np.array_equal(a.image, b.image)) == atypical, i
+        assert a.text == b.text and a.extra == b.extra
+    # a full cue is the case rendered with its own class's look (same geometry, same random draws)
+    proto = next(p for p in plain.prototypes if p.atypical)
+    geom = SyntheticGenerator._geom(proto)
+    full = render_ultrasound(geom, proto.look, 0.9, 32, np.random.default_rng(5), 0.3, cue_look=proto.label, cue=1.0)
+    own = render_ultrasound(geom, proto.label, 0.9, 32, np.random.default_rng(5), 0.3)
+    assert np.abs(full.astype(int) - own).max() <= 1
+    # the cue makes atypical cases more recognisable from the image (0.40 -> 0.56 here)
+    (r0, atypical), (r1, _) = (_centroid_right(g.samples("train"), g.samples("test")) for g in (plain, cued))
+    assert r1[atypical].mean() > r0[atypical].mean() + 0.1, (r0[atypical].mean(), r1[atypical].mean())
 
 
 def _retrieval_accuracy(medium, factor: int) -> tuple[float, float]:

@@ -28,7 +28,12 @@ harmonics, calcification offsets) and the tissue-band pattern. With probability
 ``atypical_rate`` a prototype is *atypical*: it is rendered with the look of a confusable class
 (``ATYPICAL_LOOK``: cyst->fibroadenoma, fibroadenoma->cyst, carcinoma->fibroadenoma (the
 circumscribed carcinoma), normal->calcifications (benign echogenic artefacts),
-calcifications->normal (too faint to see)) while its label stays ``c``.
+calcifications->normal (too faint to see)) while its label stays ``c``. With ``atypical_cue``
+``w > 0`` every rendering of an atypical case blends in ``w`` of its lesion as its own class would
+render it (the faint posterior shadow and halo of a circumscribed carcinoma, the weaker
+enhancement of a cyst-like fibroadenoma, ...): a subtle signature of the true class under the
+confusable look, as real mimics have. A retriever that weighs it brings records of the right
+diagnosis for atypical queries; a retriever that matches the gross look does not.
 
 **Rendering.** ``x = render(prototype, jitter, visibility v, fresh speckle)``: position jitter
 (``N(0, 0.025 S)`` px for image size ``S``), size jitter (x``N(1, 0.05)``), tissue-band phase
@@ -217,6 +222,7 @@ class SyntheticConfig:
     relevant_fraction: float = 0.5
     misleading_fraction: float = 0.15
     hedged_rate: float = 0.0
+    atypical_cue: float = 0.0
 
     def __post_init__(self) -> None:
         def need(cond: bool, what: str) -> None:
@@ -237,6 +243,7 @@ class SyntheticConfig:
         lo, hi = self.visibility
         need(0.0 < lo <= hi <= 1.0, f"visibility: expected 0 < lo <= hi <= 1, got {self.visibility}")
         need(0.0 <= self.hedged_rate <= 1.0, f"hedged_rate: expected in [0, 1], got {self.hedged_rate}")
+        need(0.0 <= self.atypical_cue <= 1.0, f"atypical_cue: expected in [0, 1], got {self.atypical_cue}")
         need(0.0 <= self.speckle <= 1.0, f"speckle: expected in [0, 1], got {self.speckle}")
         rf, mf = self.relevant_fraction, self.misleading_fraction
         need(0 <= rf and 0 <= mf and rf + mf <= 1, f"relevant_fraction + misleading_fraction must be in [0, 1], got {rf} + {mf}")
@@ -360,10 +367,49 @@ def _speckle(rng: np.random.Generator, size: int, strength: float) -> np.ndarray
     return 1.0 + (2.0 * strength) * (ray - 1.0)
 
 
+def _lesion(geom: dict, look: int, tissue: np.ndarray, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """What the lesion of ``look`` adds to ``tissue`` at full visibility (``[S, S]``, linear in it)."""
+    s = float(size)
+    yy, xx = _grid(size)
+    interior, posterior, halo, sharp = _LOOK_PARAMS[look]
+    delta = np.zeros((size, size))
+    if look == CALCIFICATIONS:
+        for ox, oy in geom["dots"]:
+            px, py = cx + ox * r, cy + oy * r
+            d2 = (xx - px) ** 2 + (yy - py) ** 2
+            delta = delta + 0.9 * np.exp(-d2 / (2 * 0.7**2))
+        return delta
+    a = r * math.sqrt(geom["aspect"])
+    b = r / math.sqrt(geom["aspect"])
+    ct, st = math.cos(geom["tilt"]), math.sin(geom["tilt"])
+    u = ((xx - cx) * ct + (yy - cy) * st) / a
+    w = (-(xx - cx) * st + (yy - cy) * ct) / b
+    rho = np.sqrt(u**2 + w**2)
+    phi = np.arctan2(w, u)
+    boundary = np.ones_like(rho)
+    for k, amp, ph in geom["harmonics"]:
+        boundary = boundary + amp * np.cos(k * phi + ph)
+    inside = 1.0 / (1.0 + np.exp(-(boundary - rho) * sharp))
+    target = interior if look != NORMAL else 0.9 * tissue
+    delta = inside * (target - tissue)
+    if halo:
+        delta = delta + halo * np.exp(-(((rho - boundary) / 0.18) ** 2)) * (rho > boundary * 0.9)
+    if posterior:
+        below = np.clip((yy - cy) / max(b, 1.0), 0.0, None)
+        column = np.exp(-(((xx - cx) / (0.9 * a)) ** 2))
+        fade = np.clip(below, 0.0, 1.0) * np.exp(-np.clip(yy - cy - b, 0.0, None) / (0.6 * s))
+        delta = delta + posterior * column * fade * (1.0 - inside)
+    return delta
+
+
 def render_ultrasound(
-    geom: dict, look: int, visibility: float, size: int, rng: np.random.Generator, speckle: float, jitter: bool = True
+    geom: dict, look: int, visibility: float, size: int, rng: np.random.Generator, speckle: float, jitter: bool = True,
+    cue_look: int | None = None, cue: float = 0.0,
 ) -> np.ndarray:
-    """One grey ultrasound-like rendering of ``geom`` with ``look``; ``[S, S, 3]`` uint8."""
+    """One grey ultrasound-like rendering of ``geom`` with ``look``; ``[S, S, 3]`` uint8.
+
+    ``cue_look``/``cue``: blend ``cue`` of the lesion as ``cue_look`` renders it into the lesion
+    (an atypical case's faint signature of its true class)."""
     s = float(size)
     yy, xx = _grid(size)
     if jitter:
@@ -381,35 +427,12 @@ def render_ultrasound(
     for (cyc, amp, ph, slope), j in zip(geom["bands"], band_jit):
         tissue = tissue * (1.0 + amp * np.sin(2 * math.pi * cyc * (yy + slope * xx) / s + ph + j))
     tissue = tissue * (1.0 - 0.3 * yy / s)
-    img = tissue.copy()
-    interior, posterior, halo, sharp = _LOOK_PARAMS[look]
     v = float(visibility)
-    if look == CALCIFICATIONS:
-        for ox, oy in geom["dots"]:
-            px, py = cx + ox * r, cy + oy * r
-            d2 = (xx - px) ** 2 + (yy - py) ** 2
-            img = img + 0.9 * v * np.exp(-d2 / (2 * 0.7**2))
-    else:
-        a = r * math.sqrt(geom["aspect"])
-        b = r / math.sqrt(geom["aspect"])
-        ct, st = math.cos(geom["tilt"]), math.sin(geom["tilt"])
-        u = ((xx - cx) * ct + (yy - cy) * st) / a
-        w = (-(xx - cx) * st + (yy - cy) * ct) / b
-        rho = np.sqrt(u**2 + w**2)
-        phi = np.arctan2(w, u)
-        boundary = np.ones_like(rho)
-        for k, amp, ph in geom["harmonics"]:
-            boundary = boundary + amp * np.cos(k * phi + ph)
-        inside = 1.0 / (1.0 + np.exp(-(boundary - rho) * sharp))
-        target = interior if look != NORMAL else 0.9 * tissue
-        img = img + v * inside * (target - img)
-        if halo:
-            img = img + v * halo * np.exp(-(((rho - boundary) / 0.18) ** 2)) * (rho > boundary * 0.9)
-        if posterior:
-            below = np.clip((yy - cy) / max(b, 1.0), 0.0, None)
-            column = np.exp(-(((xx - cx) / (0.9 * a)) ** 2))
-            fade = np.clip(below, 0.0, 1.0) * np.exp(-np.clip(yy - cy - b, 0.0, None) / (0.6 * s))
-            img = img + v * posterior * column * fade * (1.0 - inside)
+    img = tissue + v * _lesion(geom, look, tissue, cx, cy, r, size)
+    if cue_look is not None and cue:
+        # the faint signature of the true class on an atypical case's look: the same geometry
+        # rendered with the class's own look, blended in with weight ``cue``
+        img = img + cue * v * (_lesion(geom, cue_look, tissue, cx, cy, r, size) - _lesion(geom, look, tissue, cx, cy, r, size))
     img = img * _speckle(rng, size, speckle) * gain
     grey = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
@@ -543,6 +566,10 @@ class SyntheticGenerator:
         return dict(cx=p.cx, cy=p.cy, radius=p.radius, aspect=p.aspect, tilt=p.tilt, harmonics=p.harmonics,
                     dots=p.dots, bands=p.bands)
 
+    def _cue(self, p: Prototype) -> dict:
+        """Rendering arguments that give an atypical case the faint signature of its class."""
+        return {"cue_look": p.label, "cue": self.config.atypical_cue} if p.atypical else {}
+
     # -- samples --------------------------------------------------------------------------------
     def _labels(self, split: str) -> np.ndarray:
         if split not in self._split_labels:
@@ -565,7 +592,8 @@ class SyntheticGenerator:
         protos = self.prototypes_of(true, split)
         proto = protos[int(rng.integers(len(protos)))]
         vis = round(float(rng.uniform(*cfg.visibility)), 4)
-        image = render_ultrasound(self._geom(proto), proto.look, vis, cfg.image_size, rng, cfg.speckle)
+        image = render_ultrasound(self._geom(proto), proto.look, vis, cfg.image_size, rng, cfg.speckle,
+                                  **self._cue(proto))
         label, noisy = true, False
         if cfg.label_noise > 0 and rng.uniform() < cfg.label_noise:
             label = int((true + 1 + rng.integers(NUM_CLASSES - 1)) % NUM_CLASSES)
@@ -625,7 +653,7 @@ class SyntheticGenerator:
         if kind == "relevant":
             proto = self.prototypes[int(rank[i]) % len(self.prototypes)]
             vis = float(rng.uniform(*cfg.visibility))
-            image = render_ultrasound(self._geom(proto), proto.look, vis, size, rng, cfg.speckle)
+            image = render_ultrasound(self._geom(proto), proto.look, vis, size, rng, cfg.speckle, **self._cue(proto))
             # drawn only when hedging is on: with hedged_rate 0 the random draws are version 1's
             hedged = bool(cfg.hedged_rate > 0 and rng.uniform() < cfg.hedged_rate and not proto.atypical)
             text = caption_for(proto.label, proto.look, rng, hedged=hedged)

@@ -55,7 +55,8 @@ def _data(out: Path, config: DemoConfig, progress: bool):
         _log("writing the synthetic task and index", progress)
         write_synthetic(generate(seed=config.seed, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test,
                                  index_size=config.index_size, image_size=config.image_size,
-                                 misleading_fraction=config.misleading_fraction, hedged_rate=config.hedged_rate), d)
+                                 misleading_fraction=config.misleading_fraction, hedged_rate=config.hedged_rate,
+                                 atypical_cue=config.atypical_cue), d)
     return load_synthetic(d)
 
 
