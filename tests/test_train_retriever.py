@@ -263,7 +263,7 @@ def test_selection_keeps_the_best_validation_epoch(setup, tmp_path):
     res = train_retriever(cfg, reader, "synthetic", qe, retrieval, train, val, tmp_path / "run", progress=False)
     accs = [res.initial_eval["accuracy"]] + [e["eval"]["accuracy"] for e in res.epochs]
     best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the first epoch with the highest accuracy
-    assert res.selected == {"epoch": best, "accuracy": accs[best]}
+    assert res.selected == {"epoch": best, "metric": "accuracy", "accuracy": accs[best]}
     kept = load_weights(tmp_path / "run" / "checkpoints" / "best")
     learned = dict(qe.learned.named_parameters())
     assert all(torch.equal(learned[n[len("learned."):]], t) for n, t in kept.items() if n.startswith("learned."))
@@ -274,3 +274,34 @@ def test_selection_keeps_the_best_validation_epoch(setup, tmp_path):
     assert np.mean([r.fused == r.gold for r in recs]) == pytest.approx(accs[best], abs=1e-9)
     with pytest.raises(ValueError, match=r"config\.select: expected 'last' when eval_each_epoch is False"):
         RetrieverTrainConfig(select="best_val_accuracy", eval_each_epoch=False)
+
+
+def test_selection_with_a_partner_uses_the_whole_systems_accuracy(setup, tmp_path):
+    """With the other head as inference runs it, each evaluation also reports the system accuracy
+    (both heads' candidates fused), selection follows it, and it is the inference pipeline's."""
+    from jomed_fast.infer import InferConfig, predict
+    from jomed_fast.retriever import HeadEncoders
+
+    reader, enc, retrieval, train, val = setup
+    cfg = RetrieverTrainConfig(**FAST, epochs=3, select="best_val_accuracy", select_k=2, layout="paper",
+                               head="image")
+    qe = _encoder(enc, cfg)
+    res = train_retriever(cfg, reader, "synthetic", qe, retrieval, train, val, tmp_path / "run", progress=False,
+                          partner=stage2.Partner(enc, 1))
+    evals = [res.initial_eval] + [e["eval"] for e in res.epochs]
+    system = [ev["system_accuracy"] for ev in evals]
+    best = max(range(len(system)), key=lambda i: (system[i], -i))
+    assert res.selected == {"epoch": best, "metric": "system_accuracy", "accuracy": system[best]}
+    recs = predict(CandidateScorer(reader, "synthetic", "paper"), val, retrieval=retrieval,
+                   encoder=HeadEncoders(HeadEncoders.untrained(enc, None).text, qe.eval()),
+                   config=InferConfig(k_text=1, k_image=2, layout="paper"), progress=False)
+    assert np.mean([r.fused == r.gold for r in recs]) == pytest.approx(system[best], abs=1e-9)
+    head_only = predict(CandidateScorer(reader, "synthetic", "paper"), val, retrieval=retrieval,
+                        encoder=HeadEncoders(HeadEncoders.untrained(enc, None).text, qe.eval()),
+                        config=InferConfig(k_text=0, k_image=2, layout="paper"), progress=False)
+    assert np.mean([r.fused == r.gold for r in head_only]) == pytest.approx(evals[best]["accuracy"], abs=1e-9)
+    for bad, err in ((0, ValueError), (True, ValueError)):
+        with pytest.raises(err, match="partner.k"):
+            stage2.Partner(enc, bad)
+    with pytest.raises(TypeError, match="partner.encoder"):
+        stage2.Partner(object(), 2)

@@ -428,11 +428,12 @@ def render_ultrasound(
         tissue = tissue * (1.0 + amp * np.sin(2 * math.pi * cyc * (yy + slope * xx) / s + ph + j))
     tissue = tissue * (1.0 - 0.3 * yy / s)
     v = float(visibility)
-    img = tissue + v * _lesion(geom, look, tissue, cx, cy, r, size)
+    lesion = _lesion(geom, look, tissue, cx, cy, r, size)
+    img = tissue + v * lesion
     if cue_look is not None and cue:
         # the faint signature of the true class on an atypical case's look: the same geometry
         # rendered with the class's own look, blended in with weight ``cue``
-        img = img + cue * v * (_lesion(geom, cue_look, tissue, cx, cy, r, size) - _lesion(geom, look, tissue, cx, cy, r, size))
+        img = img + cue * v * (_lesion(geom, cue_look, tissue, cx, cy, r, size) - lesion)
     img = img * _speckle(rng, size, speckle) * gain
     grey = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))

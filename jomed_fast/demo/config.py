@@ -13,8 +13,11 @@ of the tiny image tower (reference: the last 10 of 24 layers) for 6 epochs at lr
 span a range of ~1, where 7B-era retrievers' raw dot products span tens), no weight decay
 (reference 1.0, which at these step counts shrinks the few trainable weights) and no mixing with
 the base query embedding (α = None; reference 0.15, which at these step counts leaves the top 2
-unchanged). Each head keeps its best epoch on the validation split (``select``), as the
-reference picks its checkpoints by fused validation accuracy.
+unchanged). Each head keeps its best epoch on the validation split (``select``), judged by the
+fused accuracy of the system it serves in (the text head beside the base image head, the image
+head beside the selected text head), as the reference picks its checkpoints by fused validation
+accuracy: judged alone, a head could win on validation while its errors broke the other head's
+ties (seeds 1 and 2 of the full preset lost 9.2 and 7.2 points that way).
 
 The data: a quarter of the index is misleading records and 30% of the typical relevant records
 hedge their diagnosis (``data.synthetic``: ``misleading_fraction``, ``hedged_rate``), so that what

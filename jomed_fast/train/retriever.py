@@ -25,8 +25,11 @@ Metrics (per epoch, on ``val`` or else the training queries, candidates from the
 candidate encoder): the KL above with the paper's target, the **top-1 agreement**
 :math:`\frac1B\sum_b [\arg\max_k s_{b,k} = \arg\max_k r_{b,k}]` — how often the retriever's first
 choice is the reader's — and the **head-only accuracy**: the head's top ``select_k`` under the
-trained query embedding, fused by the paper's rule. ``select="best_val_accuracy"`` keeps the
-epoch (step 0 included) with the highest accuracy (checkpoint ``best``, restored at the end).
+trained query embedding, fused by the paper's rule. Given a ``partner`` (the other head as
+inference will run it: its query encoder and its k), also the **system accuracy**: the head's top
+``select_k`` and the partner's top k, fused together, which is what the deployed retriever scores.
+``select="best_val_accuracy"`` keeps the epoch (step 0 included) with the highest system accuracy
+(head-only without a partner; checkpoint ``best``, restored at the end).
 
 Faults: checkpoints (:mod:`.checkpoint`: trainable weights, the candidate encoder's copies of them,
 AdamW, scheduler, RNG, data position, history) every ``checkpoint_every`` steps and at the end;
@@ -37,7 +40,8 @@ The data order of epoch e is a pure function of (seed, e) (:mod:`.data_order`).
 ``train_retriever`` trains one head; ``train_retriever_heads`` both, as the reference: the text
 head, then the image head, each its own query encoder started from the base encoder
 (``retriever.HeadEncoders``; ``run_dir/text``, ``run_dir/image``, one score cache
-``run_dir/score_cache.bin`` shared by both).
+``run_dir/score_cache.bin`` shared by both). Each head is selected by the system it will serve
+in: the text head beside the base image head, the image head beside the selected text head.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ from .score_cache import ScoreCache
 
 __all__ = [
     "HeadsResult",
+    "Partner",
     "RetrieverTrainConfig",
     "RetrieverTrainResult",
     "distillation_loss",
@@ -178,12 +183,35 @@ def _params_digest(tensors) -> str:
 
 
 # ------------------------------------------------------------------------------------------ core
+@dataclasses.dataclass(frozen=True)
+class Partner:
+    """The other head as inference runs it: its query ``encoder`` (a ``QueryEncoder``, or a base
+    encoder with ``encode_images``; frozen here) and how many candidates ``k`` it brings."""
+
+    encoder: Any
+    k: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"partner.k: expected an int >= 1, got {self.k!r}")
+        if not (isinstance(self.encoder, QueryEncoder) or hasattr(self.encoder, "encode_images")):
+            raise TypeError(f"partner.encoder: expected a QueryEncoder or an encoder with encode_images, "
+                            f"got {type(self.encoder).__name__}")
+
+    @torch.no_grad()
+    def embed(self, images: list) -> torch.Tensor:
+        if isinstance(self.encoder, QueryEncoder):
+            return self.encoder(images)
+        return self.encoder.encode_images(images)
+
+
 class _Stage2:
     """One head's training state: encoders, cache, scorer, optimizer (built by ``train_retriever``)."""
 
-    def __init__(self, config, encoder: QueryEncoder, retrieval, pairs: PairScores):
+    def __init__(self, config, encoder: QueryEncoder, retrieval, pairs: PairScores, partner: Partner | None = None):
         self.config = config
         self.encoder = encoder
+        self.partner = partner
         self.retrieval = retrieval
         self.pairs = pairs
         self.candidate_encoder = copy.deepcopy(encoder.learned).eval().requires_grad_(False)
@@ -229,12 +257,18 @@ class _Stage2:
         """``q̃ [B, D]``: the learned encoder mixed with the anchor (``QueryEncoder``), with grad."""
         return self.encoder(images)
 
-    def head_accuracy_hits(self, queries: _Queries, idx: list[int], images: list) -> int:
-        """How many of the queries ``idx`` the head alone answers right: its top ``select_k`` under
-        the trained (mixed) query embedding, fused by the paper rule (``softmax(s)``, tau 1)."""
+    def fused_hits(self, queries: _Queries, idx: list[int], images: list, with_partner: bool = False) -> int:
+        """How many of the queries ``idx`` are answered right by the head's top ``select_k`` under
+        the trained (mixed) query embedding — with the partner head's top k when ``with_partner`` —
+        fused by the paper rule (``softmax(s)``, tau 1)."""
         cfg = self.config
-        kt, ki = (cfg.select_k, 0) if cfg.head == "text" else (0, cfg.select_k)
-        got = self.retrieval.search(self.query_embeddings(images), k_text=kt, k_image=ki)
+        other = "image" if cfg.head == "text" else "text"
+        k = {cfg.head: cfg.select_k, other: 0}
+        q = self.query_embeddings(images)
+        if with_partner:
+            k[other] = self.partner.k
+            q = {cfg.head: q, other: self.partner.embed(images)}
+        got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"])
         rows = self.pairs.rows([queries.ids[i] for i in idx], images,
                                None if queries.questions is None else [queries.questions[i] for i in idx],
                                [[str(c.id) for c in row] for row in got.candidates], got.candidates)
@@ -244,19 +278,24 @@ class _Stage2:
 
 @torch.no_grad()
 def evaluate_retriever(stage: _Stage2, queries: _Queries) -> dict:
-    """KL (paper target, config temperatures), top-1 agreement and the head-only fused accuracy
-    (``_Stage2.head_accuracy_hits``), averaged over the queries."""
+    """KL (paper target, config temperatures), top-1 agreement, the head-only fused accuracy and,
+    with a partner, the system accuracy (``_Stage2.fused_hits``), averaged over the queries."""
     cfg = stage.config
     stage.train_mode(False)
-    kl_sum, agree_sum, hits = 0.0, 0, 0
+    kl_sum, agree_sum, hits, system_hits = 0.0, 0, 0, 0
     for idx in epoch_batches(list(range(len(queries))), cfg.batch_size):
         r, e, images = stage.batch(queries, idx)
         s = retriever_scores(stage.query_embeddings(images), e)
         kl_sum += float(ops.retrieval_kl_loss(s, r, cfg.tau_retriever, cfg.tau_reader, reduction="sum"))
         agree_sum += int(top1_agreement(s, r).sum())
-        hits += stage.head_accuracy_hits(queries, idx, images)
+        hits += stage.fused_hits(queries, idx, images)
+        if stage.partner is not None:
+            system_hits += stage.fused_hits(queries, idx, images, with_partner=True)
     n = len(queries)
-    return {"kl": kl_sum / n, "agreement": agree_sum / n, "accuracy": hits / n, "queries": n}
+    out = {"kl": kl_sum / n, "agreement": agree_sum / n, "accuracy": hits / n, "queries": n}
+    if stage.partner is not None:
+        out["system_accuracy"] = system_hits / n
+    return out
 
 
 @dataclasses.dataclass
@@ -272,7 +311,7 @@ class RetrieverTrainResult:
     final_eval: dict | None
     cache: dict
     checkpoint: str | None
-    selected: dict | None = None  # {"epoch", "accuracy"} the weights kept (select="best_val_accuracy")
+    selected: dict | None = None  # {"epoch", "metric", "accuracy"} the weights kept (select="best_val_accuracy")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,8 +344,9 @@ def _postfix(loss, agreement: float, hit_rate, history: list) -> dict:
 
 class _Best:
     """Model selection on validation (``select="best_val_accuracy"``): the weights of the epoch with
-    the highest head-only accuracy (step 0 included; the earlier epoch wins ties) are kept as the
-    named checkpoint ``best`` (so a resumed run still has them) and restored at the end."""
+    the highest system accuracy (head-only without a partner; step 0 included; the earlier epoch
+    wins ties) are kept as the named checkpoint ``best`` (so a resumed run still has them) and
+    restored at the end."""
 
     NAME = "best"
 
@@ -322,10 +362,11 @@ class _Best:
     def offer(self, epoch: int, step: int, ev: dict | None) -> None:
         if not self.on or ev is None:
             return
+        metric = "system_accuracy" if "system_accuracy" in ev else "accuracy"
         now = self.current()
-        if now is None or ev["accuracy"] > now["accuracy"]:
+        if now is None or ev[metric] > now["accuracy"]:
             save_named(self.run_dir, self.NAME, step, params=self.stage.params, optimizer=self.opt,
-                       extra={"selected": {"epoch": epoch, "accuracy": ev["accuracy"]}})
+                       extra={"selected": {"epoch": epoch, "metric": metric, "accuracy": ev[metric]}})
 
     def restore(self) -> dict | None:
         if not self.on:
@@ -367,7 +408,7 @@ def _prepare_run_dir(run_dir: Path, config: RetrieverTrainConfig, resume: bool) 
 
 def train_retriever(config: RetrieverTrainConfig, reader, task, retriever, retrieval, train: Sequence,
                     val: Sequence | None = None, run_dir: str = "runs/stage2", *, resume: bool = True,
-                    progress: bool = True, scorer=None) -> RetrieverTrainResult:
+                    progress: bool = True, scorer=None, partner: Partner | None = None) -> RetrieverTrainResult:
     """Train one retriever head by Sharp Perplexity Distillation (see the module docstring).
 
     Args:
@@ -386,6 +427,9 @@ def train_retriever(config: RetrieverTrainConfig, reader, task, retriever, retri
         resume: continue the run in ``run_dir`` when it has a checkpoint (False: refuse to touch it).
         progress: a tqdm bar with loss, KL, agreement and cache hit rate.
         scorer: a ``CandidateScorer`` to use (default: built from reader, task and the config).
+        partner: the other head as inference runs it (:class:`Partner`); the evaluations then
+            report the system accuracy, and selection uses it. It is not part of the resume
+            check: resume with the same partner.
     """
     from ..scoring import CandidateScorer
     from ..tasks import get_task
@@ -411,7 +455,7 @@ def train_retriever(config: RetrieverTrainConfig, reader, task, retriever, retri
     cache = ScoreCache(config.cache_path or run_dir / CACHE_FILE)
     try:
         ns = (reader_fingerprint(reader), task.name, scoring_layout(scorer))
-        stage = _Stage2(config, encoder, retrieval, PairScores(scorer, cache, ns))
+        stage = _Stage2(config, encoder, retrieval, PairScores(scorer, cache, ns), partner)
         return _run(stage, queries, eval_queries, run_dir, ckpt, progress)
     finally:
         cache.close()
@@ -543,8 +587,12 @@ def train_retriever_heads(config: RetrieverTrainConfig, reader, task, retriever,
     configs = {"text": config.replace(head="text", cache_path=cache_path),
                "image": (image_config or config).replace(head="image", cache_path=cache_path)}
     encoders, results = {}, {}
+    # each head is evaluated (and selected) in the system it will serve in: the text head beside the
+    # base image head, the image head beside the text head as selected
+    partners = {"text": lambda: Partner(retriever, configs["image"].select_k),
+                "image": lambda: Partner(encoders["text"].eval(), configs["text"].select_k)}
     for head, cfg in configs.items():
         encoders[head] = QueryEncoder(copy.deepcopy(retriever), cfg.n_trainable, cfg.alpha)
         results[head] = train_retriever(cfg, reader, task, encoders[head], retrieval, train, val, root / head,
-                                        resume=resume, progress=progress)
+                                        resume=resume, progress=progress, partner=partners[head]())
     return HeadsResult(text=results["text"], image=results["image"], encoders=HeadEncoders(**encoders))

@@ -33,7 +33,8 @@ option                 default    where it comes from
 ``grad_clip``          None       the reference calls ``clip_grad_norm_`` before ``backward`` (no
                                   effect), so none by default
 ``select``             "last"     ``"best_val_accuracy"``: keep the epoch (step 0 included) whose
-                                  head-only fused accuracy on ``val`` is highest, as the reference
+                                  fused accuracy on ``val`` is highest (the whole system's with a
+                                  ``partner`` head, else the head's alone), as the reference
                                   evaluates fused accuracy on its eval set during training
                                   (``--fused_eval --eval_freq``, ``--eval_in_specific_step 0``)
 ``select_k``           2          candidates that accuracy fuses (the inference ``k`` of the head)
