@@ -1,10 +1,12 @@
-"""The batched candidate scorer (issue 3, section 4).
+"""The batched candidate scorer.
 
 Exactness: ``CandidateScorer.score`` against every full prompt run separately through the
 *unmodified* Hugging Face class loaded from the same directory (``Qwen2VLForConditionalGeneration``
 / ``LlavaForConditionalGeneration``), class log-probs read from its full-vocabulary logits — both
 families, both layouts, K in {1, 3, 8}, with and without padding, fp32 and NF4, single-token and
-multi-token classes. Then what is shared (vision, prefix), chunking, errors, LoRA training.
+multi-token classes (NF4 on the portable CPU kernel, the reader's default, on both; on CPUs with
+AVX512-BF16 also bitsandbytes' packed bf16 kernel, to within bf16 rounding). Then what is shared
+(vision, prefix), chunking, errors, LoRA training.
 """
 
 import warnings
@@ -16,7 +18,7 @@ from PIL import Image
 
 from jomed_fast import prompts
 from jomed_fast.data import IndexRecord
-from jomed_fast.readers import load_reader, tiny
+from jomed_fast.readers import load_reader, quantization, tiny
 from jomed_fast.scoring import Candidate, CandidateScorer
 from jomed_fast.tasks import Task, get_task
 
@@ -28,6 +30,10 @@ pytestmark = [
 ]
 
 ATOL = 1e-4
+# bitsandbytes' packed kernel rounds every layer's input and output to bf16 (2^-8 relative), and
+# which roundings happen depends on the batch: measured up to 0.039 on the cases below (a wrong
+# layout or position moves scores by O(1))
+PACKED_ATOL = 0.1
 SINGLE = get_task("synthetic")  # labels "0".."4": one token each
 MULTI = Task(name="multi_token", kind="multiclass", labels=("benign", "malignant", "10", "1", "normal"),
              question="What is the finding?", instructions="Answer benign, malignant, normal, 1 or 10.\n")
@@ -79,13 +85,13 @@ class _Models:
     def __init__(self, ckpt):
         self.ckpt, self._readers, self._hf = ckpt, {}, {}
 
-    def reader(self, arch, quant):
-        if (arch, quant) not in self._readers:
-            reader = load_reader(self.ckpt[arch], quantization=quant, device="cpu")
+    def reader(self, arch, quant, cpu_kernel="dequantize"):
+        if (arch, quant, cpu_kernel) not in self._readers:
+            reader = load_reader(self.ckpt[arch], quantization=quant, device="cpu", cpu_kernel=cpu_kernel)
             for p in reader.model.parameters():  # inference: no autograd graph
                 p.requires_grad_(False)
-            self._readers[arch, quant] = reader
-        return self._readers[arch, quant]
+            self._readers[arch, quant, cpu_kernel] = reader
+        return self._readers[arch, quant, cpu_kernel]
 
     def hf(self, arch, quant):
         if (arch, quant) not in self._hf:
@@ -94,7 +100,10 @@ class _Models:
                 kwargs.update(quantization_config=_nf4_config(), device_map={"": "cpu"})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._hf[arch, quant] = tiny.model_class(arch).from_pretrained(self.ckpt[arch], **kwargs).eval()
+                model = tiny.model_class(arch).from_pretrained(self.ckpt[arch], **kwargs).eval()
+            if quant == "nf4":  # the reader's default CPU kernel (bitsandbytes would repack on AVX512-BF16)
+                quantization.set_cpu_kernel(model, "dequantize")
+            self._hf[arch, quant] = model
         return self._hf[arch, quant]
 
 
@@ -151,6 +160,27 @@ def test_single_token_scores_equal_separate_hf_forwards(models, arch, layout, K,
     s = scorer.last_stats
     padded = s.suffix_slots > s.suffix_tokens
     assert padded == pad  # padded: the suffixes differ in length (within or across queries)
+
+
+@pytest.mark.skipif(not quantization.cpu_has_packed_kernel(), reason="this CPU has no AVX512-BF16: "
+                    "bitsandbytes' packed NF4 kernel does not run here")
+@pytest.mark.parametrize("task", [SINGLE, MULTI], ids=["single_token", "multi_token"])
+@pytest.mark.parametrize("layout", prompts.LAYOUTS)
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_packed_nf4_kernel_scores_equal_the_dequantized_reference_to_bf16(models, arch, layout, task):
+    reader = models.reader(arch, "nf4", cpu_kernel="packed")
+    assert reader.cpu_kernel == "packed"
+    qimgs, cands = _queries(2, 3, pad=True, seed=70)
+    scorer = CandidateScorer(reader, task, layout, normalize=False)
+    got = scorer.score(qimgs, None, cands)
+    nf4_layers = [n for n, m in reader.hf_model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert nf4_layers and quantization.packed_layers(reader.hf_model) == nf4_layers  # the packed kernel ran
+    multi = scorer.head.mode == "sequence"
+    want = reference(models.hf(arch, "nf4"), reader.processor, task, layout, qimgs, None, cands, scorer.verbalizer,
+                     multi=multi)
+    assert quantization.packed_layers(models.hf(arch, "nf4")) == []  # and the reference did not
+    torch.testing.assert_close(got.double(), want, atol=PACKED_ATOL, rtol=0)
+    assert (got.double() - want).abs().max() > 0  # bf16 rounding shows: the kernels really differ
 
 
 @pytest.mark.parametrize("quant", [None, "nf4"], ids=["fp32", "nf4"])

@@ -2,7 +2,8 @@
 
 What it covers, in order (each piece length-prefixed so two pieces can never run together):
 
-* the family, the quantization and the compute dtype (they change the numbers);
+* the family, the quantization, the compute dtype, the linear layers kept out of the quantization
+  and the CPU kernel of NF4 layers (they change the numbers: the packed kernel computes in bf16);
 * every regular file at the top of the checkpoint directory (``config.json``, the safetensors
   weights, the tokenizer and image-processor files), by name and sha256 of its content;
 * the LoRA adapter, when one is on: its settings and every ``lora_`` tensor *as it is in memory*
@@ -47,7 +48,9 @@ def reader_fingerprint(reader) -> str:
         if not hasattr(reader, attr):
             raise TypeError(f"reader: expected a jomed_fast.readers.Reader (load_reader), got {type(reader).__name__}")
     h = hashlib.sha256()
-    for piece in ("jomed-reader-fingerprint-v1", reader.family, str(reader.quantization), str(reader.compute_dtype)):
+    pieces = ("jomed-reader-fingerprint-v2", reader.family, str(reader.quantization), str(reader.compute_dtype),
+              ",".join(getattr(reader, "unquantized_layers", ())), str(getattr(reader, "cpu_kernel", None)))
+    for piece in pieces:
         _update(h, piece.encode())
     root = Path(reader.path)
     if not root.is_dir():

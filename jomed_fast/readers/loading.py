@@ -13,7 +13,10 @@ pixtral     ``llava`` with a ``pixtral`` vision config   ``LlavaForConditionalGe
 Quantization (bitsandbytes, the Hugging Face defaults, as LLaMA-Factory's QLoRA): every linear
 layer of the language model, the vision tower and the projector is quantized; ``lm_head`` stays
 in the compute dtype (``quantize_vision=False`` keeps the vision tower and projector unquantized
-too). ``"nf4"``: 4-bit NormalFloat, double quantization, compute dtype bf16 on CUDA / fp32 on CPU.
+too), and so does any layer whose shape bitsandbytes' kernels cannot take (named in one warning,
+in ``Reader.unquantized_layers`` and in the reader's fingerprint; see ``readers.quantization``).
+``"nf4"``: 4-bit NormalFloat, double quantization, compute dtype bf16 on CUDA / fp32 on CPU; on the
+CPU it runs the portable kernel, or bitsandbytes' packed AVX512-BF16 one on request (``cpu_kernel``).
 ``"int8"``: LLM.int8() (on CPU, bitsandbytes runs the int8 matmul with fp16 inputs).
 
 LoRA (PEFT): on every linear layer of the language model only (q/k/v/o and gate/up/down projections
@@ -36,6 +39,7 @@ import torch
 
 from jomed_fast._files import replace_dir_atomically
 
+from . import quantization as _quant
 from .processor import ReaderProcessor
 
 QUANTIZATIONS = (None, "nf4", "int8")
@@ -121,6 +125,8 @@ class Reader:
     image_token_ids: tuple[int, ...]
     lora: LoraSettings | None = None
     config: Any = field(default=None, repr=False)
+    unquantized_layers: tuple[str, ...] = ()
+    cpu_kernel: str | None = None
 
     # ------------------------------------------------------------------ parts
     @property
@@ -221,11 +227,21 @@ class Reader:
         if self.has_lora:
             raise ValueError("lora: this reader already has a LoRA adapter")
         settings = _lora_settings(settings)
+        self.use_trainable_kernel()
         with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(self.model, settings.peft_config(lora_target_regex(self.model)))
         self.model = model
         self.lora = settings
+        return self
+
+    def use_trainable_kernel(self) -> "Reader":
+        """Run NF4 layers on the CPU kernel that has a backward (``dequantize``), before training.
+
+        Refused once the packed kernel has run (its repacking cannot be undone exactly)."""
+        if self.cpu_kernel == "packed":
+            _quant.set_cpu_kernel(self.model, "dequantize")
+            self.cpu_kernel = "dequantize"
         return self
 
     def save_adapter(self, out_dir: str | os.PathLike) -> Path:
@@ -326,27 +342,6 @@ def _lora_settings(lora) -> LoraSettings:
     )
 
 
-def _quantization_config(quantization, compute_dtype, family, quantize_vision):
-    if quantization is None:
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError(f"quantization={quantization!r} needs bitsandbytes: {exc}") from exc
-    skip = ["lm_head"] + ([] if quantize_vision else list(_VISION_MODULES[family]))
-    if quantization == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=skip,
-        )
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-
-
 def load_reader(
     path: str | os.PathLike,
     quantization: str | None = None,
@@ -356,6 +351,7 @@ def load_reader(
     dtype: str | torch.dtype | None = None,
     lora_trainable: bool | None = None,
     quantize_vision: bool = True,
+    cpu_kernel: str = "dequantize",
 ) -> Reader:
     """Load a reader from a local checkpoint directory (never the hub: ``local_files_only=True``).
 
@@ -369,6 +365,9 @@ def load_reader(
         lora_trainable: whether the adapter's weights train; default True for a fresh adapter,
             False for one loaded from a directory. The base weights are always frozen under LoRA.
         quantize_vision: quantize the vision tower and projector too (the HF / LLaMA-Factory default).
+        cpu_kernel: the kernel of NF4 layers on the CPU: ``"dequantize"`` (every CPU; has a
+            backward) or ``"packed"`` (AVX512-BF16 CPUs, bf16, inference only: the reader's
+            parameters are frozen). See ``jomed_fast.readers.quantization``.
     """
     from transformers import AutoConfig
 
@@ -387,15 +386,31 @@ def load_reader(
     except Exception as exc:  # noqa: BLE001 - one clear error for any unreadable config
         raise ValueError(f"path: cannot read the config of {str(p)!r}: {exc}") from exc
     family, cls = _family_and_class(config)
+    trainable = adapter_dir is not None and bool(lora_trainable) or (
+        isinstance(lora, LoraSettings) and lora_trainable is not False)
+    kernel = _quant.resolve_cpu_kernel(cpu_kernel, quantization, dev, trainable)
     processor = ReaderProcessor.from_pretrained(p, family)
 
     kwargs: dict[str, Any] = dict(local_files_only=True, dtype=compute_dtype)
-    qconfig = _quantization_config(quantization, compute_dtype, family, quantize_vision)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
+    misfits: list[str] = []
+    if quantization is not None:
+        keep = () if quantize_vision else _VISION_MODULES[family]
+        kept, misfits = _quant.unquantizable_layers(cls, config, quantization, keep)
+        if misfits:
+            warnings.warn(
+                f"quantization={quantization!r}: {len(misfits)} linear layers of {str(p)!r} stay in {compute_dtype} "
+                f"({_quant.LAYOUT_RULES[quantization].why}): {', '.join(misfits)}",
+                stacklevel=2,
+            )
+        kwargs["quantization_config"] = _quant.quantization_config(quantization, compute_dtype, kept)
     kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
     model = cls.from_pretrained(p, **kwargs)
     model.eval()
+    if kernel is not None:
+        _quant.set_cpu_kernel(model, kernel)
+        if kernel == "packed":  # an inference reader: the kernel has no backward
+            for prm in model.parameters():
+                prm.requires_grad_(False)
 
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -416,6 +431,8 @@ def load_reader(
         image_token_id=int(processor.image_token_id),
         image_token_ids=tuple(int(i) for i in processor.image_token_ids),
         config=config,
+        unquantized_layers=tuple(misfits),
+        cpu_kernel=kernel,
     )
     config_image_id = getattr(config, "image_token_id", None)
     if config_image_id is not None and int(config_image_id) != reader.image_token_id:
@@ -470,6 +487,8 @@ def load_adapter(reader: Reader, adapter_dir: str | os.PathLike, trainable: bool
     from safetensors.torch import load_file
 
     p = check_adapter_dir(adapter_dir)
+    if trainable:
+        reader.use_trainable_kernel()
     saved = LoraConfig.from_pretrained(str(p))
     settings = LoraSettings(r=int(saved.r), alpha=saved.lora_alpha, dropout=float(saved.lora_dropout))
     if not reader.has_lora:

@@ -19,8 +19,10 @@ Architectures (``arch``): ``"qwen2_vl"`` (``Qwen2VLForConditionalGeneration``, M
 ``"pixtral"`` (``LlavaForConditionalGeneration`` with a ``PixtralVisionConfig`` vision tower and a
 Mistral text model).
 
-Sizes: ``tiny`` runs a forward in milliseconds (2 text layers, hidden 64, 2 vision layers, a ~1k
-vocabulary, 28-64 px images). ``small`` keeps what decides the speed of the real readers
+Sizes: ``tiny`` runs a forward in milliseconds (2 text layers, hidden 64, 2 vision layers of width
+64, a ~1k vocabulary, 28-64 px images). Every linear layer of both sizes is a multiple of 64 wide
+on its input and of 32 on its output, so NF4 runs on the same CPU kernel as for the real readers
+(``readers.quantization.LAYOUT_RULES``). ``small`` keeps what decides the speed of the real readers
 (Qwen2-VL-7B, Pixtral-12B) and shrinks the rest; see ``PRESERVED``.
 """
 
@@ -37,7 +39,7 @@ ARCHS = ("qwen2_vl", "pixtral")
 SIZES = ("tiny", "small")
 
 BUILD_STAMP = "jomed_build.json"
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 
 # --------------------------------------------------------------------------------------------
 # What ``small`` keeps from the real models (and what it shrinks). Read by the README.
@@ -46,7 +48,7 @@ PRESERVED: dict[str, dict[str, Any]] = {
     "qwen2_vl": {
         "reference": "Qwen2-VL-7B-Instruct",
         "kept": {
-            "vocab_size": 151_936,  # issue 3; Qwen2-VL-2B's embedding size (7B pads to 152,064)
+            "vocab_size": 151_936,  # Qwen2-VL-2B's embedding size (7B pads to 152,064)
             "head_dim": 128,
             "gqa_ratio": "28 heads / 4 KV heads = 7",
             "patch_size": 14,
@@ -205,7 +207,7 @@ PIXTRAL_CHAT_TEMPLATE = (
 _DIMS: dict[tuple[str, str], dict[str, Any]] = {
     ("qwen2_vl", "tiny"): dict(
         layers=2, heads=4, kv_heads=2, hidden=64, intermediate=128, mrope_section=[2, 3, 3],
-        v_depth=2, v_embed=32, v_heads=2, bpe_vocab=768,
+        v_depth=2, v_embed=64, v_heads=2, bpe_vocab=768,
         min_pixels=28 * 28, max_pixels=56 * 56, init=0.1,
     ),
     ("qwen2_vl", "small"): dict(
@@ -215,7 +217,7 @@ _DIMS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("pixtral", "tiny"): dict(
         layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128,
-        v_layers=2, v_hidden=32, v_heads=2, v_intermediate=64, longest_edge=64, bpe_vocab=768, init=0.1,
+        v_layers=2, v_hidden=64, v_heads=2, v_intermediate=128, longest_edge=64, bpe_vocab=768, init=0.1,
     ),
     ("pixtral", "small"): dict(
         layers=4, heads=8, kv_heads=2, head_dim=128, hidden=1280, intermediate=3584,
