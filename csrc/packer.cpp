@@ -31,8 +31,12 @@
 // Validation is done once, serially, before any output is written (errors are Python
 // ValueErrors naming the argument); the fill then runs with the GIL released, OpenMP across the
 // B*K rows (and across the B prefixes).
+//
+// TORCH_VERSION is the release of the torch headers this binary was compiled against:
+// jomed_fast/packing.py refuses the binary under another torch (its C++ ABI is not stable).
 
 #include <torch/extension.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -45,6 +49,9 @@
 #endif
 
 namespace py = pybind11;
+
+#define JOMED_FAST_STR2(x) #x
+#define JOMED_FAST_STR(x) JOMED_FAST_STR2(x)
 
 namespace {
 
@@ -441,6 +448,8 @@ std::vector<at::Tensor> pack_batch(const std::vector<std::vector<at::Tensor>>& i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "jomed_fast C++ extension: the candidate packer (see jomed_fast/packing.py).";
   m.attr("OUTPUT_NAMES") = kOutputNames;
+  m.attr("TORCH_VERSION") = JOMED_FAST_STR(TORCH_VERSION_MAJOR) "." JOMED_FAST_STR(TORCH_VERSION_MINOR) "."
+      JOMED_FAST_STR(TORCH_VERSION_PATCH);
   m.def("pack_batch", &pack_batch, py::arg("inputs"), py::arg("pad_token_id"), py::arg("spatial_merge_size"),
         py::arg("mrope"), py::arg("num_threads"), py::arg("name"),
         "Packs B queries; inputs[b] = (prefix_ids, prefix_image_spans, prefix_image_grid_thw, candidate_ids, "

@@ -9,6 +9,12 @@ C++ extension ``jomed_fast._C``. ``pack_candidates_reference`` / ``pack_candidat
 are the same function in plain Python, written to be read: they are the specification, and the
 tests assert that both paths give identical tensors.
 
+Where ``_C`` is missing (installed without a compiler, or by an isolated build that had no torch),
+fails to load, or was built against another torch release than the one running, ``pack_candidates``
+/ ``pack_candidates_batch`` run the Python packer instead, with one ``RuntimeWarning`` per process
+saying why; ``JOMED_FAST_DISABLE_C=1`` chooses the Python packer without a warning. ``backend()``
+says which packer runs and why.
+
 Shapes (B queries, K candidates, P_b prefix lengths, Pm = max_b P_b, n_{b,k} segment lengths,
 L = max_{b,k} n_{b,k} the longest suffix of the batch; one query: drop the B axis, Pm = P)::
 
@@ -57,12 +63,20 @@ bounds and order, grid ↔ span length) when packing, by both paths, with the sa
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import re
+import threading
+import warnings
 from collections.abc import Sequence
-from typing import Optional
+from types import ModuleType
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = [
+    "Backend",
+    "backend",
     "QueryCandidates",
     "PackedCandidates",
     "PackedBatch",
@@ -319,20 +333,85 @@ def _check_queries(queries: object, mrope: bool) -> list[QueryCandidates]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast path: jomed_fast._C
+# Which packer runs: jomed_fast._C, or the Python reference
 # ---------------------------------------------------------------------------------------------
 
-_EXTENSION = None
+_DISABLE_C_ENV = "JOMED_FAST_DISABLE_C"
 
 
-def _extension():
-    """``jomed_fast._C``, imported on first use (``import jomed_fast`` stays free of it)."""
-    global _EXTENSION
-    if _EXTENSION is None:
-        from . import _C  # torch is imported above: the extension needs its symbols loaded
+class Backend(NamedTuple):
+    """The packer behind ``pack_candidates`` / ``pack_candidates_batch``.
 
-        _EXTENSION = _C
-    return _EXTENSION
+    ``name``: ``"c++"`` (the extension ``jomed_fast._C``) or ``"python"`` (the reference).
+    ``reason``: for ``"c++"`` the torch the extension was built against; for ``"python"`` why the
+    extension is not used.
+    """
+
+    name: str
+    reason: str
+
+
+_CHOICE: Optional[tuple[Backend, Optional[ModuleType]]] = None  # decided on first use, once a process
+_CHOICE_LOCK = threading.Lock()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a torch version: "2.13.0+cpu" and the headers' "2.13.0" are one ABI.
+    Exact, not major.minor: torch promises no C++ ABI across releases; the fallback costs only speed."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return tuple(int(x) for x in match.groups()) if match else (version,)
+
+
+def _load_extension() -> tuple[Optional[ModuleType], str]:
+    """(``jomed_fast._C`` or None, the reason); importlib throughout, so that tests can stand a module
+    in for either import through ``sys.modules``."""
+    running = torch.__version__
+    try:  # written at build time next to _C; read before loading a binary that may not fit this torch
+        built = importlib.import_module("jomed_fast._build_info").TORCH_VERSION
+    except (ImportError, AttributeError):
+        built = None
+    if built is not None and _release(built) != _release(running):
+        return None, f"jomed_fast._C was built against torch {built}, this is torch {running}"
+    try:
+        module = importlib.import_module("jomed_fast._C")  # torch is imported: _C needs its symbols
+    except Exception as error:  # e.g. ImportError: undefined symbol, from a build against another torch
+        if isinstance(error, ModuleNotFoundError) and error.name == "jomed_fast._C":
+            return None, ("jomed_fast._C is not installed (it is built only where torch and a C++ compiler "
+                          "are present at install time)")
+        return None, f"jomed_fast._C failed to load ({type(error).__name__}: {error})"
+    compiled = getattr(module, "TORCH_VERSION", None)  # the torch headers it was compiled with
+    if compiled is None:
+        return None, "jomed_fast._C records no torch version (built by an older setup.py)"
+    if _release(compiled) != _release(running):
+        return None, f"jomed_fast._C was built against torch {compiled}, this is torch {running}"
+    return module, f"jomed_fast._C, built against torch {built or compiled}"
+
+
+def _choice() -> tuple[Backend, Optional[ModuleType]]:
+    global _CHOICE
+    if _CHOICE is None:
+        with _CHOICE_LOCK:  # one decision and at most one warning, even from concurrent first calls
+            if _CHOICE is None:
+                disable = os.environ.get(_DISABLE_C_ENV, "")
+                if disable not in ("", "0", "1"):
+                    raise ValueError(f"{_DISABLE_C_ENV}: expected 1 (the Python packer) or 0 / unset, got {disable!r}")
+                if disable == "1":
+                    module, reason = None, f"{_DISABLE_C_ENV}=1"
+                else:
+                    module, reason = _load_extension()
+                    if module is None:
+                        warnings.warn(f"{reason}: using the Python packer (same output, slower); for the C++ packer "
+                                      "reinstall jomed_fast here with `pip install --no-build-isolation --no-deps "
+                                      "--force-reinstall <jomed_fast source>` (needs torch and a C++ compiler)",
+                                      RuntimeWarning)
+                _CHOICE = (Backend("c++" if module is not None else "python", reason), module)
+    return _CHOICE
+
+
+def backend() -> Backend:
+    """Which packer ``pack_candidates`` / ``pack_candidates_batch`` run, and why; decided on the first
+    call (of this or of a packer), once per process."""
+    return _choice()[0]
 
 
 def _c_inputs(q: QueryCandidates) -> list[Tensor]:
@@ -348,8 +427,10 @@ def _c_inputs(q: QueryCandidates) -> list[Tensor]:
     ]
 
 
-def _pack_c(queries: list[QueryCandidates], pad_token_id, spatial_merge_size, mrope, num_threads, name) -> PackedBatch:
-    ext = _extension()
+def _pack(queries: list[QueryCandidates], pad_token_id, spatial_merge_size, mrope, num_threads, name) -> PackedBatch:
+    ext = _choice()[1]
+    if ext is None:
+        return _reference_batch(queries, pad_token_id, spatial_merge_size, mrope, name)
     out = ext.pack_batch([_c_inputs(q) for q in queries], pad_token_id, spatial_merge_size, mrope,
                          num_threads if num_threads is not None else 0, name)
     return PackedBatch(**dict(zip(ext.OUTPUT_NAMES, out)))
@@ -363,17 +444,18 @@ def pack_candidates_batch(
     mrope: bool = True,
     num_threads: Optional[int] = None,
 ) -> PackedBatch:
-    """Packs B queries with the same K (C++, OpenMP across the B·K rows).
+    """Packs B queries with the same K (C++, OpenMP across the B·K rows; see ``backend()``).
 
     Args:
         queries: B ``QueryCandidates``, all with the same number of candidates K.
         pad_token_id: the id written into padded slots of ``input_ids`` / ``prefix_input_ids``.
         spatial_merge_size: the Qwen2-VL vision merge m (an image holds t·h·w/m² tokens).
         mrope: compute Qwen2-VL 3-D positions (needs the image grids); False for 1-D RoPE readers.
-        num_threads: OpenMP threads; None uses ``torch.get_num_threads()``. Batches of fewer than
-            2^18 output elements (2 MiB) run on one thread whatever this says. On a CPU that is
-            oversubscribed (other jobs, data-loader workers) pass 1: an OpenMP join waits until
-            every worker has been scheduled, which then costs milliseconds.
+        num_threads: OpenMP threads of the C++ packer (the Python one runs on the calling thread);
+            None uses ``torch.get_num_threads()``. Batches of fewer than 2^18 output elements
+            (2 MiB) run on one thread whatever this says. On a CPU that is oversubscribed (other
+            jobs, data-loader workers) pass 1: an OpenMP join waits until every worker has been
+            scheduled, which then costs milliseconds.
 
     Returns:
         ``PackedBatch`` (shapes in the module docstring).
@@ -383,16 +465,16 @@ def pack_candidates_batch(
                                     or num_threads < 1):
         raise ValueError(f"num_threads: expected None or an int >= 1, got {num_threads!r}")
     qs = _check_queries(queries, mrope)
-    return _pack_c(qs, pad_token_id, spatial_merge_size, mrope, num_threads, "queries")
+    return _pack(qs, pad_token_id, spatial_merge_size, mrope, num_threads, "queries")
 
 
 def pack_candidates(
     query: QueryCandidates, *, pad_token_id: int, spatial_merge_size: int = 2, mrope: bool = True
 ) -> PackedCandidates:
-    """Packs one query's K candidates (C++); ``PackedCandidates`` shapes in the module docstring."""
+    """Packs one query's K candidates (C++, see ``backend()``); shapes in the module docstring."""
     _check_args(pad_token_id, spatial_merge_size, mrope)
     q = _check_query("query", query, mrope)
-    return _pack_c([q], pad_token_id, spatial_merge_size, mrope, None, "query").query(0)
+    return _pack([q], pad_token_id, spatial_merge_size, mrope, None, "query").query(0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The package imports on a CPU-only machine with no Triton variable set, without importing Triton
-or the C++ extension, and the backend switch behaves as documented."""
+or the C++ extension; the extension of this dev install fits the running torch; the backend switch
+behaves as documented."""
 
 import os
 import subprocess
@@ -19,7 +20,14 @@ def test_import_without_triton_env_does_not_import_triton():
 
 
 def test_extension_loads_after_torch():
-    import jomed_fast._C  # noqa: F401
+    """This dev install built jomed_fast._C against the running torch, and the packer would use it."""
+    import jomed_fast._build_info
+    import jomed_fast._C
+    from jomed_fast import packing
+
+    assert jomed_fast._build_info.TORCH_VERSION == torch.__version__  # recorded by setup.py
+    assert packing._release(jomed_fast._C.TORCH_VERSION) == packing._release(torch.__version__)  # its headers
+    assert packing._load_extension() == (jomed_fast._C, f"jomed_fast._C, built against torch {torch.__version__}")
 
 
 def test_backend_choice(monkeypatch):

@@ -1,10 +1,16 @@
 """The candidate packer: C++ (jomed_fast._C) against its plain-Python reference, and the M-RoPE
 numbering against the unmodified transformers ``Qwen2VLModel.get_rope_index``.
 
-* Exact equality of every output of ``pack_candidates_batch`` / ``pack_candidates`` and the
-  references on random queries (hypothesis): empty segments, K = 1, one caption much longer than
-  the rest, segments with 0, 1 or 2 images, prefixes with and without an image, t > 1 grids,
-  merge sizes 1 and 2, several queries with different prefix lengths.
+* Exact equality of every output of ``pack_candidates_batch`` / ``pack_candidates`` on each packer
+  (the C++ one and the Python fallback, chosen explicitly) and the references on random queries
+  (hypothesis): empty segments, K = 1, one caption much longer than the rest, segments with 0, 1
+  or 2 images, prefixes with and without an image, t > 1 grids, merge sizes 1 and 2, several
+  queries with different prefix lengths.
+* The other tests call ``pack_candidates*`` on the packer ``backend()`` chose for the process: the
+  C++ one in a dev install, the Python one under ``JOMED_FAST_DISABLE_C=1`` (where the C++-only
+  test cases skip), so ``JOMED_FAST_DISABLE_C=1 pytest tests/test_packer.py`` tests the fallback.
+* The choice itself: ``JOMED_FAST_DISABLE_C=1``, a missing or unloadable extension, and one built
+  against another torch each give the Python packer, with exactly one warning where one is due.
 * Independent check: for every (query, candidate), the packed 3-D positions of prefix ++ segment
   and the rope delta equal what a tiny real ``Qwen2VLModel`` computes over the concatenated
   sequence — alone, and in the padded [K, P + L] batch with the packer's attention mask.
@@ -13,15 +19,23 @@ numbering against the unmodified transformers ``Qwen2VLModel.get_rope_index``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import random
+import subprocess
+import sys
+import types
+import warnings
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jomed_fast import packing
 from jomed_fast.packing import (
+    Backend,
     PackedBatch,
     PackedCandidates,
     QueryCandidates,
@@ -33,6 +47,27 @@ from jomed_fast.packing import (
 
 PAD = 151643
 IMAGE_TOKEN = 151655  # Qwen2-VL's <|image_pad|>; the packer itself never looks at token values
+
+# jomed_fast._C where this process may run the C++ packer: not under JOMED_FAST_DISABLE_C=1
+CPP = None if os.environ.get("JOMED_FAST_DISABLE_C") == "1" else packing._load_extension()[0]
+PACKERS = [
+    pytest.param("c++", marks=pytest.mark.skipif(CPP is None, reason="the C++ packer is unavailable here: "
+                                                                     "JOMED_FAST_DISABLE_C=1, or jomed_fast._C "
+                                                                     "does not load (see packing.backend())")),
+    "python",
+]
+
+
+@contextlib.contextmanager
+def packer(name: str):
+    """``pack_candidates*`` run on the named packer inside the block, whatever ``backend()`` chose."""
+    assert name == "python" or CPP is not None, "the C++ packer is unavailable here"
+    saved = packing._CHOICE
+    packing._CHOICE = (Backend(name, "chosen by the test"), CPP if name == "c++" else None)
+    try:
+        yield
+    finally:
+        packing._CHOICE = saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,18 +171,25 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", PACKERS)
 @SETTINGS
-@given(batches(separated=False), st.booleans())
-def test_cpp_matches_reference_random(batch, mrope):
+@given(batch=batches(separated=False), mrope=st.booleans())
+def test_packers_match_reference_random(name, batch, mrope):
+    """Each packer gives the reference's batch, every field bitwise; so the C++ and Python packers
+    give identical batches."""
     merge, raw = batch
     queries = [build(merge, p, s) for p, s in raw]
-    fast = pack_candidates_batch(queries, pad_token_id=PAD, spatial_merge_size=merge, mrope=mrope)
-    ref = pack_candidates_batch_reference(queries, pad_token_id=PAD, spatial_merge_size=merge, mrope=mrope)
-    assert_same(fast, ref)
-    for b, q in enumerate(queries):
-        single = pack_candidates(q, pad_token_id=PAD, spatial_merge_size=merge, mrope=mrope)
-        assert_same(single, pack_candidates_reference(q, pad_token_id=PAD, spatial_merge_size=merge, mrope=mrope))
-        assert_same(single, fast.query(b))
+    kwargs = dict(pad_token_id=PAD, spatial_merge_size=merge, mrope=mrope)
+    with packer(name):
+        packed = pack_candidates_batch(queries, **kwargs)
+        singles = [pack_candidates(q, **kwargs) for q in queries]
+    assert_same(packed, pack_candidates_batch_reference(queries, **kwargs))
+    if name == "c++":  # and, said directly, the Python packer's batch
+        with packer("python"):
+            assert_same(packed, pack_candidates_batch(queries, **kwargs))
+    for b, (q, single) in enumerate(zip(queries, singles)):
+        assert_same(single, pack_candidates_reference(q, **kwargs))
+        assert_same(single, packed.query(b))
 
 
 @SETTINGS
@@ -535,3 +577,150 @@ def test_packed_batch_query_index():
     assert isinstance(out, PackedBatch)
     with pytest.raises(ValueError, match=r"b: expected a query index in \[0, 1\), got 1"):
         out.query(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which packer runs: the fallback to Python
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def undecided(monkeypatch):
+    """The process has not chosen its packer yet (restored afterwards), JOMED_FAST_DISABLE_C unset."""
+    monkeypatch.setattr(packing, "_CHOICE", None)
+    monkeypatch.delenv("JOMED_FAST_DISABLE_C", raising=False)
+
+
+def fake_extension(torch_version: str) -> types.ModuleType:
+    """A stand-in for jomed_fast._C that records ``torch_version`` and fails if it is asked to pack."""
+    module = types.ModuleType("jomed_fast._C")
+    module.TORCH_VERSION = torch_version
+
+    def pack_batch(*args, **kwargs):
+        raise AssertionError(f"the extension built against torch {torch_version} was asked to pack")
+
+    module.pack_batch = pack_batch
+    return module
+
+
+def build_info(torch_version: str) -> types.ModuleType:
+    module = types.ModuleType("jomed_fast._build_info")
+    module.TORCH_VERSION = torch_version
+    return module
+
+
+class FailingImport:
+    """A meta-path finder under which importing ``jomed_fast._C`` raises ``error``."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "jomed_fast._C":
+            raise self.error
+        return None
+
+
+def pack_everything_and_record_warnings() -> list[warnings.WarningMessage]:
+    """Asks for the backend and packs several times, as a process would; every warning recorded, and
+    every result checked against the reference."""
+    q = QueryCandidates(**good_query())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a second warning must not hide behind the once-per-location filter
+        for _ in range(2):
+            packing.backend()
+            assert_same(pack_candidates(q, pad_token_id=0), pack_candidates_reference(q, pad_token_id=0))
+            assert_same(pack_candidates_batch([q, q], pad_token_id=0),
+                        pack_candidates_batch_reference([q, q], pad_token_id=0))
+    return caught
+
+
+def test_disable_env_forces_python_without_a_warning(undecided, monkeypatch):
+    monkeypatch.setenv("JOMED_FAST_DISABLE_C", "1")
+    monkeypatch.setitem(sys.modules, "jomed_fast._C", fake_extension(torch.__version__))  # fits; must not run
+    caught = pack_everything_and_record_warnings()
+    assert packing.backend() == Backend("python", "JOMED_FAST_DISABLE_C=1")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_disable_env_in_a_fresh_process_never_imports_the_extension():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOMED_FAST_")}
+    code = ("import sys; from jomed_fast.packing import QueryCandidates, backend, pack_candidates; "
+            "pack_candidates(QueryCandidates.from_lists([1, 2], [[3], [4, 5]]), pad_token_id=0); "
+            "print(backend().name, 'jomed_fast._C' in sys.modules)")
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+                         env={**env, "JOMED_FAST_DISABLE_C": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["python", "False"]
+
+
+def test_disable_env_other_values(undecided, monkeypatch):
+    monkeypatch.setenv("JOMED_FAST_DISABLE_C", "true")
+    with pytest.raises(ValueError, match=r"JOMED_FAST_DISABLE_C: expected 1 \(the Python packer\) or 0 / unset, "
+                                         r"got 'true'"):
+        packing.backend()
+    monkeypatch.setenv("JOMED_FAST_DISABLE_C", "0")
+    monkeypatch.setitem(sys.modules, "jomed_fast._build_info", None)
+    monkeypatch.setitem(sys.modules, "jomed_fast._C", None)
+    with pytest.warns(RuntimeWarning, match="jomed_fast._C is not installed"):
+        assert packing.backend().name == "python"  # 0: the extension is wanted (and here missing)
+
+
+@pytest.mark.parametrize(
+    "how,expected",
+    [
+        ("missing", "jomed_fast._C is not installed (it is built only where torch and a C++ compiler are present"),
+        ("unloadable", "jomed_fast._C failed to load (ImportError: _C.so: undefined symbol: _ZN3c104impl3cow"),
+    ],
+)
+def test_unavailable_extension_falls_back_with_one_warning(undecided, monkeypatch, how, expected):
+    monkeypatch.setitem(sys.modules, "jomed_fast._build_info", None)  # an install without _C has neither
+    if how == "missing":
+        monkeypatch.setitem(sys.modules, "jomed_fast._C", None)  # importing it raises ModuleNotFoundError
+    else:
+        monkeypatch.delitem(sys.modules, "jomed_fast._C", raising=False)
+        error = ImportError("_C.so: undefined symbol: _ZN3c104impl3cow11cow_deleterEPv")
+        monkeypatch.setattr(sys, "meta_path", [FailingImport(error), *sys.meta_path])
+    caught = pack_everything_and_record_warnings()
+    assert [w.category for w in caught] == [RuntimeWarning], [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith(expected), message
+    assert "using the Python packer" in message and "--no-build-isolation" in message
+    assert packing.backend().name == "python" and packing.backend().reason.startswith(expected)
+
+
+@pytest.mark.parametrize("recorded_by", ["build_info", "extension"])
+@pytest.mark.parametrize("built", ["2.14.1", "1.13.0+cu117"])
+def test_extension_for_another_torch_falls_back_with_a_warning_naming_both(undecided, monkeypatch, recorded_by,
+                                                                           built):
+    """The torch _C was built against is read from _build_info.py before loading _C, or from _C itself."""
+    if recorded_by == "build_info":
+        monkeypatch.setitem(sys.modules, "jomed_fast._build_info", build_info(built))
+    else:
+        monkeypatch.setitem(sys.modules, "jomed_fast._build_info", None)
+    monkeypatch.setitem(sys.modules, "jomed_fast._C", fake_extension(built))  # packing with it would fail
+    caught = pack_everything_and_record_warnings()
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith(f"jomed_fast._C was built against torch {built}, this is torch {torch.__version__}: "
+                              "using the Python packer"), message
+    assert packing.backend() == Backend("python", f"jomed_fast._C was built against torch {built}, this is torch "
+                                                  f"{torch.__version__}")
+
+
+def test_extension_for_this_torch_is_used(undecided, monkeypatch):
+    """The same checks let a matching extension through: the local label (+cpu) does not count."""
+    release = ".".join(map(str, packing._release(torch.__version__)))
+    monkeypatch.setitem(sys.modules, "jomed_fast._build_info", build_info(f"{release}+cu126"))
+    monkeypatch.setitem(sys.modules, "jomed_fast._C", fake_extension(release))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert packing.backend() == Backend("c++", f"jomed_fast._C, built against torch {release}+cu126")
+    with pytest.raises(AssertionError, match=f"the extension built against torch {release} was asked to pack"):
+        pack_candidates(QueryCandidates(**good_query()), pad_token_id=0)
+
+
+def test_release_compares_major_minor_patch():
+    assert packing._release("2.13.0+cpu") == packing._release("2.13.0") == (2, 13, 0)
+    assert packing._release("2.14.0a0+git1234abc") == (2, 14, 0)
+    assert packing._release("2.13.1") != packing._release("2.13.0")
