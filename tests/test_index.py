@@ -47,6 +47,21 @@ def test_manifest_and_search_matches_float64(setup):
     assert i.shape == (20, 10)
 
 
+def test_faiss_backend_without_faiss_names_the_extras_and_ops_still_searches(setup, monkeypatch):
+    from jomed_fast._extras import MissingDependency
+
+    d, recs, enc, _ = setup
+    ix = Index.open(d / "full", encoder=enc)
+    q = enc.encode_images([r.image for r in recs[:3]]).detach()
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    extras = r"pip install 'jomed_fast\[faiss-cpu\]' or pip install 'jomed_fast\[faiss-gpu\]'"
+    for nlist in (None, 4):
+        with pytest.raises(MissingDependency, match=rf"backend='faiss' .*needs .*'faiss'.*{extras}"):
+            ix.search(q, 5, head="image", backend="faiss", nlist=nlist)
+    s, i = ix.search(q, 5, head="image", backend="ops")
+    assert i.shape == (3, 5)
+
+
 def test_open_refuses_corrupt_and_other_encoder(setup, tmp_path):
     d, recs, enc, ix = setup
     import shutil

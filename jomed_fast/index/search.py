@@ -17,6 +17,9 @@ as float32 scores ``[Q, k]`` (descending) and int64 ids ``[Q, k]``.
   ``GpuMultipleClonerOptions.shard = True``, so each GPU holds N/G rows (flat) or the rows
   ``id mod G`` of every list (IVF) and the shards' top-k are merged by faiss. Stored as fp16 on
   the GPUs (``useFloat16``), which loses nothing: the index is fp16 already.
+
+faiss is optional (the extras ``[faiss-cpu]`` and ``[faiss-gpu]``, alternatives: both install the
+module ``faiss``); without it the faiss backend raises ``MissingDependency`` naming them.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from .._extras import require
 
 ADD_BLOCK = 1 << 16  # rows converted to fp32 and added to faiss at a time
 
@@ -38,9 +43,15 @@ def search_ops(emb: np.ndarray, q: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return topk_similarity(q.detach().float(), x, k)
 
 
+def _faiss():
+    """faiss, from either extra: faiss-cpu and faiss-gpu install the same module, so they are
+    alternatives and neither is a hard dependency (``ops.topk_similarity`` serves exact search)."""
+    return require("faiss", ("faiss-cpu", "faiss-gpu"), "backend='faiss' (IndexFlatIP / IndexIVFFlat)")
+
+
 def faiss_gpu_count() -> int:
     """GPUs faiss can use (0 with faiss-cpu)."""
-    import faiss
+    faiss = _faiss()
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
@@ -51,7 +62,7 @@ def _to_all_gpus_sharded(ix):
     (``GpuMultipleClonerOptions.shard``; IndexFlat shards keep successive ids, IVF shards keep the
     stored ids), taken only when :func:`faiss_gpu_count` is above 1.
     """
-    import faiss
+    faiss = _faiss()
     co = faiss.GpuMultipleClonerOptions()
     co.shard = True
     co.useFloat16 = True
@@ -67,7 +78,7 @@ class FaissSearcher:
 
     def __init__(self, emb: np.ndarray, nlist: int | None = None, *, gpus: bool | None = None,
                  train_per_list: int = 256, seed: int = 0):
-        import faiss
+        faiss = _faiss()
 
         if emb.ndim != 2:
             raise ValueError(f"emb: expected [N, D], got shape {list(emb.shape)}")
@@ -93,7 +104,7 @@ class FaissSearcher:
 
     def search(self, q: torch.Tensor, k: int, nprobe: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of ``q`` ``[Q, D]`` (rounded to fp16 first, as the ops path does)."""
-        import faiss
+        faiss = _faiss()
 
         if self.nlist is not None:
             if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
