@@ -1,26 +1,35 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU or CUDA):
 #   make bench   create/reuse .venv, build everything, run the headline benchmark
 #   make test    create/reuse .venv, build everything, run the whole test suite
-# torch==2.13.0 is installed first: on a CPU machine that is the CPU build (a looser spec pulls a
-# multi-GB CUDA build); the package is then installed with --no-build-isolation so the C++
-# extension jomed_fast._C compiles against that torch.
+# torch is installed first (TORCH_SPEC from TORCH_INDEX), then the package with --no-build-isolation
+# so that the C++ extension jomed_fast._C compiles against that torch, and with the exact releases
+# of constraints.txt. Choices (see the README, "Install"):
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu     # CPU-only torch from PyTorch's index
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cu126   # a CUDA 12 build (drivers >= 525)
+#   make test CONSTRAINTS=                                         # the newest releases in setup.py's ranges
 
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
-STAMP  := $(VENV)/.jomed_fast_installed
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+CONSTRAINTS ?= constraints.txt
+EXTRAS      ?= dev
+STAMP       := $(VENV)/.jomed_fast_installed
+# the AOT check also runs under these Triton releases: the ones torch 2.13 / 2.14's CUDA wheels pin
+AOT_TRITONS ?= 3.7.1 3.8.0
 
-.PHONY: install bench bench-kernels aot test clean
+.PHONY: install bench bench-kernels aot aot-tritons test clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70" wheel
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
-	$(PY) -c "import torch, jomed_fast._C"
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(if $(CONSTRAINTS),$(PY) .ci/constraints_for_torch.py $(CONSTRAINTS) > $(VENV)/constraints.txt)
+	$(PY) -m pip install --quiet --no-build-isolation $(if $(CONSTRAINTS),-c $(VENV)/constraints.txt) -e ".[$(EXTRAS)]"
+	$(PY) -c "import torch, jomed_fast.packing as p; print('candidate packer:', *p.backend())"
 	touch $(STAMP)
 
 bench: install
@@ -32,8 +41,11 @@ bench-kernels: install
 aot: install
 	$(PY) -m jomed_fast.kernels.aot
 
+aot-tritons: install
+	for v in $(AOT_TRITONS); do bash .ci/aot_triton.sh $$v || exit 1; done
+
 test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf build *.egg-info jomed_fast/*.so
+	rm -rf build *.egg-info jomed_fast/*.so jomed_fast/_build_info.py

@@ -180,26 +180,30 @@ setup(
         "jomed_fast.kernels",
     ],
     package_dir={"jomed_fast": "jomed_fast", "jomed_fast.kernels": "kernels"},
+    # Bounded to the releases the suite has passed on (the README lists them; constraints.txt pins
+    # the exact set .ci/run installs). Triton: the range the AOT check passes under, which holds the
+    # releases torch's CUDA wheels pin (torch 2.13: 3.7, torch 2.14: 3.8).
     install_requires=_pin_torch([
-        "torch>=2.4",
-        "triton>=3.1; platform_system == 'Linux'",
-        "numpy",
+        "torch>=2.13,<2.15",
+        "triton>=3.7,<3.10; platform_system == 'Linux'",
+        "transformers>=5.24,<5.26",  # 5.24 renamed the decoders' past_key_values to cache
+        "peft>=0.21,<0.22",
+        "bitsandbytes>=0.50,<0.51",  # readers.quantization drives its CPU kernel choice
+        "accelerate>=1.16,<2",
+        "numpy>=2.0",
         "safetensors",
-        "transformers>=5.0",
         "tokenizers",
-        "peft",
-        "bitsandbytes",
-        "accelerate",
-        "faiss-cpu",
         "tqdm",
         "matplotlib",
         "pyyaml",
         "pillow",
     ]),
     extras_require={
-        "dev": ["pytest", "hypothesis", "scikit-learn"],
-        # GPU-only; never imported at module import time (see README, "GPU extras").
-        "gpu": ["flash-attn", "cupy-cuda12x", "faiss-gpu"],
+        # faiss-cpu and faiss-gpu install the same module: alternatives, neither required (the
+        # project's own top-k serves exact search); the tests compare against faiss-cpu
+        "faiss-cpu": ["faiss-cpu>=1.15,<1.16"],
+        "faiss-gpu": ["faiss-gpu>=1.15,<1.16"],
+        "dev": ["pytest", "hypothesis", "scikit-learn", "faiss-cpu>=1.15,<1.16"],
     },
     package_data={"jomed_fast.memory": ["configs/*.json"]},
     entry_points={"console_scripts": ["jomed-fast = jomed_fast.cli:main"]},

@@ -2,7 +2,7 @@
 
 The decoder runs each chunk of candidate rows with
 
-* ``past_key_values``: the prefix's keys/values, one ``[U, g, Pm, d]`` tensor pair per layer
+* ``cache``: the prefix's keys/values, one ``[U, g, Pm, d]`` tensor pair per layer
   computed once per distinct prefix. A chunk whose rows share one prefix gets it ``expand``-ed
   (a stride-0 view, no copy); a chunk mixing queries gets ``index_select``-ed rows. The Hugging
   Face attention path then concatenates ``[prefix, suffix]`` keys per layer

@@ -271,8 +271,8 @@ class CandidateScorer:
                         pos = torch.arange(Pm, device=dev)[None].expand(len(bs), Pm)
                     mask = to_model_mask(prefix_mask(lengths, Pm), self.attention, x.dtype)
                     out = reader.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                         past_key_values=DynamicCache(config=reader.decoder.config), use_cache=True)
-                    kv_parts.append(PrefixKV.from_cache(out.past_key_values))
+                                         cache=DynamicCache(config=reader.decoder.config), use_cache=True)
+                    kv_parts.append(PrefixKV.from_cache(out.cache))
             prefix_kv = PrefixKV.concat(kv_parts)
 
         # 5. suffix + 6. head --------------------------------------------------------------------
@@ -315,7 +315,7 @@ class CandidateScorer:
                 mask = to_model_mask(allowed, self.attention, x.dtype)
                 cache = prefix_kv.cache_for(pu_t[bs]) if prefix_kv is not None else None
                 out = reader.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                     past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                                     cache=cache, use_cache=cache is not None).last_hidden_state
                 h_ans = out[torch.arange(Rc, device=dev), n_dev - 1]
                 h_nodes = out[:, Lc:] if N else None
             with stage("jomed.head"):
