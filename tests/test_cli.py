@@ -159,3 +159,85 @@ def test_predict_open_vqa_through_the_cli(files, capsys, tmp_path):
     recs = read_predictions(tmp_path / "p.jsonl")
     assert [r.kind for r in recs] == ["vqa_open"] * 2 and all(isinstance(r.fused, str) for r in recs)
     assert {"exact_match", "f1", "recall", "precision"} <= set(json.loads(out))
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version as installed
+
+    import jomed_fast
+
+    assert installed("jomed_fast") == jomed_fast.__version__  # setup.py and __init__ state it apart
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"jomed-fast {jomed_fast.__version__}\n"
+    out = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "--version"], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0 and out.stdout == f"jomed-fast {jomed_fast.__version__}\n"
+
+
+def _help_entries(text: str) -> dict:
+    """``--flag`` -> its whole help text (argparse wraps it over several lines), from ``--help``."""
+    entries, flag = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif flag is not None and line.startswith("    "):
+            entries[flag] += " " + line
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def _help(command: str, capsys) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    return _help_entries(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", ["build-index", "train-reader", "train-retriever", "predict", "evaluate",
+                                     "analyze", "plan-memory", "demo"])
+def test_help_names_each_default_once(command, capsys):
+    from jomed_fast.cli import commands
+
+    entries = _help(command, capsys)
+    assert {o.flag for o in commands()[command].options} <= set(entries)
+    for flag, text in entries.items():
+        assert text.lower().count("default") <= 1, text
+        if flag not in ("-h", "--config"):
+            assert text.endswith("(required)") or "(default: " in text, text
+
+
+def test_help_shows_the_real_defaults(capsys):
+    from jomed_fast.demo import PRESETS
+    from jomed_fast.train import ReaderTrainConfig, RetrieverTrainConfig
+
+    assert _help("predict", capsys)["--k-text"].endswith("(default: 2)")
+    assert _help("predict", capsys)["--device"].endswith("(default: cuda when available, else cpu)")
+    assert _help("train-reader", capsys)["--lr"].endswith(f"(default: {ReaderTrainConfig().lr!r})")
+    assert _help("train-retriever", capsys)["--seed"].endswith(f"(default: {RetrieverTrainConfig().seed!r})")
+    assert _help("plan-memory", capsys)["--budget-gb"].endswith("(default: 40.0)")
+    demo = _help("demo", capsys)
+    full, smoke, ci = (PRESETS[p].n_test for p in ("full", "smoke", "ci"))
+    assert demo["--n-test"].endswith(f"(default: {full}; smoke: {smoke}, ci: {ci})")
+    assert demo["--layout"].endswith("(default: paper)") and demo["--preset"].endswith("(default: full)")
+
+
+def test_plan_memory_reads_a_config_and_flags_override_it(tmp_path, capsys):
+    from jomed_fast.memory.cli import main as module_main
+
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(yaml.safe_dump({"model": ["pixtral_12b"], "batch": 3, "lora-rank": 16}))
+    code, out, err = run(["plan-memory", "--config", cfg], capsys)
+    assert code == 0, err
+    assert "**pixtral_12b**" in out and "**qwen2_vl_7b**" not in out and "batch=3" in out and "LoRA r=16" in out
+    code, out, err = run(["plan-memory", "--config", cfg, "--batch", 2, "--model", "qwen2_vl_7b"], capsys)
+    assert code == 0 and "**qwen2_vl_7b**" in out and "**pixtral_12b**" not in out and "batch=2" in out
+    assert "batch=3" not in out and "LoRA r=16" in out
+    # python -m jomed_fast.memory: the same options through the same path
+    assert module_main(["--config", str(cfg), "--batch", "2"]) == 0 and "batch=2" in capsys.readouterr().out
+    cfg.write_text("batch: two\n")
+    code, _out, err = run(["plan-memory", "--config", cfg], capsys)
+    assert code == 2 and err == f"jomed-fast plan-memory: error: --batch: expected int (in {cfg}), got 'two'\n"
+    cfg.write_text("budget: 3\n")
+    assert module_main(["--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith("python -m jomed_fast.memory: error: --config: unknown option 'budget'")

@@ -84,8 +84,9 @@ def test_merge_heads():
     assert c.ids.tolist() == [[3, 1, 1, 2]] and c.heads == [["text", "text", "image", "image"]]
 
 
-def test_hf_clip_local_dir(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def _tiny_hf_clip(path):
+    """A tiny Hugging Face CLIP (model, tokenizer, image processor) saved in ``path``."""
+    pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         CLIPConfig,
@@ -94,20 +95,25 @@ def test_hf_clip_local_dir(tmp_path):
         PreTrainedTokenizerFast,
     )
 
-    from jomed_fast.retriever.hf import HFCLIPEncoder
     cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, vocab_size=50, max_position_embeddings=16),
                      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                         num_attention_heads=2, image_size=32, patch_size=8),
                      projection_dim=16)
     torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(tmp_path)
+    CLIPModel(cfg).save_pretrained(path)
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["a", "lesion", "breast", "normal", "mass"])}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    enc = HFCLIPEncoder(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_hf_clip_local_dir(tmp_path):
+    from jomed_fast.retriever.hf import HFCLIPEncoder
+
+    enc = HFCLIPEncoder(_tiny_hf_clip(tmp_path))
     im = enc.encode_images([np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)] * 2)
     tx = enc.encode_texts(["a breast lesion", "normal"])
     assert im.shape == tx.shape == (2, 16)
@@ -117,3 +123,27 @@ def test_hf_clip_local_dir(tmp_path):
     assert q.n_trainable == 1
     assert any(p.requires_grad for p in enc.image_layers()[-1].parameters())
     assert not any(p.requires_grad for p in enc.image_layers()[0].parameters())
+
+
+def test_hf_clip_saved_whole_with_the_modes_of_a_plain_write(tmp_path):
+    """``save_encoder`` on an HF encoder: one directory swapped into place, its weights (written by
+    safetensors through a 0600 temporary file) with the mode a plain write gives under the umask."""
+    import os
+    import stat
+
+    from jomed_fast.retriever import load_encoder, save_encoder
+    from jomed_fast.retriever.hf import HFCLIPEncoder
+
+    enc = HFCLIPEncoder(_tiny_hf_clip(tmp_path / "src"))
+    before = os.umask(0o022)
+    try:
+        out = save_encoder(enc, tmp_path / "out")
+        out = save_encoder(enc, tmp_path / "out")  # a second save replaces the first
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644} and stat.S_IMODE(out.stat().st_mode) == 0o755, modes
+    assert "model.safetensors" in modes and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    again = load_encoder(out)
+    texts = ["a breast lesion", "normal"]
+    torch.testing.assert_close(again.encode_texts(texts), enc.encode_texts(texts))

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jomed_fast._files import atomic_write_via
 from jomed_fast.tasks import KINDS
 
 
@@ -43,13 +42,13 @@ class PredictionRecord:
 
 
 def write_jsonl(path: str, records: Iterable[PredictionRecord]) -> None:
-    """Atomic write (temp file + rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict()) + "\n")
-    os.replace(tmp, path)
+    """Atomic write (temp file + rename; the mode a plain ``open(path, "w")`` would give)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r.to_dict()) + "\n")
+
+    atomic_write_via(path, write)
 
 
 def read_jsonl(path: str) -> list[PredictionRecord]:

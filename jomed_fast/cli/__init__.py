@@ -11,9 +11,9 @@
     jomed-fast demo --out runs/demo
 
 Every subcommand takes ``--config run.yaml`` (its options as ``name: value``) and a flag per option
-that overrides the file; ``jomed-fast <subcommand> --help`` lists them. Errors in the inputs (bad
-option, missing file, bad data) print one line on stderr and exit with code 2; long steps resume
-when rerun with the same options.
+that overrides the file; ``jomed-fast <subcommand> --help`` lists them with their defaults. Errors
+in the inputs (bad option, missing file, bad data) print one line on stderr and exit with code 2;
+long steps resume when rerun with the same options. ``jomed-fast --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -21,52 +21,77 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._extras import MissingDependency
 from .options import add_options, resolve
 
-__all__ = ["commands", "main"]
+__all__ = ["commands", "execute", "main", "run_standalone", "version"]
 
 # Errors that are the user's to fix: one line, exit 2 (anything else is a bug and keeps its traceback).
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, MissingDependency)
 
 
 def commands() -> dict:
+    from ..memory import cli as memory
     from . import demo, indexing, inference, training
 
-    return {c.name: c for module in (indexing, training, inference, demo) for c in module.COMMANDS}
+    return {c.name: c for module in (indexing, training, inference, memory, demo) for c in module.COMMANDS}
+
+
+def version() -> str:
+    """``jomed-fast <version>``; the installed metadata's version too when it differs (a stale
+    editable install: setup.py and ``jomed_fast.__version__`` each state it)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from .. import __version__
+
+    text = f"jomed-fast {__version__}"
+    try:
+        meta = installed("jomed_fast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return text
+    return text if meta == __version__ else f"{text} (installed metadata says {meta})"
 
 
 def _parser(table: dict) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jomed-fast", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=version())
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for c in table.values():
         p = sub.add_parser(c.name, help=c.help, description=c.description)
         add_options(p, c.options)
-    sub.add_parser("plan-memory", help="predicted peak GPU memory of the three stages (--help for its options)",
-                   add_help=False)
     return ap
+
+
+def execute(command, args: argparse.Namespace, prog: str) -> int:
+    """Resolve ``command``'s options from ``args`` (defaults < --config < flags) and run it; a user
+    error is one line on stderr and exit 2. Every entry point runs its command through here."""
+    try:
+        values = resolve(command.options, args)
+        return int(command.run(values) or 0)
+    except USER_ERRORS as exc:
+        msg = " ".join(str(exc).split())
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def run_standalone(command, argv=None, *, prog: str) -> int:
+    """One command as its own program (``python -m jomed_fast.memory``): same options, same errors."""
+    ap = argparse.ArgumentParser(prog=prog, description=command.description)
+    add_options(ap, command.options)
+    return execute(command, ap.parse_args(sys.argv[1:] if argv is None else list(argv)), prog)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan-memory":  # its own parser (python -m jomed_fast.memory)
-        from ..memory.cli import main as plan_memory
-
-        return plan_memory(argv[1:])
     table = commands()
     ap = _parser(table)
     args = ap.parse_args(argv)
     if args.command is None:
         ap.print_help()
         return 2
-    command = table[args.command]
-    try:
-        values = resolve(command.options, args)
-        return int(command.run(values) or 0)
-    except USER_ERRORS as exc:
-        msg = " ".join(str(exc).split())
-        print(f"jomed-fast {command.name}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"jomed-fast {command.name}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return execute(table[args.command], args, f"jomed-fast {args.command}")

@@ -6,9 +6,9 @@ from .options import Opt
 
 READER_OPTS = (
     Opt("reader", str, None, "reader checkpoint directory (local only)", required=True),
-    Opt("adapter", str, None, "LoRA adapter directory written by training (optional)"),
+    Opt("adapter", str, None, "LoRA adapter directory written by training"),
     Opt("quantization", str, "none", "reader weights", choices=("none", "nf4", "int8")),
-    Opt("device", str, None, "cpu, cuda or cuda:N (default: cuda when available)"),
+    Opt("device", str, None, "cpu, cuda or cuda:N", default_doc="cuda when available, else cpu"),
     Opt("task", str, "synthetic", "task name (see jomed_fast.tasks)"),
     Opt("layout", str, "paper", "prompt layout", choices=("paper", "shared_query")),
 )
@@ -18,7 +18,7 @@ DATA_OPTS = (
 )
 INDEX_OPTS = (
     Opt("index", str, None, "index directory (jomed-fast build-index)"),
-    Opt("index_records", str, None, "the index records JSONL in index order (default: the index's own)"),
+    Opt("index_records", str, None, "the index records JSONL in index order", default_doc="the index's own"),
     Opt("encoder", str, None, "retriever encoder directory (TinyCLIP or CLIP)"),
     Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
 )

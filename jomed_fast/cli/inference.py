@@ -17,8 +17,8 @@ from .options import Command, Opt
 
 PREDICT_OPTS = (*READER_OPTS, *DATA_OPTS, *INDEX_OPTS,
                 Opt("out", str, None, "predictions JSONL (appended; a rerun resumes)", required=True),
-                Opt("query_encoder", str, None, "stage-2 query encoders (train-retriever's RUN_DIR/query_encoder); "
-                    "default: the index's --encoder embeds the queries"),
+                Opt("query_encoder", str, None, "stage-2 query encoders (train-retriever's RUN_DIR/query_encoder)",
+                    default_doc="the index's --encoder embeds the queries"),
                 Opt("k_text", int, 2, "candidates from the text head"),
                 Opt("k_image", int, 2, "candidates from the image head"),
                 Opt("fusion", str, "paper", "fusion rule", choices=("paper", "reference")),
@@ -65,7 +65,8 @@ def run_predict(v: dict) -> int:
 
 
 EVALUATE_OPTS = (Opt("predictions", str, None, "predictions JSONL (jomed-fast predict)", required=True),
-                 Opt("out", str, None, "write the metrics as JSON here (atomic)"))
+                 Opt("out", str, None, "write the metrics as JSON here (atomic)",
+                     default_doc="printed only"))
 
 
 def run_evaluate(v: dict) -> int:
@@ -85,7 +86,8 @@ def run_evaluate(v: dict) -> int:
 ANALYZE_OPTS = (
     Opt("system", list, None, "NAME=PREDICTIONS.jsonl, one per system (first: the split's reference, "
         "e.g. fine-tuned RAG after stage 1)", required=True),
-    Opt("split_from", str, None, "the system whose candidates fix the inconsistent split (default: the first)"),
+    Opt("split_from", str, None, "the system whose candidates fix the inconsistent split",
+        default_doc="the first --system"),
     Opt("out", str, None, "output directory for JSON, markdown and PNG", required=True),
 )
 

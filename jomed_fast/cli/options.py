@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Command", "Opt", "add_options", "resolve"]
+__all__ = ["Command", "Opt", "add_options", "config_from", "config_options", "resolve", "show"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,9 @@ class Opt:
     """One option: ``name`` (snake case; the flag is ``--name-with-dashes``), its type and default.
 
     ``type`` is ``str``, ``int``, ``float``, ``bool`` (``--x`` / ``--no-x``) or ``list`` (strings;
-    repeat the flag or give several values).
+    repeat the flag or give several values). ``--help`` appends the default to ``help`` (which
+    should not name it): ``default_doc`` when given (a default that ``default`` itself does not
+    say, such as "the index's own" for None), else ``default``.
     """
 
     name: str
@@ -30,6 +32,7 @@ class Opt:
     help: str = ""
     choices: tuple | None = None
     required: bool = False
+    default_doc: str | None = None
 
     @property
     def flag(self) -> str:
@@ -74,10 +77,25 @@ class Command:
     run: Callable[[dict], int | None]
 
 
+def show(value: Any) -> str:
+    """A default as ``--help`` shows it: as it would be written in the YAML file (``true``, ``none``, ``paper``)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else repr(value)
+
+
 def add_options(parser: argparse.ArgumentParser, options) -> None:
+    """``--config`` and one flag per option. Each help line names its default once: the parser's
+    formatter must not add its own (``ArgumentDefaultsHelpFormatter``), and every flag's argparse
+    default is ``SUPPRESS`` (so that :func:`resolve` sees which flags were given), which also keeps
+    ``BooleanOptionalAction`` from appending one."""
     parser.add_argument("--config", metavar="YAML", help="a YAML file of options (flags override it)")
     for o in options:
-        doc = o.help + (" (required)" if o.required else f" (default: {o.default!r})")
+        shown = o.default_doc if o.default_doc is not None else show(o.default)
+        doc = o.help + (" (required)" if o.required else f" (default: {shown})")
+        doc = doc.replace("%", "%%")  # argparse %-formats help strings
         if o.type is bool:
             parser.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=doc)
@@ -126,21 +144,35 @@ def resolve(options, namespace: argparse.Namespace) -> dict:
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def config_options(cls, *, skip: tuple = (), prefix: str = "") -> tuple:
+def config_options(cls, *, skip: tuple = (), prefix: str = "", presets: dict | None = None) -> tuple:
     """One :class:`Opt` per field of a config dataclass (default None: keep the dataclass's default).
 
     Field types come from the annotations (``int``, ``float``, ``str``, ``bool``, optionally
-    ``| None``); ``prefix`` namespaces the flags when two configs share a command.
+    ``| None``); ``prefix`` namespaces the flags when two configs share a command. A field whose
+    metadata has ``"setting": False`` is not an option. ``presets`` (name -> instance of ``cls``,
+    the default one first) makes ``--help`` show the default as the first preset's value followed
+    by the other presets' values where they differ (``250; ci: 160, smoke: 12``): with a preset
+    option, the dataclass's own default is not what an unset flag gives.
     """
     opts = []
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("setting", True) is False:
             continue
         base = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
         if base not in _FIELD_TYPES:
             raise TypeError(f"{cls.__name__}.{f.name}: option type {f.type!r} is not int/float/str/bool")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        opts.append(Opt(prefix + f.name, _FIELD_TYPES[base], None, f"{cls.__name__}.{f.name} (default {default!r})"))
+        if presets:
+            first, *others = presets.items()
+            value = getattr(first[1], f.name)
+            differ = [f"{name}: {show(getattr(p, f.name))}" for name, p in others if getattr(p, f.name) != value]
+            shown = show(value) + (f"; {', '.join(differ)}" if differ else "")
+        elif f.default is not dataclasses.MISSING:
+            shown = show(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            shown = show(f.default_factory())
+        else:
+            shown = None
+        opts.append(Opt(prefix + f.name, _FIELD_TYPES[base], None, f"{cls.__name__}.{f.name}", default_doc=shown))
     return tuple(opts)
 
 

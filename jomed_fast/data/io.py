@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Union
 
 import numpy as np
 
+from jomed_fast._files import make_temp_file
 from jomed_fast._files import sha256_file  # noqa: F401  (re-exported: data.io.sha256_file)
 
 PathLike = Union[str, os.PathLike]
@@ -21,10 +21,11 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, fsync: bool = False) -> N
 
     A reader never sees a partial file; a killed writer leaves at most a ``.tmp`` file behind.
     ``fsync`` also flushes to disk before the rename (for power-loss safety of small manifests).
+    The file gets the mode a plain ``open(path, "wb")`` would (``0o666 & ~umask``; see ``_files``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

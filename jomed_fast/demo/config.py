@@ -1,10 +1,12 @@
-"""Settings of the end-to-end demonstration (``jomed-fast demo``), with two presets.
+"""Settings of the end-to-end demonstration (``jomed-fast demo``), with three presets.
 
 ``full`` is the documented run (7 minutes on a 2-core CPU; CI runs it and asserts the paper's
 findings); ``ci`` is the same pipeline with smaller data and fewer steps, a quicker check of the
 pipeline but too small for the findings (its gain over fine-tuned RAG ranged from -1.2 to +5.0
 points over seeds); ``smoke`` runs every step on a handful of samples (the end-to-end test of the
-plumbing).
+plumbing). Only a preset whose ``asserts_findings`` is true (``full``) makes ``jomed-fast demo``
+exit 1 when a finding fails; on the others the findings are reported as informational, since at
+their sizes a failed check says nothing about the pipeline.
 
 Departures from the reference's hyper-parameters, and why: the tiny reader and retriever start
 from random (reader) / briefly pre-trained (retriever) weights, not from 7B / CLIP checkpoints,
@@ -82,16 +84,23 @@ class DemoConfig:
     k_text: int = 2
     k_image: int = 2
     batch_size: int = 8
+    # Whether the run is large enough for the paper's findings to be asserted (the demo's exit code).
+    # A property of the preset, not a setting of the run: not an option, not in to_dict (a rerun of
+    # the same settings resumes whichever preset they came from), not compared.
+    asserts_findings: bool = dataclasses.field(default=True, compare=False, metadata={"setting": False})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("setting", True)}
 
 
 PRESETS = {
     # the plumbing in a minute or two (the end-to-end test); too small for the paper's findings
     "smoke": DemoConfig(n_train=24, n_val=8, n_test=12, index_size=120, retriever_epochs=1, retriever_width=8,
                         retriever_depth=1, retriever_dim=32, reader_epochs=1, reader_only_epochs=1,
-                        reader_eval_every=1000, stage2_queries=8, stage2_k=4, stage2_epochs=1, batch_size=6),
+                        reader_eval_every=1000, stage2_queries=8, stage2_k=4, stage2_epochs=1, batch_size=6,
+                        asserts_findings=False),
     "full": DemoConfig(),
-    "ci": DemoConfig(n_train=240, n_val=40, n_test=160, index_size=800, retriever_epochs=6, stage2_queries=240),
+    # a quicker check of the pipeline; its gain over fine-tuned RAG is noise-sized (module docstring)
+    "ci": DemoConfig(n_train=240, n_val=40, n_test=160, index_size=800, retriever_epochs=6, stage2_queries=240,
+                     asserts_findings=False),
 }

@@ -194,7 +194,8 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True
     readers = {name: _frozen_reader(ckpt, path) for name, path in adapters.items()}
     jomed_encoder = _stage2(out, config, readers["rag"], ds, retrieval, base, progress)
     records = _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
-    summary = write_report(out / "report", records, ds.task.num_classes, seed=config.seed)
+    summary = write_report(out / "report", records, ds.task.num_classes, seed=config.seed,
+                           findings_asserted=config.asserts_findings)
     summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(out / "report" / "summary.json", summary)
     _log(f"done in {summary['seconds']:.0f} s; report: {out / 'report' / 'report.md'}", progress)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from .._files import replace_dir_atomically
 from .tiny import TinyCLIP, TinyConfig
 
 __all__ = ["load_encoder", "save_encoder"]
@@ -35,6 +36,9 @@ def save_encoder(encoder, out: str | os.PathLike) -> Path:
     out = Path(out)
     if hasattr(encoder, "save"):
         return encoder.save(out)
-    for part in (encoder.model, encoder.tokenizer, encoder.processor):  # an HF CLIP-style encoder
-        part.save_pretrained(out)
-    return out
+    def fill(tmp: Path) -> None:  # an HF CLIP-style encoder
+        for part in (encoder.model, encoder.tokenizer, encoder.processor):
+            part.save_pretrained(tmp)
+
+    # through a temporary directory: atomic, and save_pretrained's 0600 weights get the umask's mode
+    return replace_dir_atomically(out, fill)
