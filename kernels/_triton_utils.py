@@ -49,8 +49,15 @@ class AotSpec:
     constexprs: values of the ``constexpr`` arguments (block sizes, flags).
     unit_args: integer arguments (inner strides) that equal 1 for contiguous inputs; the runtime
         JIT specializes such a value into a constant, so the AOT build does the same.
+    aligned_args: integer arguments that are multiples of 16 in real use (model widths such as the
+        embedding dim, hidden size or vocabulary, strides made of them, and sizes the launcher
+        rounds up to a block); the JIT marks such a value divisible by 16, which lets loads
+        vectorize and changes register use, so the AOT build marks it too. Sizes that vary per
+        call (batch, rows, k) stay unspecialized.
+    maxnreg: the launch's ``maxnreg`` (PTX ``.maxnreg``), when the launcher passes one.
     Pointer arguments are compiled as 16-byte aligned, as the JIT specializes fresh torch
-    allocations; together this is the variant a contiguous, freshly allocated input runs.
+    allocations; together this is the variant a contiguous, freshly allocated input of real
+    model widths runs.
     """
 
     name: str
@@ -60,3 +67,5 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     unit_args: tuple[str, ...] = ()
+    aligned_args: tuple[str, ...] = ()
+    maxnreg: int | None = None

@@ -6,7 +6,10 @@ For each kernel module in ``jomed_fast.kernels.KERNEL_MODULES`` and each ``AotSp
 ``aot_specs()`` returns, Triton compiles the kernel for sm_89 (L40) and sm_90 (H100) through
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``; the resulting cubin is read
 with the ``cuobjdump`` that Triton bundles to report registers per thread, shared memory and
-local memory (spill) bytes. Exit status 1 when any configuration fails to compile or spills.
+local memory (spill) bytes. Each configuration is compiled as the JIT specializes the launch it
+describes (see ``AotSpec``: unit strides, 16-divisible pointers and model widths, ``maxnreg``).
+The first line printed names the Triton version and where it was imported from. Exit status 1
+when any configuration fails to compile or spills.
 
 Run it without ``TRITON_INTERPRET``: under the interpreter kernels are not compiled.
 """
@@ -37,6 +40,7 @@ class CompileReport:
     local_bytes: int | None = None
     stack_bytes: int | None = None
     error: str | None = None
+    triton: str | None = None  # the version that compiled it
 
     @property
     def spills(self) -> bool:
@@ -76,17 +80,24 @@ def compile_spec(spec, arch: int) -> CompileReport:
     from triton.compiler import ASTSource
 
     kernel = spec.fn.fn.__name__ if hasattr(spec.fn, "fn") else spec.fn.__name__
-    report = CompileReport(kernel=kernel, config=spec.name, arch=arch, ok=False)
+    report = CompileReport(kernel=kernel, config=spec.name, arch=arch, ok=False, triton=triton.__version__)
     try:
         signature, constexprs = dict(spec.signature), dict(spec.constexprs)
+        for name in (*spec.unit_args, *spec.aligned_args):
+            if signature.get(name) not in ("i32", "i64"):
+                raise ValueError(f"{spec.name}: unit_args / aligned_args name {name!r}, expected an integer argument, "
+                                 f"found {signature.get(name, 'no such argument')!r}")
         for name in spec.unit_args:  # what the JIT does with an integer argument equal to 1
             signature[name], constexprs[name] = "constexpr", 1
+        # The JIT marks 16-byte aligned pointers and integers that are multiples of 16 the same way.
         arg_names = spec.fn.arg_names
-        attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+        attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+                 if t.startswith("*") or n in spec.aligned_args}
         src = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-        )
+        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        if spec.maxnreg is not None:
+            options["maxnreg"] = spec.maxnreg
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         reg, stack, _, local = resource_usage(compiled.asm["cubin"])
         report.registers, report.stack_bytes, report.local_bytes = reg, stack, local
         # Dynamic shared memory (what Triton allocates for tl.dot staging / reductions) is in the metadata.
@@ -137,6 +148,10 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: TRITON_INTERPRET is set; unset it to compile kernels", file=sys.stderr)
         return 2
+    import triton
+
+    # First line: which Triton compiled, so a CI log shows the version that passed or failed.
+    print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})", flush=True)
     reports = compile_all(tuple(args.arch), args.modules)
     print(format_table(reports))
     if args.json:

@@ -125,11 +125,12 @@ def aot_specs() -> list[AotSpec]:
                 f"class_log_softmax_fwd[{dtype},C<={block_c}]", _class_log_softmax_fwd_kernel,
                 {"x_ptr": f"*{dtype}", "ids_ptr": "*i64", "out_ptr": "*fp32", "R": "i32", "C": "i32",
                  "stride_xr": "i32", "stride_xv": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-                common, num_warps=num_warps, unit_args=("stride_xv",)))
+                # Row strides are the vocabulary (151936, 131072: multiples of 16, as the JIT sees them).
+                common, num_warps=num_warps, unit_args=("stride_xv",), aligned_args=("stride_xr",)))
             specs.append(AotSpec(
                 f"class_log_softmax_bwd[{dtype},C<={block_c}]", _class_log_softmax_bwd_kernel,
                 {"grad_out_ptr": "*fp32", "out_ptr": "*fp32", "ids_ptr": "*i64", "grad_x_ptr": f"*{dtype}",
                  "R": "i32", "C": "i32", "stride_gr": "i32", "stride_gv": "i32",
                  "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-                common, num_warps=num_warps, unit_args=("stride_gv",)))
+                common, num_warps=num_warps, unit_args=("stride_gv",), aligned_args=("stride_gr",)))
     return specs

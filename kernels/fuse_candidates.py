@@ -166,7 +166,8 @@ def fuse_candidates_backward(
 def aot_specs() -> list[AotSpec]:
     """The configurations the launchers pick on a GPU, for each log-prob dtype: the paper's K = 50
     with a binary task (8 queries per program) and a 100-way task (one query, the class loop), and
-    K = 2048 (one query on 16 warps)."""
+    K = 2048 (one query on 16 warps); contiguous log-probabilities and scores (unit inner strides),
+    as the pipeline passes them."""
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
         for K, C in ((50, 2), (50, 100), (2048, 1)):
@@ -179,10 +180,10 @@ def aot_specs() -> list[AotSpec]:
             specs.append(AotSpec(
                 f"fuse_candidates_fwd[{tag}]", _fuse_candidates_fwd_kernel,
                 {"l_ptr": f"*{dtype}", "s_ptr": "*fp32", "out_ptr": "*fp32", **dims, **l_strides},
-                common, num_warps=num_warps))
+                common, num_warps=num_warps, unit_args=("stride_lc", "stride_sk")))
             specs.append(AotSpec(
                 f"fuse_candidates_bwd[{tag}]", _fuse_candidates_bwd_kernel,
                 {"grad_out_ptr": "*fp32", "l_ptr": f"*{dtype}", "s_ptr": "*fp32", "grad_l_ptr": f"*{dtype}",
                  "grad_s_ptr": "*fp32", **dims, "stride_gb": "i32", "stride_gc": "i32", **l_strides},
-                common, num_warps=num_warps))
+                common, num_warps=num_warps, unit_args=("stride_lc", "stride_sk")))
     return specs

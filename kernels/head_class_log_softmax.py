@@ -276,7 +276,8 @@ def head_class_log_softmax_backward_weight(
 def aot_specs() -> list[AotSpec]:
     """The GPU configurations the launchers pick: per dtype, the typical class block (C <= 16) and
     the largest fused one (C = 256); with bias for bf16 (the real head's dtype; the bias is one
-    epilogue load); the unfused C > 256 path; fp32 hidden on a bf16 head; both backward kernels."""
+    epilogue load); the unfused C > 256 path; fp32 hidden on a bf16 head; both backward kernels.
+    H and the row strides made of it are compiled as multiples of 16, as every real head's are."""
     specs = []
     fwd_sig = {
         "hidden_ptr": None, "weight_ptr": None, "ids_ptr": "*i64", "bias_ptr": None, "out_ptr": "*fp32",
@@ -303,7 +304,7 @@ def aot_specs() -> list[AotSpec]:
                   "BLOCK_N": blocks.block_n, "BLOCK_C": blocks.block_c, "BLOCK_H": blocks.block_h}
         specs.append(AotSpec(f"head_class_log_softmax_fwd[{dtypes},{classes},bias={int(has_bias)}]",
                              _head_class_log_softmax_fwd_kernel, sig, consts, blocks.num_warps, blocks.num_stages,
-                             unit_args=("stride_hh", "stride_wh")))
+                             unit_args=("stride_hh", "stride_wh"), aligned_args=("H", "stride_hn", "stride_wv")))
 
     for dtype, C in [("fp32", 2), ("fp32", 256), ("fp16", 2), ("bf16", 2), ("bf16", 256)]:
         blocks = _bwd_blocks(C, interpret=False)
@@ -314,12 +315,12 @@ def aot_specs() -> list[AotSpec]:
             {"dlogits_ptr": "*fp32", "weight_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_hidden_ptr": f"*{dtype}",
              "N": "i32", "H": "i32", "C": "i32", "stride_wv": "i32", "stride_wh": "i32",
              "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr"},
-            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_wh",)))
+            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_wh",), aligned_args=("H", "stride_wv")))
         specs.append(AotSpec(
             f"head_class_log_softmax_bwd_weight[{dtype},C<={blocks.block_c} per block]",
             _head_class_log_softmax_bwd_weight_kernel,
             {"dlogits_ptr": "*fp32", "hidden_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_weight_ptr": f"*{dtype}",
              "N": "i32", "H": "i32", "C": "i32", "stride_hn": "i32", "stride_hh": "i32",
              "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr"},
-            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_hh",)))
+            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_hh",), aligned_args=("H", "stride_hn")))
     return specs

@@ -163,7 +163,8 @@ def retrieval_kl_loss_backward(
 
 def aot_specs() -> list[AotSpec]:
     """The configurations the launchers pick on a GPU, for each score dtype: 64 rows of K <= 16,
-    the paper's K = 50 (16 rows per program), and K = 4096 (one row per program on 16 warps)."""
+    the paper's K = 50 (16 rows per program), and K = 4096 (one row per program on 16 warps);
+    contiguous scores and log-likelihoods (unit inner strides), as the pipeline passes them."""
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
         for K in (16, 50, 4096):
@@ -174,10 +175,11 @@ def aot_specs() -> list[AotSpec]:
             specs.append(AotSpec(
                 f"retrieval_kl_loss_fwd[{dtype},K<={block_k}]", _retrieval_kl_loss_fwd_kernel,
                 {"s_ptr": f"*{dtype}", "r_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "K": "i32", **strides},
-                common, num_warps=num_warps))
+                common, num_warps=num_warps, unit_args=("stride_sk", "stride_rk")))
             specs.append(AotSpec(
                 f"retrieval_kl_loss_bwd[{dtype},K<={block_k}]", _retrieval_kl_loss_bwd_kernel,
                 {"grad_loss_ptr": "*fp32", "s_ptr": f"*{dtype}", "r_ptr": "*fp32", "grad_s_ptr": f"*{dtype}",
                  "B": "i32", "K": "i32", "stride_g": "i32", **strides},
-                common, num_warps=num_warps))
+                # stride_g is 0 under batchmean / sum (an expanded scalar), which the JIT marks divisible.
+                common, num_warps=num_warps, unit_args=("stride_sk", "stride_rk"), aligned_args=("stride_g",)))
     return specs

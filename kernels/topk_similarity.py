@@ -71,6 +71,11 @@ KEY_MAX = tl.constexpr(2**63 - 1)
 # Largest k whose running list stays in registers; above it the list lives in the output buffer.
 REGISTER_KPAD_MAX = 64
 MAX_K = 1024
+# Register limit of every GPU launch (PTX .maxnreg). Without one, ptxas holds an 8-warp program at
+# 128 registers (two programs per SM) when it needs a little more, and spills the rest: 8-48 bytes
+# in 4 to 6 of the 10 configs once D is a multiple of 16, under Triton 3.7, 3.8 and 3.9 alike. With the limit it allocates what the merge needs (96-222 registers, one
+# program per SM above 128) and spills nothing.
+MAXNREG = 255
 
 
 @triton.constexpr_function
@@ -247,8 +252,11 @@ def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> tuple[
     code does not depend on KPAD (1024 names the bucket, so one compile serves every k). 64 queries per program read the index once
     for a batch of up to 64 queries; Q <= 16 (one query per sample at inference) takes 16-query
     programs, whose merges sort 4x fewer rows. An fp32 index (an ``ieee`` FMA dot, not the storage
-    dtype) keeps the large blocks: with 16 or 32 queries its program spills to the stack on sm_89. BLOCK_D = 32
-    and 8 warps keep every shipped config free of spills on sm_89 / sm_90 (see ``aot_specs``).
+    dtype) keeps the large blocks: with 16 or 32 queries its program spills to the stack on sm_89;
+    and it runs one stage: the second, pipelined stage (the next x tile and its addresses in
+    flight beside the FMA dot's operand slices) takes the segment path past 255 registers into
+    spills under Triton 3.7 and 3.8. BLOCK_D = 32, 8 warps and ``MAXNREG`` keep every shipped
+    config free of spills on sm_89 / sm_90 (see ``aot_specs``).
     Under the interpreter, whose cost is per program and per op, blocks are as large as the shapes
     allow.
     """
@@ -257,9 +265,10 @@ def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> tuple[
     if interpret:
         return min(64, max(16, triton.next_power_of_2(Q))), 256, 128, kpad, 4, 1
     small = Q <= 16 and not fp32
+    stages = 1 if fp32 else 2
     if kpad <= REGISTER_KPAD_MAX:
-        return (16 if small else 64), 64, 32, kpad, 8, 2
-    return (16 if small else 32), 64, 32, kpad, 8, 2
+        return (16 if small else 64), 64, 32, kpad, 8, stages
+    return (16 if small else 32), 64, 32, kpad, 8, stages
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,7 +310,7 @@ def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) 
         q.stride(0), index.stride(0), keys.stride(0), keys.stride(1),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KPAD=kpad,
         DOT_FP32=interpreter_enabled(), INPUT_PRECISION="ieee" if index.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG,
     )
     # Each split's first k keys are its exact top-k; keys are distinct, so topk's order is exact.
     cand = keys[:, :, :k]
@@ -314,7 +323,10 @@ def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) 
 
 def aot_specs() -> list[AotSpec]:
     """Every configuration the launcher can pick on a GPU: each index dtype x (Q <= 16, Q > 16) x
-    (k <= 64 in registers, k > 64 on the segment path, one compile for every KPAD up to 1024)."""
+    (k <= 64 in registers, k > 64 on the segment path, one compile for every KPAD up to 1024).
+    D (768 in the paper's index; any real embedding width) and the row strides made of it are
+    multiples of 16, and so, always, are rows_per_split and the output strides (whole BLOCK_N
+    blocks): the JIT marks them divisible, so the AOT build does."""
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
         for Q, k in ((1, 64), (64, 64), (1, 1024), (64, 1024)):
@@ -332,5 +344,6 @@ def aot_specs() -> list[AotSpec]:
                  "DOT_FP32": "constexpr", "INPUT_PRECISION": "constexpr"},
                 {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "KPAD": kpad,
                  "DOT_FP32": False, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
-                num_warps=num_warps, num_stages=num_stages))
+                num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG,
+                aligned_args=("D", "stride_qm", "stride_xn", "stride_os", "stride_oq", "rows_per_split")))
     return specs

@@ -38,6 +38,15 @@ def test_every_config_compiles_for_both_targets_without_spills(reports):
         assert 0 < r["registers"] <= 255
 
 
+def test_report_names_the_triton_version_first(reports):
+    # Whichever Triton is importable (the venv's, or one shadowing it on PYTHONPATH) compiled it.
+    import triton
+
+    proc, rows = reports
+    assert proc.stdout.splitlines()[0].startswith(f"triton {triton.__version__} ("), proc.stdout[:200]
+    assert {r["triton"] for r in rows} == {triton.__version__}
+
+
 def test_every_kernel_module_ships_configs_for_both_archs(reports):
     _, rows = reports
     import importlib
