@@ -30,8 +30,10 @@ EXTENSION = "jomed_fast._C"
 
 
 def _cxx_flags() -> list[str]:
-    # -g0 comes after Python's CFLAGS, which carry -g: debug info was 98% of _C's size
-    flags = ["-O3", "-std=c++17", "-g0"]
+    # -g0 comes after Python's CFLAGS, which carry -g: debug info was 98% of _C's size. No -std:
+    # torch's BuildExtension adds the standard its headers need (C++20 since torch 2.13; 2.14's
+    # headers refuse C++17)
+    flags = ["-O3", "-g0"]
     if os.environ.get("JOMED_FAST_NO_OPENMP") != "1":
         flags.append("-fopenmp")
     return flags
@@ -186,7 +188,7 @@ setup(
     install_requires=_pin_torch([
         "torch>=2.13,<2.15",
         "triton>=3.7,<3.10; platform_system == 'Linux'",
-        "transformers>=5.24,<5.26",  # 5.24 renamed the decoders' past_key_values to cache
+        "transformers>=5.24,<5.25",  # 5.24 renamed the decoders' past_key_values to cache; 5.25 needs the hub-kernels package
         "peft>=0.21,<0.22",
         "bitsandbytes>=0.50,<0.51",  # readers.quantization drives its CPU kernel choice
         "accelerate>=1.16,<2",
