@@ -1,5 +1,5 @@
-"""The package imports on a CPU-only machine with no Triton variable set, without importing Triton
-or the C++ extension; the extension of this dev install fits the running torch; the backend switch
+"""The package and its layers import on a CPU-only machine with no Triton variable set, without
+importing Triton, bitsandbytes, faiss or the C++ extension; the extension of this dev install fits the running torch; the backend switch
 behaves as documented."""
 
 import os
@@ -12,11 +12,14 @@ import torch
 from jomed_fast.ops import _dispatch
 
 
-def test_import_without_triton_env_does_not_import_triton():
+@pytest.mark.parametrize("module", ["jomed_fast", "jomed_fast.ops", "jomed_fast.readers", "jomed_fast.index",
+                                    "jomed_fast.scoring", "jomed_fast.train", "jomed_fast.infer", "jomed_fast.cli"])
+def test_import_loads_no_triton_bitsandbytes_faiss_or_extension(module):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "JOMED_FAST_"))}
-    code = "import sys, jomed_fast, jomed_fast.ops; print('triton' in sys.modules, 'jomed_fast._C' in sys.modules)"
+    heavy = ("triton", "bitsandbytes", "faiss", "jomed_fast._C")
+    code = f"import sys, {module}; print(*[m in sys.modules for m in {heavy!r}])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert dict(zip(heavy, out.split())) == dict.fromkeys(heavy, "False")
 
 
 def test_extension_loads_after_torch():
