@@ -566,7 +566,9 @@ def load(args):
 
     path = args.reader
     if path is None:
-        path = os.path.join(tempfile.gettempdir(), "jomed_fast_readers", f"{args.arch}-{args.size}")
+        # keyed by the builder's version: a cache left by an older build is never mistaken for this one
+        path = os.path.join(tempfile.gettempdir(), "jomed_fast_readers",
+                            f"{args.arch}-{args.size}-build{tiny.BUILD_VERSION}")
         log(f"building the {args.size} {args.arch} reader in {path} (skipped when already built)")
         path = str(tiny.build(args.arch, path, size=args.size))
     quant = None if args.quantization == "none" else args.quantization

@@ -9,7 +9,11 @@ import sys
 import pytest
 import torch
 
+import jomed_fast
 from jomed_fast.ops import _dispatch
+
+# setup.py writes _build_info.py beside _C when it compiled it
+_EXTENSION_BUILT = os.path.exists(os.path.join(os.path.dirname(jomed_fast.__file__), "_build_info.py"))
 
 
 @pytest.mark.parametrize("module", ["jomed_fast", "jomed_fast.ops", "jomed_fast.readers", "jomed_fast.index",
@@ -22,6 +26,9 @@ def test_import_loads_no_triton_bitsandbytes_faiss_or_extension(module):
     assert dict(zip(heavy, out.split())) == dict.fromkeys(heavy, "False")
 
 
+@pytest.mark.skipif(not _EXTENSION_BUILT and os.environ.get("JOMED_FAST_REQUIRE_C") != "1",
+                    reason="jomed_fast._C was not built here (no compiler at install time); JOMED_FAST_REQUIRE_C=1 "
+                           "makes its absence a failure (CI sets it)")
 def test_extension_loads_after_torch():
     """This dev install built jomed_fast._C against the running torch, and the packer would use it."""
     import jomed_fast._build_info

@@ -39,7 +39,7 @@ ARCHS = ("qwen2_vl", "pixtral")
 SIZES = ("tiny", "small")
 
 BUILD_STAMP = "jomed_build.json"
-_BUILD_VERSION = 2
+BUILD_VERSION = 2
 
 # --------------------------------------------------------------------------------------------
 # What ``small`` keeps from the real models (and what it shrinks). Read by the README.
@@ -530,7 +530,7 @@ def build(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype: expected 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     out = Path(out_dir)
-    stamp = {"version": _BUILD_VERSION, "arch": arch, "size": size, "seed": seed, "dtype": dtype}
+    stamp = {"version": BUILD_VERSION, "arch": arch, "size": size, "seed": seed, "dtype": dtype}
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"out_dir: expected a directory, got the file {str(out)!r}")
@@ -573,6 +573,7 @@ __all__ = [
     "ARCHS",
     "SIZES",
     "PRESERVED",
+    "BUILD_VERSION",
     "preserved_table",
     "build",
     "build_tokenizer",
