@@ -1,4 +1,4 @@
-"""Atomic file and directory writes shared by every layer (no torch, no project imports).
+"""Atomic file and directory writes shared by every layer (no torch; no project import but the manifest).
 
 A reader of the destination sees the old content or the new one, never a half-written file:
 content goes to a temporary sibling first and is moved into place with ``os.replace``.
@@ -28,6 +28,8 @@ import shutil
 import stat
 from pathlib import Path
 from typing import Callable
+
+from ._manifest import write_manifest
 
 __all__ = ["atomic_write_via", "make_temp_dir", "make_temp_file", "replace_dir_atomically", "sha256_file"]
 
@@ -108,13 +110,15 @@ def replace_dir_atomically(out: str | os.PathLike, fill: Callable[[Path], None])
 
     An existing ``out`` is moved aside first and removed after the swap, so a crash leaves either
     the old directory or the new one at ``out``. What ``fill`` wrote gets the modes a plain
-    ``os.mkdir`` / ``open`` would give it.
+    ``os.mkdir`` / ``open`` would give it, and a manifest (``_manifest``: sha256 per file) that
+    the loaders verify.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(make_temp_dir(out.parent, prefix=f".{out.name}."))
     try:
         fill(tmp)
+        write_manifest(tmp)
         _give_modes(tmp, _mode(tmp))
         if out.exists():
             trash = Path(make_temp_dir(out.parent, prefix=f".{out.name}.old."))

@@ -102,6 +102,7 @@ def test_run_directories_follow_the_umask(tmp_path, plain):
 
     out = replace_dir_atomically(tmp_path / "run", fill)
     assert mode(out) == dir_mode and mode(out / "a.json") == file_mode and mode(out / "b.txt") == file_mode
+    assert mode(out / "jomed_manifest.json") == file_mode
     out = replace_dir_atomically(tmp_path / "run", fill)  # replacing an existing directory too
     assert mode(out) == dir_mode and sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "plain_dir", "run"]
     # a training checkpoint: checkpoints/, step-N/ and its files, LATEST
@@ -110,6 +111,6 @@ def test_run_directories_follow_the_umask(tmp_path, plain):
     step = save_checkpoint(tmp_path / "train", 1, params={"w": weight}, optimizer=opt)
     assert latest_checkpoint(tmp_path / "train") == step
     assert mode(tmp_path / "train") == dir_mode and mode(step.parent) == dir_mode and mode(step) == dir_mode
-    assert {p.name: mode(p) for p in step.iterdir()} == {name: file_mode for name in
-                                                         ("weights.safetensors", "state.safetensors", "state.json")}
+    assert {p.name: mode(p) for p in step.iterdir()} == {name: file_mode for name in (
+        "weights.safetensors", "state.safetensors", "state.json", "jomed_manifest.json")}
     assert mode(step.parent / "LATEST") == file_mode

@@ -11,7 +11,8 @@ What it covers, in order (each piece length-prefixed so two pieces can never run
 
 The score cache of stage 2 (``jomed_fast.train.score_cache``) keys every record by it, so a cache
 can never hand the scores of one reader to another. File hashes are memoised per
-(path, size, mtime): a 15 GB checkpoint is read once per process, not once per call.
+(path, size, mtime) (``_manifest.cached_sha256``, shared with the manifest check): a 15 GB
+checkpoint is read once per process, not once per call.
 """
 
 from __future__ import annotations
@@ -22,20 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .._files import sha256_file
+from .._manifest import cached_sha256
 
 __all__ = ["reader_fingerprint"]
-
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _file_hash(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(path)
-    return _FILE_HASHES[key]
-
 
 def _update(h, piece: bytes) -> None:
     h.update(len(piece).to_bytes(8, "little"))
@@ -57,7 +47,7 @@ def reader_fingerprint(reader) -> str:
         raise ValueError(f"reader.path: expected the checkpoint directory it was loaded from, got {str(root)!r}")
     for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
         _update(h, f.name.encode())
-        _update(h, _file_hash(f).encode())
+        _update(h, cached_sha256(f).encode())
     if getattr(reader, "has_lora", False):
         lora = getattr(reader, "lora", None)
         _update(h, repr(dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) else lora).encode())
@@ -67,7 +57,4 @@ def reader_fingerprint(reader) -> str:
             _update(h, t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-
-def _clear_memo() -> None:  # for tests
-    _FILE_HASHES.clear()
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from jomed_fast._files import replace_dir_atomically
+from jomed_fast._manifest import verify_dir
 
 from . import quantization as _quant
 from .processor import ReaderProcessor
@@ -372,6 +373,7 @@ def load_reader(
     from transformers import AutoConfig
 
     p = check_checkpoint_dir(path)
+    verify_dir(p)  # checkpoints written by jomed_fast (tiny.build) carry a manifest; hub ones do not
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {quantization!r}")
     dev = _resolve_device(device)
@@ -454,11 +456,13 @@ def load_reader(
 # Adapters.
 # ------------------------------------------------------------------------------------------
 def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """Raise unless ``path`` is a LoRA adapter directory whose files match their manifest (when it has one)."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ValueError(f"lora: no such adapter directory {str(p)!r}")
     if not (p / ADAPTER_CONFIG).is_file() or not (p / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"lora: {str(p)!r} is not a LoRA adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    verify_dir(p)
     return p
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._files import atomic_write_via
+from .._files import replace_dir_atomically
+from .._manifest import verify_dir
 from .dual import QueryEncoder
 from .loading import load_encoder, save_encoder
 
@@ -64,14 +65,13 @@ class HeadEncoders(nn.Module):
         return {"text": self.text(images), "image": self.image(images)}
 
     def save(self, out_dir) -> Path:
-        """Write both heads' encoders and ``heads.json`` (last: a folder without it is incomplete)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in HEAD_NAMES:
-            save_encoder(getattr(self, name).learned, out / name)
-        atomic_write_via(out / HEADS_FILE,
-                         lambda p: Path(p).write_text(json.dumps({"alpha": self.alpha, "format": 1}) + "\n"))
-        return out
+        """Write both heads' encoders and ``heads.json`` as one directory (with its manifest), atomically."""
+        def fill(tmp: Path) -> None:
+            for name in HEAD_NAMES:
+                save_encoder(getattr(self, name).learned, tmp / name)
+            (tmp / HEADS_FILE).write_text(json.dumps({"alpha": self.alpha, "format": 1}) + "\n")
+
+        return replace_dir_atomically(out_dir, fill)
 
 
 def load_head_encoders(path, base: nn.Module, *, trust_remote_code: bool = False,
@@ -82,6 +82,7 @@ def load_head_encoders(path, base: nn.Module, *, trust_remote_code: bool = False
     if not (p / HEADS_FILE).is_file():
         raise ValueError(f"query_encoder: {p / HEADS_FILE} not found (expected the query_encoder folder that "
                          "train-retriever writes)")
+    verify_dir(p)
     meta = json.loads((p / HEADS_FILE).read_text())
     heads = {}
     for name in HEAD_NAMES:

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .._files import replace_dir_atomically
+from .._manifest import verify_dir
 from .tiny import TinyCLIP, TinyConfig
 
 __all__ = ["load_encoder", "save_encoder"]
@@ -20,6 +21,7 @@ def load_encoder(path: str | os.PathLike, *, trust_remote_code: bool = False, de
     config = p / "config.json"
     if not config.is_file():
         raise ValueError(f"encoder: {config} not found (expected a TinyCLIP or CLIP model directory)")
+    verify_dir(p)
     try:
         fields = set(json.loads(config.read_text()))
     except json.JSONDecodeError as e:

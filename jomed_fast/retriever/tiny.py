@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from jomed_fast._files import atomic_write_via
+from jomed_fast._files import replace_dir_atomically
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -154,12 +154,14 @@ class TinyCLIP(nn.Module):
         return h.hexdigest()
 
     def save(self, out_dir) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(asdict(self.config))))
+        """Write ``config.json`` + ``model.safetensors`` (and their manifest) as one directory, atomically."""
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic(out / "model.safetensors", lambda p: save_file(sd, p))
-        return out
+
+        def fill(tmp: Path) -> None:
+            (tmp / "config.json").write_text(json.dumps(asdict(self.config)))
+            save_file(sd, str(tmp / "model.safetensors"))
+
+        return replace_dir_atomically(out_dir, fill)
 
     @classmethod
     def load(cls, path) -> "TinyCLIP":
@@ -171,8 +173,6 @@ class TinyCLIP(nn.Module):
         m.load_state_dict(load_file(str(p / "model.safetensors")))
         return m.eval()
 
-
-_atomic = atomic_write_via
 
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ No pickle anywhere: tensors go to safetensors, everything else to JSON. A checkp
                               and any extra JSON the trainer keeps (best validation loss, ...)
     <run_dir>/checkpoints/LATEST   the name of the newest complete checkpoint
 
-Atomicity: a checkpoint is written into a temporary sibling directory and renamed into place, and
-``LATEST`` is replaced (temp file + rename) only after that; a crash at any point leaves the
+Atomicity: a checkpoint is written into a temporary sibling directory (with a manifest of its
+files' sha256, checked on load) and renamed into place, and ``LATEST`` is replaced (temp file +
+rename) only after that; a crash at any point leaves the
 previous checkpoint intact and named by ``LATEST``. Older checkpoints beyond ``keep`` are removed
 after the new one is in place. ``save_named`` writes a checkpoint under a fixed name (``best``).
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from .._files import atomic_write_via, replace_dir_atomically
+from .._manifest import CorruptFile, verify_dir
 
 __all__ = ["CHECKPOINT_DIR", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "save_named"]
 
@@ -164,10 +166,21 @@ def save_named(run_dir: str | os.PathLike, name: str, step: int, *, params: Mapp
 
 # --------------------------------------------------------------------------------------------- load
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of a run (named by ``LATEST``), or None when there is none."""
+    """The newest complete checkpoint of a run (named by ``LATEST``), or None when there is none.
+
+    Without ``LATEST`` (lost, or deleted by hand) the newest ``step-*`` directory that is complete
+    and matches its manifest is taken: step checkpoints that exist are never silently ignored."""
     root = Path(run_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
     if not pointer.is_file():
+        steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)), reverse=True) if root.is_dir() else []
+        for path in steps:
+            try:
+                verify_dir(path, required=True)
+            except CorruptFile:
+                continue  # a checkpoint cut short by a crash or damaged: an older one is whole
+            if (path / STATE_JSON).is_file():
+                return path
         return None
     path = root / pointer.read_text().strip()
     if not (path / STATE_JSON).is_file():
@@ -222,6 +235,7 @@ def load_checkpoint(path: str | os.PathLike, *, params: Mapping[str, torch.Tenso
     path = Path(path)
     if not (path / STATE_JSON).is_file():
         raise ValueError(f"path: {path} is not a checkpoint directory (no {STATE_JSON})")
+    verify_dir(path)  # one flipped bit in the weights or the Adam state is an error, not a resume
     weights = load_weights(path)
     if set(weights) != set(params):
         missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
