@@ -123,3 +123,28 @@ def test_without_latest_the_newest_whole_step_checkpoint_resumes(tmp_path):
     _flip_bit(root / "step-00000003" / "weights.safetensors", offset=-3)  # damaged: the one before
     assert latest_checkpoint(tmp_path) == root / "step-00000002"
     assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_records_digest_follows_content_not_paths(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from jomed_fast.data import IndexRecord, Sample, records_digest, save_png
+
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    a, b = tmp_path / "a.png", tmp_path / "moved" / "b.png"
+    save_png(a, img)
+    b.parent.mkdir()
+    shutil.copy(a, b)
+    base = [Sample("s1", str(a), "1", label=1), IndexRecord("r1", str(a), "a cyst")]
+    assert records_digest(base) == records_digest([Sample("s1", str(b), "1", label=1), IndexRecord("r1", str(b), "a cyst")])
+    changed = [
+        [Sample("s1", str(a), "2", label=2), base[1]],                     # relabelled
+        [Sample("s2", str(a), "1", label=1), base[1]],                     # another id
+        [base[0], IndexRecord("r1", str(a), "a mass")],                    # another caption
+        [base[1], base[0]],                                                # another order
+        [Sample("s1", None, "1", label=1, image=img[::-1].copy()), base[1]],  # another image
+    ]
+    digests = {records_digest(c) for c in changed}
+    assert len(digests) == len(changed) and records_digest(base) not in digests

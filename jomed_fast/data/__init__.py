@@ -25,6 +25,7 @@ from .records import (
     Sample,
     load_index_records,
     load_samples,
+    records_digest,
     write_index_records,
     write_samples,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "load_vqa",
     "load_vqa_rad",
     "medmnist_to_jsonl",
+    "records_digest",
     "save_png",
     "vqa_to_jsonl",
     "write_index_records",

@@ -371,3 +371,26 @@ def write_index_records(
         row.update(r.extra)
         rows.append(row)
     return atomic_write_jsonl(path, rows)
+
+
+def records_digest(records: Iterable[Sample | IndexRecord]) -> str:
+    """The content identity of a sequence of samples or index records, in order: every field that
+    can change a result (id, answer, label, question or caption text, the image's bytes), not the
+    paths they were read from, and not ``extra``. Image files are hashed once per process."""
+    from ..identity import bytes_digest, file_digest, json_digest
+
+    parts = []
+    for r in records:
+        if r.image is not None:
+            a = np.ascontiguousarray(r.image)
+            image = bytes_digest(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+        elif r.image_path is not None:
+            image = file_digest(r.image_path)
+        else:
+            image = None
+        if isinstance(r, Sample):
+            label = sorted(r.label) if isinstance(r.label, (set, frozenset)) else r.label
+            parts.append(["sample", r.id, r.answer, label, r.question, image])
+        else:
+            parts.append(["index_record", r.id, r.text, image])
+    return json_digest(parts)

@@ -68,6 +68,13 @@ class Index:
                              f"{m['encoder_fingerprint'][:12]}… ({mpath}); rebuild the index or use its encoder")
         return Index(p, m)
 
+    def digest(self) -> str:
+        """The index's content identity: its files' sha256 (from the verified manifest), shape and encoder."""
+        from jomed_fast.identity import json_digest
+
+        m = self.manifest
+        return json_digest({k: m[k] for k in ("count", "dim", "dtype", "encoder_fingerprint", "sha256")})
+
     def records(self) -> list[dict]:
         with open(self.path / "records.jsonl") as f:
             return [json.loads(line) for line in f]
