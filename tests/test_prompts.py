@@ -1,4 +1,4 @@
-"""Prompt layouts (issue 3, section 2): the rendered text of each layout, and the split of a
+"""Prompt layouts: the rendered text of each layout, and the split of a
 query's K prompts into a shared prefix and K segments that tokenize exactly like the prompts."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Readers over unmodified Hugging Face classes (issue 3, section 1).
+"""Readers over unmodified Hugging Face classes.
 
 Tiny checkpoints of both families are built once per module into a temporary directory; the
 readers are compared with the HF classes loaded directly from the same directory.
