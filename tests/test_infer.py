@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from jomed_fast.data.synthetic import SyntheticGenerator
+from jomed_fast.identity import IdentityMismatch
 from jomed_fast.index import Index
 from jomed_fast.infer import (
     InferConfig,
@@ -97,9 +98,15 @@ def test_resume_after_a_torn_write_scores_only_the_rest(setup, tmp_path, monkeyp
     assert sum(calls) == N_QUERIES - 2
     assert again == full and read_predictions(path) == full
     assert len(path.read_text().splitlines()) == N_QUERIES
-    with pytest.raises(ValueError, match=r"out_path: .*other settings \(\['config'\]\)"):
-        predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=InferConfig(batch_size=3),
+    # the batch size cannot change a result: a rerun with another one resumes (nothing to do)
+    calls.clear()
+    assert predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=InferConfig(batch_size=3),
+                   out_path=path, progress=False) == full
+    assert calls == []
+    with pytest.raises(IdentityMismatch, match=r"predictions .*p\.jsonl: .*\(option\.k_text changed\)"):
+        predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=InferConfig(k_text=1),
                 out_path=path, progress=False)
+    assert read_predictions(path) == full
 
 
 def test_robustness_modes(setup):
@@ -154,7 +161,8 @@ def test_decisions_and_config_errors():
         decide(probs, True, 0.0)
     for bad, match in [({"k_text": 0, "k_image": 0}, "k_text, k_image"), ({"fusion": "max"}, "fusion:"),
                        ({"retrieval": "oracle"}, "retrieval:"), ({"batch_size": 0}, "batch_size:"),
-                       ({"tau": 0.0}, "tau:")]:
+                       ({"tau": 0.0}, "tau:"), ({"tau": float("inf")}, "tau:"), ({"tau": float("nan")}, "tau:"),
+                       ({"threshold": 1.5}, "threshold:"), ({"layout": "grid"}, "layout:")]:
         with pytest.raises(ValueError, match=match):
             InferConfig(**bad)
     assert json.loads(json.dumps(InferConfig().__dict__))["k_text"] == 2

@@ -1,6 +1,7 @@
 """Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed."""
 from .core import (
                    PAPER_RERANKERS,
+                   check_same_queries,
                    is_inconsistent,
                    oracle_accuracy,
                    oracle_correct,
@@ -20,6 +21,7 @@ __all__ = [
                    "PAPER_RERANKERS",
                    "Candidate",
                    "PredictionRecord",
+                   "check_same_queries",
                    "is_inconsistent",
                    "metrics_table",
                    "oracle_accuracy",

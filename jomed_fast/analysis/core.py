@@ -31,6 +31,38 @@ def is_inconsistent(rec: PredictionRecord) -> bool:
     return len({_key(c.prediction, rec.kind) for c in rec.candidates}) > 1
 
 
+def _ids(name: str, records: Sequence[PredictionRecord]) -> set:
+    seen: set = set()
+    for i in (r.query_id for r in records):
+        if i in seen:
+            raise ValueError(f"systems[{name!r}]: query id {i!r} appears more than once (one record per query)")
+        seen.add(i)
+    return seen
+
+
+def check_same_queries(systems: Mapping[str, Sequence[PredictionRecord]], split: dict[str, set] | None = None) -> set:
+    """The query ids every system shares; ``ValueError`` when a system repeats a query id, or when two
+    systems (or a system and ``split``) cover other queries.
+
+    Refused rather than reported: every table compares systems row by row, and numbers over two query
+    sets look comparable but are not (a system that skipped its hard queries would look better). The
+    fix is cheap: ``predict`` resumes, so rerunning it on the full samples fills in what is missing.
+    """
+    sets = {name: _ids(name, recs) for name, recs in systems.items()}
+    if split is not None:
+        sets = {"the split": set(split["inconsistent"]) | set(split["consistent"]), **sets}
+    if not sets:
+        return set()
+    ref, want = next(iter(sets.items()))
+    for name, got in sets.items():
+        if got != want:
+            lacks, extra = sorted(want - got), sorted(got - want)
+            raise ValueError(f"systems: {name!r} covers other queries than {ref!r} ({len(lacks)} missing, e.g. "
+                             f"{lacks[:3]}; {len(extra)} extra, e.g. {extra[:3]}); predict every system on the "
+                             "same samples (a rerun of predict resumes and fills in what is missing)")
+    return want
+
+
 def split_consistency(records: Sequence[PredictionRecord]) -> dict[str, set]:
     """Query ids per split; fix it once (after stage 1) and reuse it for every system."""
     inc = {r.query_id for r in records if is_inconsistent(r)}
@@ -43,12 +75,14 @@ def split_metrics(systems: Mapping[str, Sequence[PredictionRecord]], split: dict
 
     ``metric``: ``"accuracy"`` (exact match of the fused answer; subset accuracy for multi-label)
     or ``"macro_f1"`` (over the task's classes; per-label for multi-label), as the paper's
-    Tables 5 and 6 report both.
+    Tables 5 and 6 report both. Every system must cover the split's queries, once each
+    (:func:`check_same_queries`).
     """
     if metric not in ("accuracy", "macro_f1"):
         raise ValueError(f"metric: expected 'accuracy' or 'macro_f1', got {metric!r}")
     from jomed_fast.eval.predictions import prediction_metrics
 
+    check_same_queries(systems, split)
     n_all = len(split["inconsistent"]) + len(split["consistent"])
     out = {"share_inconsistent": len(split["inconsistent"]) / max(n_all, 1), "metric": metric, "systems": {}}
     for name, recs in systems.items():

@@ -16,7 +16,8 @@ from .common import (
 from .options import Command, Opt
 
 PREDICT_OPTS = (*READER_OPTS, *DATA_OPTS, *INDEX_OPTS,
-                Opt("out", str, None, "predictions JSONL (appended; a rerun resumes)", required=True),
+                Opt("out", str, None, "predictions JSONL (appended; a rerun from the same inputs resumes)",
+                    required=True),
                 Opt("query_encoder", str, None, "stage-2 query encoders (train-retriever's RUN_DIR/query_encoder)",
                     default_doc="the index's --encoder embeds the queries"),
                 Opt("k_text", int, 2, "candidates from the text head"),
@@ -32,8 +33,16 @@ PREDICT_OPTS = (*READER_OPTS, *DATA_OPTS, *INDEX_OPTS,
                 Opt("progress", bool, True, "progress bar on stderr"))
 
 
+def _predict_inputs(v: dict) -> dict:
+    """The files and folders a predict run reads, by flag (an output must never be one of them)."""
+    return {o.flag: v[o.name] for o in PREDICT_OPTS
+            if o.name in ("samples", "index_records", "index", "reader", "adapter", "encoder", "query_encoder")}
+
+
 def run_predict(v: dict) -> int:
-    from ..infer import InferConfig, predict
+    from ..identity import directory_digest
+    from ..infer import InferConfig, check_inputs, check_output_free, predict, refuse_inputs_as_outputs
+    from ..infer.output import lock_path, meta_path
     from ..scoring import CandidateScorer
     from ..tasks import get_task
 
@@ -42,38 +51,56 @@ def run_predict(v: dict) -> int:
                          tau=v["tau"], threshold=v["threshold"], batch_size=v["batch_size"],
                          retrieval=v["retrieval"], query_image=v["query_image"], seed=v["seed"],
                          max_new_tokens=v["max_new_tokens"])
+    out = v["out"]
+    refuse_inputs_as_outputs({"--out": out, "--out's sidecar": meta_path(out), "--out's lock": lock_path(out)},
+                             _predict_inputs(v))
+    check_output_free(out, "--out")
+    # everything that can be refused is refused before the reader loads (it is the slow part)
     samples = load_samples_from(v, task)
     retrieval, encoder = load_retrieval_from(v) if v["retrieval"] != "none" else (None, None)
     if v["retrieval"] != "none" and retrieval is None:
         raise ValueError(f"--index: required with --retrieval {v['retrieval']} (or use --retrieval none)")
+    inputs = {}
     if v["query_encoder"] is not None and encoder is not None:
         from ..retriever import load_head_encoders
 
         encoder = load_head_encoders(v["query_encoder"], encoder, trust_remote_code=v["trust_remote_code"])
+        if v["retrieval"] == "retrieved":
+            inputs["query_encoder"] = directory_digest(v["query_encoder"])
+    check_inputs(config, retrieval, encoder)
     if task.is_open:  # no class set: greedy answers per candidate, fused over normalised strings
         from ..infer import OpenAnswerer
 
         scorer = OpenAnswerer(load_reader_from(v), task, v["layout"])
     else:
         scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
-    records = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=v["out"],
-                      progress=v["progress"])
+    records = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=out,
+                      progress=v["progress"], inputs=inputs)
     from ..eval import prediction_metrics
 
-    print(json.dumps({"predictions": v["out"], **prediction_metrics(records)}, indent=1))
+    print(json.dumps({"predictions": out, **prediction_metrics(records)}, indent=1))
     return 0
 
 
 EVALUATE_OPTS = (Opt("predictions", str, None, "predictions JSONL (jomed-fast predict)", required=True),
-                 Opt("out", str, None, "write the metrics as JSON here (atomic)",
+                 Opt("out", str, None, "write the metrics as JSON here (atomic; never one of the inputs)",
                      default_doc="printed only"))
+
+
+def _predictions_inputs(flag: str, path: str) -> dict:
+    """A predictions file and what lies beside it (its sidecar and lock), by name."""
+    from ..infer.output import lock_path, meta_path
+
+    return {flag: path, f"{flag}'s sidecar": meta_path(path), f"{flag}'s lock": lock_path(path)}
 
 
 def run_evaluate(v: dict) -> int:
     from ..data.io import atomic_write_json
     from ..eval import prediction_metrics
-    from ..infer import read_predictions
+    from ..infer import read_predictions, refuse_inputs_as_outputs
 
+    if v["out"]:
+        refuse_inputs_as_outputs({"--out": v["out"]}, _predictions_inputs("--predictions", v["predictions"]))
     records = read_predictions(v["predictions"])
     result = {"fused": prediction_metrics(records),
               "top1_candidate": prediction_metrics(records, which="candidate", candidate=0)}
@@ -84,43 +111,64 @@ def run_evaluate(v: dict) -> int:
 
 
 ANALYZE_OPTS = (
-    Opt("system", list, None, "NAME=PREDICTIONS.jsonl, one per system (first: the split's reference, "
-        "e.g. fine-tuned RAG after stage 1)", required=True),
+    Opt("system", list, None, "NAME=PREDICTIONS.jsonl, one per system, each name once, all over the same "
+        "queries (first: the split's reference, e.g. fine-tuned RAG after stage 1)", required=True),
     Opt("split_from", str, None, "the system whose candidates fix the inconsistent split",
         default_doc="the first --system"),
     Opt("out", str, None, "output directory for JSON, markdown and PNG", required=True),
 )
+ANALYSIS_TABLES = ("consistency_accuracy", "consistency_macro_f1", "rerank_oracle")
 
 
-def _systems(specs: list[str]) -> dict:
-    from ..infer import read_predictions
-
-    out = {}
+def _system_paths(specs: list[str]) -> dict:
+    """``{name: path}`` from ``NAME=PATH`` specs; a name given twice is an error."""
+    out: dict = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--system: expected NAME=PATH, got {spec!r}")
+        if name in out:
+            raise ValueError(f"--system: the name {name!r} is given twice ({out[name]} and {path}); "
+                             "give each system its own name")
         if not Path(path).is_file():
             raise ValueError(f"--system: {path} not found (for system {name!r})")
-        out[name] = read_predictions(path)
+        out[name] = path
     return out
+
+
+def _check_analysis_out(out: Path, paths: dict) -> None:
+    """The output directory is a directory, and none of the tables written there is an input."""
+    from ..infer import refuse_inputs_as_outputs
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; expected the output directory")
+    outputs = {f"--out's {t}.{ext}": out / f"{t}.{ext}" for t in ANALYSIS_TABLES for ext in ("json", "md", "png")}
+    inputs: dict = {}
+    for name, path in paths.items():
+        inputs.update(_predictions_inputs(f"--system {name}", path))
+    refuse_inputs_as_outputs(outputs, inputs)
 
 
 def run_analyze(v: dict) -> int:
     from ..analysis import (
         PAPER_RERANKERS,
+        check_same_queries,
         oracle_accuracy,
         rerank_accuracy,
         split_consistency,
         write_analysis,
         write_consistency_tables,
     )
+    from ..infer import read_predictions
 
-    systems = _systems(v["system"])
-    ref = v["split_from"] or next(iter(systems))
-    if ref not in systems:
-        raise ValueError(f"--split-from: expected one of {sorted(systems)}, got {ref!r}")
+    paths = _system_paths(v["system"])
+    ref = v["split_from"] or next(iter(paths))
+    if ref not in paths:
+        raise ValueError(f"--split-from: expected one of {sorted(paths)}, got {ref!r}")
     out = Path(v["out"])
+    _check_analysis_out(out, paths)
+    systems = {name: read_predictions(path) for name, path in paths.items()}
+    check_same_queries(systems)  # before anything is written
     tables = write_consistency_tables(str(out), systems, split_consistency(systems[ref]), extra={"split_from": ref})
     for metric, m in tables.items():
         print(f"{metric} by split (inconsistent share {100 * m['share_inconsistent']:.1f}%, split from {ref}):")

@@ -5,6 +5,7 @@
   ``macro_f1``;
 * open VQA: ``exact_match`` and token ``recall`` / ``precision`` / ``f1`` (SQuAD-normalised).
 
+Each query counts once: a query id that appears twice is an error, not a second example.
 ``C`` comes from the records (the length of their class distributions) unless given.
 """
 
@@ -41,6 +42,11 @@ def prediction_metrics(records: Sequence, num_classes: int | None = None, *, whi
         raise ValueError("records: expected at least one prediction record, got 0")
     if which not in ("fused", "candidate"):
         raise ValueError(f"which: expected 'fused' or 'candidate', got {which!r}")
+    seen: set = set()
+    for r in records:
+        if r.query_id in seen:
+            raise ValueError(f"records: query id {r.query_id!r} appears more than once (one record per query)")
+        seen.add(r.query_id)
     kinds = {r.kind for r in records}
     if len(kinds) != 1:
         raise ValueError(f"records: expected one task kind, got {sorted(kinds)}")

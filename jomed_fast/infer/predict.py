@@ -16,49 +16,67 @@ For a batch of B queries (images + questions):
    candidate's record id, head, retrieval score, class probabilities and individual prediction, so
    the analyses (inconsistent split, oracle, rerankers) can be redone offline.
 
-Predictions are appended to the JSONL batch by batch (flushed and fsynced); a rerun with the same
-settings skips the queries already written (a torn last line from a crash is dropped), so an
-interrupted run resumes. A sidecar ``<out>.meta.json`` records the settings; a rerun with other
-settings is refused rather than mixing two runs in one file.
+Predictions are appended to the JSONL batch by batch (flushed and fsynced) under an exclusive lock
+(``output.PredictionsFile``); a rerun skips the queries already written (a torn last line from a
+crash is dropped), so an interrupted run resumes. The sidecar ``<out>.meta.json`` holds the run's
+identity (:func:`predict_identity`: the reader's weights and adapter, the index, the query
+encoder, the samples' content, the task, the layout and every option that changes a result); a
+rerun from other inputs is refused, naming them, rather than mixing two runs in one file. Options
+that cannot change a result (batch size, progress) never block a resume. Random retrieval draws each
+query's records from a generator seeded by (seed, query id), so a resumed run draws what an
+uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
-from pathlib import Path
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .._files import atomic_write_via
+from .._profiling import stage
 from ..analysis.records import Candidate as CandidateRecord
 from ..analysis.records import PredictionRecord
-from .._profiling import stage
 from .fusion import FUSIONS, decide, fuse
 from .open_vqa import fuse_open_answers, generate_answers
+from .output import PredictionsFile, read_predictions
 
-__all__ = ["RETRIEVAL_MODES", "InferConfig", "predict", "read_predictions"]
+__all__ = ["RETRIEVAL_MODES", "InferConfig", "check_inputs", "encoder_fingerprint", "predict", "predict_identity",
+           "read_predictions", "result_options"]
 
 RETRIEVAL_MODES = ("retrieved", "none", "random")
+IDENTITY_FORMAT = "jomed-predictions-v2"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class InferConfig:
-    """Inference settings (JSON-serialisable; the CLI maps one flag to each field).
+    """Inference settings (JSON-serialisable; the CLI maps one flag to each field). Every field is
+    checked when the config is made, so a bad setting fails before any model loads.
 
     Attributes:
         k_text, k_image: candidates from each head (reference: 2 + 2).
         layout: prompt layout, ``"paper"`` or ``"shared_query"``.
         fusion: ``"paper"`` (``sum_k p_k softmax(s)_k``) or ``"reference"`` (see ``fusion``).
-        tau: retrieval-score temperature of the ``paper`` fusion.
-        threshold: multi-label decision threshold on the fused per-label probability.
-        batch_size: queries per scorer call.
+        tau: retrieval-score temperature of the ``paper`` fusion (finite, > 0).
+        threshold: multi-label decision threshold on the fused per-label probability, in (0, 1].
+        batch_size: queries per scorer call (cannot change a result).
         retrieval: ``"retrieved"``, ``"none"`` (no retrieval) or ``"random"`` (random records).
         query_image: False leaves the query image out of the prompt (robustness study).
-        seed: the random-retrieval generator's seed.
+        seed: the random-retrieval seed (each query's draw is seeded by (seed, query id)).
         max_new_tokens: the greedy answer's length limit (open VQA).
     """
 
@@ -75,16 +93,24 @@ class InferConfig:
     max_new_tokens: int = 16
 
     def __post_init__(self):
+        from ..prompts import LAYOUTS
+
+        for name in ("k_text", "k_image", "batch_size", "seed", "max_new_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise TypeError(f"{name}: expected an int, got {getattr(self, name)!r}")
         if self.k_text < 0 or self.k_image < 0 or self.k_text + self.k_image == 0:
             raise ValueError(f"k_text, k_image: expected >= 0 with a positive sum, got {self.k_text}, {self.k_image}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion: expected one of {FUSIONS}, got {self.fusion!r}")
-        if self.retrieval not in RETRIEVAL_MODES:
-            raise ValueError(f"retrieval: expected one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
+        for name, choices in (("layout", LAYOUTS), ("fusion", FUSIONS), ("retrieval", RETRIEVAL_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
-        if not self.tau > 0:
-            raise ValueError(f"tau: expected > 0, got {self.tau}")
+        if not (_is_number(self.tau) and math.isfinite(self.tau) and self.tau > 0):  # inf: uniform weights, silently
+            raise ValueError(f"tau: expected a finite number > 0, got {self.tau!r}")
+        if not (_is_number(self.threshold) and 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold: expected a number in (0, 1], got {self.threshold!r}")
+        if not isinstance(self.query_image, bool):
+            raise TypeError(f"query_image: expected true or false, got {self.query_image!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
 
@@ -93,66 +119,120 @@ class InferConfig:
         return 1 if self.retrieval == "none" else self.k_text + self.k_image
 
 
-# --------------------------------------------------------------------------------------------- files
-def _complete_records(path: Path) -> tuple[list[PredictionRecord], int]:
-    """(complete records, byte length of the complete lines); a torn last line is left out."""
-    out, good = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            if line.strip():
-                out.append(PredictionRecord.from_dict(json.loads(line)))
-            good += len(line)
-    return out, good
+def check_inputs(config: InferConfig, retrieval=None, encoder=None) -> None:
+    """What the retrieval mode needs, checked before any model runs or any file is written: an index
+    (``retrieval``) for ``retrieved`` / ``random``, a query encoder and ``k_text``, ``k_image`` no
+    larger than the index for ``retrieved``."""
+    if config.retrieval == "none":
+        return
+    if retrieval is None:
+        raise ValueError(f"retrieval: retrieval={config.retrieval!r} needs an index (a Retrieval over the index "
+                         "and its records); give one, or use retrieval='none'")
+    n = len(retrieval.records)
+    if n == 0:
+        raise ValueError("retrieval: the index has no records")
+    if config.retrieval == "random":
+        return
+    if encoder is None:
+        raise ValueError("encoder: retrieval='retrieved' needs the retriever's query encoder (encode_images)")
+    for name in ("k_text", "k_image"):
+        if getattr(config, name) > n:
+            raise ValueError(f"{name}: expected at most the index's {n} records, got {getattr(config, name)}")
 
 
-def read_predictions(path: str | os.PathLike) -> list[PredictionRecord]:
-    """Complete records of a prediction JSONL (a torn last line, from a crash, is ignored)."""
-    return _complete_records(Path(path))[0]
+# --------------------------------------------------------------------------------------------- identity
+def result_options(config: InferConfig, task) -> dict:
+    """The settings that can change a prediction of ``task``, by name. Left out: the batch size, and
+    whatever the retrieval mode does not use (k and the fusion without retrieval, tau where every
+    score is 0, the threshold of a single-label task)."""
+    c, retrieved = config, config.retrieval == "retrieved"
+    opts: dict = {"retrieval": c.retrieval, "query_image": c.query_image}
+    if retrieved:
+        opts.update(k_text=c.k_text, k_image=c.k_image)
+    elif c.retrieval == "random":
+        opts.update(k=c.k, seed=c.seed)
+    if task.is_open:
+        opts["max_new_tokens"] = c.max_new_tokens
+        if retrieved:
+            opts["tau"] = c.tau
+        return opts
+    if retrieved:
+        opts["fusion"] = c.fusion
+        if c.fusion == "paper":
+            opts["tau"] = c.tau
+    if task.is_multilabel:
+        opts["threshold"] = c.threshold
+    return opts
 
 
-def _prepare_output(out_path: Path, meta: dict) -> list[PredictionRecord]:
-    """Check the sidecar settings, drop a torn tail, and return what is already written."""
-    meta_path = out_path.with_name(out_path.name + ".meta.json")
-    if out_path.exists() and meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            raise ValueError(f"out_path: {out_path} holds predictions made with other settings ({changed}); "
-                             "remove it or write elsewhere")
-        done, good = _complete_records(out_path)
-        with open(out_path, "r+b") as f:  # cut a torn tail so appends start on a line boundary
-            f.truncate(good)
-        return done
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_via(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, sort_keys=True)))
-    atomic_write_via(out_path, lambda tmp: Path(tmp).write_text(""))
-    return []
+def encoder_fingerprint(encoder) -> str:
+    """The query encoder's content: its own ``fingerprint()`` (TinyCLIP, Hugging Face CLIP), else, for
+    a torch module (the stage-2 ``HeadEncoders``), every tensor of its state and every plain setting
+    of its submodules (``alpha``, train/eval mode)."""
+    if callable(getattr(encoder, "fingerprint", None)):
+        return str(encoder.fingerprint())
+    if not isinstance(encoder, torch.nn.Module):
+        raise TypeError(f"encoder: expected a fingerprint() method or a torch module, got {type(encoder).__name__}")
+    h = hashlib.sha256(f"{type(encoder).__module__}.{type(encoder).__qualname__}".encode())
+    for name, module in encoder.named_modules():
+        plain = {k: v for k, v in vars(module).items() if not k.startswith("_")
+                 and (v is None or isinstance(v, (bool, int, float, str)))}
+        h.update(json.dumps([name, type(module).__qualname__, plain], sort_keys=True).encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def _append(out_path: Path, records: Sequence[PredictionRecord]) -> None:
-    with open(out_path, "a") as f:
-        f.writelines(json.dumps(r.to_dict()) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
+def predict_identity(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: InferConfig = InferConfig(),
+                     inputs: Mapping[str, object] | None = None) -> dict:
+    """The identity a predictions file stores and a resume must match (``jomed_fast.identity``).
+
+    Content, never paths: the reader (weights, quantization, CPU kernel, LoRA in memory), the task,
+    the layout, the samples (``records_digest``: ids, answers, labels, questions, image bytes), the
+    result-changing options (``option.<name>``, :func:`result_options`), and what the retrieval mode
+    reads: the index records (random, retrieved), the index and the query encoder (retrieved).
+    ``inputs``: more ``{name: digest}`` from the caller (the CLI adds the query-encoder folder's).
+    """
+    from ..data import records_digest
+    from ..readers.fingerprint import reader_fingerprint
+
+    task = scorer.task
+    identity: dict = {"format": IDENTITY_FORMAT, "reader": reader_fingerprint(scorer.reader), "task": task.name,
+                      "layout": scorer.layout, "samples": records_digest(samples)}
+    identity.update({f"option.{k}": v for k, v in result_options(config, task).items()})
+    if config.retrieval != "none":
+        identity["index_records"] = records_digest(retrieval.records)
+    if config.retrieval == "retrieved":
+        identity["index"] = retrieval.index.digest()
+        identity["encoder"] = encoder_fingerprint(encoder)
+    for name, value in (inputs or {}).items():
+        if name in identity:
+            raise ValueError(f"inputs: {name!r} is already part of the identity")
+        identity[name] = value
+    return identity
 
 
 # --------------------------------------------------------------------------------------------- steps
-def _candidates(config: InferConfig, retrieval, encoder, images, gen: torch.Generator):
+def _query_generator(seed: int, query_id: str) -> torch.Generator:
+    """The random-retrieval generator of one query: seeded by (seed, query id), so a query's draw
+    does not depend on which queries came before it (a resumed run draws the same records)."""
+    digest = hashlib.sha256(json.dumps([seed, query_id]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _candidates(config: InferConfig, retrieval, encoder, batch, images):
     """(candidates [B][K], scores [B, K], heads [B][K], record ids [B][K]) for one batch."""
-    B = len(images)
+    B = len(batch)
     if config.retrieval == "none":
         return [[None] for _ in range(B)], torch.zeros(B, 1), [["none"] for _ in range(B)], [["-"] for _ in range(B)]
-    if retrieval is None:
-        raise ValueError(f"retrieval: config.retrieval={config.retrieval!r} needs a Retrieval (index + records)")
     if config.retrieval == "random":
-        rows = torch.randint(len(retrieval.records), (B, config.k), generator=gen)
-        cands = [[retrieval.candidate(int(n)) for n in row] for row in rows]
+        n = len(retrieval.records)
+        rows = [torch.randint(n, (config.k,), generator=_query_generator(config.seed, str(s.id))) for s in batch]
+        cands = [[retrieval.candidate(int(r)) for r in row] for row in rows]
         ids = [[c.id for c in row] for row in cands]
         return cands, torch.zeros(B, config.k), [["random"] * config.k for _ in range(B)], ids
-    if encoder is None:
-        raise ValueError("encoder: retrieval needs the retriever's query encoder (encode_images)")
     with torch.no_grad():
         q = encoder.encode_images(images)
     got = retrieval.search(q, config.k_text, config.k_image)
@@ -193,50 +273,64 @@ def _open_records(scorer, batch, images, cands, scores, heads, ids, config) -> l
     return out
 
 
+def _predict_batch(scorer, batch, retrieval, encoder, config: InferConfig) -> list[PredictionRecord]:
+    task = scorer.task
+    images = [s.load_image() for s in batch]
+    with stage("jomed.retrieve"):
+        cands, scores, heads, rec_ids = _candidates(config, retrieval, encoder, batch, images)
+    if task.is_open:
+        return _open_records(scorer, batch, images, cands, scores, heads, rec_ids, config)
+    with stage("jomed.score"), torch.no_grad():
+        log_probs = scorer.score(images if config.query_image else [None] * len(batch),
+                                 [s.question for s in batch], cands).float()
+    with stage("jomed.fuse"):
+        method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
+        fused = fuse(log_probs, scores, heads, method, config.tau)
+    return _records(task, batch, log_probs, scores, heads, rec_ids, fused, config)
+
+
+def _run(scorer, samples, retrieval, encoder, config, done: dict, write, progress: bool) -> None:
+    """Predict the samples not in ``done``, batch by batch; ``write(records)`` each batch first."""
+    todo = [s for s in samples if str(s.id) not in done]
+    with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="predict", disable=not progress) as bar:
+        for lo in range(0, len(todo), config.batch_size):
+            batch = todo[lo: lo + config.batch_size]
+            new = _predict_batch(scorer, batch, retrieval, encoder, config)
+            if write is not None:
+                write(new)
+            done.update((r.query_id, r) for r in new)
+            bar.update(len(batch))
+
+
 def predict(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: InferConfig = InferConfig(),
-            out_path: str | os.PathLike | None = None, progress: bool = True) -> list[PredictionRecord]:
+            out_path: str | os.PathLike | None = None, progress: bool = True,
+            inputs: Mapping[str, object] | None = None) -> list[PredictionRecord]:
     """Predict every sample; returns the records in sample order (and appends them to ``out_path``).
 
     Args:
         scorer: a ``CandidateScorer`` (its reader, task and layout are used as they are); for an
             open-VQA task an ``OpenAnswerer(reader, task, layout)``.
-        samples: ``jomed_fast.data`` samples (``id``, ``load_image()``, ``question``, ``label``).
+        samples: ``jomed_fast.data`` samples (``id``, ``load_image()``, ``question``, ``label``), unique ids.
         retrieval: a ``jomed_fast.retrieval.Retrieval`` (not needed for ``retrieval="none"``).
         encoder: the retriever's query encoder (``encode_images``), for ``retrieval="retrieved"``.
-        out_path: JSONL to append to and resume from (None: keep in memory only).
+        out_path: JSONL to append to and resume from (None: keep in memory only); see ``output``.
+        inputs: more identity entries ``{name: digest}`` (:func:`predict_identity`).
+
+    Everything is checked (settings, index size, an ``out_path`` that could be resumed) before the
+    first query is scored; a resume from other inputs raises ``IdentityMismatch`` naming them.
     """
-    task = scorer.task
     if config.layout != scorer.layout:
         raise ValueError(f"config: layout {config.layout!r} differs from the scorer's {scorer.layout!r}")
     ids = [str(s.id) for s in samples]
     if len(set(ids)) != len(ids):
-        raise ValueError("samples: expected unique ids (predictions are resumed by id)")
-    done: dict[str, PredictionRecord] = {}
-    path = Path(out_path) if out_path is not None else None
-    if path is not None:
-        meta = {"config": dataclasses.asdict(config), "task": task.name,
-                "reader": str(getattr(scorer.reader, "path", "")), "n_samples": len(samples)}
-        done = {r.query_id: r for r in _prepare_output(path, meta)}
-    todo = [s for s in samples if str(s.id) not in done]
-    gen = torch.Generator().manual_seed(config.seed)
-    with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="predict", disable=not progress) as bar:
-        for lo in range(0, len(todo), config.batch_size):
-            batch = todo[lo: lo + config.batch_size]
-            images = [s.load_image() for s in batch]
-            with stage("jomed.retrieve"):
-                cands, scores, heads, rec_ids = _candidates(config, retrieval, encoder, images, gen)
-            if task.is_open:
-                new = _open_records(scorer, batch, images, cands, scores, heads, rec_ids, config)
-            else:
-                with stage("jomed.score"), torch.no_grad():
-                    log_probs = scorer.score(images if config.query_image else [None] * len(batch),
-                                             [s.question for s in batch], cands).float()
-                with stage("jomed.fuse"):
-                    method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
-                    fused = fuse(log_probs, scores, heads, method, config.tau)
-                new = _records(task, batch, log_probs, scores, heads, rec_ids, fused, config)
-            if path is not None:
-                _append(path, new)
-            done.update((r.query_id, r) for r in new)
-            bar.update(len(batch))
-    return [done[i] for i in ids]
+        twice = sorted(i for i, n in Counter(ids).items() if n > 1)[:3]
+        raise ValueError(f"samples: expected unique ids (predictions are resumed by id), got {twice} more than once")
+    check_inputs(config, retrieval, encoder)
+    if out_path is None:
+        done: dict[str, PredictionRecord] = {}
+        _run(scorer, samples, retrieval, encoder, config, done, None, progress)
+        return [done[i] for i in ids]
+    identity = predict_identity(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, inputs=inputs)
+    with PredictionsFile(out_path, identity, query_ids=ids) as out:
+        _run(scorer, samples, retrieval, encoder, config, out.done, out.append, progress)
+        return [out.done[i] for i in ids]
