@@ -13,8 +13,13 @@ from that head alone (``k`` of the other head 0).
 
 ``Retrieval`` ties an opened :class:`~jomed_fast.index.Index` to the index records it was built
 from (row ``n`` of the embeddings is record ``n``), so search results become
-:class:`~jomed_fast.prompts.Candidate` objects (image, caption, id) the scorer takes. Record images
-are decoded on first use and kept (the same index rows come back across queries and epochs).
+:class:`~jomed_fast.prompts.Candidate` objects (image, caption, id) the scorer takes. Records given
+by the caller are checked against every row the index stored at build time (id, caption and image
+digest: each image file's bytes are hashed once per process, not decoded; an index built from
+in-memory pixels is compared with the decoded pixels), so records in another order, edited, or
+with other images are refused before any search. Record images are decoded on first use
+and kept (the same index rows come back across queries and epochs); with the index's own rows, an
+image is checked against its recorded sha256 when it is first decoded.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .data.records import IndexRecord
+from .data.records import IndexRecord, image_identity, pixels_digest
 from .prompts import Candidate
 from .retriever.dual import Candidates, merge_heads
 
@@ -53,32 +58,28 @@ class Retrieval:
 
     Args:
         index: an opened ``jomed_fast.index.Index``.
-        records: the index records in index row order (e.g. ``load_synthetic(d).index``); None reads
-            the index's own ``records.jsonl`` (relative image paths resolved against the index folder).
+        records: the index records in index row order (e.g. ``load_synthetic(d).index``), checked
+            against every stored row (see the module docstring); None reads the index's own
+            ``records.jsonl`` (relative image paths resolved against the image root recorded at build).
         backend: ``Index.search`` backend (``"ops"`` exact, or ``"faiss"``).
     """
 
     def __init__(self, index, records: Sequence[IndexRecord] | None = None, *, backend: str = "ops"):
-        if records is None:
-            records = [self._record_from_row(index.path, row) for row in index.records()]
+        stored = index.records()
+        own = records is None
+        if own:
+            records = [IndexRecord(id=row["id"], image_path=index.image_path(row), text=row.get("text", ""))
+                       for row in stored]
         if len(records) != index.count:
             raise ValueError(f"records: expected {index.count} records (one per index row), got {len(records)}")
-        stored = index.records()
-        for n in (0, len(records) // 2, len(records) - 1) if records else ():
-            if records[n].id != stored[n]["id"]:
-                raise ValueError(f"records: row {n} is {records[n].id!r} but the index has {stored[n]['id']!r} there "
-                                 "(pass the records in the order the index was built from)")
+        if not own:
+            for n, (record, row) in enumerate(zip(records, stored)):
+                _check_row(n, record, row)
         self.index = index
         self.records = list(records)
         self.backend = backend
+        self._stored = stored if own else None
         self._images: dict[int, object] = {}
-
-    @staticmethod
-    def _record_from_row(root: Path, row: dict) -> IndexRecord:
-        path = row.get("image_path")
-        if path is not None and not Path(path).is_absolute():
-            path = str(Path(root) / path)
-        return IndexRecord(id=row["id"], image_path=path, text=row.get("text", ""))
 
     def candidate(self, row: int) -> Candidate:
         """Index row -> ``Candidate(image, caption, id)``; the image is decoded once per row."""
@@ -86,8 +87,26 @@ class Retrieval:
             raise ValueError(f"row: expected an index row in [0, {len(self.records)}), got {row}")
         record = self.records[row]
         if row not in self._images:
+            if self._stored is not None:
+                self._check_own_image(row, record)
             self._images[row] = record.load_image()
         return Candidate(self._images[row], record.text, id=record.id)
+
+    def _check_own_image(self, n: int, record: IndexRecord) -> None:
+        """The file an index row names is still the one it embedded (moved data, an edited image)."""
+        from .identity import file_digest
+
+        want = self._stored[n].get("image_sha256")
+        if record.image_path is None or want is None:
+            return
+        where = f"index {self.index.path}: row {n} ({record.id!r})"
+        if not Path(record.image_path).is_file():
+            raise ValueError(f"{where}: image {record.image_path} not found (if the data moved, pass its records "
+                             "file at the new place: --index-records)")
+        have = file_digest(record.image_path)
+        if have != want:
+            raise ValueError(f"{where}: image {record.image_path} changed since the index was built "
+                             f"(sha256 {have[:12]}…, built from {want[:12]}…); rebuild the index")
 
     def search(self, query_embeddings, k_text: int = 2, k_image: int = 2) -> Retrieved:
         """Top ``k_text`` of the text head and ``k_image`` of the image head for Q queries.
@@ -113,6 +132,28 @@ class Retrieval:
         emb = self.index.embeddings[head]
         flat = ids.reshape(-1).cpu().numpy()
         return torch.from_numpy(emb[flat].astype("float32")).reshape(*ids.shape, -1)
+
+
+def _check_row(n: int, record, row: dict) -> None:
+    """Raise ``ValueError`` unless ``record`` is what index row ``n`` was built from (id, caption, image)."""
+    if record.id != row["id"]:
+        raise ValueError(f"records: row {n} is {record.id!r} but the index has {row['id']!r} there "
+                         "(pass the records in the order the index was built from)")
+    if "text" in row and record.text != row["text"]:
+        raise ValueError(f"records: row {n} ({record.id!r}) has the caption {record.text[:60]!r} but the index "
+                         f"embedded {row['text'][:60]!r}; rebuild the index from these records")
+    if "image_sha256" not in row and "pixels_sha256" not in row:
+        return  # an index built before rows carried image digests: ids and captions only
+    have = image_identity(record)
+    if "pixels_sha256" in row and "pixels_sha256" not in have:
+        have = {"pixels_sha256": pixels_digest(record.load_image())}
+    key = next((k for k in ("image_sha256", "pixels_sha256") if k in row and k in have), None)
+    if key is None:
+        raise ValueError(f"records: row {n} ({record.id!r}) holds its pixels only, but the index recorded the "
+                         "sha256 of an image file; pass the records read from their JSONL (load_index_records)")
+    if have[key] != row[key]:
+        raise ValueError(f"records: row {n} ({record.id!r}) has another image than the one the index embedded "
+                         f"({key} {have[key][:12]}…, index {row[key][:12]}…); rebuild the index from these records")
 
 
 def _per_head_queries(query_embeddings) -> dict:

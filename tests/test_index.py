@@ -88,6 +88,9 @@ SCRIPT = textwrap.dedent("""
     enc = TinyCLIP.load(sys.argv[1])
     recs = SyntheticGenerator(index_size=%d).index_records(0, %d)
     slow = sys.argv[3] == "slow"
+    if len(sys.argv) > 4 and sys.argv[4] == "edited":  # the first 1,000 captions edited after the kill
+        for r in recs[:1000]:
+            r.text += " (edited)"
     orig = enc.encode_texts
     def encode_texts(t):
         if slow: time.sleep(0.3)
@@ -117,3 +120,30 @@ def test_sigkill_resume_identical(setup, tmp_path):
     for h in ("image", "text"):
         np.testing.assert_array_equal(np.asarray(res.embeddings[h]), np.asarray(ix.embeddings[h]))
     assert res.manifest["sha256"] == ix.manifest["sha256"]
+
+
+def test_sigkill_then_edited_captions_resume_matches_a_fresh_build(setup, tmp_path):
+    """Killed with >= 1 chunk finished, rerun with 1,000 edited captions: the finished chunks holding
+    them are embedded again, so the index equals an uninterrupted build of the edited records."""
+    d, recs, enc, _ix = setup
+    script = tmp_path / "b.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "resumed"
+    p = subprocess.Popen([sys.executable, str(script), str(d / "enc"), str(out), "slow"])
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / "chunks").glob("*.text.npy")):
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (out / "chunks" / "000000.text.npy").exists() and not (out / "manifest.json").exists()
+    r = subprocess.run([sys.executable, str(script), str(d / "enc"), str(out), "fast", "edited"], timeout=80,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "changed (ids, captions, images or paths) since they were embedded" in r.stderr
+    edited = SyntheticGenerator(index_size=N).index_records(0, N)
+    for rec in edited[:1000]:
+        rec.text += " (edited)"
+    fresh = Index.build(edited, enc, tmp_path / "fresh", batch_size=250, chunk_size=500, progress=False)
+    res = Index.open(out, encoder=enc)
+    assert res.manifest["sha256"] == fresh.manifest["sha256"]
+    assert [row["text"] for row in res.records()[:1000]] == [rec.text for rec in edited[:1000]]

@@ -36,7 +36,7 @@ def load_reader_from(values: dict):
 def load_samples_from(values: dict, task):
     from ..data import load_samples
 
-    return load_samples(values["samples"], task, skip_bad=values["skip_bad"])
+    return load_samples(values["samples"], task, skip_bad=values["skip_bad"], verify_images="decode")
 
 
 def load_retrieval_from(values: dict):

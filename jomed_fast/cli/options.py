@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +107,54 @@ def add_options(parser: argparse.ArgumentParser, options) -> None:
                                 metavar=(o.choices and "{" + ",".join(map(str, o.choices)) + "}") or o.type.__name__.upper())
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_key_loader(yaml):
+    """A ``SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the later one)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, Hashable) and key in seen:
+                    raise _DuplicateKey(f"key {key!r} given twice (lines {seen[key]} and {line})")
+                if isinstance(key, Hashable):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def _read_yaml(path: str) -> dict:
+    """The options in a YAML file, keys with dashes as underscores; two keys that name one option
+    (``k_text`` and ``k-text``, or one key twice) are an error naming both, not the later one silently."""
     import yaml
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"--config: {p} not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_unique_key_loader(yaml)) or {}
+    except _DuplicateKey as e:
+        raise ValueError(f"--config: {p}: {e}; keep one") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise TypeError(f"--config: {p} must hold a mapping of option: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    out: dict = {}
+    given: dict = {}
+    for k, v in data.items():
+        name = str(k).replace("-", "_")
+        if name in out:
+            raise ValueError(f"--config: {p} sets option {name!r} twice, as {given[name]!r} and {k!r}; keep one")
+        out[name], given[name] = v, k
+    return out
 
 
 def resolve(options, namespace: argparse.Namespace) -> dict:

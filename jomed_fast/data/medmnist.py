@@ -173,9 +173,14 @@ def medmnist_to_jsonl(
 ) -> dict[str, Path]:
     """Convert a MedMNIST file to the JSONL sample format: ``out_dir/<split>.jsonl`` + PNGs.
 
-    Returns ``{split: jsonl path}``. ``limit`` keeps the first ``limit`` records per split.
+    Returns ``{split: jsonl path}``. ``limit`` keeps the first ``limit`` records per split (an int
+    >= 1; ``None`` keeps all). A negative limit would slice off records from the end, and 0 would
+    write empty files, so both are refused.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
     task = get_task(task) if isinstance(task, str) else task
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)  # "test" is one split, not 4 letters
     out_dir = Path(out_dir)
     written = {}
     for split in splits:

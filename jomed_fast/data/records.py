@@ -21,6 +21,7 @@ duplicate id, a missing or unreadable image, an answer outside the task's label 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,12 +45,18 @@ VERIFY_MODES = ("none", "exists", "open", "decode")
 
 
 def _image_of(record, what: str) -> np.ndarray:
-    """The record's in-memory image, else the decoded file at ``image_path``."""
+    """The record's in-memory image, else the decoded file at ``image_path``; a file that is gone or
+    does not decode is a :class:`DataError` naming it and the record (one line, never a traceback)."""
     if record.image is not None:
         return record.image
     if record.image_path is None:
         raise ValueError(f"{what} {record.id!r} has neither an image nor an image_path")
-    return load_image(record.image_path)
+    try:
+        return load_image(record.image_path)
+    except FileNotFoundError:
+        raise DataError(record.image_path, "image file not found", record=record.id) from None
+    except Exception as e:  # noqa: BLE001  (PIL.UnidentifiedImageError, truncated files, permissions)
+        raise DataError(record.image_path, f"unreadable image ({type(e).__name__}: {e})", record=record.id) from None
 
 @dataclass(eq=False)
 class Sample:
@@ -88,11 +95,17 @@ class IndexRecord:
 
 
 class Loaded(list):
-    """The records read from a file (a ``list``), plus what was skipped with ``skip_bad``."""
+    """The records read from a file (a ``list``), plus what was skipped with ``skip_bad``.
 
-    def __init__(self, records: Iterable = (), *, path: str = "", skipped: Sequence[DataError] = ()):
+    ``path``: the file; ``image_root``: the folder its relative ``image_path`` values were resolved
+    against (what an index stores its image paths relative to), or ``None``.
+    """
+
+    def __init__(self, records: Iterable = (), *, path: str = "", skipped: Sequence[DataError] = (),
+                 image_root: str | None = None):
         super().__init__(records)
         self.path = path
+        self.image_root = image_root
         self.skipped: list[DataError] = list(skipped)
 
     @property
@@ -151,6 +164,7 @@ def _read(
     *,
     skip_bad: bool,
     what: str,
+    image_root: Path,
 ) -> Loaded:
     path = Path(path)
     out: list = []
@@ -176,7 +190,7 @@ def _read(
                 raise
             skipped.append(e)
     log_skipped(path, skipped, f"{what} line(s)", len(skipped) + len(out))
-    return Loaded(out, path=str(path), skipped=skipped)
+    return Loaded(out, path=str(path), skipped=skipped, image_root=os.path.abspath(image_root))
 
 
 def log_skipped(path, skipped: Sequence[DataError], what: str, total: int | None = None) -> None:
@@ -224,7 +238,9 @@ def load_samples(
             ``DataError``), ``label`` is filled and ``answer`` is made canonical
             (``task.format_answer``). Without a task, answers are kept as written.
         skip_bad: skip bad lines (and count them in ``result.skipped``) instead of raising.
-        verify_images: ``"none"``, ``"exists"``, ``"open"`` (header; default) or ``"decode"``.
+        verify_images: ``"none"``, ``"exists"``, ``"open"`` (header; default) or ``"decode"`` (the
+            full decode a later ``load_image()`` does: a truncated or half-written file is then a bad
+            line, which ``skip_bad`` skips, instead of an error in the middle of a run).
         load_images: decode every image into ``Sample.image`` (implies ``"decode"``).
         image_root: folder for relative ``image_path`` values (default: the file's folder).
     """
@@ -272,7 +288,7 @@ def load_samples(
             id=rid, image_path=resolved, answer=answer, label=label, question=question, image=image, extra=extra
         )
 
-    return _read(path, parse_row, skip_bad=skip_bad, what="sample")
+    return _read(path, parse_row, skip_bad=skip_bad, what="sample", image_root=root)
 
 
 def load_index_records(
@@ -301,19 +317,34 @@ def load_index_records(
         extra = {k: v for k, v in row.items() if k not in ("id", "image_path", "text")}
         return IndexRecord(id=rid, image_path=resolved, text=text, image=image, extra=extra)
 
-    return _read(path, parse_row, skip_bad=skip_bad, what="index record")
+    return _read(path, parse_row, skip_bad=skip_bad, what="index record", image_root=root)
 
 
 # ----------------------------------------------------------------------------------------------
 # writing
 # ----------------------------------------------------------------------------------------------
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# an id that is its own file name everywhere: lower case (case-insensitive file systems), no
+# leading dot (hidden), no trailing dot (Windows drops it), short enough for any file system
+_PLAIN = re.compile(r"[a-z0-9_-][a-z0-9._-]{0,98}[a-z0-9_-]|[a-z0-9_-]")
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
 def safe_filename(record_id: str) -> str:
-    """A file name for a record id (unsafe characters -> ``_``)."""
-    name = _SAFE.sub("_", record_id).strip("._") or "record"
-    return name
+    """A file name (without extension) for a record id; distinct ids get distinct names, also on
+    case-insensitive file systems.
+
+    A plain id (lower-case letters, digits, ``.``, ``_``, ``-``; at most 100 characters; no leading
+    or trailing dot; not a Windows device name) is its own name, so the names of such ids are the
+    ones earlier versions wrote. Any other id is cleaned (other characters -> ``_``, cut to 64) and
+    gets ``~`` plus 16 hex digits of its sha256 (``case/1`` -> ``case_1~aad44ef547977edb``, ``case_1`` ->
+    ``case_1``): ``~`` is never in a plain name, so the two kinds never meet. Files written under the
+    older names keep loading: the JSONL names each file.
+    """
+    if _PLAIN.fullmatch(record_id) and record_id.split(".")[0] not in _WINDOWS_RESERVED:
+        return record_id
+    cleaned = _SAFE.sub("_", record_id).strip("._")[:64] or "record"
+    return f"{cleaned}~{hashlib.sha256(record_id.encode('utf-8')).hexdigest()[:16]}"
 
 
 def _image_ref(rec: Sample | IndexRecord, out_path: Path, images_dir: Path | None) -> str:
@@ -371,6 +402,30 @@ def write_index_records(
         row.update(r.extra)
         rows.append(row)
     return atomic_write_jsonl(path, rows)
+
+
+def pixels_digest(image: np.ndarray) -> str:
+    """sha256 of an in-memory image: its dtype, shape and bytes (as :func:`records_digest` hashes it)."""
+    from ..identity import bytes_digest
+
+    a = np.ascontiguousarray(image)
+    return bytes_digest(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+
+
+def image_identity(record: Sample | IndexRecord) -> dict:
+    """What identifies a record's image: ``{"image_sha256": ...}`` (its file's bytes) when it has an
+    image file, else ``{"pixels_sha256": ...}`` (its in-memory pixels). A record whose file is gone
+    and that holds no pixels is a :class:`DataError` naming the file."""
+    from ..identity import file_digest
+
+    if record.image_path is not None:
+        if Path(record.image_path).is_file():
+            return {"image_sha256": file_digest(record.image_path)}
+        if record.image is None:
+            raise DataError(record.image_path, "image file not found", record=record.id)
+    if record.image is not None:
+        return {"pixels_sha256": pixels_digest(record.image)}
+    raise ValueError(f"record {record.id!r} has neither an image nor an image_path")
 
 
 def records_digest(records: Iterable[Sample | IndexRecord]) -> str:

@@ -493,11 +493,11 @@ def vqa_to_jsonl(
     """
     if dataset not in LOADERS:
         raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
-    kinds = tuple(kinds)
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "open" is one kind, not 4 letters
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"kinds: expected values in {KINDS}, got {k!r}")
-    splits = SPLITS[dataset] if splits is None else tuple(splits)
+    splits = SPLITS[dataset] if splits is None else (splits,) if isinstance(splits, str) else tuple(splits)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
     out_dir = Path(out_dir)

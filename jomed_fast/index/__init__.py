@@ -1,8 +1,9 @@
 r"""Multimodal retrieval index: fp16 L2-normalised image/text embeddings ``[N, D]`` + manifest.
 
 Layout of ``out_dir``: ``image_embeddings.npy``, ``text_embeddings.npy`` (fp16 ``[N, D]``),
-``records.jsonl`` (``{id, image_path, text}``), ``manifest.json`` (count, dim, dtype, encoder
-fingerprint, sha256 per file). Search per head:
+``records.jsonl`` (``{id, image_path, text, image_sha256}``, paths relative to the image root),
+``manifest.json`` (count, dim, dtype, encoder fingerprint, image root relative to ``out_dir``,
+sha256 per file). Search per head:
 :math:`(\text{scores}, \text{ids}) = \operatorname{top-k}_n\, q \cdot x_n`.
 
 Modules, by responsibility:
@@ -11,11 +12,12 @@ Modules, by responsibility:
   :func:`build_synthetic_index` for CLI-scale checks.
 * :mod:`.distributed` — the sharded build over a ``torch.distributed`` process group (each rank
   embeds ``chunk mod W == rank``; rank 0 assembles), with failures propagated to every rank.
-* :mod:`.core` — :class:`Index`: open + verify, records, search.
+* :mod:`.core` — :class:`Index`: open + verify, records, the images they name, search.
 * :mod:`.search` — ``ops.topk_similarity`` (exact), faiss ``IndexFlatIP`` / ``IndexIVFFlat``,
   multi-GPU sharding when faiss has several GPUs.
 * :mod:`.cost` — memory and search cost model at a given scale (the paper's index).
-* ``python -m jomed_fast.index`` — ``build-synthetic``, ``verify``, ``cost`` (also under torchrun).
+* ``python -m jomed_fast.index`` — ``build-synthetic``, ``verify`` (index files and every image's
+  sha256), ``cost`` (also under torchrun).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python -m jomed_fast.index build-synthetic --records 100000 --out runs/ix100k
     torchrun --nproc-per-node 2 -m jomed_fast.index build-synthetic --records 100000 --out runs/ix100k
-    python -m jomed_fast.index verify runs/ix100k --encoder runs/ix100k/encoder
+    python -m jomed_fast.index verify runs/ix100k --encoder runs/ix100k/encoder   # + every image's sha256
     python -m jomed_fast.index cost            # the paper's index: memory and search floors
 
 Under torchrun (``WORLD_SIZE`` > 1 in the environment) the default process group is initialised
@@ -78,7 +78,8 @@ def _verify(a) -> dict:
 
     t0 = time.perf_counter()
     ix = Index.open(a.path, encoder=TinyCLIP.load(a.encoder) if a.encoder else None)
-    return {"path": str(a.path), "count": ix.count, "dim": ix.dim, "ok": True,
+    images = None if a.no_images else ix.check_images(a.image_root)
+    return {"path": str(a.path), "count": ix.count, "dim": ix.dim, "ok": True, "images": images,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -112,9 +113,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads per process (default: cores / WORLD_SIZE)")
     b.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="process-group backend under torchrun")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    v = sub.add_parser("verify", help="open an index and check every checksum (and the encoder)")
+    v = sub.add_parser("verify", help="open an index and check every checksum, the images it names (and the encoder)")
     v.add_argument("path", type=Path)
     v.add_argument("--encoder", type=Path, default=None, help="TinyCLIP directory whose fingerprint must match")
+    v.add_argument("--image-root", type=Path, default=None,
+                   help="where the record images are now (default: the folder recorded at build time)")
+    v.add_argument("--no-images", action="store_true",
+                   help="skip reading every image file against its recorded sha256 (the index's own files only)")
     c = sub.add_parser("cost", help="memory and search-cost floors (default: the paper's index)")
     c.add_argument("--records", type=int, default=None, help="rows N (default: PMC-OA + ROCO + MIMIC-CXR)")
     c.add_argument("--dim", type=int, default=768)

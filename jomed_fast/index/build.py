@@ -5,12 +5,24 @@ For records :math:`r_n = (i_n, t_n)`, :math:`n < N`, and an encoder with image/t
 
 .. math:: X_I[n] = \mathrm{fp16}(f_I(i_n)),\qquad X_T[n] = \mathrm{fp16}(f_T(t_n)),\qquad X \in \mathbb{R}^{N\times D}.
 
+Each record is stored as a row of ``records.jsonl``: ``{id, image_path, text, image_sha256}`` --
+``image_path`` relative to the image root (the records file's folder for records read by
+``load_index_records``; the manifest's ``image_root`` locates it relative to the index folder),
+``image_sha256`` the image file's sha256 (``pixels_sha256`` of the pixels for a record held in
+memory). What stays true when the data moves, then, and what lets ``Index.check_images`` say that
+an image changed or is gone.
+
 Chunk :math:`c` holds rows :math:`[c\,S, \min(N, (c+1)S))` for ``chunk_size`` S and is three atomically
 written files in ``out_dir/chunks``: ``c.image.npy``, ``c.records.jsonl``, ``c.text.npy`` (written in
-that order, so a present ``.text.npy`` marks a finished chunk). A rerun skips finished chunks: a
-build killed at any point (SIGKILL included) resumes where it stopped and ends byte-identical to an
-uninterrupted one. ``build_progress.json`` pins the settings (encoder fingerprint, N, S); a rerun
-with other settings is refused.
+that order, so a present ``.text.npy`` marks a finished chunk). A rerun keeps a finished chunk only
+when its stored rows equal the rows of the records given now (ids, captions, image digests, paths),
+so a resume is keyed by content: records edited between a kill and the rerun get their chunks
+embedded again (a warning names them) and the rest is kept. Per-chunk rows rather than one digest of
+all records because an edit then costs only the chunks it touches, and the check needs no state
+beyond the chunk's own files. A build killed at any point (SIGKILL included) resumes where it stopped
+and ends byte-identical to an uninterrupted one. ``build_progress.json`` pins what every chunk
+depends on besides its records (the encoder's fingerprint, S, the chunk format); a rerun with
+another is refused, naming what changed. The batch size is not pinned (it does not change rows).
 
 Sharded build (``torch.distributed``, see :mod:`jomed_fast.index.distributed`): with W ranks, rank r
 embeds the chunks with :math:`c \bmod W = r`; rank 0 then streams the chunks into the final files
@@ -19,6 +31,7 @@ embeds the chunks with :math:`c \bmod W = r`; rank 0 then streams the chunks int
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -29,12 +42,16 @@ import torch
 from tqdm.auto import tqdm
 
 from jomed_fast._files import atomic_write_via, sha256_file
+from jomed_fast.data.records import image_identity
+from jomed_fast.identity import check_identity, read_identity
 
 from .distributed import Group, resolve_group
 
+logger = logging.getLogger(__name__)
+
 FILES = ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl")
 HEADS = {"image": "image_embeddings.npy", "text": "text_embeddings.npy"}
-BUILD_FORMAT = 2  # chunk layout version, pinned in build_progress.json
+BUILD_FORMAT = 3  # chunk layout version, pinned in build_progress.json (3: rows carry image digests)
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
@@ -47,22 +64,55 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write_via(path, w)
 
 
-def _record_line(r) -> str:
-    return json.dumps({"id": r.id, "image_path": r.image_path, "text": r.text}) + "\n"
+def relative_posix(path, root: Path) -> str:
+    """``path`` relative to ``root``, with ``/`` (absolute where no relative path exists: another drive)."""
+    try:
+        return os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
+    except ValueError:
+        return os.path.abspath(path)
+
+
+def record_row(r, image_root: Path) -> dict:
+    """The ``records.jsonl`` row of record ``r`` (see the module docstring)."""
+    path = None if r.image_path is None else relative_posix(r.image_path, image_root)
+    return {"id": r.id, "image_path": path, "text": r.text, **image_identity(r)}
+
+
+def _record_line(r, image_root: Path) -> str:
+    return json.dumps(record_row(r, image_root)) + "\n"
 
 
 def _chunk_rows(c: int, n: int, chunk_size: int) -> tuple[int, int]:
     return c * chunk_size, min(n, (c + 1) * chunk_size)
 
 
-def _embed_chunk(records, encoder, cdir: Path, c: int, lo: int, hi: int, batch_size: int, bar) -> None:
+def _chunk_lines(records, lo: int, hi: int, batch_size: int, root: Path) -> str:
+    return "".join(_record_line(r, root) for s in range(lo, hi, batch_size)
+                   for r in records[s: min(hi, s + batch_size)])
+
+
+def _finished_and_current(records, cdir: Path, c: int, lo: int, hi: int, batch_size: int, root: Path) -> bool | None:
+    """True: chunk ``c`` is finished and was embedded from these records; None: it is not finished;
+    False: it was embedded from other records (its marker is removed first, so a kill while it is
+    embedded again leaves it unfinished, never a mix)."""
+    marker = cdir / f"{c:06d}.text.npy"
+    if not marker.exists():
+        return None
+    stored = cdir / f"{c:06d}.records.jsonl"
+    if stored.is_file() and stored.read_text() == _chunk_lines(records, lo, hi, batch_size, root):
+        return True
+    marker.unlink()
+    return False
+
+
+def _embed_chunk(records, encoder, cdir: Path, c: int, lo: int, hi: int, batch_size: int, bar, root: Path) -> None:
     ims, txs, lines = [], [], []
     with torch.no_grad():
         for s in range(lo, hi, batch_size):
             batch = records[s: min(hi, s + batch_size)]
+            lines.extend(_record_line(r, root) for r in batch)  # first: a missing image file is named here
             ims.append(encoder.encode_images([r.load_image() for r in batch]).float().cpu())
             txs.append(encoder.encode_texts([r.text for r in batch]).float().cpu())
-            lines.extend(_record_line(r) for r in batch)
             bar.update(len(batch))
     save_npy(cdir / f"{c:06d}.image.npy", torch.cat(ims).numpy().astype(np.float16))
     atomic_write_via(cdir / f"{c:06d}.records.jsonl", lambda p: Path(p).write_text("".join(lines)))
@@ -97,7 +147,7 @@ def _concat_npy(parts: list[Path], dest: Path, n: int, bar) -> int:
     return dim
 
 
-def _assemble(out: Path, cdir: Path, n: int, n_chunks: int, fingerprint: str, progress: bool) -> dict:
+def _assemble(out: Path, cdir: Path, n: int, n_chunks: int, fingerprint: str, root: Path, progress: bool) -> dict:
     """Rank 0: chunks -> final files + manifest, then remove the chunks and the progress file."""
     with tqdm(total=2 * n, desc="index assemble", disable=not progress) as bar:
         dims = {h: _concat_npy([cdir / f"{c:06d}.{h}.npy" for c in range(n_chunks)], out / f, n, bar)
@@ -114,46 +164,73 @@ def _assemble(out: Path, cdir: Path, n: int, n_chunks: int, fingerprint: str, pr
             os.fsync(f.fileno())
     atomic_write_via(out / "records.jsonl", wrec)
     manifest = {"count": n, "dim": dims["image"], "dtype": "float16", "encoder_fingerprint": fingerprint,
-                "sha256": {f: sha256_file(out / f) for f in FILES}}
+                "image_root": relative_posix(root, out), "sha256": {f: sha256_file(out / f) for f in FILES}}
     atomic_write_via(out / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     shutil.rmtree(cdir)
     (out / "build_progress.json").unlink()
     return manifest
 
 
+def _prepare(out: Path, cdir: Path, state: dict, g: Group) -> None:
+    """Create the chunk folder and pin ``state`` in ``build_progress.json``, or refuse a build in
+    progress that was started with another encoder, chunk size or chunk format."""
+    cdir.mkdir(parents=True, exist_ok=True)
+    prog = out / "build_progress.json"
+    old = read_identity(prog)
+    if old is not None:
+        check_identity(old, state, f"out_dir: the index build in progress in {out}")
+    elif g.rank == 0:  # the others see it absent or complete (atomic), and it equals their state
+        atomic_write_via(prog, lambda p: Path(p).write_text(json.dumps(state)))
+
+
+def _embed_mine(records, encoder, out: Path, chunks: list[int], n: int, chunk_size: int, batch_size: int,
+                root: Path, bar) -> list[int]:
+    """Embed this rank's chunks that are not finished from these records; returns the chunks that
+    had been embedded from other records."""
+    cdir = out / "chunks"
+    redone = []
+    for c in chunks:
+        lo, hi = _chunk_rows(c, n, chunk_size)
+        done = _finished_and_current(records, cdir, c, lo, hi, batch_size, root)
+        if done:  # finished before a kill, from the same records: keep
+            bar.update(hi - lo)
+            continue
+        if done is False:
+            redone.append(c)
+        _embed_chunk(records, encoder, cdir, c, lo, hi, batch_size, bar, root)
+    if redone:
+        logger.warning("%s: the records of chunk(s) %s changed (ids, captions, images or paths) since they "
+                       "were embedded; embedded them again", out, redone)
+    return redone
+
+
 def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, chunk_size: int = 1024,
-                progress: bool = True, distributed: bool | None = None) -> dict:
+                progress: bool = True, distributed: bool | None = None, image_root=None) -> dict:
     """Embed and write the index (see the module docstring); returns the manifest.
 
-    ``records``: a sequence of N records (``.id``, ``.image_path``, ``.text``, ``.load_image()``)
-    supporting ``len`` and slicing; ``encoder``: ``encode_images``/``encode_texts`` -> ``[B, D]``
-    and ``fingerprint()``. ``distributed``: ``None`` shards over the default process group when
-    one with several ranks is initialised, ``True`` requires one, ``False`` never shards. Every
-    rank must pass the same records, encoder and settings (checked: fingerprints, N, S).
+    ``records``: a sequence of N >= 1 records (``.id``, ``.image_path``, ``.text``, ``.image``,
+    ``.load_image()``) supporting ``len`` and slicing; ``encoder``: ``encode_images``/``encode_texts``
+    -> ``[B, D]`` and ``fingerprint()``. ``image_root``: the folder stored image paths are relative
+    to (default: ``records.image_root`` for records read by ``load_index_records``, i.e. the records
+    file's folder; else the index folder). ``distributed``: ``None`` shards over the default process
+    group when one with several ranks is initialised, ``True`` requires one, ``False`` never shards.
+    Every rank must pass the same records, encoder and settings (checked: fingerprints, N, S).
     """
     for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    g: Group = resolve_group(distributed)
-    out = Path(out_dir)
-    cdir = out / "chunks"
-    fp = encoder.fingerprint()
     n = len(records)
-    state = {"format": BUILD_FORMAT, "fingerprint": fp, "count": n, "chunk_size": chunk_size}
-    g.check_same("build settings (encoder fingerprint, record count, chunk_size)", json.dumps(state, sort_keys=True))
-    prog = out / "build_progress.json"
-
-    def prepare():
-        cdir.mkdir(parents=True, exist_ok=True)
-        if prog.exists():
-            old = json.loads(prog.read_text())
-            if old != state:
-                raise ValueError(f"out_dir: a build with other settings is in progress in {out} (expected "
-                                 f"{ {k: v for k, v in state.items() if k != 'fingerprint'} } and encoder "
-                                 f"{fp[:12]}…, found {old}); remove {out} to start over")
-        elif g.rank == 0:  # the others see it absent or complete (atomic), and it equals their state
-            atomic_write_via(prog, lambda p: Path(p).write_text(json.dumps(state)))
-    g.run_all(prepare, "index build: prepare")
+    if n == 0:
+        raise ValueError("records: expected at least one record to index, got 0")
+    g: Group = resolve_group(distributed)
+    out = Path(os.path.abspath(out_dir))
+    cdir = out / "chunks"
+    root = Path(os.path.abspath(image_root if image_root is not None else getattr(records, "image_root", None) or out))
+    fp = encoder.fingerprint()
+    state = {"format": BUILD_FORMAT, "encoder": fp, "chunk_size": chunk_size}
+    g.check_same("build settings (encoder fingerprint, record count, chunk_size)",
+                 json.dumps({**state, "count": n}, sort_keys=True))
+    g.run_all(lambda: _prepare(out, cdir, state, g), "index build: prepare")
 
     n_chunks = (n + chunk_size - 1) // chunk_size
     mine = [c for c in range(n_chunks) if c % g.world == g.rank]
@@ -166,18 +243,13 @@ def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, c
         rows = sum(hi - lo for lo, hi in (_chunk_rows(c, n, chunk_size) for c in mine))
         try:
             with tqdm(total=rows, desc=desc, disable=not progress or g.rank != 0) as bar:
-                for c in mine:
-                    lo, hi = _chunk_rows(c, n, chunk_size)
-                    if (cdir / f"{c:06d}.text.npy").exists():  # finished before a kill: skip
-                        bar.update(hi - lo)
-                        continue
-                    _embed_chunk(records, encoder, cdir, c, lo, hi, batch_size, bar)
+                _embed_mine(records, encoder, out, mine, n, chunk_size, batch_size, root, bar)
         finally:
             if was_training:
                 encoder.train()
     g.run_all(embed, "index build: embedding")  # all-reduce: every rank's chunks are on disk after it
 
-    manifest = g.run_all(lambda: _assemble(out, cdir, n, n_chunks, fp, progress) if g.rank == 0 else None,
+    manifest = g.run_all(lambda: _assemble(out, cdir, n, n_chunks, fp, root, progress) if g.rank == 0 else None,
                          "index build: assembly")
     if manifest is None:
         manifest = json.loads((out / "manifest.json").read_text())

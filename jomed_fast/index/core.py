@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,9 @@ class Index:
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
+        # where the rows' relative image paths start (an index built before rows were relative to
+        # an image root holds absolute paths, or paths relative to its own folder)
+        self.image_root = Path(os.path.normpath(self.path / manifest.get("image_root", ".")))
         self.manifest = manifest
         self.count, self.dim = manifest["count"], manifest["dim"]
         self.embeddings = {h: np.load(self.path / f, mmap_mode="r") for h, f in HEADS.items()}
@@ -28,7 +32,7 @@ class Index:
     # ---------------------------------------------------------------- build
     @staticmethod
     def build(records: Sequence, encoder, out_dir, *, batch_size: int = 256, chunk_size: int = 1024,
-              progress: bool = True, distributed: bool | None = None) -> Index:
+              progress: bool = True, distributed: bool | None = None, image_root=None) -> Index:
         """Embed N records (image tower + text tower) in resumable chunks, then assemble.
 
         See :func:`jomed_fast.index.build.build_index`; with a torch.distributed process group of
@@ -36,13 +40,14 @@ class Index:
         assembles, and every rank returns the opened index.
         """
         manifest = build_index(records, encoder, out_dir, batch_size=batch_size, chunk_size=chunk_size,
-                               progress=progress, distributed=distributed)
+                               progress=progress, distributed=distributed, image_root=image_root)
         return Index(Path(out_dir), manifest)
 
     # ---------------------------------------------------------------- open
     @staticmethod
     def open(path, encoder=None, *, verify: bool = True) -> Index:
-        """Open and verify (manifest, sha256 of every file, shapes, encoder fingerprint)."""
+        """Open and verify (manifest, sha256 of every file, shapes, encoder fingerprint). The image
+        files the rows name are not read here (see :meth:`check_images`)."""
         p = Path(path)
         mpath = p / "manifest.json"
         if not mpath.is_file():
@@ -76,8 +81,45 @@ class Index:
         return json_digest({k: m[k] for k in ("count", "dim", "dtype", "encoder_fingerprint", "sha256")})
 
     def records(self) -> list[dict]:
+        """The rows of ``records.jsonl`` (``{id, image_path, text, image_sha256 | pixels_sha256}``)."""
         with open(self.path / "records.jsonl") as f:
             return [json.loads(line) for line in f]
+
+    def image_path(self, row: dict, image_root=None) -> str | None:
+        """A row's image file: its ``image_path`` resolved against ``image_root`` (default: the
+        folder recorded at build time, :attr:`image_root`)."""
+        path = row.get("image_path")
+        if path is None:
+            return None
+        root = Path(image_root) if image_root is not None else self.image_root
+        return os.path.normpath(path if os.path.isabs(path) else root / path)
+
+    def check_images(self, image_root=None) -> dict:
+        """Check every row's image file against the sha256 recorded at build time; returns
+        ``{"checked": rows with a file digest, "unchecked": rows without one}``.
+
+        Raises ``ValueError`` naming the first missing and the first changed image (and how many
+        there are of each): what ``Index.open`` cannot see, as it reads the index's own files only.
+        ``image_root``: where the images are now, when the data moved since the build.
+        """
+        from jomed_fast.identity import file_digest
+
+        missing, changed, checked = [], [], 0
+        for n, row in enumerate(self.records()):
+            path = self.image_path(row, image_root)
+            if path is None or "image_sha256" not in row:
+                continue
+            checked += 1
+            if not os.path.isfile(path):
+                missing.append(f"row {n} ({row['id']!r}): {path}")
+            elif file_digest(path) != row["image_sha256"]:
+                changed.append(f"row {n} ({row['id']!r}): {path}")
+        problems = [f"{len(lst)} {what} (first: {lst[0]})" for lst, what in
+                    ((missing, "image(s) missing"), (changed, "image(s) changed since the build")) if lst]
+        if problems:
+            raise ValueError(f"index {self.path}: {'; '.join(problems)}; restore them, give the folder they moved "
+                             "to (image_root), or rebuild the index")
+        return {"checked": checked, "unchecked": self.count - checked}
 
     # ---------------------------------------------------------------- search
     def search(self, queries, k: int, head: str = "image", backend: str = "ops", nlist: int | str | None = None,

@@ -82,7 +82,14 @@ class TinyTextTower(nn.Module):
 
 
 def images_to_tensor(images) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` (array or list of arrays; grey ``[H, W]`` allowed) -> float ``[N, 3, H, W]``."""
+    """``[N, H, W, 3]`` images (an array or a list of arrays; grey ``[H, W]`` allowed) -> float
+    ``[N, 3, H, W]`` in [0, 1].
+
+    Each image is scaled by its own dtype, never by the batch's values, so an image encodes the same
+    alone or beside any others: uint8 pixels are divided by 255, float pixels are taken as already in
+    [0, 1] (checked). Any other dtype is refused (a uint16 array has no agreed 8-bit scale:
+    ``jomed_fast.data.io.high_bit_to_uint8`` makes one).
+    """
     arrs = []
     for i, im in enumerate(images):
         a = np.asarray(im)
@@ -90,9 +97,19 @@ def images_to_tensor(images) -> torch.Tensor:
             a = np.repeat(a[..., None], 3, -1)
         if a.ndim != 3 or a.shape[-1] != 3:
             raise ValueError(f"images[{i}]: expected [H, W, 3] or [H, W], got shape {a.shape}")
+        if a.dtype == np.uint8:
+            a = a.astype(np.float32) / 255.0
+        elif np.issubdtype(a.dtype, np.floating):
+            if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+                raise ValueError(f"images[{i}]: expected float pixels in [0, 1] (or uint8 in 0..255), got "
+                                 f"values in [{np.nanmin(a):g}, {np.nanmax(a):g}]")
+            a = a.astype(np.float32)
+        else:
+            raise TypeError(f"images[{i}]: expected uint8 or float pixels, got dtype {a.dtype}")
         arrs.append(a)
-    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float()
-    return x / 255.0 if x.max() > 1.5 else x
+    if not arrs:
+        raise ValueError("images: expected at least one image, got none")
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
 
 
 class TinyCLIP(nn.Module):
