@@ -75,7 +75,7 @@ def test_atomic_file_writers_follow_the_umask(tmp_path, plain):
 
 
 def test_jsonl_writers_follow_the_umask(tmp_path, plain):
-    from jomed_fast.infer.predict import _append, _prepare_output, read_predictions
+    from jomed_fast.infer.output import PredictionsFile, lock_path, meta_path, read_predictions
 
     file_mode = plain[0]
     assert atomic_write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}, {"a": 2}]) == 2
@@ -85,11 +85,12 @@ def test_jsonl_writers_follow_the_umask(tmp_path, plain):
                               fused=1, fused_probs=[0.4, 0.6])
     write_jsonl(str(tmp_path / "records.jsonl"), [record])
     assert mode(tmp_path / "records.jsonl") == file_mode and read_jsonl(str(tmp_path / "records.jsonl")) == [record]
-    # the predictions file of ``predict`` and its settings sidecar (created, then appended to)
+    # the predictions file of ``predict``, its identity sidecar and its lock (created, then appended to)
     out = tmp_path / "preds" / "p.jsonl"
-    assert _prepare_output(out, {"k": 1}) == []
-    _append(out, [record])
-    assert mode(out) == file_mode and mode(out.with_name("p.jsonl.meta.json")) == file_mode
+    with PredictionsFile(out, {"k": "1"}) as held:
+        assert held.done == {}
+        held.append([record])
+    assert {mode(p) for p in (out, meta_path(out), lock_path(out))} == {file_mode}
     assert read_predictions(out) == [record]
 
 
