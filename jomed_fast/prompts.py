@@ -116,7 +116,11 @@ def as_image(image: Any, name: str = "image"):
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        if image.mode == "RGB":
+            return image
+        from .data.io import as_rgb_uint8  # 16-bit and float modes by their range, not PIL's clip to white
+
+        return Image.fromarray(as_rgb_uint8(image, name=name))
     if hasattr(image, "__array__") and not isinstance(image, (str, bytes)):
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[-1] == 1:

@@ -110,6 +110,20 @@ def _tiny_hf_clip(path):
     return path
 
 
+def test_hf_clip_takes_float_and_16_bit_images_as_the_same_picture(tmp_path):
+    from PIL import Image
+
+    from jomed_fast.retriever.hf import HFCLIPEncoder
+
+    enc = HFCLIPEncoder(_tiny_hf_clip(tmp_path))
+    u8 = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    grey = u8[..., 0]
+    sixteen = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16, 0..65535: the same picture
+    want = enc.encode_images([u8, np.repeat(grey[..., None], 3, 2)])
+    got = enc.encode_images([u8.astype(np.float32) / 255.0, sixteen])  # float [0, 1] used to become 0 / 1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_hf_clip_local_dir(tmp_path):
     from jomed_fast.retriever.hf import HFCLIPEncoder
 

@@ -11,10 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 
 class HFCLIPEncoder(torch.nn.Module):
@@ -48,7 +46,9 @@ class HFCLIPEncoder(torch.nn.Module):
         if isinstance(images, torch.Tensor):  # already pixel_values [N, 3, H, W]
             pv = images
         else:
-            pil = [Image.fromarray(np.asarray(a, dtype=np.uint8)).convert("RGB") for a in images]
+            from ..prompts import as_image  # uint8, float in [0, 1] and any PIL mode alike
+
+            pil = [as_image(a, name=f"images[{i}]") for i, a in enumerate(images)]
             pv = self.processor(images=pil, return_tensors="pt")["pixel_values"]
         out = self.model.vision_model(pixel_values=pv.to(self._dev()))
         return F.normalize(self.model.visual_projection(out.pooler_output), dim=-1)
