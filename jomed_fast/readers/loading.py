@@ -170,6 +170,14 @@ class Reader:
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def vision_parameters(self):
+        """The parameters of the vision tower and the projector (which LoRA leaves out)."""
+        model = self.hf_model.model
+        for name in _VISION_MODULES[self.family]:
+            module = getattr(model, name, None)
+            if module is not None:
+                yield from module.parameters()
+
     # ------------------------------------------------------------------ inputs
     def encode(self, images=None, messages=None, **kwargs) -> dict[str, torch.Tensor]:
         """``processor.encode`` moved to the reader's device (pixel values in the compute dtype)."""

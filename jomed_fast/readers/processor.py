@@ -112,6 +112,12 @@ class ReaderProcessor:
             return (self.image_token_id,)
         return (self.image_token_id, self.image_break_token_id, self.image_end_token_id)
 
+    @property
+    def mrope(self) -> bool:
+        """Whether the reader's positions are 3-D M-RoPE, numbered from each image's patch grid
+        (Qwen2-VL), rather than 1-D RoPE (Pixtral)."""
+        return self.family == "qwen2_vl"
+
     # ------------------------------------------------------------------ pieces
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The chat template's text, one placeholder token per image."""
@@ -132,6 +138,46 @@ class ReaderProcessor:
         sizes = out["image_sizes"]
         sizes = torch.as_tensor(sizes if not isinstance(sizes, torch.Tensor) else sizes.tolist()).long()
         return {"pixel_values": out["pixel_values"], "image_sizes": sizes.reshape(-1, 2)}
+
+    def split_images(self, image_inputs: dict[str, torch.Tensor],
+                     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        """``preprocess_images``' output image by image: ``(pixels, shapes)``, one entry per image.
+
+        Qwen2-VL: ``pixels[i]`` the ``[t*h*w, D]`` patch rows of image i, ``shapes[i]`` its patch
+        grid ``(t, h, w)`` (the grid its M-RoPE positions are numbered from). Pixtral: ``pixels[i]``
+        ``[3, height, width]``, cropped to the resized image (the processor pads the batch to its
+        largest), ``shapes[i]`` that ``(height, width)``.
+        """
+        if not image_inputs:
+            return [], []
+        if self.family == "qwen2_vl":
+            grids = [tuple(g) for g in image_inputs["image_grid_thw"].tolist()]
+            return list(torch.split(image_inputs["pixel_values"], [t * h * w for t, h, w in grids])), grids
+        sizes = [tuple(s) for s in image_inputs["image_sizes"].tolist()]
+        return [image_inputs["pixel_values"][i, :, :h, :w] for i, (h, w) in enumerate(sizes)], sizes
+
+    def image_patches(self, shape: tuple[int, ...]) -> int:
+        """Patches the vision tower runs for an image of ``shape`` (``split_images``): its sequence length there."""
+        if self.family == "qwen2_vl":
+            t, h, w = shape
+            return t * h * w
+        h, w = shape
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    def vision_inputs(self, pixels: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]],
+                      device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the HF model's ``get_image_features`` for several images of
+        ``split_images``, on ``device`` in ``dtype``: Qwen2-VL's patch rows concatenated with their
+        ``image_grid_thw``; Pixtral's images zero-padded to the largest with their ``image_sizes``."""
+        if self.family == "qwen2_vl":
+            return {"pixel_values": torch.cat(list(pixels)).to(device, dtype),
+                    "image_grid_thw": torch.tensor(list(shapes), dtype=torch.long, device=device)}
+        H, W = max(h for h, _ in shapes), max(w for _, w in shapes)
+        pixel_values = torch.zeros(len(shapes), 3, H, W, dtype=dtype, device=device)
+        for i, (px, (h, w)) in enumerate(zip(pixels, shapes)):
+            pixel_values[i, :, :h, :w] = px
+        return {"pixel_values": pixel_values,
+                "image_sizes": torch.tensor(list(shapes), dtype=torch.long, device=device)}
 
     def image_placeholder_ids(self, image_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
         """The ids that stand for image ``index`` of ``image_inputs`` (from ``preprocess_images``)."""
@@ -154,15 +200,29 @@ class ReaderProcessor:
             )
         if self.family == "qwen2_vl" and self.video_token_id in ids:
             raise ValueError("messages: video content is not supported by the readers")
+        placeholders = [self.image_placeholder_ids(image_inputs, k) for k in range(n_images)]
+        return self.expand_placeholders([int(i) for i in ids], placeholders)[0]
+
+    def expand_placeholders(self, ids: list[int],
+                            placeholders: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """``ids`` with its k-th image placeholder token replaced by ``placeholders[k]`` (from
+        ``image_placeholder_ids``), and the ``(start, length)`` of each expansion in the result.
+        ``ids`` must hold ``len(placeholders)`` placeholder tokens."""
+        found = ids.count(self.image_token_id)
+        if found != len(placeholders):
+            raise ValueError(f"ids: expected {len(placeholders)} image placeholder(s) ({self.image_token}), "
+                             f"got {found}")
         out: list[int] = []
-        k = 0
-        for i in ids:
-            if i == self.image_token_id:
-                out.extend(self.image_placeholder_ids(image_inputs, k))
-                k += 1
-            else:
-                out.append(int(i))
-        return out
+        spans: list[tuple[int, int]] = []
+        start = 0
+        for ph in placeholders:
+            at = ids.index(self.image_token_id, start)  # list.index: the scan runs in C
+            out.extend(ids[start:at])
+            spans.append((len(out), len(ph)))
+            out.extend(ph)
+            start = at + 1
+        out.extend(ids[start:])
+        return out, spans
 
     def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """1 where ``input_ids`` is an image token, 0 elsewhere (Qwen2-VL's M-RoPE input)."""

@@ -1,12 +1,15 @@
-"""The batched candidate scorer (issue 3, section 4): ``CandidateScorer(reader, task, layout)``.
+"""The batched candidate scorer: ``CandidateScorer(reader, task, layout)``.
 
 Modules, one responsibility each:
 
 ============  ===============================================================================
-scorer        ``CandidateScorer`` / ``ScoreStats``: the stages, in order (prompts, images,
-              packing, vision, prefix, suffix, head)
+scorer        ``CandidateScorer`` / ``ScoreStats``: the stages, in order (prompts, pack, images,
+              prefix KV, chunk plan, score a chunk)
+batch         the pack stage: distinct images and prefixes, the packed batch, the suffix rows
+              and their positions
 inputs        argument checks: B queries, K candidates each, errors naming the argument
-images        distinct images: preprocessing once, placeholder ids, the vision tower in chunks
+images        distinct images: preprocessing once, placeholder ids, the vision tower in chunks,
+              the features in place of the image tokens
 attention     the 4-D masks and the shared-prefix KV-cache handed to the decoder
 heads         the class head: single-token classes, or multi-token classes as a token trie
 memory        the per-row byte model that turns a memory budget into chunk sizes

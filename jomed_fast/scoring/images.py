@@ -3,10 +3,12 @@
 Images are told apart by object identity (``id``): a query image that appears in the K prompts of
 its query (``paper`` layout) and an index record retrieved for several queries are one entry each.
 The table converts arrays to PIL once, runs the PIL image processor on all of them in one call,
-gives each image's placeholder ids (what replaces its one placeholder token in a prompt) and runs
-the vision tower + projector over them in chunks sized by the memory budget.
+gives each image's placeholder ids (what replaces its one placeholder token in a prompt), runs
+the vision tower + projector over them in chunks sized by the memory budget, and puts the features
+in place of the image tokens of the prompts' embeddings (``embed``).
 
-Per family:
+What differs by family is the processor's (``ReaderProcessor.split_images``, ``image_patches``,
+``vision_inputs``, ``mrope``):
 
 * Qwen2-VL: ``pixel_values`` rows are the image's ``t*h*w`` patches; the vision tower merges
   ``merge**2`` patches per token: ``t*h*w/merge**2`` features = placeholder tokens. Images are
@@ -29,7 +31,12 @@ from .._profiling import stage
 
 
 class ImageTable:
-    """Distinct images of one call; ``add`` returns an image's index (uid)."""
+    """Distinct images of one call; ``add`` returns an image's index (uid).
+
+    After ``preprocess``: per uid ``pixels``, ``shapes`` (``ReaderProcessor.split_images``),
+    ``placeholders`` (the ids replacing its placeholder token), ``num_features`` (its ``[IMG]`` /
+    ``<|image_pad|>`` tokens) and ``feature_offsets``. After ``encode``: ``features``.
+    """
 
     def __init__(self, processor):
         self.processor = processor
@@ -37,11 +44,11 @@ class ImageTable:
         self._objects: list[Any] = []  # keeps every object alive, so ids stay unique during the call
         self._pil: list[Any] = []
         self.pixels: list[torch.Tensor] = []
-        self.grids: list[tuple[int, int, int]] = []  # Qwen2-VL (t, h, w)
-        self.sizes: list[tuple[int, int]] = []  # Pixtral (height, width)
+        self.shapes: list[tuple[int, ...]] = []  # Qwen2-VL patch grid (t, h, w), Pixtral (height, width)
         self.placeholders: list[list[int]] = []
         self.num_features: list[int] = []
         self.feature_offsets: list[int] = []
+        self.features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -65,15 +72,7 @@ class ImageTable:
         if not self._pil:
             return
         out = proc.preprocess_images(self._pil)
-        if proc.family == "qwen2_vl":
-            grids = out["image_grid_thw"].tolist()
-            counts = [t * h * w for t, h, w in grids]
-            self.pixels = list(torch.split(out["pixel_values"], counts))
-            self.grids = [tuple(g) for g in grids]
-        else:
-            sizes = out["image_sizes"].tolist()
-            self.sizes = [tuple(s) for s in sizes]
-            self.pixels = [out["pixel_values"][i, :, : s[0], : s[1]] for i, s in enumerate(sizes)]
+        self.pixels, self.shapes = proc.split_images(out)
         offset = 0
         for i in range(len(self._pil)):
             ids = proc.image_placeholder_ids(out, i)
@@ -90,18 +89,28 @@ class ImageTable:
 
     def patches(self, uid: int) -> int:
         """Patches the vision tower runs for image ``uid`` (its sequence length there)."""
-        if self.processor.family == "qwen2_vl":
-            t, h, w = self.grids[uid]
-            return t * h * w
-        h, w = self.sizes[uid]
-        p = self.processor.patch_size
-        return (h // p) * (w // p)
+        return self.processor.image_patches(self.shapes[uid])
+
+    def grids(self, uids: list[int]) -> torch.Tensor | None:
+        """``[n, 3]`` long patch grids of images ``uids``, what the packer numbers M-RoPE positions
+        from; None for a reader without M-RoPE (the packer takes no grids then)."""
+        if not self.processor.mrope:
+            return None
+        return torch.tensor([self.shapes[u] for u in uids], dtype=torch.long).reshape(-1, 3)
+
+    def feature_rows(self, uids: list[int]) -> list[int]:
+        """Rows of ``features`` holding images ``uids``' features, image after image."""
+        rows: list[int] = []
+        for u in uids:
+            off = self.feature_offsets[u]
+            rows.extend(range(off, off + self.num_features[u]))
+        return rows
 
     # ------------------------------------------------------------------ encoding
     def encode(self, reader, max_patches: int) -> torch.Tensor:
-        """Vision tower + projector over every image: ``[total_features, H]`` in the compute
-        dtype, image ``uid`` at rows ``feature_offsets[uid] : + num_features[uid]``. Images go in
-        chunks of at most ``max_patches`` patches (at least one image per chunk)."""
+        """Vision tower + projector over every image: ``features [total_features, H]`` in the
+        compute dtype, image ``uid`` at rows ``feature_offsets[uid] : + num_features[uid]``. Images
+        go in chunks of at most ``max_patches`` patches (at least one image per chunk)."""
         model = reader.hf_model.model
         feats: list[torch.Tensor] = []
         chunk: list[int] = []
@@ -121,25 +130,16 @@ class ImageTable:
             patches += n
         flush()
         if not feats:
-            return torch.empty(0, reader.hidden_size, device=reader.device, dtype=reader.compute_dtype)
-        return torch.cat(feats, dim=0)
+            self.features = torch.empty(0, reader.hidden_size, device=reader.device, dtype=reader.compute_dtype)
+        else:
+            self.features = torch.cat(feats, dim=0)
+        return self.features
 
     def _encode_chunk(self, reader, model, uids: list[int]) -> torch.Tensor:
-        dev, dtype = reader.device, reader.compute_dtype
-        if self.processor.family == "qwen2_vl":
-            pixel_values = torch.cat([self.pixels[u] for u in uids]).to(dev, dtype)
-            grid = torch.tensor([self.grids[u] for u in uids], dtype=torch.long, device=dev)
-            out = model.get_image_features(pixel_values, grid)
-        else:
-            H = max(self.sizes[u][0] for u in uids)
-            W = max(self.sizes[u][1] for u in uids)
-            pixel_values = torch.zeros(len(uids), 3, H, W, dtype=dtype, device=dev)
-            for i, u in enumerate(uids):
-                h, w = self.sizes[u]
-                pixel_values[i, :, :h, :w] = self.pixels[u]
-            sizes = torch.tensor([self.sizes[u] for u in uids], dtype=torch.long, device=dev)
-            out = model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
-        pooled = out.pooler_output
+        dtype = reader.compute_dtype
+        inputs = self.processor.vision_inputs([self.pixels[u] for u in uids], [self.shapes[u] for u in uids],
+                                              reader.device, dtype)
+        pooled = model.get_image_features(**inputs).pooler_output
         pooled = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
         expected = sum(self.num_features[u] for u in uids)
         if pooled.shape[0] != expected:
@@ -147,3 +147,17 @@ class ImageTable:
                 f"reader: the vision tower gave {pooled.shape[0]} features for {expected} image tokens"
             )
         return pooled.to(dtype)
+
+    # ------------------------------------------------------------------ embedding
+    def embed(self, reader, ids: torch.Tensor, uids: list[int]) -> torch.Tensor:
+        """The token embeddings of ``ids`` (any shape, CPU) on the reader's device, the image
+        tokens (``image_token_id``, in order) replaced by the features of images ``uids`` (after
+        ``encode``). ``[..., H]``."""
+        dev = reader.device
+        x = reader.hf_model.get_input_embeddings()(ids.to(dev))
+        rows = self.feature_rows(uids)
+        if rows:
+            mask = (ids == self.processor.image_token_id).to(dev)[..., None]
+            src = self.features.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+            x = x.masked_scatter(mask, src.to(x.dtype))
+        return x

@@ -1,29 +1,32 @@
 """``CandidateScorer``: the reader's class log-probabilities for every (query, candidate) pair.
 
-``scorer.score(query_images, questions, candidates) -> [B, K, C]`` runs, per call:
+``scorer.score(query_images, questions, candidates) -> [B, K, C]`` runs six stages per call, each a
+method that takes what the one before produced (``batch.Packing``, ``batch.SuffixRows``,
+``Prefixes``) and can be run alone:
 
-1. **prompts** (``jomed_fast.prompts.split_query``): each query's K prompts in the layout, tokenized
-   and split at their shared token prefix;
-2. **images** (``images.ImageTable``): every distinct image (by object identity) preprocessed once;
-   placeholders expanded; the C++ packer (``jomed_fast.packing.pack_candidates_batch``) builds the
-   right-padded suffix batch, its masks and its 1-D / M-RoPE positions continuing each prefix;
-3. **vision** (NVTX ``jomed.vision``): the vision tower + projector once per distinct image — in
-   ``shared_query`` the query image sits in the prefix, in ``paper`` its features are scattered
-   into each of its K suffixes; candidate images are encoded once each;
-4. **prefix** (``jomed.prefix``): every distinct prefix runs once (``paper``: the chat template's
-   system part, identical for all queries, so once per call; ``shared_query``: system + query image
-   + question, once per query) and keeps its KV-cache;
-5. **suffix** (``jomed.suffix``): the B·K candidate rows in length-aware chunks: the rows sorted by
-   length and cut into the plan of least cost ``Σ_chunks rows · padded length + F · forwards``
-   (token slots; F the fixed cost of a forward, ``RowCost.forward_overhead``), every chunk within
-   the memory budget at its own padded length (``memory.plan_chunks``: the model, the dynamic
-   programme and why F is what it is); each chunk padded to its own longest row, the scores
-   scattered back to ``[B, K]`` order (``ScoreStats.chunk_shapes`` records the forwards). Each
-   row's suffix (and, for multi-token classes, the class trie) attending to its prefix's cache
-   (see ``attention``) with explicit positions — M-RoPE ``position_ids`` are always passed, so
-   the model's cached ``rope_deltas`` are never read;
-6. **head** (``jomed.head``): ``ops.head_class_log_softmax`` on the hidden state at each prompt's
-   last token (and at the trie nodes); no full-vocabulary logits.
+1. **prompts** (``split_prompts``; ``jomed_fast.prompts.split_query``): each query's K prompts in
+   the layout, tokenized and split at their shared token prefix;
+2. **pack** (``batch.pack``): every distinct image (by object identity) preprocessed once
+   (``images.ImageTable``); placeholders expanded; the C++ packer
+   (``jomed_fast.packing.pack_candidates_batch``) builds the right-padded suffix batch, its masks
+   and its 1-D / M-RoPE positions continuing each prefix; the distinct prefixes;
+3. **images** (``encode_images``, NVTX ``jomed.vision``): the vision tower + projector once per
+   distinct image — in ``shared_query`` the query image sits in the prefix, in ``paper`` its
+   features are scattered into each of its K suffixes; candidate images are encoded once each;
+4. **prefix KV** (``run_prefixes``, ``jomed.prefix``): every distinct prefix runs once (``paper``:
+   the chat template's system part, identical for all queries, so once per call;
+   ``shared_query``: system + query image + question, once per query) and keeps its KV-cache;
+5. **chunk plan** (``chunk_plan``): the B·K candidate rows sorted by length and cut into the plan
+   of least cost ``Σ_chunks rows · padded length + F · forwards`` (token slots; F the fixed cost
+   of a forward, ``RowCost.forward_overhead``), every chunk within the memory budget at its own
+   padded length (``memory.plan_chunks``: the model, the dynamic programme and why F is what it
+   is; ``ScoreStats.chunk_shapes`` records the forwards);
+6. **score a chunk** (``score_chunk``, ``jomed.suffix`` then ``jomed.head``): the chunk padded to
+   its own longest row, each row's suffix (and, for multi-token classes, the class trie)
+   attending to its prefix's cache (see ``attention``) with explicit positions — M-RoPE
+   ``position_ids`` are always passed, so the model's cached ``rope_deltas`` are never read; then
+   ``ops.head_class_log_softmax`` on the hidden state at each prompt's last token (and at the trie
+   nodes), no full-vocabulary logits. The chunks' scores are scattered back to ``[B, K]`` order.
 
 Gradients: when autograd is on and the reader has trainable parameters (LoRA), the scores are
 differentiable w.r.t. them (through suffix, prefix and, if it trains, the vision tower); with
@@ -41,15 +44,10 @@ import torch
 from transformers import DynamicCache
 
 from .. import prompts as _prompts
-from ..packing import QueryCandidates, pack_candidates_batch
 from .._profiling import stage
-from .attention import (
-    PrefixKV,
-    check_attention,
-    prefix_mask,
-    suffix_mask,
-    to_model_mask,
-)
+from ..memory.arch import describe
+from .attention import PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
+from .batch import Packing, SuffixRows, pack
 from .heads import ClassHead
 from .images import ImageTable
 from .inputs import normalize_inputs
@@ -88,6 +86,27 @@ class ScoreStats:
     def llm_tokens(self) -> int:
         """Real tokens run through the language model (prefix + suffix + class tokens)."""
         return self.prefix_tokens + self.suffix_tokens + self.class_tokens
+
+
+@dataclasses.dataclass
+class Prefixes:
+    """What the prefix stage produced: the KV-cache of the U distinct prefixes (None when every
+    prefix is empty), which prefix each query reads (``[B]`` long), the padded prefix length Pm
+    and the prefix rows per forward (0: none ran)."""
+
+    kv: PrefixKV | None
+    of_query: torch.Tensor
+    length: int
+    rows_per_chunk: int = 0
+
+    def cache_for(self, queries: torch.Tensor):
+        """The cache of rows belonging to ``queries`` (``[R]`` long), or None without a prefix."""
+        return None if self.kv is None else self.kv.cache_for(self.of_query[queries])
+
+    def shared(self, queries: torch.Tensor) -> bool:
+        """Whether rows of ``queries`` all read one prefix (the cache is an expanded view then)."""
+        u = self.of_query[queries]
+        return self.kv is not None and bool((u == u[0]).all())
 
 
 class CandidateScorer:
@@ -142,7 +161,8 @@ class CandidateScorer:
         self.cost = RowCost(reader)
         given = check_overhead(forward_overhead)
         self.forward_overhead = self.cost.forward_overhead() if given is None else given
-        self.mrope = reader.family == "qwen2_vl"
+        arch = describe(reader.config)  # the vision tower's dimensions, as the memory planner reads them
+        self.vision_dims = (arch.vision_hidden, arch.vision_intermediate, arch.vision_heads)
         self.last_stats: ScoreStats | None = None
 
     @property
@@ -180,232 +200,121 @@ class CandidateScorer:
         with contextlib.nullcontext() if grad else torch.no_grad():
             return self._score(images, qs, cands, B, K, grad)
 
-    # ------------------------------------------------------------------------------------ work
     def _score(self, images, qs, cands, B, K, grad: bool) -> torch.Tensor:
-        reader, proc = self.reader, self.reader.processor
-        dev = reader.device
-        budget = self.memory_budget or default_budget(dev)
+        budget = self.memory_budget or default_budget(self.reader.device)
         stats = ScoreStats(layout=self.layout, queries=B, candidates=K, class_mode=self.head.mode,
                            memory_budget=budget, forward_overhead=self.forward_overhead)
-
-        # 1. prompts -------------------------------------------------------------------------
-        splits = [
-            _prompts.split_query(proc, self.layout, self.task, images[b], qs[b], cands[b],
-                                 name=f"candidates[{b}]", question_name=f"questions[{b}]")
-            for b in range(B)
-        ]
-
-        # 2. images, placeholders, packing -----------------------------------------------------
-        table = ImageTable(proc)
-
-        def uid(img, b, k=None):
-            if img is images[b]:
-                return table.add(img, f"query_images[{b}]")
-            return table.add(img, f"candidates[{b}][{k}].image")
-
-        prefix_uids = [[uid(img, b) for img in s.prefix_images] for b, s in enumerate(splits)]
-        row_uids = [[[uid(img, b, k) for img in imgs] for k, imgs in enumerate(s.segment_images)]
-                    for b, s in enumerate(splits)]
-        table.preprocess()
-        queries = [self._query(table, s, prefix_uids[b], row_uids[b]) for b, s in enumerate(splits)]
-        packed = pack_candidates_batch(queries, pad_token_id=proc.pad_token_id,
-                                       spatial_merge_size=proc.merge_size, mrope=self.mrope)
-
-        # 3. vision ----------------------------------------------------------------------------
-        vision_trains = grad and any(p.requires_grad for p in self._vision_parameters())
-        with contextlib.nullcontext() if vision_trains else torch.no_grad():
-            feats = table.encode(reader, self._vision_patch_budget(budget))
-        stats.vision_images = len(table)
-        stats.vision_patches = sum(table.patches(u) for u in range(len(table)))
-        stats.image_tokens = table.total_features
-
-        def feature_index(uids: list[int]) -> list[int]:
-            out: list[int] = []
-            for u in uids:
-                off = table.feature_offsets[u]
-                out.extend(range(off, off + table.num_features[u]))
-            return out
-
-        embed = reader.hf_model.get_input_embeddings()
-        image_id = proc.image_token_id
-        Pm = packed.prefix_input_ids.shape[1]
-        L = packed.input_ids.shape[2]
-        N = self.head.num_nodes
-
-        def embed_with_images(ids: torch.Tensor, index: list[int]) -> torch.Tensor:
-            x = embed(ids.to(dev))
-            if index:
-                mask = (ids == image_id).to(dev)[..., None]
-                src = feats.index_select(0, torch.tensor(index, dtype=torch.long, device=dev))
-                x = x.masked_scatter(mask, src.to(x.dtype))
-            return x
-
-        # 4. prefix ----------------------------------------------------------------------------
-        keys: dict[tuple, int] = {}
-        pu = []
-        for b, s in enumerate(splits):
-            key = (tuple(s.prefix_ids), tuple(prefix_uids[b]))
-            pu.append(keys.setdefault(key, len(keys)))
-        first_b = [pu.index(u) for u in range(len(keys))]
-        U = len(first_b)
-        pu_t = torch.tensor(pu, dtype=torch.long)
-        prefix_lengths = packed.prefix_lengths  # [B]
-        prefix_kv: PrefixKV | None = None
-        stats.prefix_rows = U if Pm else 0
-        stats.prefix_tokens = int(prefix_lengths[first_b].sum()) if Pm else 0
-        stats.prefix_slots = U * Pm
-        if Pm:
-            per_chunk = self.cost.rows(budget, Pm, 0, grad)
-            stats.prefix_rows_per_chunk = min(per_chunk, U)
-            kv_parts = []
-            for u0 in range(0, U, per_chunk):
-                us = list(range(u0, min(U, u0 + per_chunk)))
-                bs = [first_b[u] for u in us]
-                with stage("jomed.prefix"):
-                    ids = packed.prefix_input_ids[bs]
-                    x = embed_with_images(ids, [i for b in bs for i in feature_index(prefix_uids[b])])
-                    lengths = prefix_lengths[bs].to(dev)
-                    if self.mrope:
-                        pos = packed.prefix_mrope_position_ids[:, bs].to(dev)
-                    else:
-                        pos = torch.arange(Pm, device=dev)[None].expand(len(bs), Pm)
-                    mask = to_model_mask(prefix_mask(lengths, Pm), self.attention, x.dtype)
-                    out = reader.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                         cache=DynamicCache(config=reader.decoder.config), use_cache=True)
-                    kv_parts.append(PrefixKV.from_cache(out.cache))
-            prefix_kv = PrefixKV.concat(kv_parts)
-
-        # 5. suffix + 6. head --------------------------------------------------------------------
-        R = B * K
-        n_all = packed.suffix_lengths.reshape(R)
-        if int(n_all.min()) < 1:  # split_query never leaves a segment empty (the answer cue follows)
-            raise RuntimeError("layout: a candidate's prompt segment is empty; the answer position is undefined")
-        row_b = torch.arange(R) // K
-        ids_all = packed.input_ids.reshape(R, L)
-        pos_all = packed.position_ids.reshape(R, L)
-        mrope_all = packed.mrope_position_ids.reshape(3, R, L) if self.mrope else None
-        deltas_all = packed.rope_deltas.reshape(R) if self.mrope else None
-        stats.row_bytes = self.cost.row_bytes(L + N, Pm, grad)
-        stats.suffix_tokens = int(n_all.sum())
-        stats.class_tokens = R * N
-        weight = reader.lm_head_weight()
-        head = self.head
-        depths = head.node_depths.to(dev)
-
-        def run_chunk(rows: torch.Tensor) -> torch.Tensor:
-            n = n_all[rows]
-            Rc = len(rows)
-            Lc = int(n.max())
-            bs = row_b[rows]
-            P_rows = prefix_lengths[bs]
-            n_dev = n.to(dev)
-            with stage("jomed.suffix"):
-                ids = ids_all[rows, :Lc]
-                if N:
-                    ids = torch.cat([ids, head.node_tokens.cpu()[None].expand(Rc, N)], dim=1)
-                index = [i for r in rows.tolist() for i in feature_index(row_uids[r // K][r % K])]
-                x = embed_with_images(ids, index)
-                node_pos = (P_rows + n).to(dev)[:, None] + depths[None] - 1  # [Rc, N]
-                if self.mrope:  # text after the prompt: HF's cache position + rope delta
-                    node_pos = node_pos + deltas_all[rows].to(dev)[:, None]
-                    pos = torch.cat([mrope_all[:, rows, :Lc].to(dev), node_pos[None].expand(3, Rc, N)], dim=2)
-                else:
-                    pos = torch.cat([pos_all[rows, :Lc].to(dev), node_pos], dim=1)
-                allowed = suffix_mask(P_rows.to(dev), Pm, n_dev, Lc, head.node_ancestors)
-                mask = to_model_mask(allowed, self.attention, x.dtype)
-                cache = prefix_kv.cache_for(pu_t[bs]) if prefix_kv is not None else None
-                out = reader.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                     cache=cache, use_cache=cache is not None).last_hidden_state
-                h_ans = out[torch.arange(Rc, device=dev), n_dev - 1]
-                h_nodes = out[:, Lc:] if N else None
-            with stage("jomed.head"):
-                return head.scores(h_ans, h_nodes, weight)
-
-        # the chunk plan: rows by length, cut by the cost model within the budget (memory.plan_chunks)
-        plan = plan_chunks((n_all + N).tolist(), lambda length: self.cost.rows(budget, length, Pm, grad),
-                           self.forward_overhead)
-        chunks = [torch.tensor(c, dtype=torch.long) for c in plan]
-        stats.chunks = len(chunks)
+        packing = pack(self.reader.processor, self.split_prompts(images, qs, cands), images)
+        self.encode_images(packing.table, budget, grad)
+        prefixes = self.run_prefixes(packing, budget, grad)
+        rows = SuffixRows.from_packing(packing)
+        chunks = self.chunk_plan(rows.lengths, prefixes.length, budget, grad)
+        self._record(stats, packing, prefixes, rows, chunks, grad)
         use_ckpt = grad and (self.checkpoint is True or (self.checkpoint == "auto" and len(chunks) > 1))
         outs = []
-        for rows in chunks:
-            bs = row_b[rows]
-            padded = int(n_all[rows].max()) + N
-            stats.chunk_shapes.append((len(rows), padded))
-            stats.suffix_slots += len(rows) * padded
-            stats.rows_per_chunk = max(stats.rows_per_chunk, len(rows))
-            stats.shared_prefix_chunks += int(prefix_kv is not None and bool((pu_t[bs] == pu_t[bs[0]]).all()))
+        for chunk in chunks:
             if use_ckpt:
                 from torch.utils.checkpoint import checkpoint
 
-                outs.append(checkpoint(run_chunk, rows, use_reentrant=False))
+                outs.append(checkpoint(self.score_chunk, chunk, rows, prefixes, packing.table, use_reentrant=False))
             else:
-                outs.append(run_chunk(rows))
+                outs.append(self.score_chunk(chunk, rows, prefixes, packing.table))
         self.last_stats = stats
         ran = torch.cat(chunks)  # row index of each output, in run order
         inverse = torch.empty_like(ran)
-        inverse[ran] = torch.arange(R)
-        return torch.cat(outs).index_select(0, inverse.to(dev)).view(B, K, -1)
+        inverse[ran] = torch.arange(len(ran))
+        return torch.cat(outs).index_select(0, inverse.to(self.reader.device)).view(B, K, -1)
 
-    # ------------------------------------------------------------------------------------ helpers
-    def _query(self, table: ImageTable, split, prefix_uids: list[int], row_uids: list[list[int]]) -> QueryCandidates:
-        """One query's ``QueryCandidates``: placeholders expanded, image spans and grids."""
-        image_id = self.reader.processor.image_token_id
+    # ------------------------------------------------------------------------------------ stages
+    def split_prompts(self, images, qs, cands) -> list[_prompts.QueryPrompts]:
+        """Stage 1: each query's K prompts, tokenized and split at their shared prefix."""
+        return [_prompts.split_query(self.reader.processor, self.layout, self.task, images[b], qs[b], cands[b],
+                                     name=f"candidates[{b}]", question_name=f"questions[{b}]")
+                for b in range(len(images))]
 
-        def expand(ids: list[int], uids: list[int]):
-            out: list[int] = []
-            spans: list[tuple[int, int]] = []
-            j = 0
-            start = 0
-            while True:
-                try:
-                    at = ids.index(image_id, start)
-                except ValueError:
-                    out.extend(ids[start:])
-                    return out, spans
-                out.extend(ids[start:at])
-                ph = table.placeholders[uids[j]]
-                spans.append((len(out), len(ph)))
-                out.extend(ph)
-                j += 1
-                start = at + 1
+    def encode_images(self, table: ImageTable, budget: int, grad: bool) -> torch.Tensor:
+        """Stage 3: every image of ``table`` through the vision tower + projector, in chunks of
+        patches within ``budget`` (``RowCost.vision_patches``); without autograd unless the
+        tower trains. Returns (and sets) ``table.features``."""
+        vision_trains = grad and any(p.requires_grad for p in self.reader.vision_parameters())
+        with contextlib.nullcontext() if vision_trains else torch.no_grad():
+            return table.encode(self.reader, self.cost.vision_patches(budget, *self.vision_dims))
 
-        prefix, p_spans = expand(split.prefix_ids, prefix_uids)
-        segs, c_spans, c_grids = [], [], []
-        for k, (seg, uids) in enumerate(zip(split.segments, row_uids)):
-            ids, spans = expand(seg, uids)
-            segs.append(torch.tensor(ids, dtype=torch.long))
-            c_spans.extend((k, s, n) for s, n in spans)
-            if self.mrope:
-                c_grids.extend(table.grids[u] for u in uids)
-        lengths = torch.tensor([0] + [len(s) for s in segs], dtype=torch.long)
-        mrope = self.mrope
-        return QueryCandidates(
-            prefix_ids=torch.tensor(prefix, dtype=torch.long),
-            candidate_ids=torch.cat(segs) if segs else torch.empty(0, dtype=torch.long),
-            candidate_offsets=torch.cumsum(lengths, 0),
-            prefix_image_spans=torch.tensor(p_spans, dtype=torch.long).reshape(-1, 2),
-            prefix_image_grid_thw=(torch.tensor([table.grids[u] for u in prefix_uids], dtype=torch.long)
-                                   .reshape(-1, 3) if mrope else None),
-            candidate_image_spans=torch.tensor(c_spans, dtype=torch.long).reshape(-1, 3),
-            candidate_image_grid_thw=torch.tensor(c_grids, dtype=torch.long).reshape(-1, 3) if mrope else None,
-        )
+    def run_prefixes(self, packing: Packing, budget: int, grad: bool) -> Prefixes:
+        """Stage 4: every distinct prefix once (after ``encode_images``), as many per forward as
+        ``budget`` allows; their KV-cache."""
+        Pm, first = packing.prefix_length, packing.first_query
+        if not Pm:
+            return Prefixes(None, packing.prefix_of, 0)
+        per_chunk = self.cost.rows(budget, Pm, 0, grad)
+        parts = []
+        for u0 in range(0, len(first), per_chunk):
+            with stage("jomed.prefix"):
+                parts.append(self._prefix_forward(packing, first[u0:u0 + per_chunk]))
+        return Prefixes(PrefixKV.concat(parts), packing.prefix_of, Pm, min(per_chunk, len(first)))
 
-    def _vision_parameters(self):
-        model = self.reader.hf_model.model
-        for name in ("visual", "vision_tower", "multi_modal_projector"):
-            module = getattr(model, name, None)
-            if module is not None:
-                yield from module.parameters()
+    def _prefix_forward(self, packing: Packing, queries: list[int]) -> PrefixKV:
+        """The prefixes of ``queries`` (one row each) through the decoder: their KV-cache."""
+        reader, dev, Pm = self.reader, self.reader.device, packing.prefix_length
+        ids = packing.batch.prefix_input_ids[queries]
+        x = packing.table.embed(reader, ids, [u for b in queries for u in packing.prefix_uids[b]])
+        mask = to_model_mask(prefix_mask(packing.batch.prefix_lengths[queries].to(dev), Pm), self.attention, x.dtype)
+        out = reader.decoder(inputs_embeds=x, attention_mask=mask, position_ids=packing.prefix_positions(queries, dev),
+                             cache=DynamicCache(config=reader.decoder.config), use_cache=True)
+        return PrefixKV.from_cache(out.cache)
 
-    def _vision_patch_budget(self, budget: int) -> int:
-        vc = self.reader.config.vision_config
-        if self.mrope:
-            hidden = int(vc.embed_dim)
-            inter = int(hidden * getattr(vc, "mlp_ratio", 4))
-            heads = int(vc.num_heads)
-        else:
-            hidden = int(vc.hidden_size)
-            inter = int(vc.intermediate_size)
-            heads = int(vc.num_attention_heads)
-        return self.cost.vision_patches(budget, hidden, inter, heads)
+    def chunk_plan(self, suffix_lengths, prefix_length: int, budget: int, grad: bool) -> list[torch.Tensor]:
+        """Stage 5: R rows of ``suffix_lengths[r] ≥ 1`` suffix tokens, each followed by the class
+        trie's N nodes and attending to ``prefix_length`` cached slots, cut into forwards: a chunk
+        padded to ℓ (nodes included) holds at most ``cost.rows(budget, ℓ, prefix_length, grad)``
+        rows, the plan of least cost (``memory.plan_chunks``). Row indices (long), in run order."""
+        lengths = (torch.as_tensor(suffix_lengths, dtype=torch.long) + self.head.num_nodes).tolist()
+        plan = plan_chunks(lengths, lambda length: self.cost.rows(budget, length, prefix_length, grad),
+                           self.forward_overhead)
+        return [torch.tensor(c, dtype=torch.long) for c in plan]
+
+    def score_chunk(self, chunk: torch.Tensor, rows: SuffixRows, prefixes: Prefixes, table: ImageTable) -> torch.Tensor:
+        """Stage 6: rows ``chunk`` (long) of ``rows``, padded to their longest, the trie nodes
+        appended, through the decoder over their prefixes' cache; the class scores ``[len(chunk), C]``."""
+        reader, head, dev = self.reader, self.head, self.reader.device
+        N, Rc = head.num_nodes, len(chunk)
+        n = rows.lengths[chunk]
+        Lc, n_dev = int(n.max()), n.to(dev)
+        with stage("jomed.suffix"):
+            ids = rows.ids[chunk, :Lc]
+            if N:
+                ids = torch.cat([ids, head.node_tokens.cpu()[None].expand(Rc, N)], dim=1)
+            x = table.embed(reader, ids, [u for r in chunk.tolist() for u in rows.image_uids[r]])
+            allowed = suffix_mask(rows.prefix_lengths[chunk].to(dev), prefixes.length, n_dev, Lc, head.node_ancestors)
+            cache = prefixes.cache_for(rows.query[chunk])
+            out = reader.decoder(inputs_embeds=x, attention_mask=to_model_mask(allowed, self.attention, x.dtype),
+                                 position_ids=rows.chunk_positions(chunk, Lc, head.node_depths, dev),
+                                 cache=cache, use_cache=cache is not None).last_hidden_state
+            h_ans = out[torch.arange(Rc, device=dev), n_dev - 1]
+            h_nodes = out[:, Lc:] if N else None
+        with stage("jomed.head"):
+            return head.scores(h_ans, h_nodes, reader.lm_head_weight())
+
+    # ------------------------------------------------------------------------------------ stats
+    def _record(self, stats: ScoreStats, packing: Packing, prefixes: Prefixes, rows: SuffixRows,
+                chunks: list[torch.Tensor], grad: bool) -> None:
+        table, Pm, N = packing.table, packing.prefix_length, self.head.num_nodes
+        stats.vision_images = len(table)
+        stats.vision_patches = sum(table.patches(u) for u in range(len(table)))
+        stats.image_tokens = table.total_features
+        U = len(packing.first_query)
+        stats.prefix_rows = U if Pm else 0
+        stats.prefix_tokens = int(packing.batch.prefix_lengths[packing.first_query].sum()) if Pm else 0
+        stats.prefix_slots = U * Pm
+        stats.prefix_rows_per_chunk = prefixes.rows_per_chunk
+        R = len(rows.lengths)
+        stats.row_bytes = self.cost.row_bytes(rows.ids.shape[1] + N, Pm, grad)
+        stats.suffix_tokens = int(rows.lengths.sum())
+        stats.class_tokens = R * N
+        stats.chunks = len(chunks)
+        for chunk in chunks:
+            padded = int(rows.lengths[chunk].max()) + N
+            stats.chunk_shapes.append((len(chunk), padded))
+            stats.suffix_slots += len(chunk) * padded
+            stats.rows_per_chunk = max(stats.rows_per_chunk, len(chunk))
+            stats.shared_prefix_chunks += int(prefixes.shared(rows.query[chunk]))
