@@ -32,8 +32,6 @@ JSON records the CPU count, the threads per process and the load average at the 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shutil
@@ -47,7 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import _harness as H  # noqa: E402
 
 
 def _cli(n: int, out: Path, a, enc_dir: Path) -> list[str]:
@@ -57,18 +57,14 @@ def _cli(n: int, out: Path, a, enc_dir: Path) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    """Seconds (wall) the command took; raises if it failed."""
+    run = lambda: subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL)  # noqa: E731
+    return H.time_call(run)[1].seconds
 
 
-def _build_killed_then_resumed(a, enc_dir: Path, out: Path, n_chunks: int) -> dict:
-    """Start a build, SIGKILL it once half the chunks are done, resume it; times and chunk counts."""
-    cmd = [sys.executable, *_cli(a.records, out, a, enc_dir)]
-    target = max(1, n_chunks // 2)
-    t0 = time.perf_counter()
+def _start_then_kill(cmd: list[str], out: Path, target: int) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``target`` chunks of ``out`` are finished."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    done: list = []
     while p.poll() is None:
         done = list((out / "chunks").glob("*.text.npy")) if (out / "chunks").is_dir() else []
         if len(done) >= target:
@@ -78,7 +74,12 @@ def _build_killed_then_resumed(a, enc_dir: Path, out: Path, n_chunks: int) -> di
         raise RuntimeError("the build finished before it could be killed; use a smaller --chunk-size")
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    killed_s = time.perf_counter() - t0
+
+
+def _build_killed_then_resumed(a, enc_dir: Path, out: Path, n_chunks: int) -> dict:
+    """Start a build, SIGKILL it once half the chunks are done, resume it; times and chunk counts."""
+    cmd = [sys.executable, *_cli(a.records, out, a, enc_dir)]
+    killed_s = H.time_call(lambda: _start_then_kill(cmd, out, max(1, n_chunks // 2)))[1].seconds
     finished = len(list((out / "chunks").glob("*.text.npy")))
     if (out / "manifest.json").exists():
         raise RuntimeError("a manifest exists after the kill: the kill came too late")
@@ -87,10 +88,45 @@ def _build_killed_then_resumed(a, enc_dir: Path, out: Path, n_chunks: int) -> di
             "resumed_s": round(resumed_s, 3), "killed_plus_resumed_s": round(killed_s + resumed_s, 3)}
 
 
+def _reference_topk(q: torch.Tensor, x64: torch.Tensor, k: int):
+    """The float64 brute force ``fp16(q) · X``: all scores ``[Q, N]`` and the top-(k+1) scores and
+    ids of each row (a stable sort: ties by the lower id)."""
+    ref = q.half().double() @ x64.T
+    rs, ri = torch.sort(ref, dim=1, descending=True, stable=True)
+    return ref, rs[:, : k + 1], ri[:, : k + 1]
+
+
+def _exact_check(ix, q, head: str, backend: str, k: int, eps: float, ref, rs, ri, unambiguous) -> dict:
+    """One exact backend against the reference: scores, distinct ids, ids where no row has ties."""
+    ix.search(q[:1], k, head=head, backend=backend)  # build/warm the backend
+    (_, i), t = H.time_call(lambda: ix.search(q, k, head=head, backend=backend))
+    got = ref.gather(1, i).sort(dim=1, descending=True).values
+    score_err = float((got - rs[:, :k]).abs().max())
+    distinct = all(len(set(r)) == k for r in i.tolist())
+    same_ids = bool(torch.equal(i[unambiguous], ri[unambiguous, :k]))
+    return {"search_s": round(t.seconds, 4), "max_score_error": score_err,
+            "ids_equal_rows": float((i == ri[:, :k]).all(dim=1).float().mean()),
+            "ids_equal_where_unambiguous": same_ids, "match": distinct and score_err <= eps and same_ids}
+
+
+def _ivf_check(ix, q, head: str, k: int, eps: float, ref, rs) -> dict:
+    """faiss IVF (``nlist="auto"``): k-means + add time, tie-aware recall@k at nprobe 8 and 32."""
+    from jomed_fast.index.cost import default_nlist
+
+    _, t = H.time_call(lambda: ix.search(q[:1], k, head=head, backend="faiss", nlist="auto"))  # cached after
+    res = {"nlist": default_nlist(ix.count), "train_add_s": round(t.seconds, 3)}
+    kth = rs[:, k - 1: k]
+    for nprobe in (8, 32):
+        (_, ii), t = H.time_call(lambda: ix.search(q, k, head=head, backend="faiss", nlist="auto", nprobe=nprobe))
+        hit = ref.gather(1, ii.clamp(min=0)) >= kth - eps  # tie-aware: any row scoring as high as the k-th
+        hit &= ii >= 0
+        res[f"nprobe_{nprobe}"] = {"recall_at_k": float(hit.float().mean()), "search_s": round(t.seconds, 4)}
+    return res
+
+
 def _search_check(ix, enc, a) -> dict:
     """Both heads, ops and faiss flat vs the float64 reference; IVF recall (tie-aware)."""
     from jomed_fast.data.synthetic import SyntheticGenerator
-    from jomed_fast.index.cost import default_nlist
 
     gen = SyntheticGenerator(n_test=a.queries)
     with torch.no_grad():
@@ -99,45 +135,19 @@ def _search_check(ix, enc, a) -> dict:
     out: dict = {"queries": a.queries, "k": k, "tie_eps": eps}
     for head in ("image", "text"):
         x64 = torch.from_numpy(np.array(ix.embeddings[head])).double()
-        t0 = time.perf_counter()
-        ref = q.half().double() @ x64.T  # [Q, N]
-        rs, ri = torch.sort(ref, dim=1, descending=True, stable=True)  # ties by the lower id
-        rs, ri = rs[:, : k + 1], ri[:, : k + 1]
-        ref_s = time.perf_counter() - t0
-        gaps = rs[:, :-1] - rs[:, 1:]  # [Q, k]
-        unambiguous = (gaps > eps).all(dim=1)  # no ties, exact or within eps
-        res = {"float64_bruteforce_s": round(ref_s, 4), "rows_unambiguous": int(unambiguous.sum())}
+        (ref, rs, ri), t = H.time_call(lambda: _reference_topk(q, x64, k))
+        unambiguous = (rs[:, :-1] - rs[:, 1:] > eps).all(dim=1)  # no ties, exact or within eps
+        res = {"float64_bruteforce_s": round(t.seconds, 4), "rows_unambiguous": int(unambiguous.sum())}
         for backend in ("ops", "faiss"):
-            ix.search(q[:1], k, head=head, backend=backend)  # build/warm the backend
-            t0 = time.perf_counter()
-            _, i = ix.search(q, k, head=head, backend=backend)
-            dt = time.perf_counter() - t0
-            got = ref.gather(1, i).sort(dim=1, descending=True).values
-            score_err = float((got - rs[:, :k]).abs().max())
-            distinct = all(len(set(r)) == k for r in i.tolist())
-            res[backend] = {"search_s": round(dt, 4), "max_score_error": score_err,
-                            "ids_equal_rows": float((i == ri[:, :k]).all(dim=1).float().mean()),
-                            "ids_equal_where_unambiguous": bool(torch.equal(i[unambiguous], ri[unambiguous, :k])),
-                            "match": distinct and score_err <= eps}
-            res[backend]["match"] &= res[backend]["ids_equal_where_unambiguous"]
-        t0 = time.perf_counter()
-        ix.search(q[:1], k, head=head, backend="faiss", nlist="auto")  # k-means + add, cached
-        res["ivf"] = {"nlist": default_nlist(ix.count), "train_add_s": round(time.perf_counter() - t0, 3)}
-        kth = rs[:, k - 1: k]
-        for nprobe in (8, 32):
-            t0 = time.perf_counter()
-            _, ii = ix.search(q, k, head=head, backend="faiss", nlist="auto", nprobe=nprobe)
-            dt = time.perf_counter() - t0
-            hit = ref.gather(1, ii.clamp(min=0)) >= kth - eps  # tie-aware: any row scoring as high as the k-th
-            hit &= ii >= 0
-            res["ivf"][f"nprobe_{nprobe}"] = {"recall_at_k": float(hit.float().mean()), "search_s": round(dt, 4)}
+            res[backend] = _exact_check(ix, q, head, backend, k, eps, ref, rs, ri, unambiguous)
+        res["ivf"] = _ivf_check(ix, q, head, k, eps, ref, rs)
         out[head] = res
     out["match"] = all(out[h][b]["match"] for h in ("image", "text") for b in ("ops", "faiss"))
     return out
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = H.arguments(__doc__)
     p.add_argument("--records", type=int, default=100_000, help="synthetic index records N")
     p.add_argument("--chunk-size", type=int, default=4096, help="rows per resumable chunk")
     p.add_argument("--batch-size", type=int, default=512, help="rows per encoder call")
@@ -152,69 +162,82 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-reference", action="store_true", help="no uninterrupted build (no byte comparison)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per build command")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "index_scale.json")
+    H.add_common(p, "index_scale.json")
     a = p.parse_args(argv)
-    for name in ("records", "chunk_size", "batch_size", "threads", "width", "depth", "dim", "queries"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(a, name)}")
-    if a.distributed < 0:
-        raise ValueError(f"--distributed: expected an int >= 0, got {a.distributed}")
+    H.require_at_least(p, a, 1, "records", "chunk_size", "batch_size", "threads", "width", "depth", "dim", "queries")
+    H.require_at_least(p, a, 0, "pretrain", "distributed")
+    return a
 
-    from jomed_fast._files import atomic_write_via, sha256_file
-    from jomed_fast.index import Index, synthetic_encoder
 
+def _encoder(a):
+    """The deterministic TinyCLIP, pre-trained for 3 epochs on ``--pretrain`` records (so that its
+    embeddings spread out: an untrained tower maps every input alike); and the seconds that took."""
+    from jomed_fast.index import synthetic_encoder
+
+    enc = synthetic_encoder(width=a.width, depth=a.depth, dim=a.dim)
+    if not a.pretrain:
+        return enc, 0.0
+    from jomed_fast.data.synthetic import SyntheticGenerator
+    from jomed_fast.retriever import pretrain
+
+    recs = SyntheticGenerator(seed=1, index_size=a.pretrain).index_records()
+    _, t = H.time_call(lambda: pretrain(enc, [r.image for r in recs], [r.text for r in recs], epochs=3, progress=False))
+    return enc, round(t.seconds, 3)
+
+
+def _builds(a, work: Path) -> dict:
+    """Steps 1-5 in ``work``: the record of the run."""
+    from jomed_fast._files import sha256_file
+    from jomed_fast.index import Index
+
+    enc, pretrain_s = _encoder(a)
+    enc_dir = enc.save(work / "encoder")
+    n_chunks = -(-a.records // a.chunk_size)
+    rec: dict = {
+        "records": a.records, "chunk_size": a.chunk_size, "chunks": n_chunks, "batch_size": a.batch_size,
+        "threads_per_process": a.threads,
+        "encoder": {"width": a.width, "depth": a.depth, "dim": a.dim, "pretrain_records": a.pretrain,
+                    "pretrain_s": pretrain_s},
+        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg()),
+                    "python": platform.python_version(), "torch": torch.__version__},
+    }
+    for d in ("ref", "resumed", "dist"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    if not a.skip_reference:
+        cmd = [sys.executable, *_cli(a.records, work / "ref", a, enc_dir)]
+        rec["reference_build_s"] = round(_run(cmd, a.timeout), 3)
+        print(f"reference build: {rec['reference_build_s']} s", flush=True)
+    rec["kill_resume"] = _build_killed_then_resumed(a, enc_dir, work / "resumed", n_chunks)
+    print(f"kill/resume: {rec['kill_resume']}", flush=True)
+    ix, t = H.time_call(lambda: Index.open(work / "resumed", encoder=enc))
+    rec["verify_s"] = round(t.seconds, 3)
+    files = ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl")
+    same = lambda d: all(sha256_file(work / d / f) == sha256_file(work / "resumed" / f) for f in files)  # noqa: E731
+    if not a.skip_reference:
+        rec["resumed_identical_to_reference"] = same("ref")
+    rec["bytes"] = {f: (work / "resumed" / f).stat().st_size for f in files}
+    rec["search"] = _search_check(ix, enc, a)
+    print(f"search match: {rec['search']['match']}", flush=True)
+    if a.distributed:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.distributed),
+               *_cli(a.records, work / "dist", a, enc_dir)]
+        rec["distributed"] = {"world": a.distributed, "build_s": round(_run(cmd, a.timeout), 3)}
+        rec["distributed"]["identical"] = same("dist")
+        print(f"distributed: {rec['distributed']}", flush=True)
+    return rec
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="index_scale.")) if a.work is None else a.work
     work.mkdir(parents=True, exist_ok=True)
     try:
-        enc = synthetic_encoder(width=a.width, depth=a.depth, dim=a.dim)
-        if a.pretrain:  # a few epochs so the embeddings spread out (an untrained tower maps all alike)
-            from jomed_fast.data.synthetic import SyntheticGenerator
-            from jomed_fast.retriever import pretrain
-            recs = SyntheticGenerator(seed=1, index_size=a.pretrain).index_records()
-            t0 = time.perf_counter()
-            pretrain(enc, [r.image for r in recs], [r.text for r in recs], epochs=3, progress=False)
-            pretrain_s = time.perf_counter() - t0
-        enc_dir = enc.save(work / "encoder")
-        n_chunks = -(-a.records // a.chunk_size)
-        rec: dict = {
-            "records": a.records, "chunk_size": a.chunk_size, "chunks": n_chunks, "batch_size": a.batch_size,
-            "threads_per_process": a.threads,
-            "encoder": {"width": a.width, "depth": a.depth, "dim": a.dim, "pretrain_records": a.pretrain,
-                        "pretrain_s": round(pretrain_s, 3) if a.pretrain else 0.0},
-            "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg()),
-                        "python": platform.python_version(), "torch": torch.__version__},
-        }
-        for d in ("ref", "resumed", "dist"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        if not a.skip_reference:
-            rec["reference_build_s"] = round(_run([sys.executable, *_cli(a.records, work / "ref", a, enc_dir)],
-                                                  a.timeout), 3)
-            print(f"reference build: {rec['reference_build_s']} s", flush=True)
-        rec["kill_resume"] = _build_killed_then_resumed(a, enc_dir, work / "resumed", n_chunks)
-        print(f"kill/resume: {rec['kill_resume']}", flush=True)
-        t0 = time.perf_counter()
-        ix = Index.open(work / "resumed", encoder=enc)
-        rec["verify_s"] = round(time.perf_counter() - t0, 3)
-        files = ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl")
-        if not a.skip_reference:
-            rec["resumed_identical_to_reference"] = all(
-                sha256_file(work / "ref" / f) == sha256_file(work / "resumed" / f) for f in files)
-        rec["bytes"] = {f: (work / "resumed" / f).stat().st_size for f in files}
-        rec["search"] = _search_check(ix, enc, a)
-        print(f"search match: {rec['search']['match']}", flush=True)
-        if a.distributed:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.distributed),
-                   *_cli(a.records, work / "dist", a, enc_dir)]
-            rec["distributed"] = {"world": a.distributed, "build_s": round(_run(cmd, a.timeout), 3)}
-            rec["distributed"]["identical"] = all(
-                sha256_file(work / "dist" / f) == sha256_file(work / "resumed" / f) for f in files)
-            print(f"distributed: {rec['distributed']}", flush=True)
+        rec = _builds(a, work)
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_via(a.json, lambda t: Path(t).write_text(json.dumps(rec, indent=1) + "\n"))
+    H.write_json(a.json, rec)
     print(f"wrote {a.json}")
     return rec
 

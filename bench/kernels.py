@@ -2,28 +2,25 @@
 
     python bench/kernels.py [--device cpu|cuda] [--scale small|paper] [--repeats 5] [--json PATH]
 
-Timed side by side in one run on whatever device is present (median of repeats after a warm-up),
-with each op's analytic FLOPs and bytes and its roofline floor on an L40 (864 GB/s, 181 TFLOP/s
-dense fp16). The measured ratio is the claim; the floor is what the hardware allows. On CPU the
-"fast" column runs the CPU dispatch of the op (torch reference path, chunked or faiss search), on
-CUDA the Triton kernel. Writes ``bench/results/kernels.json``.
+Timed side by side in one run on whatever device is present (round-robin, median of repeats after
+a warm-up round), with each op's analytic FLOPs and bytes and its roofline floor on an L40
+(864 GB/s, 181 TFLOP/s dense fp16). The measured ratio is the claim; the floor is what the
+hardware allows. On CPU the "fast" column runs the CPU dispatch of the op (torch reference path,
+chunked or faiss search), on CUDA the Triton kernel. Writes ``bench/results/kernels.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import _harness as harness  # noqa: E402  (not H: the benches below name a hidden size H)
 from jomed_fast import ops  # noqa: E402
 
 L40_BYTES_PER_S = 864e9
@@ -47,21 +44,10 @@ class Row:
     max_abs_diff: float
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device, repeats: int) -> float:
-    fn()
-    _sync(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def timed(baseline: Callable[[], object], fast: Callable[[], object], device, repeats: int) -> tuple[float, float]:
+    """Median ms of ``baseline`` and of ``fast``: a warm-up round, then ``repeats`` rounds of both."""
+    t = harness.round_robin({"baseline": baseline, "fast": fast}, repeats, device=device)
+    return harness.median_seconds(t["baseline"]) * 1e3, harness.median_seconds(t["fast"]) * 1e3
 
 
 def floor_us(nbytes: int, flops: int) -> float:
@@ -88,7 +74,7 @@ def bench_head(device, dtype, scale, repeats):
     base_bytes, base_flops = (N * H + V * H) * e + 2 * N * V * e + N * C * 4, 2 * N * V * H
     diff = (fast().double() - baseline().double()).abs().max().item()
     return Row("head_class_log_softmax", f"N={N} H={H} V={V} C={C} {str(dtype)[6:]}", "hidden@W.T -> gather -> log_softmax",
-               timed(baseline, device, repeats), timed(fast, device, repeats), 0.0,
+               *timed(baseline, fast, device, repeats), 0.0,
                fast_bytes, fast_flops, base_bytes, base_flops, floor_us(fast_bytes, fast_flops), floor_us(base_bytes, base_flops), diff)
 
 
@@ -111,7 +97,7 @@ def bench_class_log_softmax(device, dtype, scale, repeats):
     base_bytes, base_flops = R * V * (e + 4 + 4), 5 * R * V
     diff = (fast().double() - baseline().double()).abs().max().item()
     return Row("class_log_softmax", f"R={R} V={V} C={C} {str(dtype)[6:]}", "log_softmax over V -> gather -> renormalise",
-               timed(baseline, device, repeats), timed(fast, device, repeats), 0.0,
+               *timed(baseline, fast, device, repeats), 0.0,
                fast_bytes, fast_flops, base_bytes, base_flops, floor_us(fast_bytes, fast_flops), floor_us(base_bytes, base_flops), diff)
 
 
@@ -136,7 +122,7 @@ def bench_kl(device, scale, repeats):
     fast_bytes, flops = 4 * B * K * 3, 12 * B * K
     base_bytes = 4 * B * K * 10  # softmax, log_softmax, kl_div and their backward each read/write [B, K]
     return Row("retrieval_kl_loss (fwd+bwd)", f"B={B} K={K}", "softmax + log_softmax + F.kl_div",
-               timed(baseline, device, repeats), timed(fast, device, repeats), 0.0,
+               *timed(baseline, fast, device, repeats), 0.0,
                fast_bytes, flops, base_bytes, flops, floor_us(fast_bytes, flops), floor_us(base_bytes, flops), diff)
 
 
@@ -156,7 +142,7 @@ def bench_fuse(device, scale, repeats):
     nbytes, flops = 4 * (B * K * C + B * K + B * C), 3 * B * K * C
     base_bytes = nbytes + 4 * 3 * B * K * C  # exp and product materialise [B, K, C] twice
     return Row("fuse_candidates", f"B={B} K={K} C={C}", "exp * softmax(s) summed over K",
-               timed(baseline, device, repeats), timed(fast, device, repeats), 0.0,
+               *timed(baseline, fast, device, repeats), 0.0,
                nbytes, flops, base_bytes, flops, floor_us(nbytes, flops), floor_us(base_bytes, flops), diff)
 
 
@@ -191,18 +177,25 @@ def bench_topk(device, scale, repeats, baseline_kind):
     nbytes, flops = N * D * 2 + Q * D * 4 + Q * k * 12, 2 * Q * N * D
     base_bytes = nbytes + Q * N * 4 * 2  # writes and re-reads the [Q, N] score matrix
     return Row("topk_similarity", f"Q={Q} N={N} D={D} k={k} fp16 index", name,
-               timed(baseline, device, repeats), timed(fast, device, repeats), 0.0,
+               *timed(baseline, fast, device, repeats), 0.0,
                nbytes, flops, base_bytes, flops, floor_us(nbytes, flops), floor_us(base_bytes, flops), diff)
 
 
+Col = harness.Column
+COLUMNS = [Col("op", 28, "op", align="<"), Col("shape", 40, "shape", align="<"), Col("baseline", 44, "baseline", align="<"),
+           Col("base ms", 9, "baseline_ms", ".3f"), Col("fast ms", 9, "fast_ms", ".3f"),
+           Col("speedup", 8, "speedup", ".1f", suffix="x"), Col("L40 floor us", 13, "l40_floor_us", ".2f"),
+           Col("base floor us", 13, "baseline_l40_floor_us", ".2f"), Col("max|diff|", 9, "max_abs_diff", ".2e")]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.arguments(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", choices=["small", "paper"], default="small",
                         help="small: CPU-friendly sizes (default); paper: Qwen2-VL-7B head, 2M-row index")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.json"))
+    harness.add_common(parser, "kernels.json", repeats=5, repeats_help="timed calls of each side, after a warm-up")
     args = parser.parse_args(argv)
+    harness.require_at_least(parser, args, 1, "repeats")
     device = torch.device(args.device)
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = [
@@ -215,19 +208,12 @@ def main(argv=None) -> int:
     ]
     for row in rows:
         row.speedup = row.baseline_ms / row.fast_ms
-    print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU, ' + str(torch.get_num_threads()) + ' threads'})")
-    header = f"{'op':28s} {'shape':40s} {'baseline':44s} {'base ms':>9s} {'fast ms':>9s} {'speedup':>8s} {'L40 floor us':>13s} {'base floor us':>13s} {'max|diff|':>9s}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r.op:28s} {r.shape:40s} {r.baseline:44s} {r.baseline_ms:9.3f} {r.fast_ms:9.3f} {r.speedup:7.1f}x {r.l40_floor_us:13.2f} {r.baseline_l40_floor_us:13.2f} {r.max_abs_diff:9.2e}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    record = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "scale": args.scale,
-              "rows": [dataclasses.asdict(r) for r in rows]}
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, args.json)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device} ({where})")
+    print(harness.text_table(COLUMNS, rows))
+    harness.write_json(args.json, {"device": str(device), "torch": torch.__version__,
+                                   "threads": torch.get_num_threads(), "scale": args.scale,
+                                   "rows": [dataclasses.asdict(r) for r in rows]})
     print(f"\nwrote {args.json}")
     return 0
 

@@ -30,21 +30,18 @@ in the JSON, instead of claiming a C++ speed-up.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import platform
 import random
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import _harness as H  # noqa: E402
 from jomed_fast.packing import (  # noqa: E402
     QueryCandidates,
     backend,
@@ -131,18 +128,9 @@ def hf_inputs(queries: list[QueryCandidates], packed) -> dict:
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each function over ``repeats`` rounds after one warm-up round.
-
-    Round-robin (each round calls every function once) so that load from other processes on a
-    shared machine falls on all columns alike."""
-    samples = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    """Median wall time in ms of each function over ``repeats`` rounds after one warm-up round
+    (round-robin: load from other processes on a shared machine falls on all columns alike)."""
+    return {name: H.median_seconds(t) * 1e3 for name, t in H.round_robin(fns, repeats).items()}
 
 
 def single_threaded(fn: Callable[[], object]) -> object:
@@ -220,14 +208,21 @@ def bench_case(K: int, B: int, repeats: int, seed: int, model) -> Row:
     )
 
 
+Col = H.Column
+_BAR = Col("|", 1, lambda r: "|")
+COLUMNS = [Col("K", 3, "K"), Col("B", 3, "B"), Col("L", 4, "L"), Col("Pm", 4, "Pm"), Col("tokens", 7, "tokens"),
+           Col("MiB", 6, "output_mib", ".2f"), _BAR, Col("cpp ms", 8, "cpp_ms", ".3f"),
+           Col("cpp 1t", 8, "cpp_1t_ms", ".3f"), Col("python ms", 10, "python_ms", ".2f"), Col("hf ms", 9, "hf_ms", ".2f"),
+           Col("floor ms", 9, "floor_ms", ".3f"), _BAR, Col("x python", 9, "speedup_vs_python", ".0f", suffix="x"),
+           Col("x hf", 7, "speedup_vs_hf", ".0f", suffix="x"), Col("/floor", 6, "cpp_over_floor", ".1f")]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls of the slow paths at small sizes; "
-                        "the C++ path and the floor get 4x as many, the slow paths at K·B >= 200 at most 3")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                       "packing.json"))
+    parser = H.arguments(__doc__)
+    H.add_common(parser, "packing.json", repeats=5, seed=0, repeats_help="timed calls of the slow paths at small "
+                 "sizes; the C++ path and the floor get 4x as many, the slow paths at K·B >= 200 at most 3")
     args = parser.parse_args(argv)
+    H.require_at_least(parser, args, 1, "repeats")
 
     packer = backend()  # also warns, once, if it is the Python fallback
     if packer.name == "c++":
@@ -236,20 +231,15 @@ def main(argv=None) -> int:
         print(f"packer: Python, not C++ ({packer.reason}): the cpp columns time the Python fallback")
     model = tiny_qwen2vl()
     rows = []
-    header = (f"{'K':>3} {'B':>3} {'L':>4} {'Pm':>4} {'tokens':>7} {'MiB':>6} | {'cpp ms':>8} {'cpp 1t':>8} "
-              f"{'python ms':>10} {'hf ms':>9} {'floor ms':>9} | {'x python':>9} {'x hf':>7} {'/floor':>6}")
     print(f"packer on {torch.get_num_threads()} threads of {os.cpu_count()} CPUs (load average "
           f"{os.getloadavg()[0]:.1f}: above the CPU count, OpenMP joins wait for descheduled workers), "
           f"median of repeats")
-    print(header)
-    print("-" * len(header))
+    print(H.text_table(COLUMNS))
     for K in (4, 50):
         for B in (1, 16):
             r = bench_case(K, B, args.repeats, args.seed, model)
             rows.append(r)
-            print(f"{r.K:>3} {r.B:>3} {r.L:>4} {r.Pm:>4} {r.tokens:>7} {r.output_mib:>6.2f} | {r.cpp_ms:>8.3f} "
-                  f"{r.cpp_1t_ms:>8.3f} {r.python_ms:>10.2f} {r.hf_ms:>9.2f} {r.floor_ms:>9.3f} | "
-                  f"{r.speedup_vs_python:>8.0f}x {r.speedup_vs_hf:>6.0f}x {r.cpp_over_floor:>6.1f}", flush=True)
+            print(H.text_row(COLUMNS, r), flush=True)
 
     target = next(r for r in rows if r.K == 50 and r.B == 16)
     if packer.name == "c++":
@@ -276,11 +266,7 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg(),
         "rows": [dataclasses.asdict(r) for r in rows],
     }
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, args.json)
+    H.write_json(args.json, record)
     print(f"wrote {args.json}")
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jomed_fast.data import DataError
+from jomed_fast.data import DataError, records_digest
 from jomed_fast.data.synthetic import (
     _DX_HEDGED,
     ATYPICAL_LOOK,
@@ -25,6 +25,7 @@ from jomed_fast.data.synthetic import (
     render_ultrasound,
     write_synthetic,
 )
+from jomed_fast.identity import json_digest
 from jomed_fast.tasks import get_task
 
 SMALL = SyntheticConfig(seed=7, n_train=40, n_val=10, n_test=25, index_size=120, prototypes_per_class=4)
@@ -61,6 +62,34 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, small):
     assert _tree(c) == files  # same ids and layout ...
     _, mismatch, _ = filecmp.cmpfiles(a, c, files, shallow=False)
     assert len(mismatch) > 0.95 * len(files)  # ... other content
+
+
+# Digests of generated data, computed once and pinned: (records_digest of every sample and record:
+# ids, answers, labels, captions, pixels; the digest of their metadata; the digest of the JSONL
+# checksums write_synthetic puts in its manifest). Any change to a random draw, the rendering, the
+# wording or the file format changes them; then GENERATOR_VERSION changes too, and the demo's
+# findings (tests/test_demo_findings.py) are measured again.
+PINNED = {
+    "small": (SMALL, "0360fe52b633495c997d2ca88a35227100129393db11683cbd3e7d0f87ee96a3",
+              "01921162638763144e7d5b21ab8ef4f2054ff3862171e4d6bc1a45183df1813c",
+              "b7bcd65498651d5e456f1e75bb15b213f1bba00b2c30223729f8c6d176fb8341"),
+    "every_option": (SyntheticConfig(seed=3, image_size=40, n_train=30, n_val=5, n_test=20, index_size=80,
+                                     prototypes_per_class=3, atypical_rate=0.6, label_noise=0.3, hedged_rate=0.4,
+                                     atypical_cue=0.5),
+                     "c2122f06ad368be7ec12abb97ac7a72919d424149d6d2bc067016ccccc4dfb90",
+                     "0119a54ac624e76da0f2a4cfe7bb7d8681266605463b5f3bff606c467902a249",
+                     "0165967c3914be9609ee4a2c6a789fea86af80d8ae1c76d8b731f9afd7bf481e"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_generated_data_equal_the_pinned_digests(tmp_path, name):
+    config, content, meta, files = PINNED[name]
+    ds = generate(config)
+    recs = [*ds.train, *ds.val, *ds.test, *ds.index]
+    manifest = json.loads((write_synthetic(ds, tmp_path / name) / "manifest.json").read_text())
+    assert (records_digest(recs), json_digest([r.extra for r in recs]), json_digest(manifest["files"])) == (
+        content, meta, files)
 
 
 def test_items_render_alone_in_any_order(small):

@@ -1,13 +1,17 @@
 """bench/fusion_throughput.py on the tiny reader with tiny settings: every record has every field,
 the methods agree, and the counted LLM tokens and vision images equal counts predicted here
-independently (each prompt encoded alone by the processor). Timings are never asserted."""
+independently (each prompt encoded alone by the processor). Timings are never asserted. And the
+shared bench/_harness.py: round-robin order, the CPU clock, the peak-memory probe, tables, JSON."""
 
+import importlib
 import importlib.util
 import json
 import os
 import sys
+import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +136,72 @@ def test_arguments_are_checked():
         bench.parse_args(["--k", "0"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--clock", "cpu", "--threads", "2"])
+
+
+def test_a_method_run_alone_reports_no_agreement_and_no_ratio(tmp_path, capsys):
+    """With no other method of its layout beside it, nothing was compared: null, not 0."""
+    bench = _bench()
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bench.main(["--methods", "jomed_paper", "--k", "1", "--queries", "1", "--repeats", "1",
+                        "--json", str(tmp_path / "alone.json")])
+    finally:
+        torch.set_num_threads(threads)
+    (record,) = json.loads((tmp_path / "alone.json").read_text())["records"]
+    assert record["max_abs_logprob_diff"] is None and record["speedup_vs_hf_batched"] is None
+    assert record["queries_per_s"] > 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "jomed_paper" in line).split()
+    assert row[:3] == ["1", "jomed_paper", "paper"] and row[-1] == "nan"
+    assert int(row[-2]) == record["vision_images"] and int(row[-3]) == record["llm_tokens"]
+
+
+# ------------------------------------------------------------------------------------------------
+# bench/_harness.py: the timer, the memory probe and the writers every bench uses
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def harness():
+    root = os.path.dirname(os.path.dirname(BENCH))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("bench._harness")
+
+
+def test_round_robin_warms_up_then_interleaves(harness):
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = harness.round_robin(fns, {"a": 2, "b": 1, "c": 0}, warmup=1,
+                                  on_round=lambda r, n: calls.append(f"round {r + 1}/{n}"))
+    assert calls == ["a", "b", "c", "a", "b", "round 1/2", "a", "round 2/2"]
+    assert [len(timings[n]) for n in "abc"] == [2, 1, 0]
+    assert all(t.seconds >= 0 and t.peak_bytes is None for t in timings["a"])
+
+
+def test_the_cpu_clock_leaves_out_waiting(harness):
+    _, wall = harness.time_call(lambda: time.sleep(0.2))
+    _, cpu = harness.time_call(lambda: time.sleep(0.2), clock="cpu")
+    assert wall.seconds >= 0.2 and cpu.seconds < 0.1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable VmHWM")
+def test_peak_memory_sees_a_call_s_allocation_and_resets(harness):
+    memory, size = harness.PeakMemory("cpu"), 96 * 2**20
+    memory.reset()
+    before = memory.peak()
+    _, t = harness.time_call(lambda: np.ones(size // 8).sum(), memory=memory)  # written, then freed
+    assert t.peak_bytes - before >= 0.9 * size
+    memory.reset()
+    assert memory.peak() < t.peak_bytes - 0.5 * size
+
+
+def test_tables_and_json(harness, tmp_path):
+    cols = [harness.Column("name", 6, "name", align="<"), harness.Column("x", 7, "x", ".2f", suffix="x"),
+            harness.Column("n", 4, lambda r: r["n"] * 2, "d")]
+    rows = [{"name": "ab", "x": 1.5, "n": 3}, {"name": "cdefgh", "x": float("nan"), "n": 10}]
+    assert harness.text_table(cols, rows) == ("name         x    n\n" "-------------------\n"
+                                              "ab       1.50x    6\n" "cdefgh    nanx   20")
+    assert harness.markdown_table(["a", "b"], "lr", [["1", "2"]]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
+    harness.write_json(tmp_path / "out" / "r.json", {"ratio": float("inf"), "pair": (1, float("nan")), 2: "k"})
+    text = (tmp_path / "out" / "r.json").read_text()
+    assert text.endswith("\n") and json.loads(text) == {"ratio": None, "pair": [1, None], "2": "k"}
