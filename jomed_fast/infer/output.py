@@ -211,8 +211,11 @@ class PredictionsFile:
             if r.query_id in self.done or r.query_id in seen:
                 raise ValueError(f"records: query id {r.query_id!r} is already in {self.out}")
             seen.add(r.query_id)
-        with open(self.out, "a") as f:
-            f.writelines(json.dumps(r.to_dict()) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.out, "a") as f:
+                f.writelines(json.dumps(r.to_dict()) + "\n" for r in records)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk: say which file (the write error itself names none)
+            raise OSError(exc.errno, exc.strerror, str(self.out)) from exc
         self.done.update((r.query_id, r) for r in records)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from jomed_fast._files import replace_dir_atomically
-from jomed_fast._manifest import verify_dir
+from jomed_fast._manifest import CorruptFile, verify_dir
 
 from . import quantization as _quant
 from .processor import ReaderProcessor
@@ -351,6 +351,16 @@ def _lora_settings(lora) -> LoraSettings:
     )
 
 
+def _from_pretrained(cls, path: Path, kwargs: dict):
+    """``cls.from_pretrained``, a damaged weights file reported as one line naming the checkpoint."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except SafetensorError as exc:
+        raise CorruptFile(f"path: a weights file of {str(path)!r} is unreadable ({exc}): truncated or damaged") from exc
+
+
 def load_reader(
     path: str | os.PathLike,
     quantization: str | None = None,
@@ -414,7 +424,7 @@ def load_reader(
             )
         kwargs["quantization_config"] = _quant.quantization_config(quantization, compute_dtype, kept)
     kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
-    model = cls.from_pretrained(p, **kwargs)
+    model = _from_pretrained(cls, p, kwargs)
     model.eval()
     if kernel is not None:
         _quant.set_cpu_kernel(model, kernel)

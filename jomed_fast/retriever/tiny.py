@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from jomed_fast._files import replace_dir_atomically
+from jomed_fast._manifest import CorruptFile
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -187,7 +189,11 @@ class TinyCLIP(nn.Module):
             if not (p / f).is_file():
                 raise ValueError(f"path: {p / f} not found (expected a TinyCLIP directory)")
         m = cls(TinyConfig(**json.loads((p / "config.json").read_text())))
-        m.load_state_dict(load_file(str(p / "model.safetensors")))
+        try:
+            state = load_file(str(p / "model.safetensors"))
+        except SafetensorError as exc:
+            raise CorruptFile(f"path: {p / 'model.safetensors'} is unreadable ({exc}): truncated or damaged") from exc
+        m.load_state_dict(state)
         return m.eval()
 
 
