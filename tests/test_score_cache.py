@@ -5,6 +5,7 @@ log-likelihoods and the data order are what their definitions say."""
 
 import os
 import struct
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from jomed_fast.readers.fingerprint import reader_fingerprint
 from jomed_fast.train.data_order import batches_per_epoch, epoch_batches, epoch_order
 from jomed_fast.train.pair_scores import gold_log_likelihoods
-from jomed_fast.train.score_cache import FILE_MAGIC, ScoreCache
+from jomed_fast.train.score_cache import FILE_MAGIC, CacheDamageWarning, ScoreCache
 
 NS = ("f" * 64, "synthetic", "shared_query|first_token|norm")
 
@@ -76,7 +77,12 @@ def test_torn_or_corrupt_tail_is_truncated_and_earlier_batches_survive(tmp_path,
     else:
         path.write_bytes(full + b"\x00\x01junk")
     written = path.stat().st_size
-    with ScoreCache(path) as cache:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = ScoreCache(path)
+    # a crash's torn tail goes silently; whole bytes that are not a valid frame are reported
+    assert [w.category for w in caught] == ([] if damage == "torn" else [CacheDamageWarning])
+    with cache:
         expect = 6 if damage == "garbage" else 3
         assert len(cache) == expect
         assert cache.stats.truncated_bytes == written - (size_one if damage != "garbage" else len(full))

@@ -20,8 +20,9 @@ from jomed_fast.retriever import TinyCLIP
 from jomed_fast.train import NonFiniteLossError, latest_checkpoint, reader_loss
 from jomed_fast.train.checkpoint import load_weights
 from jomed_fast.train.reader import ReaderTrainConfig, train_reader, validation_loss
+from jomed_fast.identity import IdentityMismatch
+from jomed_fast.train.data_order import DataOrder, epoch_order, steps_per_epoch
 from jomed_fast.train.reader_data import (
-    EpochOrder,
     ExampleSet,
     balanced_indices,
     retrieve_candidates,
@@ -188,14 +189,25 @@ def test_reader_only_mode_runs(ckpt, data, tmp_path):
     assert res.examples == len(ds.train) and res.steps == 3
     assert all(math.isfinite(v) for _, v in res.val_loss) and res.val_loss[-1][1] < res.val_loss[0][1]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    # resuming a finished run does nothing more and returns the same curves
-    again = train_reader(cfg, reader, ds.task, ds.train, ds.val, tmp_path / "run", progress=False)
+    # resuming a finished run (with the reader as the run started it) does nothing more and returns
+    # the same curves; the trained reader is another reader
+    fresh = _reader(ckpt["pixtral"], random_b=False)
+    again = train_reader(cfg, fresh, ds.task, ds.train, ds.val, tmp_path / "run", progress=False)
     assert again.steps == 3 and again.val_loss == res.val_loss and again.resumed_from is not None
+    for k, p in fresh.trainable_parameters().items():
+        assert torch.equal(p, reader.trainable_parameters()[k]), k
+    with pytest.raises(IdentityMismatch, match=r"\(reader changed\)"):
+        train_reader(cfg, reader, ds.task, ds.train, ds.val, tmp_path / "run", progress=False)
     # a fresh run over an earlier run's checkpoints is refused, and so is resuming with other options
-    with pytest.raises(ValueError, match="run_dir: .* earlier run"):
-        train_reader(cfg, reader, ds.task, ds.train, ds.val, tmp_path / "run", resume=False, progress=False)
-    with pytest.raises(ValueError, match=r"config: .*\['lr'\]"):
-        train_reader(cfg.replace(lr=1e-3), reader, ds.task, ds.train, ds.val, tmp_path / "run", progress=False)
+    # (named), while the checkpoint cadence may change
+    with pytest.raises(ValueError, match="run_dir: .* already holds a run"):
+        train_reader(cfg, fresh, ds.task, ds.train, ds.val, tmp_path / "run", resume=False, progress=False)
+    fresh = _reader(ckpt["pixtral"], random_b=False)
+    with pytest.raises(IdentityMismatch, match=r"\(config.eval_every, config.lr changed\)"):
+        train_reader(cfg.replace(lr=1e-3, eval_every=1), fresh, ds.task, ds.train, ds.val, tmp_path / "run",
+                     progress=False)
+    assert train_reader(cfg.replace(save_every=1, keep=3), fresh, ds.task, ds.train, ds.val, tmp_path / "run",
+                        progress=False).val_loss == res.val_loss
 
 
 def test_class_balanced_truncates_every_class_to_the_minority(data, ckpt, tmp_path):
@@ -249,35 +261,34 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(ckpt, data, tmp_pa
         assert torch.equal(p.detach(), saved[k]), k
 
     monkeypatch.setattr(reader_loss, "answer_nll", real)
-    res = train_reader(cfg, reader, ds.task, ds.train, ds.val, run, progress=False)
+    res = train_reader(cfg, _reader(ckpt["pixtral"], random_b=False), ds.task, ds.train, ds.val, run, progress=False)
     assert res.steps == 5 and res.resumed_from.name == "step-00000002"
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def test_epoch_order_is_a_resumable_stream():
-    order = EpochOrder(10, seed=4)
-    seen = []
+def test_data_order_is_a_resumable_stream():
+    order = DataOrder(10, seed=4)
+    seen, epoch, position, ends = [], 0, 0, []
     for _ in range(4):  # 2 steps of (2 micro-batches of 3) per epoch: 6 + 4 examples
-        micro = order.next_step(3, 2)
+        micro = order.next_step(epoch, position, 3, 2)
         seen.extend(i for m in micro for i in m)
-        order.advance(sum(len(m) for m in micro))
-    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-    assert seen[:10] != seen[10:] and EpochOrder.steps_per_epoch(10, 3, 2) == 2
-    # position + generator state restore the stream
-    a = EpochOrder(10, seed=4)
-    a.advance(6)
-    b = EpochOrder(10, seed=0)
-    b.generator.set_state(a.generator.get_state())
-    b.restore(a.state())
-    assert b.next_step(3, 1) == a.next_step(3, 1) == [seen[6:9]]
+        epoch, position, ended = order.advance(epoch, position, sum(len(m) for m in micro))
+        ends.append(ended)
+    assert ends == [False, True, False, True] and (epoch, position) == (2, 0)
+    assert seen[:10] == epoch_order(10, 4, 0) and seen[10:] == epoch_order(10, 4, 1)  # each epoch its own
+    assert seen[:10] != seen[10:] and steps_per_epoch(10, 3, 2) == 2
+    # the position alone restores the stream: a fresh order (another process) continues it
+    assert DataOrder(10, seed=4).next_step(0, 6, 3, 1) == [seen[6:9]]
+    assert DataOrder(10, seed=4).next_step(1, 3, 4, 2) == [seen[13:17], seen[17:20]]
 
 
 def test_config_is_checked_and_round_trips():
     cfg = ReaderTrainConfig()
     assert cfg.lr == 1e-4 and cfg.warmup_ratio == 0.1 and cfg.layout == "paper" and (cfg.k_text, cfg.k_image) == (2, 2)
     assert ReaderTrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
-    for bad, match in [({"lr": 0}, r"lr: expected a positive"), ({"batch_size": 0}, r"batch_size: expected an int"),
-                       ({"warmup_ratio": 1.0}, r"warmup_ratio"), ({"layout": "x"}, r"layout: expected one of"),
+    for bad, match in [({"lr": 0}, r"config\.lr: expected a finite float > 0.0, got 0"),
+                       ({"batch_size": 0}, r"config\.batch_size: expected an int >= 1"),
+                       ({"warmup_ratio": 1.0}, r"config\.warmup_ratio: expected a finite float >= 0.0 and < 1.0"), ({"layout": "x"}, r"layout: expected one of"),
                        ({"k_text": 0, "k_image": 0}, r"k_text \+ k_image"), ({"class_balanced": 1}, r"class_balanced"),
                        ({"max_steps": 0}, r"max_steps")]:
         with pytest.raises(ValueError, match=match):

@@ -78,7 +78,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
     assert victim.exitcode == -signal.SIGKILL
     killed_at = json.loads((latest_checkpoint(run) / "state.json").read_text())
     assert killed_at["step"] < 6 and not (run / "adapter").exists()
-    assert killed_at["data"]["index"] > 0, f"not mid-epoch: {killed_at['data']}"  # 12 of 24 examples seen
+    assert killed_at["data"]["position"] > 0, f"not mid-epoch: {killed_at['data']}"  # 12 of 24 examples seen
 
     _finish(_start(_spec(tmp_path, "victim", reader, tmp_path / "retriever", tmp_path / "index", 0.0)))
     _finish(ref)

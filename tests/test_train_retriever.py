@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from jomed_fast.identity import IdentityMismatch
 from jomed_fast.retriever import QueryEncoder
 from jomed_fast.scoring import CandidateScorer
 from jomed_fast.train import NonFiniteLossError, latest_checkpoint
@@ -183,6 +184,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
     assert all(torch.isfinite(p).all() for p in qe.learned.parameters())
 
 
+def test_a_run_resumed_in_a_later_epoch_ends_bitwise_equal(setup, tmp_path, monkeypatch):
+    """Stopped in epoch 2 (a NaN at step 7 of 12, the last checkpoint at step 6, mid-epoch) and resumed
+    with fresh objects, a run ends with the uninterrupted run's weights: every epoch draws its own
+    order, whether the process ran it from the start or resumed into it."""
+    reader, enc, retrieval, train, _val = setup
+    cfg = RetrieverTrainConfig(**{**FAST, "checkpoint_every": 2, "refresh_every": 3}, epochs=3, eval_each_epoch=False)
+    qa = _encoder(enc, cfg)
+    whole = train_retriever(cfg, reader, "synthetic", qa, retrieval, train, None, tmp_path / "whole", progress=False)
+    real, calls = stage2.distillation_loss, []
+
+    def poisoned(s, r, c):
+        calls.append(1)
+        return real(s, r, c) * (float("nan") if len(calls) == 7 else 1.0)
+
+    monkeypatch.setattr(stage2, "distillation_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at step 7.*step-00000006"):
+        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "cut",
+                        progress=False)
+    monkeypatch.setattr(stage2, "distillation_loss", real)
+    qb = _encoder(enc, cfg)
+    resumed = train_retriever(cfg, reader, "synthetic", qb, retrieval, train, None, tmp_path / "cut", progress=False)
+    assert resumed.steps == whole.steps == 12 and resumed.epochs[1]["resumed"] and not whole.epochs[1]["resumed"]
+    learned = dict(qb.learned.named_parameters())
+    for n, p in qa.learned.named_parameters():
+        assert torch.equal(p, learned[n]), n
+    assert [e["train_loss"] for e in resumed.epochs] == [e["train_loss"] for e in whole.epochs]
+
+
 def test_resume_refuses_other_options_and_a_used_run_dir(setup, tmp_path):
     reader, enc, retrieval, train, _val = setup
     cfg = RetrieverTrainConfig(**FAST, epochs=1, eval_each_epoch=False)
@@ -190,12 +219,19 @@ def test_resume_refuses_other_options_and_a_used_run_dir(setup, tmp_path):
     with pytest.raises(ValueError, match="run_dir: .* already holds a run"):
         train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path,
                         resume=False, progress=False)
-    with pytest.raises(ValueError, match=r"config: options \['lr'\] differ"):
+    with pytest.raises(IdentityMismatch, match=r"\(config.lr changed\)"):
         train_retriever(cfg.replace(lr=1.0), reader, "synthetic", _encoder(enc, cfg), retrieval, train, None,
                         tmp_path, progress=False)
-    with pytest.raises(ValueError, match="digest mismatch"):
+    with pytest.raises(IdentityMismatch, match=r"\(train changed\)"):
         train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train[:8], None, tmp_path,
                         progress=False)
+    with pytest.raises(IdentityMismatch, match=r"\(encoder changed\)"):
+        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg.replace(alpha=0.5)), retrieval, train, None,
+                        tmp_path, progress=False)
+    # the checkpoint cadence and the cache's place cannot change the result: the run resumes
+    again = train_retriever(cfg.replace(checkpoint_every=3, keep_checkpoints=1), reader, "synthetic",
+                            _encoder(enc, cfg), retrieval, train, None, tmp_path, progress=False)
+    assert again.steps == again.total_steps
     with pytest.raises(ValueError, match=r"config\.k: expected at most the index size"):
         train_retriever(cfg.replace(k=10_000), reader, "synthetic", _encoder(enc, cfg), retrieval, train, None,
                         tmp_path / "other", progress=False)

@@ -22,12 +22,15 @@ import argparse
 import sys
 
 from .._extras import MissingDependency
+from ..train.guards import NonFiniteLossError
 from .options import add_options, resolve
 
 __all__ = ["commands", "execute", "main", "run_standalone", "version"]
 
-# Errors that are the user's to fix: one line, exit 2 (anything else is a bug and keeps its traceback).
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, MissingDependency)
+# Errors that are the user's to fix: one line, exit 2 (anything else is a bug and keeps its traceback;
+# --debug shows the traceback of these too). OSError covers the machine's side: a full disk, a
+# read-only or missing folder, a directory where a file was expected.
+USER_ERRORS = (ValueError, TypeError, OSError, MissingDependency, NonFiniteLossError)
 
 
 def commands() -> dict:
@@ -57,11 +60,18 @@ def _parser(table: dict) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jomed-fast", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=version())
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for c in table.values():
         p = sub.add_parser(c.name, help=c.help, description=c.description)
         add_options(p, c.options)
     return ap
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:  # "[Errno 28] ..." says less than this
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split())
 
 
 def execute(command, args: argparse.Namespace, prog: str) -> int:
@@ -71,8 +81,9 @@ def execute(command, args: argparse.Namespace, prog: str) -> int:
         values = resolve(command.options, args)
         return int(command.run(values) or 0)
     except USER_ERRORS as exc:
-        msg = " ".join(str(exc).split())
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        if getattr(args, "debug", False):
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -82,6 +93,7 @@ def execute(command, args: argparse.Namespace, prog: str) -> int:
 def run_standalone(command, argv=None, *, prog: str) -> int:
     """One command as its own program (``python -m jomed_fast.memory``): same options, same errors."""
     ap = argparse.ArgumentParser(prog=prog, description=command.description)
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     add_options(ap, command.options)
     return execute(command, ap.parse_args(sys.argv[1:] if argv is None else list(argv)), prog)
 

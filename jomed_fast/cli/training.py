@@ -1,6 +1,9 @@
 """``train-reader`` (stage 1) and ``train-retriever`` (stage 2): thin wrappers over
 ``jomed_fast.train``; every field of the stage's config dataclass is an option, and rerunning the
-same command in the same ``--run-dir`` resumes from its last checkpoint."""
+same command in the same ``--run-dir`` resumes from its last checkpoint — only when every input
+that decides the result is the same (reader and adapter, samples, index and encoder, task and the
+options that change results; ``--progress`` and the checkpoint cadence may change): otherwise one
+line names what changed and the exit code is 2, as for a NaN loss."""
 
 from __future__ import annotations
 

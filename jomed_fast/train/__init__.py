@@ -1,9 +1,11 @@
 """Training: stage 1 (reader, ``train.reader``) and stage 2 (retriever, ``train.retriever``).
 
+Both run one loop (``loop``: the run directory and its identity, the step / evaluate / select /
+checkpoint cycle, exact resume); each stage supplies its loss, its batch and its evaluation.
 Shared pieces, one job each: ``checkpoint`` (exact-resume checkpoints, no pickle), ``schedule``
 (warm-up + cosine learning rate), ``guards`` (a non-finite loss stops the run), ``data_order``
-(the order of epoch e as a pure function of the seed and e), ``score_cache`` (stage 2's exact
-reader-score cache).
+(the order of epoch e as a pure function of the seed and e), ``_config`` (options: JSON round
+trip and checks), ``score_cache`` (stage 2's exact reader-score cache, keyed by content).
 """
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_named

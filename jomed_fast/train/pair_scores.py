@@ -1,16 +1,21 @@
 r"""Reader scores of (query, candidate) pairs through the score cache: each pair goes to the reader once.
 
-``PairScores.rows(queries, candidate_ids, candidates) -> [B, K, C]`` float32: for B queries and their
-K candidates each, the reader's class log-probabilities
+``PairScores.rows(query_keys, ..., candidate_keys, candidates) -> [B, K, C]`` float32: for B queries
+and their K candidates each, the reader's class log-probabilities
 :math:`\log p_C(c \mid z_k, q_b)` (``CandidateScorer``) — read from the :class:`ScoreCache` where
 stored, computed for the misses only:
 
-1. look every (query id, candidate id) pair up;
+1. look every (query key, candidate key) pair up;
 2. group the queries by their number of misses ``m`` (``CandidateScorer.score`` takes the same K
    for every query of a call), one ``score`` call per group, queries in batch order — the grouping
    is a pure function of the cache state, so a resumed run scores exactly what an uninterrupted
    one would;
 3. append all the new rows of the batch as **one** frame (a batch is cached entirely or not at all).
+
+Keys are contents, never ids or paths (:func:`query_key`: the query image's bytes and question;
+:func:`record_key`: the candidate record's image bytes and caption; the namespace adds the reader
+fingerprint, task and layout), so a cache reused after a record, a query image or the reader
+changed serves none of the old scores.
 
 ``gold_log_likelihoods(rows, labels) -> [B, K]``: :math:`r_{b,k} = \log p_C(a_b \mid z_k, q_b)` for a
 single gold class per query (the sharp posterior's gold entry); in ``sequence`` class mode with
@@ -25,9 +30,49 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..identity import bytes_digest, file_digest, json_digest
 from .score_cache import ScoreCache
 
-__all__ = ["PairScores", "gold_log_likelihoods", "scoring_layout"]
+__all__ = ["CandidateKeys", "PairScores", "gold_log_likelihoods", "query_key", "record_key", "scoring_layout"]
+
+
+def _image_key(item) -> str | None:
+    """The content of the image the reader sees: the in-memory pixels when there are (dtype, shape,
+    bytes), else the file's bytes."""
+    if getattr(item, "image", None) is not None:
+        a = np.ascontiguousarray(item.image)
+        return bytes_digest(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+    if getattr(item, "image_path", None) is not None:
+        return file_digest(item.image_path)
+    return None
+
+
+def query_key(sample) -> str:
+    """A query's cache key: the digest of its image's content and its question."""
+    return json_digest(["query", _image_key(sample), getattr(sample, "question", None)])
+
+
+def record_key(record) -> str:
+    """A candidate's cache key: the digest of its index record's image content and caption."""
+    return json_digest(["candidate", _image_key(record), record.text])
+
+
+class CandidateKeys:
+    """``record_key`` of the index rows of a ``Retrieval`` (each row hashed once)."""
+
+    def __init__(self, retrieval):
+        self.records = retrieval.records
+        self._keys: dict[int, str] = {}
+
+    def __call__(self, rows: torch.Tensor) -> list[list[str]]:
+        """``[B, K]`` index rows -> their keys."""
+        out = []
+        for row in rows.tolist():
+            for r in row:
+                if r not in self._keys:
+                    self._keys[r] = record_key(self.records[r])
+            out.append([self._keys[r] for r in row])
+        return out
 
 
 def scoring_layout(scorer) -> str:
@@ -55,6 +100,8 @@ class PairScores:
         scorer: a ``CandidateScorer`` (frozen reader; run under ``torch.no_grad``).
         cache: an open :class:`ScoreCache`.
         namespace: ``(reader fingerprint, task name, layout)``.
+
+    ``rows`` takes opaque string keys (:func:`query_key`, :func:`record_key` in training).
     """
 
     def __init__(self, scorer, cache: ScoreCache, namespace: tuple[str, str, str]):
@@ -65,7 +112,7 @@ class PairScores:
 
     def rows(self, query_ids: Sequence[str], query_images: Sequence, questions: Sequence | None,
              candidate_ids: Sequence[Sequence[str]], candidates: Sequence[Sequence]) -> torch.Tensor:
-        """float32 ``[B, K, C]`` for B queries x K candidates (ids and ``Candidate`` objects)."""
+        """float32 ``[B, K, C]`` for B queries x K candidates (their keys and ``Candidate`` objects)."""
         B = len(query_ids)
         if len(candidate_ids) != B or len(candidates) != B or len(query_images) != B:
             raise ValueError(f"candidate_ids, candidates, query_images: expected {B} entries (one per query), got "

@@ -14,30 +14,29 @@ the NF4 reader. Without retrieval the same loop is the paper's "reader only" bas
 One optimizer step (``S`` examples = ``batch_size * grad_accum``; B = ``batch_size``, L padded
 length, H hidden, T answer tokens of the step)::
 
-    EpochOrder ─► grad_accum micro-batches of B example ids
+    DataOrder ─► grad_accum micro-batches of B example ids
     ExampleSet.encode ─► input_ids [B, L], labels [B, L] (+ pixel inputs)
     reader.hidden_states ─► [B, L, H] ─► the [T_b, H] answer positions ─► LM head ─► NLL sum
     loss_b = NLL_b / T (T over the whole step) ─► backward (grads accumulate)
     check_finite ─► clip ─► AdamW ─► warm-up + cosine LR
 
-Every ``eval_every`` steps the validation loss (answer-token mean over every validation example)
-is measured and the best checkpoint is kept (``checkpoints/best``); every ``save_every`` steps and
-at the end a resumable checkpoint (:mod:`.checkpoint`: LoRA weights by name, AdamW, scheduler,
-RNGs, the data order's generator and position ``(epoch, index)``, the loss curves) is written
-atomically, so ``resume=True`` continues bitwise exactly (CPU). A NaN/inf loss raises
+Every ``eval_every`` steps (and at the last) the validation loss (answer-token mean over every
+validation example) is measured and the lowest is kept (``checkpoints/best``); every
+``save_every`` steps and at the end a resumable checkpoint is written — the loop, data order,
+checkpoints and resume are :mod:`.loop`'s, shared with stage 2. A NaN/inf loss raises
 :class:`~.guards.NonFiniteLossError` before anything is applied; the last checkpoint stays.
 
-Files in ``run_dir``: ``config.json`` (the options; a resume with other options is refused),
-``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``adapter/`` (the final LoRA adapter,
-``load_reader(path, lora=run_dir / "adapter")``), ``result.json`` (curves, best, paths).
+Files in ``run_dir``: ``identity.json`` (what decides the result: the reader with the adapter it
+starts from, the train and validation samples, the index and encoder or their absence, the task
+and every option but ``save_every`` / ``keep``; a resume with any of them changed is refused
+naming them), ``config.json``, ``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``adapter/``
+(the final LoRA adapter, ``load_reader(path, lora=run_dir / "adapter")``), ``result.json``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,18 +46,18 @@ import numpy as np
 import torch
 
 from .._profiling import stage
-from ..data.io import atomic_write_json
+from ..data.records import records_digest
+from ..readers.fingerprint import reader_fingerprint
 from . import reader_loss as _loss
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_named
+from .checkpoint import CHECKPOINT_DIR
 from .guards import check_finite
-from .reader_config import ReaderTrainConfig
-from .reader_data import EpochOrder, ExampleSet, balanced_indices, retrieve_candidates
-from .schedule import warmup_cosine
+from .loop import BEST, LoopOptions, Offer, RunState, open_run, options_identity, retrieval_identity, run_loop, \
+    write_result
+from .reader_config import RESUME_FREE, ReaderTrainConfig
+from .reader_data import ExampleSet, balanced_indices, retrieve_candidates
 
 __all__ = ["ReaderTrainConfig", "ReaderTrainResult", "train_reader", "validation_loss"]
 
-CONFIG_FILE = "config.json"
-RESULT_FILE = "result.json"
 ADAPTER_DIR = "adapter"
 
 
@@ -117,22 +116,13 @@ def _check_args(config, reader, task, train_samples, val_samples, retrieval, ret
                          f"got retrieval={type(retrieval).__name__}, retriever={type(retriever).__name__}")
 
 
-def _check_run_config(run_dir: Path, config: ReaderTrainConfig, resume: bool) -> None:
-    """Write ``config.json``; a run resumed with other options would not be the same run, and a
-    fresh run must not mix its checkpoints with an earlier run's."""
-    path = run_dir / CONFIG_FILE
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"run_dir: {str(run_dir)!r} holds the checkpoints of an earlier run; pass resume=True "
-                         "to continue it, or give a new run_dir")
-    if resume and path.is_file():
-        saved = json.loads(path.read_text())
-        now = json.loads(config.to_json())
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff and latest_checkpoint(run_dir) is not None:
-            raise ValueError(f"config: run_dir {str(run_dir)!r} was started with other options ({diff}: "
-                             f"{[saved.get(k) for k in diff]} there, {[now.get(k) for k in diff]} now); "
-                             "use the same options to resume, or a new run_dir / resume=False")
-    atomic_write_json(path, config.to_dict())
+def _identity(config, reader, task, train_samples, val_samples, retrieval, retriever) -> dict:
+    """What decides a stage-1 result (``identity.json``): the reader as it starts (base weights,
+    quantization, CPU kernel, the adapter's initial weights), the task, the samples' content, the
+    index and encoder (``None`` for reader only) and every option but ``RESUME_FREE``."""
+    return {"reader": reader_fingerprint(reader), "task": task.name, "train": records_digest(train_samples),
+            "val": records_digest(val_samples), **retrieval_identity(retrieval, retriever),
+            **options_identity(config, RESUME_FREE)}
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -152,11 +142,6 @@ def _build_examples(config, task, train_samples, val_samples, retrieval, retriev
     val_c, _ = retrieve_candidates(list(val_samples), retrieval, retriever, config.k_text, config.k_image)
     return (ExampleSet(train, task, config.layout, train_c),
             ExampleSet(list(val_samples), task, config.layout, val_c))
-
-
-def _total_steps(config: ReaderTrainConfig, n_examples: int) -> int:
-    full = config.epochs * EpochOrder.steps_per_epoch(n_examples, config.batch_size, config.grad_accum)
-    return full if config.max_steps is None else min(full, config.max_steps)
 
 
 def _checkpointing_on(model) -> bool:
@@ -190,187 +175,116 @@ def validation_loss(reader, examples: ExampleSet, batch_size: int) -> float:
     return total / count
 
 
-def _train_step(reader, examples: ExampleSet, micro_batches: list[list[int]], step: int,
-                last_checkpoint: Path | None) -> float:
-    """Forward/backward every micro-batch of one step (token mean over the step); returns the loss."""
-    inputs = [examples.encode(reader, idx) for idx in micro_batches]
-    tokens = sum(_loss.count_answer_tokens(x["labels"]) for x in inputs)
-    total = 0.0
-    for x in inputs:
-        nll, _ = _loss.answer_nll(reader, x)
-        loss = nll / tokens
-        check_finite(loss, step, None if last_checkpoint is None else str(last_checkpoint))
-        loss.backward()
-        total += float(loss.detach())
-    check_finite(total, step, None if last_checkpoint is None else str(last_checkpoint))
-    return total
+# --------------------------------------------------------------------------------------------- stage
+class _ReaderStage:
+    """Stage 1 for :func:`.loop.run_loop`: the LoRA weights, the answer NLL of a step, validation."""
 
+    desc = "stage 1 (reader)"
 
-# --------------------------------------------------------------------------------------------- trainer
-class _Run:
-    """The mutable state of one run (what a checkpoint holds) and how to save / restore it."""
-
-    def __init__(self, config, reader, run_dir: Path, n_train: int):
-        self.config = config
-        self.reader = reader
-        self.run_dir = run_dir
+    def __init__(self, config: ReaderTrainConfig, reader, train: ExampleSet, val: ExampleSet):
+        self.config, self.reader, self.examples, self.val = config, reader, train, val
         self.params = dict(sorted(reader.trainable_parameters().items()))
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=config.lr,
-                                           weight_decay=config.weight_decay)
-        self.total_steps = _total_steps(config, n_train)
-        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, config.warmup_ratio)
-        self.order = EpochOrder(n_train, config.seed)
-        self.step = 0
-        self.result = ReaderTrainResult(run_dir=run_dir, examples=n_train)
+        self.trainable = list(self.params.values())
+        self.eval_bs = config.eval_batch_size or config.batch_size
+        self.seen, self.busy = 0, 0.0  # examples trained by this process, and the seconds their steps took
+        self._step_examples = 0
 
-    def _extra(self) -> dict:
-        r = self.result
-        return {"train_loss": r.train_loss, "val_loss": r.val_loss, "best_val_loss": r.best_val_loss,
-                "best_step": r.best_step}
+    def start(self, state: RunState, resumed: bool) -> Offer | None:
+        offer = None
+        if not resumed:
+            state.log = {"train_loss": [], "val_loss": []}
+            offer = self._evaluate(state)  # step 0: the validation loss before training
+        self.reader.train()
+        self.reader.model.zero_grad(set_to_none=True)
+        return offer
 
-    def _kwargs(self) -> dict:
-        return {"params": self.params, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                    "generators": {"data": self.order.generator}, "data": self.order.state(), "extra": self._extra()}
+    def step_loss(self, batches: list[list[int]], state: RunState) -> float:
+        """Forward/backward every micro-batch (token mean over the whole step: T counts all of them)."""
+        with stage("jomed.stage1.step"):
+            inputs = [self.examples.encode(self.reader, idx) for idx in batches]
+            tokens = sum(_loss.count_answer_tokens(x["labels"]) for x in inputs)
+            total = 0.0
+            for x in inputs:
+                nll, _ = _loss.answer_nll(self.reader, x)
+                loss = nll / tokens
+                loss.backward()
+                total += float(loss.detach())
+        self._step_examples = sum(len(b) for b in batches)
+        return total
 
-    def save(self) -> Path:
-        path = save_checkpoint(self.run_dir, self.step, keep=self.config.keep, **self._kwargs())
-        self.result.last_checkpoint = path
-        return path
-
-    def save_best(self) -> Path:
-        path = save_named(self.run_dir, "best", self.step, **self._kwargs())
-        self.result.best_checkpoint = path
-        return path
-
-    def restore(self, path: Path) -> None:
-        state = load_checkpoint(path, params=self.params, optimizer=self.optimizer, scheduler=self.scheduler,
-                                generators={"data": self.order.generator})
-        self.step = int(state["step"])
-        self.order.restore(state["data"])
-        extra = state["extra"]
-        r = self.result
-        r.train_loss = [tuple(x) for x in extra["train_loss"]]
-        r.val_loss = [tuple(x) for x in extra["val_loss"]]
-        r.best_val_loss, r.best_step = float(extra["best_val_loss"]), int(extra["best_step"])
-        best = self.run_dir / "checkpoints" / "best"
-        r.best_checkpoint = best if best.is_dir() else None
-        r.last_checkpoint = path
-        r.resumed_from = path
-
-
-def _evaluate(run: _Run, val: ExampleSet, batch_size: int) -> float:
-    loss = validation_loss(run.reader, val, batch_size)
-    check_finite(loss, run.step, None if run.result.last_checkpoint is None else str(run.result.last_checkpoint))
-    run.result.val_loss.append((run.step, loss))
-    if loss < run.result.best_val_loss:
-        run.result.best_val_loss, run.result.best_step = loss, run.step
-        run.save_best()
-    return loss
-
-
-def _optimizer_step(run: _Run, train: ExampleSet, micro: list[list[int]]) -> float:
-    """One optimizer step over ``micro`` (forward/backward, clip, AdamW, LR schedule); advances the data."""
-    with stage("jomed.stage1.step"):
-        loss = _train_step(run.reader, train, micro, run.step + 1, run.result.last_checkpoint)
-        if run.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.config.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    run.order.advance(sum(len(m) for m in micro))
-    run.step += 1
-    run.result.train_loss.append((run.step, loss))
-    return loss
-
-
-def _after_step(run: _Run, val: ExampleSet, eval_bs: int) -> None:
-    """Validation (keeping the best) every ``eval_every`` steps, a checkpoint every ``save_every``;
-    both at the last step."""
-    last = run.step == run.total_steps
-    if run.step % run.config.eval_every == 0 or last:
-        _evaluate(run, val, eval_bs)
-        run.reader.train()
-    if run.step % run.config.save_every == 0 or last:
-        run.save()
-
-
-def _progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
+    def after_step(self, state: RunState, loss: float, seconds: float, epoch_ended: bool, last: bool) -> Offer | None:
+        self.seen += self._step_examples
+        self.busy += seconds
+        state.log["train_loss"].append((state.step, loss))
+        if state.step % self.config.eval_every == 0 or last:
+            return self._evaluate(state)
         return None
-    from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="stage 1 (reader)", unit="step", dynamic_ncols=True)
+    def _evaluate(self, state: RunState) -> Offer:
+        loss = validation_loss(self.reader, self.val, self.eval_bs)
+        check_finite(loss, state.step, None if state.last_checkpoint is None else str(state.last_checkpoint))
+        state.log["val_loss"].append((state.step, loss))
+        return Offer(loss, {"step": state.step, "val_loss": loss})
+
+    def postfix(self, state: RunState, loss: float) -> dict:
+        return {"loss": f"{loss:.4f}", "val": f"{state.log['val_loss'][-1][1]:.4f}",
+                "ex_s": f"{self.seen / max(self.busy, 1e-9):.1f}"}
 
 
-def train_reader(
-    config: ReaderTrainConfig,
-    reader,
-    task,
-    train_samples: Sequence[Any],
-    val_samples: Sequence[Any],
-    run_dir,
-    retrieval=None,
-    retriever=None,
-    resume: bool = True,
-    progress: bool = True,
-    on_step: Callable[[dict], None] | None = None,
-) -> ReaderTrainResult:
+def _loop_options(config: ReaderTrainConfig, n: int) -> LoopOptions:
+    return LoopOptions(n=n, batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
+                       max_steps=config.max_steps, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
+                       warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
+                       checkpoint_every=config.save_every, keep=config.keep, select="min")
+
+
+def _result(state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: Path) -> ReaderTrainResult:
+    best = state.best
+    return ReaderTrainResult(
+        train_loss=[tuple(x) for x in state.log["train_loss"]], val_loss=[tuple(x) for x in state.log["val_loss"]],
+        best_val_loss=best["value"] if best else math.inf, best_step=best["step"] if best else -1,
+        steps=state.step, examples=len(stage1.examples), run_dir=run_dir, adapter_dir=adapter_dir,
+        best_checkpoint=run_dir / CHECKPOINT_DIR / BEST if best else None, last_checkpoint=state.last_checkpoint,
+        resumed_from=state.resumed_from,
+        examples_per_second=stage1.seen / stage1.busy if stage1.seen else 0.0)
+
+
+def train_reader(config: ReaderTrainConfig, reader, task, train_samples: Sequence[Any], val_samples: Sequence[Any],
+                 run_dir, retrieval=None, retriever=None, resume: bool = True, progress: bool = True,
+                 on_step: Callable[[dict], None] | None = None) -> ReaderTrainResult:
     """Stage 1: fine-tune the reader's LoRA adapter on (sample, retrieved candidate) prompts.
 
     Args:
         config: the options (:class:`ReaderTrainConfig`).
-        reader: a ``Reader`` with a trainable LoRA adapter (``load_reader(path, "nf4", lora=True)``).
+        reader: a ``Reader`` with a trainable LoRA adapter (``load_reader(path, "nf4", lora=True)``);
+            trained in place. On resume pass the reader as the run started it (the same base and the
+            same initial adapter: a fresh adapter drawn with the same seed, or the same ``--adapter``):
+            the checkpoint restores the trained weights.
         task: the task (legend, question, canonical answers).
         train_samples / val_samples: samples with ``load_image()``, ``label`` / ``answer``, ``question``.
-        run_dir: where config, checkpoints, the adapter and the result go.
+        run_dir: where identity, config, checkpoints, the adapter and the result go.
         retrieval / retriever: a :class:`jomed_fast.retrieval.Retrieval` and the frozen retriever
             whose ``encode_images`` gives the query embeddings; both ``None``: reader only.
-        resume: continue from ``run_dir``'s latest checkpoint when there is one.
+        resume: continue from ``run_dir``'s latest checkpoint when there is one (refused, naming
+            them, when the inputs differ from the run's: ``IdentityMismatch``).
         progress: show a tqdm bar (loss, examples/s).
-        on_step: called after every optimizer step with ``{"step", "loss", "lr", "epoch", "index"}``.
+        on_step: called after every optimizer step with ``{"step", "loss", "lr", "epoch", "position"}``.
 
     Returns a :class:`ReaderTrainResult` (also written to ``run_dir/result.json``).
     """
     _check_args(config, reader, task, train_samples, val_samples, retrieval, retriever)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_config(run_dir, config, resume)
+    identity = _identity(config, reader, task, train_samples, val_samples, retrieval, retriever)
+    ckpt = open_run(run_dir, identity, config.to_dict(), resume)
     _seed_everything(config.seed)
     train, val = _build_examples(config, task, train_samples, val_samples, retrieval, retriever)
-    eval_bs = config.eval_batch_size or config.batch_size
     _set_gradient_checkpointing(reader, config.gradient_checkpointing)
-
-    run = _Run(config, reader, run_dir, len(train))
-    latest = latest_checkpoint(run_dir) if resume else None
-    if latest is not None:
-        run.restore(latest)
-    else:
-        _evaluate(run, val, eval_bs)  # step 0: the validation loss before training
-    reader.train()
-    reader.model.zero_grad(set_to_none=True)
-    bar = _progress_bar(progress, run.total_steps, run.step)
-    seen, busy = 0, 0.0  # examples trained by this process, and the seconds their steps took
+    stage1 = _ReaderStage(config, reader, train, val)
     try:
-        while run.step < run.total_steps:
-            micro = run.order.next_step(config.batch_size, config.grad_accum)
-            t0 = time.perf_counter()
-            loss = _optimizer_step(run, train, micro)
-            busy += time.perf_counter() - t0
-            seen += sum(len(m) for m in micro)
-            _after_step(run, val, eval_bs)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", val=f"{run.result.val_loss[-1][1]:.4f}",
-                                ex_s=f"{seen / max(busy, 1e-9):.1f}")
-            if on_step is not None:
-                on_step({"step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0], **run.order.state()})
+        state = run_loop(stage1, _loop_options(config, len(train)), run_dir, ckpt, progress=progress, on_step=on_step)
     finally:
-        if bar is not None:
-            bar.close()
         reader.model.zero_grad(set_to_none=True)
     reader.eval()
-    run.result.steps = run.step
-    run.result.examples_per_second = seen / busy if seen else 0.0
-    run.result.adapter_dir = reader.save_adapter(run_dir / ADAPTER_DIR)
-    atomic_write_json(run_dir / RESULT_FILE, run.result.to_dict())
-    return run.result
+    result = _result(state, stage1, run_dir, reader.save_adapter(run_dir / ADAPTER_DIR))
+    write_result(run_dir, result.to_dict())
+    return result

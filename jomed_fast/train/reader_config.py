@@ -6,33 +6,23 @@ Defaults are the reference's (LLaMA-Factory QLoRA SFT in github.com/Nirmaz/JOMED
 candidates per training sample (each its own example). Sizes are in *examples*: one example is one
 (sample, candidate) prompt, so an optimizer step sees ``batch_size * grad_accum`` examples.
 
-Every check raises ``ValueError`` naming the option, what was expected and what came.
+Every check raises ``ValueError`` naming the option, what was expected and what came
+(``config.lr: expected a finite float > 0.0, got 0``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
-from typing import Any
 
 from ..prompts import LAYOUTS
 from ._config import JsonConfig
 
-__all__ = ["ReaderTrainConfig"]
+__all__ = ["RESUME_FREE", "ReaderTrainConfig"]
 
-
-def _need(cond: bool, name: str, expected: str, got: Any) -> None:
-    if not cond:
-        raise ValueError(f"ReaderTrainConfig.{name}: expected {expected}, got {got!r}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+# options that cannot change the trained weights or the curves (a resume is exact whatever they are):
+# they may differ between a run and its resume
+RESUME_FREE = ("save_every", "keep")
 
 
 @dataclass(frozen=True)
@@ -81,28 +71,21 @@ class ReaderTrainConfig(JsonConfig):
     k_image: int = 2
 
     def __post_init__(self) -> None:
-        _need(_is_num(self.lr) and self.lr > 0, "lr", "a positive finite number", self.lr)
+        self._check_float("lr", 0.0, lo_open=True)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every", "keep"):
-            value = getattr(self, name)
-            _need(_is_int(value) and value >= 1, name, "an int >= 1", value)
-        _need(_is_num(self.warmup_ratio) and 0.0 <= self.warmup_ratio < 1.0, "warmup_ratio",
-              "a number in [0, 1)", self.warmup_ratio)
-        _need(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0",
-              self.weight_decay)
-        _need(self.max_grad_norm is None or (_is_num(self.max_grad_norm) and self.max_grad_norm >= 0),
-              "max_grad_norm", "None or a number >= 0", self.max_grad_norm)
-        _need(self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1), "max_steps",
-              "None or an int >= 1", self.max_steps)
-        _need(self.eval_batch_size is None or (_is_int(self.eval_batch_size) and self.eval_batch_size >= 1),
-              "eval_batch_size", "None or an int >= 1", self.eval_batch_size)
-        for name in ("class_balanced", "gradient_checkpointing"):
-            _need(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
-        _need(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0", self.seed)
-        _need(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}", self.layout)
-        for name in ("k_text", "k_image"):
-            _need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0", getattr(self, name))
-        _need(self.k_text + self.k_image >= 1, "k_text + k_image", "at least 1 candidate per sample",
-              self.k_text + self.k_image)
+            self._check_int(name, 1)
+        self._check_float("warmup_ratio", 0.0, 1.0, hi_open=True)
+        self._check_float("weight_decay", 0.0)
+        self._check_float("max_grad_norm", 0.0, optional=True)
+        self._check_int("max_steps", 1, optional=True)
+        self._check_int("eval_batch_size", 1, optional=True)
+        self._check_bool("class_balanced", "gradient_checkpointing")
+        self._check_int("seed", 0)
+        self._check_choice("layout", LAYOUTS)
+        self._check_int("k_text", 0)
+        self._check_int("k_image", 0)
+        if self.k_text + self.k_image < 1:
+            self._fail("k_text + k_image", "at least 1 candidate per sample", self.k_text + self.k_image)
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> str:

@@ -1,4 +1,4 @@
-r"""Stage 1's data: (sample, candidate) examples, class balancing, the frozen retrieval, the epoch order.
+r"""Stage 1's data: (sample, candidate) examples, class balancing, the frozen retrieval.
 
 * **Examples.** With retrieval, each of the S training samples gets its K = ``k_text + k_image``
   candidates from the frozen retriever (text head first, then image head, as
@@ -9,9 +9,8 @@ r"""Stage 1's data: (sample, candidate) examples, class balancing, the frozen re
   with the plain query prompt (``candidate=None``).
 * **Class balancing** (optional, the reference's): every class is truncated to the minority
   class's count :math:`m = \min_c |S_c|` by a seeded random subset of each class (kept in data order).
-* **Order.** :class:`EpochOrder` draws one permutation of the examples per epoch from a
-  ``torch.Generator`` that holds the state *at the start of the current epoch*, so the data position
-  ``(epoch, index)`` and that generator's state resume the stream exactly.
+* **Order.** The examples' order is the trainers' one (:class:`.data_order.DataOrder`: the
+  permutation of epoch e a pure function of the seed and e).
 * **Encoding.** A micro-batch of examples goes through :func:`jomed_fast.prompts.build_messages`
   (layout, task legend and question, candidate) and the reader's processor
   (``encode_batch(..., answers=...)``: chat template, image placeholders expanded, right padding,
@@ -30,7 +29,7 @@ import torch
 
 from ..prompts import Candidate, as_image, build_messages
 
-__all__ = ["EpochOrder", "Example", "ExampleSet", "balanced_indices", "retrieve_candidates"]
+__all__ = ["Example", "ExampleSet", "balanced_indices", "retrieve_candidates"]
 
 
 @dataclass(frozen=True)
@@ -155,58 +154,3 @@ class ExampleSet:
     def batches(self, batch_size: int) -> list[list[int]]:
         """Consecutive micro-batches over every example, in order (validation)."""
         return [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
-
-
-class EpochOrder:
-    """The training stream: epoch after epoch, a fresh permutation of ``n`` examples.
-
-    ``generator`` always holds the state at the start of epoch ``epoch``; the epoch's permutation is
-    drawn from a copy of it, and the generator itself advances (by drawing that permutation) only
-    when the epoch ends. ``(epoch, index, generator state)`` is therefore the whole data position.
-    """
-
-    def __init__(self, n: int, seed: int):
-        if n < 1:
-            raise ValueError(f"n: expected at least one training example, got {n}")
-        self.n = int(n)
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.epoch = 0
-        self.index = 0
-        self._perm: list[int] | None = None
-
-    def permutation(self) -> list[int]:
-        if self._perm is None:
-            g = torch.Generator()
-            g.set_state(self.generator.get_state())
-            self._perm = torch.randperm(self.n, generator=g).tolist()
-        return self._perm
-
-    def next_step(self, batch_size: int, grad_accum: int) -> list[list[int]]:
-        """The micro-batches (example indices) of the next optimizer step; a step never crosses an
-        epoch's end (the epoch's last step may have fewer or smaller micro-batches)."""
-        perm = self.permutation()
-        out, i = [], self.index
-        while len(out) < grad_accum and i < self.n:
-            out.append(perm[i:i + batch_size])
-            i += batch_size
-        return out
-
-    def advance(self, count: int) -> None:
-        self.index += int(count)
-        if self.index >= self.n:
-            torch.randperm(self.n, generator=self.generator)  # the ended epoch's draw: start of the next
-            self.epoch += 1
-            self.index = 0
-            self._perm = None
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def restore(self, state: dict) -> None:
-        """Set the position (the generator's state is restored by ``load_checkpoint``)."""
-        self.epoch, self.index, self._perm = int(state["epoch"]), int(state["index"]), None
-
-    @staticmethod
-    def steps_per_epoch(n: int, batch_size: int, grad_accum: int) -> int:
-        micro = -(-n // batch_size)
-        return -(-micro // grad_accum)

@@ -51,19 +51,18 @@ undoes (up to its epsilon).
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
 from ._config import JsonConfig
 
-__all__ = ["HEADS", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
+__all__ = ["HEADS", "RESUME_FREE", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
 
 HEADS = ("text", "image")
 TARGETS = ("gold", "gold_with_retriever_prior")
 SELECTIONS = ("last", "best_val_accuracy")
 LAYOUTS = ("shared_query", "paper")
 CLASS_MODES = ("auto", "first_token", "sequence")
-# options that do not change the trajectory: they may differ between a run and its resume
+# options that cannot change the trained weights (a resume is exact whatever they are; the score
+# cache is exact wherever it is): they may differ between a run and its resume
 RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "cache_path", "eval_each_epoch")
 
 
@@ -103,57 +102,26 @@ class RetrieverTrainConfig(JsonConfig):
         self.validate()
 
     # ------------------------------------------------------------------------------ checks
-    @staticmethod
-    def _fail(name: str, expected: str, got: Any) -> None:
-        raise ValueError(f"config.{name}: expected {expected}, got {got!r}")
-
-    def _int(self, name: str, lo: int, optional: bool = False) -> None:
-        v = getattr(self, name)
-        if optional and v is None:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            self._fail(name, f"an int >= {lo}" + (" or None" if optional else ""), v)
-
-    def _float(self, name: str, lo: float, *, strict: bool, hi: float = math.inf, optional: bool = False) -> None:
-        v = getattr(self, name)
-        if optional and v is None:
-            return
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ok = ok and (v > lo if strict else v >= lo) and v <= hi
-        if not ok:
-            rng = f"{'>' if strict else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
-            self._fail(name, f"a finite float {rng}" + (" or None" if optional else ""), v)
-        if v is not None:
-            setattr(self, name, float(v))
-
-    def _choice(self, name: str, choices: tuple) -> None:
-        if getattr(self, name) not in choices:
-            self._fail(name, f"one of {choices}", getattr(self, name))
-
     def validate(self) -> RetrieverTrainConfig:
-        self._choice("head", HEADS)
-        self._choice("target", TARGETS)
-        self._choice("layout", LAYOUTS)
-        self._choice("class_mode", CLASS_MODES)
-        self._choice("select", SELECTIONS)
+        for name, choices in (("head", HEADS), ("target", TARGETS), ("layout", LAYOUTS), ("class_mode", CLASS_MODES),
+                              ("select", SELECTIONS)):
+            self._check_choice(name, choices)
         if self.select != "last" and not self.eval_each_epoch:
             self._fail("select", "'last' when eval_each_epoch is False (selection needs the evaluations)", self.select)
         for name in ("k", "select_k", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
-            self._int(name, 1)
+            self._check_int(name, 1)
         for name in ("warmup_steps", "n_trainable", "seed"):
-            self._int(name, 0)
-        self._int("max_steps", 1, optional=True)
-        self._int("refresh_every", 0, optional=True)
-        self._int("memory_budget", 1, optional=True)
-        self._float("tau_retriever", 0.0, strict=True)
-        self._float("tau_reader", 0.0, strict=True)
-        self._float("lr", 0.0, strict=False)
-        self._float("weight_decay", 0.0, strict=False)
-        self._float("alpha", 0.0, strict=False, hi=1.0, optional=True)
-        self._float("grad_clip", 0.0, strict=True, optional=True)
-        for name in ("shuffle", "sequence_normalize", "eval_each_epoch"):
-            if not isinstance(getattr(self, name), bool):
-                self._fail(name, "a bool", getattr(self, name))
+            self._check_int(name, 0)
+        self._check_int("max_steps", 1, optional=True)
+        self._check_int("refresh_every", 0, optional=True)
+        self._check_int("memory_budget", 1, optional=True)
+        self._check_float("tau_retriever", 0.0, lo_open=True)
+        self._check_float("tau_reader", 0.0, lo_open=True)
+        self._check_float("lr", 0.0)
+        self._check_float("weight_decay", 0.0)
+        self._check_float("alpha", 0.0, 1.0, optional=True)
+        self._check_float("grad_clip", 0.0, lo_open=True, optional=True)
+        self._check_bool("shuffle", "sequence_normalize", "eval_each_epoch")
         if self.cache_path is not None and not isinstance(self.cache_path, str):
             self._fail("cache_path", "a str path or None", self.cache_path)
         return self
@@ -162,9 +130,3 @@ class RetrieverTrainConfig(JsonConfig):
     @property
     def refresh_on(self) -> bool:
         return bool(self.refresh_every)
-
-    def resume_differences(self, saved: dict) -> list[str]:
-        """Options (other than ``RESUME_FREE``) whose value differs from a saved run's config."""
-        mine = self.to_dict()
-        return sorted(k for k in set(mine) | set(saved)
-                      if k not in RESUME_FREE and mine.get(k) != saved.get(k))

@@ -4,27 +4,34 @@ In stage 2 the reader is frozen and deterministic (eval mode), so the class log-
 a (query, candidate) pair, :math:`\log p_C(c \mid z_k, q) \in \mathbb{R}^C`, never change during
 the run. The cache stores that whole row once per pair, keyed by
 
-    (reader fingerprint, task name, layout, query id, candidate id)
+    (reader fingerprint, task name, layout, query key, candidate key)
 
-(``layout`` also names the scoring mode, e.g. ``"shared_query|first_token|norm"``), so each pair is
-scored once for the whole run — and for any later run with the same reader — and any gold label
-or metric can be computed from the stored row.
+(``layout`` also names the scoring mode, e.g. ``"shared_query|first_token|norm"``; the keys are
+the pair's *content*, :func:`.pair_scores.query_key` / :func:`.pair_scores.record_key`: the
+images' bytes, the question and the caption, never ids or paths), so each pair is scored once for
+the whole run — and for any later run with the same reader and the same contents — and a cache
+reused after the reader or a record changed serves none of the old scores.
 
 File format (little-endian), one file, only ever appended to::
 
     file   := b"JOMEDSC1" frame*
     frame  := b"FRM1" u32 payload_len u32 crc32(payload) payload
     payload:= u32 json_len  json  float32[n, C]
-    json   := {"ns": [fingerprint, task, layout], "C": C, "pairs": [[query id, candidate id], ...],
+    json   := {"ns": [fingerprint, task, layout], "C": C, "pairs": [[query key, candidate key], ...],
                "seconds": [reader seconds per pair, ...]}
 
 A frame holds all the pairs one batch scored and is written with one ``write`` then ``fsync``: a
 batch is in the cache entirely or not at all. On open every frame is checked (magic, length,
-CRC32); the first bad one — the torn tail of a crash mid-write — and everything after it is
-truncated away (``stats.truncated_bytes``). Keys already present are never appended again
-(``append`` skips them), so the file holds one record per distinct pair; a duplicate met on open
-(which this writer never produces) is counted in ``stats.duplicates_on_disk`` and the first copy
-kept. One writer at a time: the file is locked (``flock``) while open.
+CRC32). A torn tail — the last frame cut short by a crash mid-write — is truncated away
+(``stats.truncated_bytes``). A damaged frame with whole frames after it loses only itself: the
+reader resynchronises at the next frame magic that starts a valid frame, the damaged bytes are
+dropped (the file is rewritten without them, atomically), and a :class:`CacheDamageWarning`
+(stderr) names the file and how many frames and bytes were lost (``stats.dropped_frames``,
+``stats.dropped_bytes``); their pairs are scored again when met. Keys already present are never
+appended again (``append`` skips them), so the file holds one record per distinct pair; a
+duplicate met on open (which this writer never produces) is counted in
+``stats.duplicates_on_disk`` and the first copy kept. One writer at a time: the file is locked
+(``flock``) while open.
 
 Statistics (``stats``): ``hits`` / ``misses`` of ``lookup`` calls, ``scored_pairs`` and
 ``reader_seconds`` of ``append`` calls in this process, and ``saved_seconds`` — the sum, over the
@@ -40,13 +47,16 @@ import fcntl
 import json
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CacheStats", "Namespace", "ScoreCache"]
+from .._files import make_temp_file
+
+__all__ = ["CacheDamageWarning", "CacheStats", "Namespace", "ScoreCache"]
 
 FILE_MAGIC = b"JOMEDSC1"
 FRAME_MAGIC = b"FRM1"
@@ -54,6 +64,10 @@ _FRAME_HEAD = struct.Struct("<4sII")
 _U32 = struct.Struct("<I")
 
 Namespace = tuple  # (reader fingerprint, task name, layout): str, str, str
+
+
+class CacheDamageWarning(UserWarning):
+    """Whole frames of a score cache were damaged and dropped on open (their pairs get rescored)."""
 
 
 @dataclasses.dataclass
@@ -66,7 +80,9 @@ class CacheStats:
     scored_pairs: int = 0  # appended by this process
     reader_seconds: float = 0.0  # reader time of the appended pairs
     saved_seconds: float = 0.0  # reader time the hits would have cost (their recorded seconds)
-    truncated_bytes: int = 0  # torn tail removed on open
+    truncated_bytes: int = 0  # torn (or damaged) tail removed on open
+    dropped_frames: int = 0  # damaged frames before valid ones, dropped on open
+    dropped_bytes: int = 0
     duplicates_on_disk: int = 0
 
     @property
@@ -127,22 +143,88 @@ class ScoreCache:
             f.write(FILE_MAGIC)
             self._sync()
             return
-        off = len(FILE_MAGIC)
+        spans, damaged, off = [], [], len(FILE_MAGIC)
         while off < len(data):
             frame = self._parse_frame(data, off)
-            if frame is None:
-                self._truncate(off, len(data) - off)
+            if frame is not None:
+                self._add_frame(frame)
+                spans.append((off, frame[0]))
+                off = frame[0]
+                continue
+            resume_at = self._next_frame(data, off + 1)
+            if resume_at is None:  # the tail: cut at the first bad byte
+                self._cut_tail(data, off)
                 break
-            end, ns, _C, pairs, seconds, rows = frame
-            for (qid, cid), sec, row in zip(pairs, seconds, rows):
-                key = (ns, qid, cid)
-                if key in self._rows:
-                    self.stats.duplicates_on_disk += 1
-                    continue
-                self._rows[key] = row
-                self._seconds[key] = float(sec)
-            off = end
+            damaged.append((off, resume_at))
+            off = resume_at
         self.stats.records = len(self._rows)
+        if damaged:
+            self._drop(data, spans, damaged)
+
+    def _add_frame(self, frame) -> None:
+        _end, ns, _C, pairs, seconds, rows = frame
+        for (qid, cid), sec, row in zip(pairs, seconds, rows):
+            key = (ns, qid, cid)
+            if key in self._rows:
+                self.stats.duplicates_on_disk += 1
+                continue
+            self._rows[key] = row
+            self._seconds[key] = float(sec)
+
+    def _next_frame(self, data: bytes, start: int) -> int | None:
+        """The offset of the next valid frame at or after ``start``, or None."""
+        at = data.find(FRAME_MAGIC, start)
+        while at != -1:
+            if self._parse_frame(data, at) is not None:
+                return at
+            at = data.find(FRAME_MAGIC, at + 1)
+        return None
+
+    def _cut_tail(self, data: bytes, off: int) -> None:
+        """Truncate at ``off``. A torn frame (what a crash mid-write leaves: the start of a frame whose
+        bytes run past the end of the file) goes silently; anything else there is reported."""
+        tail = data[off:]
+        if len(tail) < _FRAME_HEAD.size:
+            torn = FRAME_MAGIC.startswith(tail[: len(FRAME_MAGIC)])
+        else:
+            magic, length, _crc = _FRAME_HEAD.unpack_from(tail, 0)
+            torn = magic == FRAME_MAGIC and _FRAME_HEAD.size + length > len(tail)
+        self._truncate(off, len(tail))
+        if not torn:
+            self._warn(max(1, tail.count(FRAME_MAGIC)), len(tail), [off])
+
+    def _drop(self, data: bytes, spans: list, damaged: list) -> None:
+        """Rewrite the file with its valid frames only (atomically, the lock moving with it), and warn."""
+        frames = sum(max(1, data.count(FRAME_MAGIC, a, b)) for a, b in damaged)
+        nbytes = sum(b - a for a, b in damaged)
+        self.stats.dropped_frames += frames
+        self.stats.dropped_bytes += nbytes
+        fd, tmp = make_temp_file(self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+        new = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(new.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            new.write(FILE_MAGIC + b"".join(data[a:b] for a, b in spans))
+            new.flush()
+            os.fsync(new.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            new.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._file.close()
+        self._file = new
+        self._warn(frames, nbytes, [a for a, _ in damaged])
+
+    def _warn(self, frames: int, nbytes: int, offsets: list[int]) -> None:
+        warnings.warn(f"score cache {str(self.path)!r}: dropped {frames} damaged frame(s), {nbytes} bytes at offset(s) "
+                      f"{offsets}; every other frame is kept and the lost pairs will be scored again",
+                      CacheDamageWarning, stacklevel=5)
 
     @staticmethod
     def _parse_frame(data: bytes, off: int):

@@ -1,0 +1,136 @@
+r"""Stage 2's model side, for one head: the trained query encoder, the candidate encoder that
+retrieves the training candidates (a frozen copy of the learned encoder, re-copied by ``refresh``),
+the batch (candidates from the index, the reader's gold log-likelihoods through the score cache,
+the candidates' fixed embeddings), and the evaluation (KL, top-1 agreement, the fused accuracy of
+the head alone and, with a :class:`Partner` — the other head as inference runs it — of the whole
+system). Used by :mod:`.retriever` (the trainer).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..identity import json_digest
+from ..retriever.dual import QueryEncoder
+from .data_order import epoch_batches
+from .loop import encoder_fingerprint
+from .pair_scores import CandidateKeys, PairScores, gold_log_likelihoods
+from .retriever_data import QuerySet
+from .retriever_loss import retriever_scores, top1_agreement
+
+__all__ = ["HeadModel", "Partner", "evaluate_retriever"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Partner:
+    """The other head as inference runs it: its query ``encoder`` (a ``QueryEncoder``, or a base
+    encoder with ``encode_images``; frozen here) and how many candidates ``k`` it brings."""
+
+    encoder: Any
+    k: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"partner.k: expected an int >= 1, got {self.k!r}")
+        if not (isinstance(self.encoder, QueryEncoder) or hasattr(self.encoder, "encode_images")):
+            raise TypeError(f"partner.encoder: expected a QueryEncoder or an encoder with encode_images, "
+                            f"got {type(self.encoder).__name__}")
+
+    @torch.no_grad()
+    def embed(self, images: list) -> torch.Tensor:
+        if isinstance(self.encoder, QueryEncoder):
+            return self.encoder(images)
+        return self.encoder.encode_images(images)
+
+    def fingerprint(self) -> str:
+        return json_digest({"encoder": encoder_fingerprint(self.encoder), "k": self.k})
+
+
+# ------------------------------------------------------------------------------------------ model
+class HeadModel:
+    """One head's model side: the query encoder, the candidate encoder, retrieval and reader scores."""
+
+    def __init__(self, config, encoder: QueryEncoder, retrieval, pairs: PairScores, partner: Partner | None = None):
+        self.config, self.encoder, self.partner, self.retrieval, self.pairs = config, encoder, partner, retrieval, pairs
+        self.candidate_keys = CandidateKeys(retrieval)
+        self.candidate_encoder = copy.deepcopy(encoder.learned).eval().requires_grad_(False)
+        trainable = [(n, p) for n, p in encoder.learned.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("retriever: no trainable parameters (n_trainable = 0?)")
+        self.trainable = [p for _, p in trainable]
+        cand = dict(self.candidate_encoder.named_parameters())
+        self.params = {f"learned.{n}": p for n, p in trainable}
+        self.params.update({f"candidate_encoder.{n}": cand[n] for n, _ in trainable})
+
+    def refresh(self) -> None:
+        """Copy the learned encoder into the candidate encoder (the reference's base-retriever update)."""
+        with torch.no_grad():
+            self.candidate_encoder.load_state_dict(self.encoder.learned.state_dict())
+
+    def _rows(self, queries: QuerySet, idx: list[int], images: list, got) -> torch.Tensor:
+        return self.pairs.rows([queries.keys[i] for i in idx], images, queries.questions_of(idx),
+                               self.candidate_keys(got.ids), got.candidates)
+
+    def batch(self, queries: QuerySet, idx: list[int]):
+        """Reader gold log-likelihoods ``r [B, K]``, candidate embeddings ``e [B, K, D]``, the B images."""
+        cfg = self.config
+        images = queries.images(idx)
+        with torch.no_grad():
+            qc = self.candidate_encoder.encode_images(images)
+        kt, ki = (cfg.k, 0) if cfg.head == "text" else (0, cfg.k)
+        got = self.retrieval.search(qc, k_text=kt, k_image=ki)
+        r = gold_log_likelihoods(self._rows(queries, idx, images, got), queries.labels[idx])
+        return r, self.retrieval.embeddings(cfg.head, got.ids), images
+
+    def train_mode(self, on: bool) -> None:
+        """Train mode for the learned encoder only; the mixing anchor and candidate encoder stay in eval."""
+        self.encoder.train(on)
+        self.encoder.frozen.eval()
+        self.candidate_encoder.eval()
+
+    def query_embeddings(self, images: list) -> torch.Tensor:
+        """``q̃ [B, D]``: the learned encoder mixed with the anchor (``QueryEncoder``), with grad."""
+        return self.encoder(images)
+
+    def fused_hits(self, queries: QuerySet, idx: list[int], images: list, with_partner: bool = False) -> int:
+        """How many of the queries ``idx`` are answered right by the head's top ``select_k`` under
+        the trained (mixed) query embedding — with the partner head's top k when ``with_partner`` —
+        fused by the paper rule (``softmax(s)``, tau 1)."""
+        cfg = self.config
+        other = "image" if cfg.head == "text" else "text"
+        k = {cfg.head: cfg.select_k, other: 0}
+        q = self.query_embeddings(images)
+        if with_partner:
+            k[other] = self.partner.k
+            q = {cfg.head: q, other: self.partner.embed(images)}
+        got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"])
+        rows = self._rows(queries, idx, images, got)
+        fused = ops.fuse_candidates(rows, got.scores.to(rows.dtype), 1.0)
+        return int((fused.argmax(-1) == queries.labels[idx]).sum())
+
+
+@torch.no_grad()
+def evaluate_retriever(heads: HeadModel, queries: QuerySet) -> dict:
+    """KL (paper target, config temperatures), top-1 agreement, the head-only fused accuracy and,
+    with a partner, the system accuracy (``fused_hits``), averaged over the queries."""
+    cfg = heads.config
+    heads.train_mode(False)
+    kl_sum, agree_sum, hits, system_hits = 0.0, 0, 0, 0
+    for idx in epoch_batches(list(range(len(queries))), cfg.batch_size):
+        r, e, images = heads.batch(queries, idx)
+        s = retriever_scores(heads.query_embeddings(images), e)
+        kl_sum += float(ops.retrieval_kl_loss(s, r, cfg.tau_retriever, cfg.tau_reader, reduction="sum"))
+        agree_sum += int(top1_agreement(s, r).sum())
+        hits += heads.fused_hits(queries, idx, images)
+        if heads.partner is not None:
+            system_hits += heads.fused_hits(queries, idx, images, with_partner=True)
+    n = len(queries)
+    out = {"kl": kl_sum / n, "agreement": agree_sum / n, "accuracy": hits / n, "queries": n}
+    if heads.partner is not None:
+        out["system_accuracy"] = system_hits / n
+    return out
