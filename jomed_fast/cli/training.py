@@ -18,7 +18,7 @@ from .options import Command, Opt, config_from, config_options
 def _samples(path: str, task, skip_bad: bool):
     from ..data import load_samples
 
-    return load_samples(path, task, skip_bad=skip_bad)
+    return load_samples(path, task, skip_bad=skip_bad, verify_images="decode")
 
 
 SPLIT_OPTS = (Opt("train", str, None, "training samples JSONL", required=True),
@@ -47,12 +47,13 @@ def run_train_reader(v: dict) -> int:
     task = get_task(v["task"])
     config = config_from(ReaderTrainConfig, v, layout=v["layout"])
     quant = None if v["quantization"] == "none" else v["quantization"]
+    # the data and the index first: a bad file is reported before a reader of many GB loads
+    train = _samples(v["train"], task, v["skip_bad"])
+    val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else []
+    retrieval, encoder = load_retrieval_from(v)
     torch.manual_seed(v["seed_lora"])
     lora = v["adapter"] or {"r": v["lora_r"], "alpha": 2 * v["lora_r"]}
     reader = load_reader(v["reader"], quantization=quant, lora=lora, device=v["device"], lora_trainable=True)
-    retrieval, encoder = load_retrieval_from(v)
-    train = _samples(v["train"], task, v["skip_bad"])
-    val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else []
     result = train_reader(config, reader, task, train, val, v["run_dir"], retrieval=retrieval, retriever=encoder,
                           resume=v["resume"], progress=v["progress"])
     print(json.dumps({"adapter": str(result.adapter_dir), "best_val_loss": result.best_val_loss,
@@ -80,11 +81,11 @@ def run_train_retriever(v: dict) -> int:
     task = get_task(v["task"])
     config = config_from(RetrieverTrainConfig, v, layout=v["layout"])
     quant = None if v["quantization"] == "none" else v["quantization"]
+    train = _samples(v["train"], task, v["skip_bad"])  # before the reader loads, as above
+    val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else None
+    retrieval, encoder = load_retrieval_from(v)
     reader = load_reader(v["reader"], quantization=quant, lora=v["adapter"], device=v["device"])
     reader.model.requires_grad_(False)
-    retrieval, encoder = load_retrieval_from(v)
-    train = _samples(v["train"], task, v["skip_bad"])
-    val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else None
     run = Path(v["run_dir"])
     if v["heads"] == "both":
         trained = train_retriever_heads(config, reader, task, encoder, retrieval, train, val, run,
