@@ -23,7 +23,7 @@ option                 default    where it comes from
                                   retriever every that many steps)
 ``alpha``              0.15       ``src/jomed.py`` ``partial_encoding``: ``0.15 q_learned + 0.85
                                   q_fixed`` (``--partial_learning_query_embeddings``)
-``n_trainable``        10         the issue / paper (last 10 image-tower layers); the reference
+``n_trainable``        10         the paper (the last 10 image-tower layers); the reference
                                   code freezes by model type and shows no such number for jina
 ``seed``               10         scripts: ``--seed 10``
 ``target``             "gold"     the paper's SPD target ``softmax(log p(a|z_k,q) / tau_reader)``;
