@@ -29,6 +29,7 @@ from bench import _harness as H
 from jomed_fast import prompts as _prompts
 from jomed_fast.scoring import Candidate, CandidateScorer
 from jomed_fast.scoring import flops as F
+from jomed_fast.tasks.verbalizer import build_verbalizer
 
 CHUNK = 5  # prompts per generate call in the published code
 MAX_NEW_TOKENS = 8
@@ -237,7 +238,7 @@ def check_agreement(runs: dict, tolerance: float) -> dict[str, float]:
 
 def build_methods(reader, task, names: list[str]) -> list:
     """The methods named (``hf_batched``: one per layout), in that order."""
-    class_ids = list(task.verbalizer(reader.tokenizer).class_token_ids)
+    class_ids = list(build_verbalizer(task, reader.tokenizer).class_token_ids)
     out = []
     for name in names:
         if name == "reference_loop":

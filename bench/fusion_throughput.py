@@ -36,7 +36,7 @@ from bench import _harness as H  # noqa: E402
 from bench._fusion import (MAX_NEW_TOKENS, add_reader_args, build_methods, check_agreement, counted_call,  # noqa: E402,F401
                            load, make_workload, method_flops, padding_factors, prompt_shapes)
 from jomed_fast.scoring import flops as F  # noqa: E402
-from jomed_fast.tasks import get_task  # noqa: E402
+from jomed_fast.tasks import build_verbalizer, get_task  # noqa: E402
 
 METHODS = ("reference_loop", "hf_batched", "jomed_paper", "jomed_shared_query")
 RECORD_FIELDS = ("method", "layout", "K", "queries_per_s", "candidates_per_s", "speedup_vs_hf_batched",
@@ -196,7 +196,7 @@ def run_k(K: int, methods: list, qimgs, cands, args, device, memory: H.PeakMemor
 def measure(args, reader, task, methods, qimgs, cands, device, tolerance: float) -> dict:
     """Every K: the runs, their records and FLOPs, the load average and the padding factors."""
     dec, vis = F.decoder_shape(reader.config), F.vision_shape(reader.config)
-    num_classes = task.verbalizer(reader.tokenizer).num_classes
+    num_classes = build_verbalizer(task, reader.tokenizer).num_classes
     memory = H.PeakMemory(device)
     out = {"records": [], "runs": {}, "flops": {}, "load_by_k": {}, "padding": {}}
     for i, K in enumerate(args.k):

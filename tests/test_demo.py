@@ -32,9 +32,9 @@ def test_smoke_demo_runs_every_step_and_resumes(smoke):
     for system in ("reader_only", "ft_rag", "jomed", "jomed_no_retrieval", "jomed_random_retrieval",
                    "jomed_no_query_image"):
         recs = read_predictions(tmp_path / "predictions" / f"{system}.jsonl")
-        assert len(recs) == config.n_test
+        assert len(recs) == config.data.n_test
         assert len(recs[0].candidates) == (1 if system in ("reader_only", "jomed_no_retrieval")
-                                           else config.k_text + config.k_image)
+                                           else config.inference.k_text + config.inference.k_image)
     assert set(summary["main"]) == {"reader_only", "ft_rag", "jomed"}
     assert set(summary["robustness"]) == {"jomed", "no retrieval", "random retrieval", "no query image",
                                           "uniform random"}
@@ -51,7 +51,7 @@ def test_smoke_demo_runs_every_step_and_resumes(smoke):
     assert {k: again[k] for k in ("main", "oracle", "checks")} == {k: summary[k] for k in ("main", "oracle", "checks")}
     assert json.loads((report / "summary.json").read_text())["main"] == summary["main"]
     with pytest.raises(ValueError, match=r"out_dir: .*other settings \(\['n_test'\]\)"):
-        run_demo(tmp_path, PRESETS["smoke"].__class__(**{**config.to_dict(), "n_test": 13}), progress=False)
+        run_demo(tmp_path, config.replace(n_test=13), progress=False)
 
 
 def test_smoke_demo_reports_the_findings_as_informational_and_exits_0(smoke, capsys):
@@ -86,7 +86,7 @@ def test_a_preset_that_asserts_the_findings_exits_1_when_one_fails(tmp_path, cap
     # the same summary on a preset too small for the findings: informational, exit 0
     assert main(["demo", "--preset", "ci", "--out", str(tmp_path), "--no-progress", "--n-test", "7"]) == 0
     assert "findings (informational: the ci preset is too small for them): 1 of 2 hold" in capsys.readouterr().out
-    assert seen[-1].n_test == 7 and not seen[-1].asserts_findings  # flags keep the preset's property
+    assert seen[-1].data.n_test == 7 and not seen[-1].asserts_findings  # flags keep the preset's property
     # every finding held: exit 0 on a preset that asserts them
     monkeypatch.setattr(jomed_fast.demo, "run_demo", _fake_run_demo(dict.fromkeys(checks, True), seen))
     assert main(["demo", "--preset", "full", "--out", str(tmp_path), "--no-progress"]) == 0

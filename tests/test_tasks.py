@@ -350,7 +350,7 @@ def test_format_then_parse_round_trips(data):
 def test_verbalizer_single_label(hf_tok):
     for name in ("breast", "derma", "retina", "synthetic", "vqa_rad_closed"):
         task = get_task(name)
-        v = task.verbalizer(hf_tok)
+        v = build_verbalizer(task, hf_tok)
         assert v.end_token_id == hf_tok.convert_tokens_to_ids("<|im_end|>")
         assert len(v.sequences) == task.num_classes
         for c, seq in enumerate(v.sequences):
@@ -358,13 +358,13 @@ def test_verbalizer_single_label(hf_tok):
             assert v.target_ids(c) == list(seq) + [v.end_token_id]
         assert v.first_tokens_unique and len(set(v.class_token_ids)) == task.num_classes
         assert set(v.allowed_token_ids) == {t for s in v.sequences for t in s} | {v.end_token_id}
-    v = get_task("derma").verbalizer(hf_tok)
+    v = build_verbalizer(get_task("derma"), hf_tok)
     assert v.single_token and v.class_token_ids == tuple(s[0] for s in v.sequences)
 
 
 def test_verbalizer_multilabel_multi_token_classes(hf_tok):
     task = get_task("vindr_pcxr")
-    v = task.verbalizer(hf_tok)
+    v = build_verbalizer(task, hf_tok)
     assert len(v.sequences[10]) == 2  # digits are split: "10" = "1", "0"
     assert not v.single_token and not v.first_tokens_unique
     with pytest.raises(ValueError, match="share their first token"):
@@ -391,7 +391,7 @@ def test_verbalizer_multilabel_multi_token_classes(hf_tok):
 
 
 def test_verbalizer_tensors_and_logits_processor(hf_tok):
-    v = get_task("vindr_pcxr").verbalizer(hf_tok)
+    v = build_verbalizer(get_task("vindr_pcxr"), hf_tok)
     ids, mask = v.padded_sequences(pad_id=-1)
     assert ids.shape == (15, 3) and mask.sum(1).tolist() == [2] * 10 + [3] * 5
     assert (ids[~mask] == -1).all()
@@ -418,44 +418,44 @@ def test_verbalizer_tensors_and_logits_processor(hf_tok):
 
 def test_verbalizer_raw_tokenizers_object_and_end_token(bpe_raw):
     derma = get_task("derma")
-    v = derma.verbalizer(bpe_raw)  # no eos on a raw tokenizers.Tokenizer: fine for single digits
+    v = build_verbalizer(derma, bpe_raw)  # no eos on a raw tokenizers.Tokenizer: fine for single digits
     assert v.end_token_id is None and v.single_token
     with pytest.raises(ValueError, match="need an end-of-answer token"):
-        get_task("brset").verbalizer(bpe_raw)
-    v = get_task("brset").verbalizer(bpe_raw, end_token="<|im_end|>")
+        build_verbalizer(get_task("brset"), bpe_raw)
+    v = build_verbalizer(get_task("brset"), bpe_raw, end_token="<|im_end|>")
     assert v.end_token_id == bpe_raw.token_to_id("<|im_end|>")
-    assert get_task("brset").verbalizer(bpe_raw, end_token=v.end_token_id) == v
+    assert build_verbalizer(get_task("brset"), bpe_raw, end_token=v.end_token_id) == v
     with pytest.raises(ValueError, match="not one token"):
-        derma.verbalizer(bpe_raw, end_token="end of answer")
+        build_verbalizer(derma, bpe_raw, end_token="end of answer")
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        derma.verbalizer(bpe_raw, end_token=10**6)
+        build_verbalizer(derma, bpe_raw, end_token=10**6)
     # "1" is a prefix of "10": without an end token the classes cannot be told apart
     t = Task(name="prefix_case", kind="multiclass", labels=("1", "10"), question="?")
     with pytest.raises(ValueError, match="is a prefix of"):
-        t.verbalizer(bpe_raw)
-    v = t.verbalizer(bpe_raw, end_token="<|im_end|>")
+        build_verbalizer(t, bpe_raw)
+    v = build_verbalizer(t, bpe_raw, end_token="<|im_end|>")
     assert v.allowed_next(v.sequences[0]) == tuple(sorted({v.end_token_id, v.sequences[1][1]}))
     with pytest.raises(TypeError, match="tokenizer"):
-        derma.verbalizer(object())
+        build_verbalizer(derma, object())
 
 
 def test_verbalizer_rejects_indistinguishable_classes():
     tok = _metaspace("always", split_punct=True)
     t = Task(name="unk_case", kind="binary", labels=("benign", "malignant"), question="?")
     with pytest.raises(ValueError, match="cannot represent label 'benign'"):
-        t.verbalizer(tok)
+        build_verbalizer(t, tok)
     # labels merged with the separator into one token ("0,"): answers could not be split
     merged = _metaspace("always", split_punct=False)
     with pytest.raises(ValueError, match="merges label"):
-        get_task("brset").verbalizer(merged, end_token="</s>")
+        build_verbalizer(get_task("brset"), merged, end_token="</s>")
     with pytest.raises(ValueError, match="no label set"):
-        get_task("pathvqa_open").verbalizer(tok)
+        build_verbalizer(get_task("pathvqa_open"), tok)
 
 
 def test_verbalizer_sentencepiece_style_continuations():
     tok = _metaspace("never", split_punct=True)  # "3" at the start, "▁3" after ", "
     task = get_task("brset")
-    v = task.verbalizer(tok, end_token="</s>")
+    v = build_verbalizer(task, tok, end_token="</s>")
     three, sp_three = tok.token_to_id("3"), tok.token_to_id("▁3")
     assert v.sequences[3] == (three,) and v.continuation_sequences[3] == (sp_three,)
     assert v.separator_ids == (tok.token_to_id(","),)
@@ -466,7 +466,7 @@ def test_verbalizer_sentencepiece_style_continuations():
     for k in range(len(ids)):
         assert ids[k] in v.allowed_next(ids[:k])
     # prefix_space: the answer is " " + label
-    vb = get_task("breast").verbalizer(tok, end_token="</s>", prefix_space=True)
+    vb = build_verbalizer(get_task("breast"), tok, end_token="</s>", prefix_space=True)
     assert vb.sequences == ((tok.token_to_id("▁No"),), (tok.token_to_id("▁Yes"),))
 
 
@@ -474,4 +474,4 @@ def test_build_verbalizer_type_errors(hf_tok):
     with pytest.raises(TypeError, match="Task"):
         build_verbalizer("breast", hf_tok)
     with pytest.raises(TypeError, match="end_token"):
-        get_task("breast").verbalizer(hf_tok, end_token=1.5)
+        build_verbalizer(get_task("breast"), hf_tok, end_token=1.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..prompts import LAYOUTS
 from .options import Opt
 
 READER_OPTS = (
@@ -10,7 +11,7 @@ READER_OPTS = (
     Opt("quantization", str, "none", "reader weights", choices=("none", "nf4", "int8")),
     Opt("device", str, None, "cpu, cuda or cuda:N", default_doc="cuda when available, else cpu"),
     Opt("task", str, "synthetic", "task name (see jomed_fast.tasks)"),
-    Opt("layout", str, "paper", "prompt layout", choices=("paper", "shared_query")),
+    Opt("layout", str, "paper", "prompt layout", choices=LAYOUTS),
 )
 DATA_OPTS = (
     Opt("samples", str, None, "samples JSONL ({id?, image_path, question?, answer})", required=True),

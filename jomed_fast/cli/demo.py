@@ -1,7 +1,8 @@
 """``demo``: the whole method on the synthetic task with the tiny models, and its report.
 
-Every field of ``jomed_fast.demo.DemoConfig`` is an option (default: the preset's value), so a
-YAML file or a flag can change any of them; ``--preset smoke`` is the small run the tests use.
+Every setting of ``jomed_fast.demo.DemoConfig`` is an option under its flat name
+(``jomed_fast.demo.config.settings``: ``--n-test``, ``--stage2-lr``; default: the preset's value),
+so a YAML file or a flag can change any of them; ``--preset smoke`` is the small run the tests use.
 The exit code is 1 when a paper finding fails only on a preset large enough to assert them
 (``DemoConfig.asserts_findings``: ``full``); the smaller presets print them as informational.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from .options import Command, Opt, config_from, config_options
+from .options import UNSET, Command, Opt, preset_default_doc
 
 
 def _presets() -> dict:
@@ -27,14 +28,20 @@ def _findings_doc(presets: dict) -> str:
             f"{' and '.join(informational)} are too small for them and report them as informational")
 
 
-def _demo_opts() -> tuple:
-    from ..demo.config import DemoConfig
+def _setting_opts(presets: dict) -> tuple:
+    """One option per setting, under its flat name (default :data:`UNSET`: the preset's value)."""
+    from ..demo.config import settings
 
+    return tuple(Opt(s.name, s.type, UNSET, f"DemoConfig.{s.path}", nullable=s.nullable,
+                     default_doc=preset_default_doc(presets, s.get)) for s in settings())
+
+
+def _demo_opts() -> tuple:
     presets = _presets()
     return (Opt("out", str, "runs/demo", "output directory (a rerun resumes)"),
             Opt("preset", str, "full", f"settings to start from; the paper's findings: {_findings_doc(presets)}", choices=tuple(presets)),
             Opt("progress", bool, True, "progress on stderr"),
-            *config_options(DemoConfig, presets=presets))
+            *_setting_opts(presets))
 
 
 def findings_line(checks: dict, preset: str, asserted: bool) -> str:
@@ -53,9 +60,10 @@ def exit_code(checks: dict, asserted: bool) -> int:
 
 
 def run_demo_command(v: dict) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..demo import run_demo
+    from ..demo.config import settings
 
-    config = config_from(DemoConfig, v, base=_presets()[v["preset"]])
+    config = _presets()[v["preset"]].replace(**{s.name: v[s.name] for s in settings() if v[s.name] is not UNSET})
     summary = run_demo(v["out"], config, progress=v["progress"])
     checks, asserted = summary["checks"], config.asserts_findings
     print(json.dumps({"main": summary["main"], "checks": checks,

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from .._checks import positive_int
 from ..tasks import Task, get_task
 from .errors import DataError
 from .io import PathLike
@@ -177,8 +178,7 @@ def medmnist_to_jsonl(
     >= 1; ``None`` keeps all). A negative limit would slice off records from the end, and 0 would
     write empty files, so both are refused.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
+    positive_int("limit", limit, optional=True)
     task = get_task(task) if isinstance(task, str) else task
     splits = (splits,) if isinstance(splits, str) else tuple(splits)  # "test" is one split, not 4 letters
     out_dir = Path(out_dir)

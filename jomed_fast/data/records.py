@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import is_int
 from ..tasks import Task, get_task
 from .errors import DataError
 from .io import PathLike, atomic_write_jsonl, check_image, load_image, save_png
@@ -256,7 +257,7 @@ def load_samples(
         rid = row.get("id", None)
         if rid is None:
             rid = f"{p.stem}:{lineno}"
-        elif not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        elif not (isinstance(rid, str) or is_int(rid)):
             raise DataError(p, f"'id' must be a string, got {type(rid).__name__}", line=lineno)
         rid = str(rid)
         image_path = _get_str(p, lineno, row, "image_path", rid)
@@ -267,7 +268,7 @@ def load_samples(
         raw = row["answer"] if has_a else row["answers"]
         for key in ("answer", "answers"):
             v = row.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, list))):
+            if v is not None and not (isinstance(v, (str, list)) or is_int(v)):
                 raise DataError(
                     p, f"{key!r} must be a string or a list, got {type(v).__name__}", line=lineno, record=rid
                 )
@@ -308,7 +309,7 @@ def load_index_records(
         rid = row.get("id")
         if rid is None:
             raise DataError(p, "missing 'id'", line=lineno)
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        if not (isinstance(rid, str) or is_int(rid)):
             raise DataError(p, f"'id' must be a string, got {type(rid).__name__}", line=lineno)
         rid = str(rid)
         image_path = _get_str(p, lineno, row, "image_path", rid)

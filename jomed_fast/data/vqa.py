@@ -84,6 +84,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._checks import is_int, is_number, positive_int
 from ..tasks import get_task, normalize
 from .errors import DataError
 from .io import PathLike, check_image, load_image
@@ -148,7 +149,7 @@ def _field(path: Path, row: dict, key: str, rid: str, *, numbers: bool = False) 
     v = row.get(key)
     if v is None:
         raise DataError(path, f"missing {key!r}", record=rid)
-    if numbers and isinstance(v, (int, float)) and not isinstance(v, bool):
+    if numbers and is_number(v):
         v = str(v)
     if not isinstance(v, str):
         raise DataError(path, f"{key!r} must be a string, got {type(v).__name__}", record=rid)
@@ -435,7 +436,7 @@ def load_pathvqa(
 
     def parse_row(i: int, row: dict):
         own = row.get("id", row.get("qid"))
-        rid = f"pathvqa-{own}" if isinstance(own, (str, int)) and not isinstance(own, bool) else rid_of(i)
+        rid = f"pathvqa-{own}" if (isinstance(own, str) or is_int(own)) else rid_of(i)
         if use_field:
             s = _field(path, row, "split", rid).casefold()
             if _SPLIT_ALIASES.get(s, s) != split:
@@ -498,8 +499,7 @@ def vqa_to_jsonl(
         if k not in KINDS:
             raise ValueError(f"kinds: expected values in {KINDS}, got {k!r}")
     splits = SPLITS[dataset] if splits is None else (splits,) if isinstance(splits, str) else tuple(splits)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit: expected a positive int or None, got {limit!r}")
+    positive_int("limit", limit, optional=True)
     out_dir = Path(out_dir)
     written: dict[str, Path] = {}
     for split in splits:

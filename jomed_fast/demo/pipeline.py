@@ -16,6 +16,7 @@ Steps (``out_dir/<step>``; a step whose output is complete is skipped on a rerun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -35,16 +36,33 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _check_settings(out: Path, config: DemoConfig) -> None:
-    path = out / "demo_config.json"
-    if path.exists():
+def _stored_settings(path: Path) -> dict:
+    try:
         old = json.loads(path.read_text())
-        if old != config.to_dict():
-            changed = sorted(k for k in old if old.get(k) != config.to_dict().get(k))
-            raise ValueError(f"out_dir: {out} holds a demo run with other settings ({changed}); use another directory")
-    else:
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if isinstance(old, dict):
+        return old
+    raise ValueError(f"out_dir: {path} is not a demo's settings (not a JSON object); use another directory")
+
+
+def _check_settings(out: Path, config: DemoConfig) -> None:
+    """A rerun resumes only a run of the same settings; a ``demo_config.json`` that is not one of this
+    demo's (damaged, or with other setting names) is refused as well, naming the file."""
+    path = out / "demo_config.json"
+    new = config.to_dict()
+    if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, config.to_dict())
+        atomic_write_json(path, new)
+        return
+    old = _stored_settings(path)
+    if set(old) != set(new):
+        raise ValueError(f"out_dir: {path} holds other setting names than this demo's (not here: "
+                         f"{sorted(set(old) - set(new))}, missing: {sorted(set(new) - set(old))}); "
+                         "use another directory")
+    changed = [k for k in new if old[k] != new[k]]
+    if changed:
+        raise ValueError(f"out_dir: {out} holds a demo run with other settings ({changed}); use another directory")
 
 
 def _data(out: Path, config: DemoConfig, progress: bool):
@@ -53,10 +71,7 @@ def _data(out: Path, config: DemoConfig, progress: bool):
     d = out / "data"
     if not (d / "manifest.json").exists():
         _log("writing the synthetic task and index", progress)
-        write_synthetic(generate(seed=config.seed, n_train=config.n_train, n_val=config.n_val, n_test=config.n_test,
-                                 index_size=config.index_size, image_size=config.image_size,
-                                 misleading_fraction=config.misleading_fraction, hedged_rate=config.hedged_rate,
-                                 atypical_cue=config.atypical_cue), d)
+        write_synthetic(generate(seed=config.seed, **dataclasses.asdict(config.data)), d)
     return load_synthetic(d)
 
 
@@ -67,10 +82,10 @@ def _retriever(out: Path, config: DemoConfig, ds, progress: bool):
     if not (d / "done.json").exists():
         _log("pre-training the tiny retriever (contrastive)", progress)
         captions = [r.text for r in ds.index]
-        model = TinyCLIP.from_captions(captions, seed=config.seed, image_size=config.image_size,
-                                       width=config.retriever_width, depth=config.retriever_depth,
-                                       dim=config.retriever_dim)
-        losses = pretrain(model, [r.load_image() for r in ds.index], captions, epochs=config.retriever_epochs,
+        settings = config.retriever
+        model = TinyCLIP.from_captions(captions, seed=config.seed, image_size=config.data.image_size,
+                                       width=settings.width, depth=settings.depth, dim=settings.dim)
+        losses = pretrain(model, [r.load_image() for r in ds.index], captions, epochs=settings.epochs,
                           seed=config.seed, progress=progress)
         model.save(d)
         atomic_write_json(d / "done.json", {"first_loss": losses[0], "last_loss": losses[-1]})
@@ -99,18 +114,15 @@ def _reader_checkpoint(out: Path, config: DemoConfig) -> Path:
 
 def _stage1(out: Path, name: str, config: DemoConfig, ckpt: Path, ds, retrieval, encoder, progress: bool) -> Path:
     from ..readers import load_reader
-    from ..train.reader import ReaderTrainConfig, train_reader
+    from ..train.reader import train_reader
 
     run = out / name
     if not (run / "result.json").exists():
         _log(f"stage 1: {name}", progress)
         torch.manual_seed(config.seed)
-        reader = load_reader(ckpt, lora={"r": config.lora_r, "alpha": 2 * config.lora_r}, device="cpu")
-        epochs = config.reader_epochs if retrieval is not None else config.reader_only_epochs
-        rc = ReaderTrainConfig(lr=config.reader_lr, epochs=epochs, batch_size=config.reader_batch_size,
-                               eval_every=config.reader_eval_every, save_every=config.reader_eval_every,
-                               gradient_checkpointing=False, seed=config.seed, layout=config.layout,
-                               k_text=config.k_text, k_image=config.k_image)
+        r = config.stage1.lora_r
+        reader = load_reader(ckpt, lora={"r": r, "alpha": 2 * r}, device="cpu")
+        rc = config.reader_config(retrieval=retrieval is not None)
         train_reader(rc, reader, ds.task, ds.train, ds.val, run, retrieval=retrieval, retriever=encoder,
                      progress=progress)
     return run / "adapter"
@@ -128,40 +140,33 @@ def _stage2(out: Path, config: DemoConfig, reader, ds, retrieval, base, progress
     """The trained per-head query encoders (``retriever.HeadEncoders``), trained once and kept in
     ``stage2/query_encoder``."""
     from ..retriever import load_head_encoders
-    from ..train.retriever import RetrieverTrainConfig, train_retriever_heads
+    from ..train.retriever import train_retriever_heads
 
     d = out / "stage2"
     if not (d / "query_encoder" / "done.json").exists():
         _log("stage 2: retriever distillation (text head, then image head)", progress)
-        rc = RetrieverTrainConfig(k=config.stage2_k, lr=config.stage2_lr, epochs=config.stage2_epochs,
-                                  batch_size=config.stage2_batch_size, alpha=config.stage2_alpha,
-                                  tau_reader=config.stage2_tau_reader, tau_retriever=config.stage2_tau_retriever,
-                                  n_trainable=config.stage2_n_trainable, weight_decay=config.stage2_weight_decay,
-                                  select=config.stage2_select, select_k=config.k_text,
-                                  layout=config.layout, seed=config.seed)
-        image_rc = rc.replace(select_k=config.k_image)
-        trained = train_retriever_heads(rc, reader, ds.task, base, retrieval, ds.train[:config.stage2_queries],
-                                        ds.val, d, progress=progress, image_config=image_rc)
+        trained = train_retriever_heads(config.retriever_config("text"), reader, ds.task, base, retrieval,
+                                        ds.train[:config.stage2.queries], ds.val, d, progress=progress,
+                                        image_config=config.retriever_config("image"))
         trained.encoders.save(d / "query_encoder")
         atomic_write_json(d / "query_encoder" / "done.json", {h: r.to_dict() for h, r in trained.results().items()})
     return load_head_encoders(d / "query_encoder", base)
 
 
 def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encoder, readers, progress: bool) -> dict:
-    from ..infer import InferConfig, predict, read_predictions
+    from ..infer import predict, read_predictions
     from ..scoring import CandidateScorer
 
     d = out / "predictions"
     d.mkdir(exist_ok=True)
-    common = {"k_text": config.k_text, "k_image": config.k_image, "layout": config.layout, "batch_size": config.batch_size,
-                  "seed": config.seed}
+    ic = config.infer_config
     plan = {
-        "reader_only": (readers["reader_only"], None, InferConfig(retrieval="none", **common)),
-        "ft_rag": (readers["rag"], base, InferConfig(**common)),
-        "jomed": (readers["rag"], jomed_encoder, InferConfig(**common)),
-        "jomed_no_retrieval": (readers["rag"], None, InferConfig(retrieval="none", **common)),
-        "jomed_random_retrieval": (readers["rag"], None, InferConfig(retrieval="random", **common)),
-        "jomed_no_query_image": (readers["rag"], jomed_encoder, InferConfig(query_image=False, **common)),
+        "reader_only": (readers["reader_only"], None, ic(retrieval="none")),
+        "ft_rag": (readers["rag"], base, ic()),
+        "jomed": (readers["rag"], jomed_encoder, ic()),
+        "jomed_no_retrieval": (readers["rag"], None, ic(retrieval="none")),
+        "jomed_random_retrieval": (readers["rag"], None, ic(retrieval="random")),
+        "jomed_no_query_image": (readers["rag"], jomed_encoder, ic(query_image=False)),
     }
     out_records = {}
     for name in SYSTEMS:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from jomed_fast._checks import is_int
 from jomed_fast.tasks.spec import normalize_open_answer
 
 
@@ -16,7 +17,7 @@ def _check_lengths(preds: Sequence, targets: Sequence) -> None:
 
 def _check_labels(name: str, values: Iterable[int], num_classes: int) -> None:
     for v in values:
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= int(v) < num_classes:
+        if not (is_int(v) or isinstance(v, np.integer)) or not 0 <= int(v) < num_classes:
             raise ValueError(f"{name}: expected class indices in 0..{num_classes - 1}, got {v!r}")
 
 

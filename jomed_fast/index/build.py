@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from jomed_fast._checks import check_int
 from jomed_fast._files import atomic_write_via, sha256_file
 from jomed_fast.data.records import image_identity
 from jomed_fast.identity import check_identity, read_identity
@@ -216,9 +217,8 @@ def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, c
     group when one with several ranks is initialised, ``True`` requires one, ``False`` never shards.
     Every rank must pass the same records, encoder and settings (checked: fingerprints, N, S).
     """
-    for name, v in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("chunk_size", chunk_size, 1)
     n = len(records)
     if n == 0:
         raise ValueError("records: expected at least one record to index, got 0")
@@ -278,8 +278,7 @@ def synthetic_records(n: int, *, seed: int = 0) -> _LazySynthetic:
     """The index records ``syn-idx-0..n-1`` of ``SyntheticGenerator(seed=seed, index_size=n)``, lazily."""
     from jomed_fast.data.synthetic import SyntheticGenerator
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    check_int("n", n, 1)
     return _LazySynthetic(SyntheticGenerator(seed=seed, index_size=n), n)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jomed_fast._checks import check_int
 from jomed_fast._files import sha256_file
 
 from .build import FILES, HEADS, build_index
@@ -138,8 +139,7 @@ class Index:
         q = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries: expected [Q, {self.dim}], got {list(q.shape)}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.count:
-            raise ValueError(f"k: expected an int with 1 <= k <= {self.count}, got {k!r}")
+        check_int("k", k, 1, self.count, expected=f"an int with 1 <= k <= {self.count}")
         emb = self.embeddings[head]
         if backend == "ops":
             return search_ops(emb, q, k)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .._checks import check_int
+
 # The paper's index (JOMED, arXiv 2508.17394): image-caption/report pairs per source.
 PAPER_INDEX = {"PMC-OA": 1_650_000, "ROCO": 81_000, "MIMIC-CXR": 377_000}
 PAPER_DIM = 768
@@ -42,15 +44,9 @@ DEVICES = {
 }
 
 
-def _pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    return v
-
-
 def default_nlist(n: int) -> int:
     """A power of two near :math:`4\\sqrt{N}` (faiss's rule of thumb is 4..16 sqrt(N))."""
-    return 1 << max(0, round(math.log2(4 * math.sqrt(_pos_int("n", n)))))
+    return 1 << max(0, round(math.log2(4 * math.sqrt(check_int("n", n, 1)))))
 
 
 def _floor(bytes_: float, flops: float, dev: dict) -> dict:
@@ -70,14 +66,14 @@ def index_cost(n: int | None = None, dim: int = PAPER_DIM, *, dtype_bytes: int =
     (:math:`Q^*`), ``exact[Q]`` and ``ivf[Q]`` (all heads: bytes, FLOPs, time floor, floor per
     query; ``ivf`` also ``no_reuse_bytes`` / ``no_reuse_seconds``).
     """
-    n = sum(PAPER_INDEX.values()) if n is None else _pos_int("n", n)
+    n = sum(PAPER_INDEX.values()) if n is None else check_int("n", n, 1)
     for name, v in (("dim", dim), ("dtype_bytes", dtype_bytes), ("heads", heads), ("k", k), ("nprobe", nprobe)):
-        _pos_int(name, v)
-    nlist = default_nlist(n) if nlist is None else _pos_int("nlist", nlist)
+        check_int(name, v, 1)
+    nlist = default_nlist(n) if nlist is None else check_int("nlist", nlist, 1)
     if nlist > n:
         raise ValueError(f"nlist: expected <= n = {n}, got {nlist}")
     for q in queries:
-        _pos_int("queries[i]", q)
+        check_int("queries[i]", q, 1)
     devices = DEVICES if devices is None else devices
     row = dim * dtype_bytes
     per_head = n * row

@@ -28,6 +28,7 @@ import warnings
 import numpy as np
 import torch
 
+from .._checks import check_int
 from .._extras import require
 
 ADD_BLOCK = 1 << 16  # rows converted to fp32 and added to faiss at a time
@@ -83,8 +84,7 @@ class FaissSearcher:
         if emb.ndim != 2:
             raise ValueError(f"emb: expected [N, D], got shape {list(emb.shape)}")
         n, d = emb.shape
-        if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or not 1 <= nlist <= n):
-            raise ValueError(f"nlist: expected an int in 1..N = {n} (or None for exact search), got {nlist!r}")
+        check_int("nlist", nlist, 1, n, optional=True, expected=f"an int in 1..N = {n} (or None for exact search)")
         self.nlist, self.dim = nlist, d
         if nlist is None:
             ix = faiss.IndexFlatIP(d)
@@ -107,9 +107,7 @@ class FaissSearcher:
         faiss = _faiss()
 
         if self.nlist is not None:
-            if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
-                raise ValueError(f"nprobe: expected an int >= 1, got {nprobe!r}")
-            nprobe = min(nprobe, self.nlist)
+            nprobe = min(check_int("nprobe", nprobe, 1), self.nlist)
             if self.on_gpus:
                 faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
             else:

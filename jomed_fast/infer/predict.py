@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import is_int, is_number
 from .._profiling import stage
 from ..analysis.records import Candidate as CandidateRecord
 from ..analysis.records import PredictionRecord
@@ -52,14 +53,6 @@ __all__ = ["RETRIEVAL_MODES", "InferConfig", "check_inputs", "encoder_fingerprin
 
 RETRIEVAL_MODES = ("retrieved", "none", "random")
 IDENTITY_FORMAT = "jomed-predictions-v2"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +89,7 @@ class InferConfig:
         from ..prompts import LAYOUTS
 
         for name in ("k_text", "k_image", "batch_size", "seed", "max_new_tokens"):
-            if not _is_int(getattr(self, name)):
+            if not is_int(getattr(self, name)):
                 raise TypeError(f"{name}: expected an int, got {getattr(self, name)!r}")
         if self.k_text < 0 or self.k_image < 0 or self.k_text + self.k_image == 0:
             raise ValueError(f"k_text, k_image: expected >= 0 with a positive sum, got {self.k_text}, {self.k_image}")
@@ -105,9 +98,9 @@ class InferConfig:
                 raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
-        if not (_is_number(self.tau) and math.isfinite(self.tau) and self.tau > 0):  # inf: uniform weights, silently
+        if not (is_number(self.tau) and math.isfinite(self.tau) and self.tau > 0):  # inf: uniform weights, silently
             raise ValueError(f"tau: expected a finite number > 0, got {self.tau!r}")
-        if not (_is_number(self.threshold) and 0.0 < self.threshold <= 1.0):
+        if not (is_number(self.threshold) and 0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold: expected a number in (0, 1], got {self.threshold!r}")
         if not isinstance(self.query_image, bool):
             raise TypeError(f"query_image: expected true or false, got {self.query_image!r}")

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .._checks import positive_int
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHIPPED = {
     "qwen2_vl_7b": "qwen2_vl_7b_instruct.json",
@@ -32,13 +34,6 @@ class Linear:
     @property
     def numel(self) -> int:
         return self.d_in * self.d_out
-
-
-def positive_int(name: str, value) -> int:
-    """``value`` if it is an int > 0 (not a bool), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)

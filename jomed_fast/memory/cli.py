@@ -4,6 +4,7 @@ both shipped readers on an L40; ``--config run.yaml`` and flag overrides as ever
 from __future__ import annotations
 
 from ..cli.options import Command, Opt
+from ..prompts import LAYOUTS
 from .plan import GB, Run, format_table, plan, suggest
 
 L40_BYTES = 48 * GB
@@ -22,7 +23,7 @@ OPTS = (
         default_doc="the shipped model's: " + ", ".join(f"{n} for {m}" for m, n in MODELS.items())),
     Opt("quantization", str, "nf4", "reader weights", choices=("nf4", "int8", "none")),
     Opt("lora_rank", int, 8, "LoRA rank"),
-    Opt("layout", str, "shared_query", "prompt layout", choices=("paper", "shared_query")),
+    Opt("layout", str, "shared_query", "prompt layout", choices=LAYOUTS),
 )
 
 

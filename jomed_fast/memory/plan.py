@@ -41,11 +41,12 @@ import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from .._checks import positive_int
+from ..prompts import LAYOUTS
 from .arch import Arch, describe
 from .weights import QUANTIZATIONS, largest_linear, lora_params, weight_bytes
 
 STAGES = ("stage1", "stage2", "inference")
-LAYOUTS = ("paper", "shared_query")
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -80,11 +81,9 @@ class Run:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {self.layout!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {self.quantization!r}")
-        for k in ("K", "batch"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
-                raise ValueError(f"{k}: expected a positive int, got {getattr(self, k)!r}")
-        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
-            raise ValueError(f"chunk_size: expected a positive int or None, got {self.chunk_size!r}")
+        positive_int("K", self.K)
+        positive_int("batch", self.batch)
+        positive_int("chunk_size", self.chunk_size, optional=True)
 
     @property
     def chunk(self) -> int:

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from jomed_fast._checks import is_number, positive_int
 from jomed_fast._files import replace_dir_atomically
 from jomed_fast._manifest import CorruptFile, verify_dir
 
@@ -63,11 +64,10 @@ class LoraSettings:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"lora.r: expected a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        positive_int("lora.r", self.r)
+        if not is_number(self.alpha) or self.alpha <= 0:
             raise ValueError(f"lora.alpha: expected a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout: expected a float in [0, 1), got {self.dropout!r}")
 
     def peft_config(self, target_modules: str):

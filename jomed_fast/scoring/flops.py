@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Sequence
-from typing import Any
 
-from ..memory.arch import DecoderShape, describe, positive_int
+from .._checks import check_int, positive_int
+from ..memory.arch import DecoderShape, describe
 
 __all__ = [
     "DecoderShape",
@@ -71,14 +71,6 @@ __all__ = [
 ]
 
 VISION_FAMILIES = ("qwen2_vl", "pixtral")
-
-
-
-
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,13 +120,13 @@ def decoder_linear_flops(dec: DecoderShape, tokens: int) -> int:
     """Projections + MLP of ``tokens`` tokens through all ℓ layers."""
     q, g, H = dec.heads * dec.head_dim, dec.kv_heads * dec.head_dim, dec.hidden
     per_token = 2 * (H * q + 2 * H * g + q * H + 3 * H * dec.intermediate)
-    return dec.layers * per_token * _count("tokens", tokens)
+    return dec.layers * per_token * check_int("tokens", tokens, 0)
 
 
 def attention_flops(dec: DecoderShape, tokens: int, cached: int = 0, causal: bool = True) -> int:
     """QKᵀ + AV of ``tokens`` new tokens after ``cached`` ones, all layers. ``causal=False``
     counts the dense ``tokens × (cached + tokens)`` rectangle (what an explicit-mask kernel does)."""
-    t, c = _count("tokens", tokens), _count("cached", cached)
+    t, c = check_int("tokens", tokens, 0), check_int("cached", cached, 0)
     keys = t * c + (t * (t + 1) // 2 if causal else t * t)
     return dec.layers * 4 * dec.heads * dec.head_dim * keys
 
@@ -147,12 +139,12 @@ def decoder_flops(dec: DecoderShape, tokens: int, cached: int = 0) -> int:
 def head_flops(dec: DecoderShape, positions: int, columns: int | None = None) -> int:
     """The LM head at ``positions`` positions over ``columns`` rows of it (default: all V)."""
     cols = dec.vocab if columns is None else positive_int("columns", columns)
-    return 2 * dec.hidden * cols * _count("positions", positions)
+    return 2 * dec.hidden * cols * check_int("positions", positions, 0)
 
 
 def vision_flops(vis: VisionShape, patches: int) -> int:
     """Vision tower + projector over one image of ``patches`` patches."""
-    n, E = _count("patches", patches), vis.hidden
+    n, E = check_int("patches", patches, 0), vis.hidden
     embed = 2 * n * vis.patch_inputs * E
     attention = 4 * n * n * E
     if vis.family == "qwen2_vl":
@@ -202,12 +194,12 @@ class Prompt:
     images: tuple[tuple[Hashable, int], ...] = ()
 
     def __post_init__(self):
-        _count("Prompt.prefix[1]", self.prefix[1])
-        _count("Prompt.suffix", self.suffix)
+        check_int("Prompt.prefix[1]", self.prefix[1], 0)
+        check_int("Prompt.suffix", self.suffix, 0)
         if self.prefix[1] + self.suffix < 1:
             raise ValueError("Prompt: expected at least one token (prefix + suffix), got 0")
         for _, n in self.images:
-            _count("Prompt.images[][1]", n)
+            check_int("Prompt.images[][1]", n, 0)
 
     @property
     def tokens(self) -> int:
@@ -255,7 +247,7 @@ def shared_prefix_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[P
     ``class_nodes`` trie nodes: ``allowed_tokens`` columns at 1 + N positions)."""
     prompts = _check_prompts(prompts)
     positive_int("num_classes", num_classes)
-    _count("class_nodes", class_nodes)
+    check_int("class_nodes", class_nodes, 0)
     if class_nodes and allowed_tokens is None:
         raise ValueError("allowed_tokens: expected the number of allowed tokens when class_nodes > 0, got None")
     images: dict[Hashable, int] = {}

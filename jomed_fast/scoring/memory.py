@@ -66,6 +66,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .._checks import check_int, is_number
+
 MIN_CPU_BUDGET = 256 << 20
 MAX_CPU_BUDGET = 8 << 30
 
@@ -83,11 +85,8 @@ def default_budget(device: torch.device) -> int:
 
 
 def check_budget(memory_budget) -> int | None:
-    if memory_budget is None:
-        return None
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
-        raise ValueError(f"memory_budget: expected None or a positive number of bytes (int), got {memory_budget!r}")
-    return memory_budget
+    return check_int("memory_budget", memory_budget, 1, optional=True,
+                     expected="None or a positive number of bytes (int)")
 
 
 class RowCost:
@@ -139,8 +138,7 @@ class RowCost:
 def check_overhead(forward_overhead) -> float | None:
     if forward_overhead is None:
         return None
-    if (isinstance(forward_overhead, bool) or not isinstance(forward_overhead, (int, float))
-            or not forward_overhead >= 0):
+    if not (is_number(forward_overhead) and forward_overhead >= 0):
         raise ValueError(f"forward_overhead: expected None or a number of token slots >= 0 (float('inf') allowed), "
                          f"got {forward_overhead!r}")
     return float(forward_overhead)

@@ -46,6 +46,7 @@ from transformers import DynamicCache
 from .. import prompts as _prompts
 from .._profiling import stage
 from ..memory.arch import describe
+from ..tasks.verbalizer import build_verbalizer
 from .attention import PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
 from .batch import Packing, SuffixRows, pack
 from .heads import ClassHead
@@ -155,7 +156,7 @@ class CandidateScorer:
         self.layout = layout
         self.memory_budget = check_budget(memory_budget)
         self.checkpoint = checkpoint
-        self.verbalizer = task.verbalizer(reader.tokenizer, end_token=end_token)
+        self.verbalizer = build_verbalizer(task, reader.tokenizer, end_token=end_token)
         self.head = ClassHead(self.verbalizer, class_mode, normalize).to(reader.device)
         self.attention = check_attention(reader)
         self.cost = RowCost(reader)

@@ -22,7 +22,10 @@ from typing import Iterator
 
 from .catalog import ALIASES, builtin_tasks, legend_instructions
 from .spec import KINDS, Task, normalize, normalize_open_answer
-from .verbalizer import RestrictedDecoding, Verbalizer, build_verbalizer
+
+# The verbalizer (tokenizer-dependent) loads on first use: the data loaders and configs that
+# only need a Task never import it.
+_LAZY = {"RestrictedDecoding", "Verbalizer", "build_verbalizer"}
 
 __all__ = [
     "KINDS",
@@ -40,6 +43,20 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, Task] = {t.name: t for t in builtin_tasks()}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import verbalizer
+
+        value = getattr(verbalizer, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _LAZY)
 
 
 def _key(name: str) -> str:

@@ -14,25 +14,27 @@ plus the pure functions that go with it:
 * ``prompt`` — instructions + question, the text after the query image (the reference puts the
   legend before the question: ``instructions + question``).
 * ``context`` — the text after a retrieved image (``"background: {text}\\n\\n"`` in the reference).
-* ``verbalizer(tokenizer)`` — the token ids of each class for class-restricted scoring and
-  decoding; see :mod:`jomed_fast.tasks.verbalizer`.
 
 Kinds: ``binary`` and ``multiclass`` (one label), ``multilabel`` (a set of labels, answered as
 comma-separated label indices), ``vqa_closed`` (yes/no), ``vqa_open`` (free text; no label set
 unless one is attached with :meth:`Task.with_labels`).
+
+The token ids of each class (class-restricted scoring and decoding) depend on a tokenizer as well:
+``jomed_fast.tasks.verbalizer.build_verbalizer(task, tokenizer)``. This module knows nothing of
+tokenizers, so the verbalizer depends on it and never the other way round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 import unicodedata
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .verbalizer import Verbalizer
+from .._checks import is_int
 
 KINDS = ("binary", "multiclass", "multilabel", "vqa_closed", "vqa_open")
 
@@ -242,7 +244,7 @@ class Task:
         Raises ``ValueError`` naming the answer and the label set when it is not a label.
         """
         self._require_labels("label_index")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        if not (isinstance(answer, str) or is_int(answer)):
             raise TypeError(f"Task {self.name!r}: answer must be a str (or int), got {type(answer).__name__}")
         key = normalize(str(answer))
         try:
@@ -264,7 +266,7 @@ class Task:
         if self.is_multilabel:
             if isinstance(answer, (list, tuple)):
                 items = [str(a) for a in answer]
-            elif isinstance(answer, (str, int)) and not isinstance(answer, bool):
+            elif isinstance(answer, str) or is_int(answer):
                 items = str(answer).split(self.separator.strip())
             else:
                 raise TypeError(
@@ -341,7 +343,7 @@ class Task:
         """Canonical answer text: the label string, or sorted labels joined by ``separator``."""
         self._require_labels("format_answer")
         if self.is_multilabel:
-            if isinstance(label, (int,)) and not isinstance(label, bool):
+            if is_int(label):
                 label = [label]
             idx = sorted({int(i) for i in label})
             if not idx:
@@ -349,11 +351,8 @@ class Task:
             for i in idx:
                 self._check_index(i)
             return self.separator.join(self.labels[i] for i in idx)
-        if isinstance(label, bool) or not isinstance(label, int):
-            import numbers
-
-            if not isinstance(label, numbers.Integral):
-                raise TypeError(f"Task {self.name!r}: label must be an int class index, got {type(label).__name__}")
+        if not isinstance(label, numbers.Integral):  # NumPy integers too (labels read from arrays)
+            raise TypeError(f"Task {self.name!r}: label must be an int class index, got {type(label).__name__}")
         self._check_index(int(label))
         return self.labels[int(label)]
 
@@ -368,15 +367,6 @@ class Task:
         if self.is_multilabel:
             return frozenset(prediction) == frozenset(target)
         return int(prediction) == int(target)
-
-    # ------------------------------------------------------------------------------------------
-    # tokens
-    # ------------------------------------------------------------------------------------------
-    def verbalizer(self, tokenizer: Any, *, end_token: Any = None, prefix_space: bool = False) -> "Verbalizer":
-        """Class token sequences and restricted-decoding token sets; see :func:`build_verbalizer`."""
-        from .verbalizer import build_verbalizer
-
-        return build_verbalizer(self, tokenizer, end_token=end_token, prefix_space=prefix_space)
 
     def legend(self) -> str:
         """``"0 - 'Name'"`` lines for the label names (empty when the task has none)."""

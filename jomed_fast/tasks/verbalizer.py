@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from .._checks import is_int
 from .spec import Task, normalize
 
 
@@ -97,9 +98,7 @@ class _TokenizerAdapter:
 def _resolve_end_token(tok: _TokenizerAdapter, end_token: Any, task: Task) -> Optional[int]:
     if end_token is None:
         return tok.eos_id
-    if isinstance(end_token, bool):
-        raise TypeError(f"end_token: expected a token string or id, got {end_token!r}")
-    if isinstance(end_token, int):
+    if is_int(end_token):
         if not 0 <= end_token < tok.vocab_size:
             raise ValueError(f"end_token: id {end_token} outside the vocabulary 0..{tok.vocab_size - 1}")
         return int(end_token)

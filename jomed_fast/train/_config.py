@@ -9,11 +9,9 @@ import dataclasses
 import math
 from typing import Any
 
+from .._checks import check_int, is_number
+
 __all__ = ["JsonConfig"]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class JsonConfig:
@@ -42,11 +40,7 @@ class JsonConfig:
         raise ValueError(f"config.{name}: expected {expected}, got {got!r}")
 
     def _check_int(self, name: str, lo: int, optional: bool = False) -> None:
-        v = getattr(self, name)
-        if optional and v is None:
-            return
-        if not _is_int(v) or v < lo:
-            self._fail(name, f"an int >= {lo}" + (" or None" if optional else ""), v)
+        check_int(f"config.{name}", getattr(self, name), lo, optional=optional)
 
     def _check_float(self, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
                      hi_open: bool = False, optional: bool = False) -> None:
@@ -54,7 +48,7 @@ class JsonConfig:
         v = getattr(self, name)
         if optional and v is None:
             return
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = is_number(v) and math.isfinite(v)
         ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if not ok:
             rng = f"{'>' if lo_open else '>='} {lo}" + \

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..prompts import LAYOUTS
 from ._config import JsonConfig
 
 __all__ = ["HEADS", "RESUME_FREE", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
@@ -59,7 +60,6 @@ __all__ = ["HEADS", "RESUME_FREE", "SELECTIONS", "TARGETS", "RetrieverTrainConfi
 HEADS = ("text", "image")
 TARGETS = ("gold", "gold_with_retriever_prior")
 SELECTIONS = ("last", "best_val_accuracy")
-LAYOUTS = ("shared_query", "paper")
 CLASS_MODES = ("auto", "first_token", "sequence")
 # options that cannot change the trained weights (a resume is exact whatever they are; the score
 # cache is exact wherever it is): they may differ between a run and its resume

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from .._checks import check_int
 from ..identity import json_digest
 from ..retriever.dual import QueryEncoder
 from .data_order import epoch_batches
@@ -35,8 +36,7 @@ class Partner:
     k: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"partner.k: expected an int >= 1, got {self.k!r}")
+        check_int("partner.k", self.k, 1)
         if not (isinstance(self.encoder, QueryEncoder) or hasattr(self.encoder, "encode_images")):
             raise TypeError(f"partner.encoder: expected a QueryEncoder or an encoder with encode_images, "
                             f"got {type(self.encoder).__name__}")

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .._checks import check_int
+
 __all__ = ["WarmupCosine", "warmup_cosine"]
 
 
@@ -28,9 +30,7 @@ class WarmupCosine:
             raise ValueError(f"total_steps: expected >= 1, got {total_steps}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio: expected a float in [0, 1), got {warmup_ratio}")
-        if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int)
-                                         or warmup_steps < 0):
-            raise ValueError(f"warmup_steps: expected None or an int >= 0, got {warmup_steps!r}")
+        check_int("warmup_steps", warmup_steps, 0, optional=True, expected="None or an int >= 0")
         self.total_steps = int(total_steps)
         self.warmup_steps = math.ceil(warmup_ratio * total_steps) if warmup_steps is None \
             else min(warmup_steps, self.total_steps)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..._checks import check_int
 from ...tasks.catalog import SYNTHETIC_NAMES
 
 GENERATOR_VERSION = 2
@@ -59,7 +60,7 @@ class SyntheticConfig:
             if not cond:
                 raise ValueError(f"SyntheticConfig.{what}")
 
-        need(isinstance(self.seed, int) and self.seed >= 0, f"seed: expected an int >= 0, got {self.seed!r}")
+        check_int("SyntheticConfig.seed", self.seed, 0)
         need(16 <= self.image_size <= 512, f"image_size: expected 16..512, got {self.image_size}")
         for k in ("n_train", "n_val", "n_test", "index_size"):
             need(int(getattr(self, k)) >= 0, f"{k}: expected >= 0, got {getattr(self, k)}")
