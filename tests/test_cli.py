@@ -217,7 +217,7 @@ def test_help_shows_the_real_defaults(capsys):
     assert _help("train-retriever", capsys)["--seed"].endswith(f"(default: {RetrieverTrainConfig().seed!r})")
     assert _help("plan-memory", capsys)["--budget-gb"].endswith("(default: 40.0)")
     demo = _help("demo", capsys)
-    full, smoke, ci = (PRESETS[p].n_test for p in ("full", "smoke", "ci"))
+    full, smoke, ci = (PRESETS[p].data.n_test for p in ("full", "smoke", "ci"))
     assert demo["--n-test"].endswith(f"(default: {full}; smoke: {smoke}, ci: {ci})")
     assert demo["--layout"].endswith("(default: paper)") and demo["--preset"].endswith("(default: full)")
 

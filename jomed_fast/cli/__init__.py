@@ -1,4 +1,4 @@
-"""``jomed-fast``: the command line (one subcommand per pipeline step).
+r"""``jomed-fast``: the command line (one subcommand per pipeline step).
 
     jomed-fast build-index --records index.jsonl --encoder ENC --out IX
     jomed-fast train-reader --reader READER --train train.jsonl --index IX --encoder ENC --run-dir runs/s1
@@ -9,6 +9,11 @@
     jomed-fast analyze --system rag=rag.jsonl --system jomed=jomed.jsonl --out report/
     jomed-fast plan-memory --model qwen2_vl_7b
     jomed-fast demo --out runs/demo
+    jomed-fast convert --format medmnist --src breastmnist_224.npz --task breast --out data/breast
+    jomed-fast index-synthetic --records 100000 --out runs/ix100k    # torchrun -m jomed_fast.cli: sharded
+    jomed-fast verify-index runs/ix100k --encoder runs/ix100k/encoder
+    jomed-fast index-cost
+    jomed-fast aot
 
 Every subcommand takes ``--config run.yaml`` (its options as ``name: value``) and a flag per option
 that overrides the file; ``jomed-fast <subcommand> --help`` lists them with their defaults. Errors
@@ -22,22 +27,25 @@ import argparse
 import sys
 
 from .._extras import MissingDependency
+from ..index.distributed import RankFailed
 from ..train.guards import NonFiniteLossError
 from .options import add_options, resolve
 
-__all__ = ["commands", "execute", "main", "run_standalone", "version"]
+__all__ = ["commands", "execute", "main", "run_commands", "run_standalone", "version"]
 
 # Errors that are the user's to fix: one line, exit 2 (anything else is a bug and keeps its traceback;
 # --debug shows the traceback of these too). OSError covers the machine's side: a full disk, a
-# read-only or missing folder, a directory where a file was expected.
-USER_ERRORS = (ValueError, TypeError, OSError, MissingDependency, NonFiniteLossError)
+# read-only or missing folder, a directory where a file was expected. RankFailed: another rank of a
+# sharded build stopped, and printed its own error.
+USER_ERRORS = (ValueError, TypeError, OSError, MissingDependency, NonFiniteLossError, RankFailed)
 
 
 def commands() -> dict:
     from ..memory import cli as memory
-    from . import demo, indexing, inference, training
+    from . import aot, convert, demo, indexing, inference, training
 
-    return {c.name: c for module in (indexing, training, inference, memory, demo) for c in module.COMMANDS}
+    modules = (convert, indexing, training, inference, memory, demo, aot)
+    return {c.name: c for module in modules for c in module.COMMANDS}
 
 
 def version() -> str:
@@ -56,14 +64,14 @@ def version() -> str:
     return text if meta == __version__ else f"{text} (installed metadata says {meta})"
 
 
-def _parser(table: dict) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jomed-fast", description=__doc__,
+def _parser(table: dict, prog: str, description: str) -> argparse.ArgumentParser:
+    """``prog COMMAND [options]`` for each ``name: command`` of ``table``, and ``--debug``."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version=version())
     ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    for c in table.values():
-        p = sub.add_parser(c.name, help=c.help, description=c.description)
+    for name, c in table.items():
+        p = sub.add_parser(name, help=c.help, description=c.description)
         add_options(p, c.options)
     return ap
 
@@ -98,12 +106,22 @@ def run_standalone(command, argv=None, *, prog: str) -> int:
     return execute(command, ap.parse_args(sys.argv[1:] if argv is None else list(argv)), prog)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    table = commands()
-    ap = _parser(table)
-    args = ap.parse_args(argv)
+def _run_table(ap: argparse.ArgumentParser, table: dict, argv) -> int:
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         ap.print_help()
         return 2
-    return execute(table[args.command], args, f"jomed-fast {args.command}")
+    return execute(table[args.command], args, f"{ap.prog} {args.command}")
+
+
+def run_commands(table: dict, argv=None, *, prog: str, description: str) -> int:
+    """Several commands as one program, each under the name ``table`` gives it (``python -m
+    jomed_fast.index verify`` is ``jomed-fast verify-index``): same options, same errors."""
+    return _run_table(_parser(table, prog, description), table, argv)
+
+
+def main(argv=None) -> int:
+    table = commands()
+    ap = _parser(table, "jomed-fast", __doc__)
+    ap.add_argument("--version", action="version", version=version())
+    return _run_table(ap, table, argv)
