@@ -1,36 +1,18 @@
-// jomed_fast._C: the candidate packer.
+// jomed_fast._C: the candidate packer's C++ path.
 //
-// One call packs B queries, each a shared prefix (length P_b) and K candidate segments
-// (lengths n_{b,k}), into the right-padded suffix batch a reader consumes with the prefix's
-// KV-cache shared by the K candidates. Shape letters: B queries, K candidates, L = max n_{b,k}
-// (longest suffix of the whole batch), Pm = max P_b (longest prefix).
+// What it computes (the inputs, the outputs in OUTPUT_NAMES order and their shapes, the M-RoPE
+// numbering, the padded slots, the value checks and their messages) is specified once, in
+// jomed_fast/packing.py: its module docstring and pack_candidates_batch_reference, which the tests
+// hold this file equal to, field by field and error by error. This file documents how it runs:
 //
-// Outputs (all int64; names and order in OUTPUT_NAMES, wrapped by jomed_fast/packing.py):
-//   input_ids          [B, K, L]       segment tokens, then pad_token_id
-//   attention_mask     [B, K, Pm + L]  1 over the query's own prefix [0, P_b) and the real suffix
-//   position_ids       [B, K, L]       P_b + i                          (1-D RoPE)
-//   mrope_position_ids [3, B, K, L]    Qwen2-VL (t, h, w) positions      (only with mrope)
-//   rope_deltas        [B, K]          max(3-D position) + 1 - (P_b + n) (only with mrope)
-//   answer_position    [B, K]          n - 1: the last real suffix token (-1: the prefix's last)
-//   suffix_lengths     [B, K]          n
-//   image_spans        [Nc, 5]         (b, k, start, length, image) of every candidate image
-//   prefix_input_ids   [B, Pm]         prefix tokens, then pad_token_id
-//   prefix_lengths     [B]             P_b
-//   prefix_mrope_position_ids [3, B, Pm]                                (only with mrope)
-//   prefix_rope_deltas [B]                                             (only with mrope)
-//   prefix_image_spans [Np, 4]         (b, start, length, image) of every prefix image
-//
-// M-RoPE numbering, exactly transformers' Qwen2VLModel.get_rope_index over prefix ++ segment:
-// a running start s (0 at the prefix's first token); a text token gets (s, s, s) and s += 1; an
-// image with grid (t, h, w) and merge m gets, for its tokens in (ti, hi, wi) row-major order over
-// (t, h/m, w/m), (s + ti, s + hi, s + wi), then s += max(h, w) / m. (For t = 1, every Qwen2-VL
-// image, that is "max position + 1".) Padded slots are numbered as if the padding were text that
-// continues the sequence: position_ids = P_b + i and all three axes s + (i - n). They are masked,
-// so any value would do; this one is deterministic and keeps positions increasing.
-//
-// Validation is done once, serially, before any output is written (errors are Python
-// ValueErrors naming the argument); the fill then runs with the GIL released, OpenMP across the
-// B*K rows (and across the B prefixes).
+// * Validation runs once, serially, before any output is allocated; a bad value is a Python
+//   ValueError naming the argument. The fill then runs with the GIL released, on OpenMP threads
+//   across the B prefixes, then across the B*K rows (kParallelMinElements: small batches on one).
+// * Memory: the inputs are made contiguous once (Query::keep) and read through raw pointers; every
+//   output is one int64 at::empty tensor that the fill writes exactly once, each (b, k) row only its
+//   own slices, through pointers taken before the parallel loops, which never call into ATen. The
+//   M-RoPE outputs keep the axis outermost ([3, B, K, L], [3, B, Pm]), so each axis of a row is one
+//   contiguous run.
 //
 // TORCH_VERSION is the release of the torch headers this binary was compiled against:
 // jomed_fast/packing.py refuses the binary under another torch (its C++ ABI is not stable).
@@ -416,8 +398,7 @@ std::vector<at::Tensor> pack_batch(const std::vector<std::vector<at::Tensor>>& i
   queries.reserve(inputs.size());
   for (size_t b = 0; b < inputs.size(); ++b) {
     if (inputs[b].size() != 7) fail(name, "internal: expected 7 tensors per query");
-    queries.push_back(view_query(name == "query" ? name : c10::str(name, "[", b, "]"),
-                                 inputs[b], mrope, spatial_merge_size));
+    queries.push_back(view_query(c10::str(name, "[", b, "]"), inputs[b], mrope, spatial_merge_size));
   }
   const Sizes s = batch_sizes(queries, name);
 

@@ -1,22 +1,22 @@
-"""The candidate packer: a query's shared prefix and its K candidate segments → one padded batch.
+"""The candidate packer: B queries' shared prefixes and their K candidate segments → one padded batch.
 
 In the ``shared_query`` layout every prompt of a query is ``prefix ∘ segment_k``: the prefix
 (system prompt, query image, question) is identical for the K candidates, so the reader runs it
 once and its KV-cache serves a right-padded batch of the K segments (``[retrieved image]
-"background: {caption}"`` + answer cue). The packer builds that batch. ``pack_candidates`` packs one
-query, ``pack_candidates_batch`` packs B queries at once (OpenMP across the B·K rows); both run the
-C++ extension ``jomed_fast._C``. ``pack_candidates_reference`` / ``pack_candidates_batch_reference``
-are the same function in plain Python, written to be read: they are the specification, and the
-tests assert that both paths give identical tensors.
+"background: {caption}"`` + answer cue). ``pack_candidates_batch`` builds that batch for B queries
+(one query is a batch of one) with the C++ extension ``jomed_fast._C``, OpenMP across the B·K rows.
+This docstring and ``pack_candidates_batch_reference``, the same function in plain Python written
+to be read, are the packer's specification: ``csrc/packer.cpp`` documents only how it runs
+(threads, memory), and the tests assert that both paths give identical tensors and errors.
 
 Where ``_C`` is missing (installed without a compiler, or by an isolated build that had no torch),
-fails to load, or was built against another torch release than the one running, ``pack_candidates``
-/ ``pack_candidates_batch`` run the Python packer instead, with one ``RuntimeWarning`` per process
+fails to load, or was built against another torch release than the one running,
+``pack_candidates_batch`` runs the Python packer instead, with one ``RuntimeWarning`` per process
 saying why; ``JOMED_FAST_DISABLE_C=1`` chooses the Python packer without a warning. ``backend()``
 says which packer runs and why.
 
 Shapes (B queries, K candidates, P_b prefix lengths, Pm = max_b P_b, n_{b,k} segment lengths,
-L = max_{b,k} n_{b,k} the longest suffix of the batch; one query: drop the B axis, Pm = P)::
+L = max_{b,k} n_{b,k} the longest suffix of the batch)::
 
     input_ids                [B, K, L]       segment tokens, right-padded with pad_token_id
     attention_mask           [B, K, Pm + L]  over prefix ++ suffix: 1 for the query's prefix
@@ -36,8 +36,6 @@ L = max_{b,k} n_{b,k} the longest suffix of the batch; one query: drop the B axi
 
 ``image`` numbers the candidate images of the batch in (b, k, start) order — the order in which
 their vision features are concatenated — and, separately, the prefix images in (b, start) order.
-The single-query tables drop the ``b`` column: ``[Nc, 4]`` (k, start, length, image) and
-``[Np, 3]`` (start, length, image).
 
 M-RoPE (``mrope=True``, Qwen2-VL / Qwen2.5-VL readers) numbers prefix ++ segment exactly as
 transformers' ``Qwen2VLModel.get_rope_index`` numbers the full concatenated sequence. With a
@@ -78,11 +76,8 @@ __all__ = [
     "Backend",
     "backend",
     "QueryCandidates",
-    "PackedCandidates",
     "PackedBatch",
-    "pack_candidates",
     "pack_candidates_batch",
-    "pack_candidates_reference",
     "pack_candidates_batch_reference",
 ]
 
@@ -205,44 +200,10 @@ class QueryCandidates:
 # ---------------------------------------------------------------------------------------------
 
 
-class _TensorFields:
-    def to(self, *args, **kwargs):
-        """Every tensor field ``.to(*args, **kwargs)`` (e.g. ``device, non_blocking=True``)."""
-        moved = {
-            f.name: (v.to(*args, **kwargs) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-            for f in dataclasses.fields(self)
-        }
-        return type(self)(**moved)
-
-
 @dataclasses.dataclass(frozen=True)
-class PackedCandidates(_TensorFields):
-    """One query packed (shapes and conventions in the module docstring, without the B axis).
-
-    ``input_ids [K, L]``, ``attention_mask [K, P + L]``, ``position_ids [K, L]``,
-    ``mrope_position_ids [3, K, L]``, ``rope_deltas [K]``, ``answer_position [K]``,
-    ``suffix_lengths [K]``, ``image_spans [Nc, 4]`` (k, start, length, image),
-    ``prefix_input_ids [P]``, ``prefix_mrope_position_ids [3, P]``, ``prefix_rope_delta`` (0-D),
-    ``prefix_image_spans [Np, 3]`` (start, length, image). M-RoPE fields are None with ``mrope=False``.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    mrope_position_ids: Optional[Tensor]
-    rope_deltas: Optional[Tensor]
-    answer_position: Tensor
-    suffix_lengths: Tensor
-    image_spans: Tensor
-    prefix_input_ids: Tensor
-    prefix_mrope_position_ids: Optional[Tensor]
-    prefix_rope_delta: Optional[Tensor]
-    prefix_image_spans: Tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedBatch(_TensorFields):
-    """B queries packed; shapes and conventions in the module docstring."""
+class PackedBatch:
+    """B queries packed; shapes and conventions in the module docstring. M-RoPE fields are None
+    with ``mrope=False``."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -258,43 +219,13 @@ class PackedBatch(_TensorFields):
     prefix_rope_deltas: Optional[Tensor]
     prefix_image_spans: Tensor
 
-    def query(self, b: int) -> PackedCandidates:
-        """Query b alone, trimmed to its own P_b and L_b = max_k n_{b,k}; equals packing it alone."""
-        B = self.input_ids.shape[0]
-        if not 0 <= b < B:
-            raise ValueError(f"b: expected a query index in [0, {B}), got {b}")
-        P = int(self.prefix_lengths[b])
-        Pm = self.prefix_input_ids.shape[1]
-        L_b = int(self.suffix_lengths[b].max()) if self.suffix_lengths.shape[1] else 0
-        if P == Pm and L_b == self.input_ids.shape[2]:
-            mask = self.attention_mask[b]  # nothing to trim: a view
-        else:
-            mask = torch.cat([self.attention_mask[b, :, :P], self.attention_mask[b, :, Pm : Pm + L_b]], dim=1)
-
-        def table(spans: Tensor) -> Tensor:
-            if B == 1:
-                return spans[:, 1:]  # every row is query 0's, numbered from 0 already
-            rows = spans[spans[:, 0] == b, 1:]
-            if rows.shape[0]:
-                rows = rows.clone()
-                rows[:, -1] -= rows[0, -1].item()  # image index within the query
-            return rows
-
-        mrope = self.mrope_position_ids is not None
-        return PackedCandidates(
-            input_ids=self.input_ids[b, :, :L_b],
-            attention_mask=mask,
-            position_ids=self.position_ids[b, :, :L_b],
-            mrope_position_ids=self.mrope_position_ids[:, b, :, :L_b] if mrope else None,
-            rope_deltas=self.rope_deltas[b] if mrope else None,
-            answer_position=self.answer_position[b],
-            suffix_lengths=self.suffix_lengths[b],
-            image_spans=table(self.image_spans),
-            prefix_input_ids=self.prefix_input_ids[b, :P],
-            prefix_mrope_position_ids=self.prefix_mrope_position_ids[:, b, :P] if mrope else None,
-            prefix_rope_delta=self.prefix_rope_deltas[b] if mrope else None,
-            prefix_image_spans=table(self.prefix_image_spans),
-        )
+    def to(self, *args, **kwargs) -> "PackedBatch":
+        """Every tensor field ``.to(*args, **kwargs)`` (e.g. ``device, non_blocking=True``)."""
+        moved = {
+            f.name: (v.to(*args, **kwargs) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+            for f in dataclasses.fields(self)
+        }
+        return PackedBatch(**moved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +271,7 @@ _DISABLE_C_ENV = "JOMED_FAST_DISABLE_C"
 
 
 class Backend(NamedTuple):
-    """The packer behind ``pack_candidates`` / ``pack_candidates_batch``.
+    """The packer behind ``pack_candidates_batch``.
 
     ``name``: ``"c++"`` (the extension ``jomed_fast._C``) or ``"python"`` (the reference).
     ``reason``: for ``"c++"`` the torch the extension was built against; for ``"python"`` why the
@@ -409,8 +340,8 @@ def _choice() -> tuple[Backend, Optional[ModuleType]]:
 
 
 def backend() -> Backend:
-    """Which packer ``pack_candidates`` / ``pack_candidates_batch`` run, and why; decided on the first
-    call (of this or of a packer), once per process."""
+    """Which packer ``pack_candidates_batch`` runs, and why; decided on the first call (of this or of
+    the packer), once per process."""
     return _choice()[0]
 
 
@@ -466,15 +397,6 @@ def pack_candidates_batch(
         raise ValueError(f"num_threads: expected None or an int >= 1, got {num_threads!r}")
     qs = _check_queries(queries, mrope)
     return _pack(qs, pad_token_id, spatial_merge_size, mrope, num_threads, "queries")
-
-
-def pack_candidates(
-    query: QueryCandidates, *, pad_token_id: int, spatial_merge_size: int = 2, mrope: bool = True
-) -> PackedCandidates:
-    """Packs one query's K candidates (C++, see ``backend()``); shapes in the module docstring."""
-    _check_args(pad_token_id, spatial_merge_size, mrope)
-    q = _check_query("query", query, mrope)
-    return _pack([q], pad_token_id, spatial_merge_size, mrope, None, "query").query(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +497,7 @@ def _mrope_positions(length: int, images: list, merge: int, start: int) -> tuple
 
 def _reference_batch(queries, pad_token_id, merge, mrope, name) -> PackedBatch:
     for b, q in enumerate(queries):
-        _check_values(name if name == "query" else f"{name}[{b}]", q, mrope, merge)
+        _check_values(f"{name}[{b}]", q, mrope, merge)
     K = queries[0].num_candidates
     for b, q in enumerate(queries):
         if q.num_candidates != K:
@@ -668,12 +590,3 @@ def pack_candidates_batch_reference(
     _check_args(pad_token_id, spatial_merge_size, mrope)
     qs = _check_queries(queries, mrope)
     return _reference_batch(qs, pad_token_id, spatial_merge_size, mrope, "queries")
-
-
-def pack_candidates_reference(
-    query: QueryCandidates, *, pad_token_id: int, spatial_merge_size: int = 2, mrope: bool = True
-) -> PackedCandidates:
-    """``pack_candidates`` in plain Python (the specification); identical output and errors."""
-    _check_args(pad_token_id, spatial_merge_size, mrope)
-    q = _check_query("query", query, mrope)
-    return _reference_batch([q], pad_token_id, spatial_merge_size, mrope, "query").query(0)

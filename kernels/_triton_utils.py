@@ -1,52 +1,41 @@
-"""Helpers shared by the Triton kernels: interpreter detection, autotuning that also works under
-``TRITON_INTERPRET=1``, and the description of every shipped compile configuration (``AotSpec``)
-that ``python -m jomed_fast.kernels.aot`` compiles for sm_89 / sm_90 without a GPU.
+"""What every Triton kernel module shares: ``interpreter_enabled`` (``TRITON_INTERPRET=1``, defined
+once in ``jomed_fast.ops._dispatch``, which chooses the backend) and ``AotSpec``, the description of
+a shipped compile configuration that ``python -m jomed_fast.kernels.aot`` compiles for sm_89 / sm_90
+without a GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
-from typing import Any, Callable
+import inspect
+from typing import Any
 
-import triton
+from jomed_fast.ops._dispatch import interpreter_enabled
 
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+__all__ = ["AotSpec", "interpreter_enabled", "kernel_arguments"]
 
 
-def cpu_do_bench(fn: Callable[[], Any], quantiles=None, **_: Any):
-    """``do_bench`` replacement for the interpreter, where there is no CUDA event to time with."""
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    median = times[len(times) // 2]
-    return [median for _ in quantiles] if quantiles else median
-
-
-def autotune(configs: list[triton.Config], key: list[str], interpreter_configs: list[triton.Config] | None = None, **kwargs):
-    """``triton.autotune`` that runs under the interpreter too.
-
-    The interpreter's cost is per program, not per element, so it is given its own (large-block)
-    configurations, timed with :func:`cpu_do_bench`.
-    """
-    if interpreter_enabled():
-        return triton.autotune(configs=interpreter_configs or configs[:1], key=key, do_bench=cpu_do_bench, **kwargs)
-    return triton.autotune(configs=configs, key=key, **kwargs)
+def kernel_arguments(fn: Any) -> list[tuple[str, bool]]:
+    """(name, is it a ``tl.constexpr``) of each argument of a ``@triton.jit`` function, in order: read
+    from its Python signature as Triton reads it (an annotation naming ``constexpr``), so it holds
+    for a compiled and an interpreted kernel alike."""
+    return [(p.name, p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation))
+            for p in inspect.signature(fn.fn).parameters.values()]
 
 
 @dataclasses.dataclass(frozen=True)
 class AotSpec:
     """One compile configuration a kernel ships: what ``triton.compile`` needs to build it offline.
 
-    signature: argument name -> Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``).
-    constexprs: values of the ``constexpr`` arguments (block sizes, flags).
+    The kernel's signature (argument names and order, which are ``tl.constexpr``, which are
+    pointers: the arguments named ``*_ptr``) is read from ``fn`` itself; a spec holds only what a
+    launch chooses, and ``signature`` puts the two together. Checked when the spec is built: a
+    ``ValueError`` naming the spec and the argument.
+
+    dtypes: the element dtype of every pointer argument (``"fp16"``, ``"i64"``), and the type of a
+        runtime scalar that is not an int (``"fp32"``, as the JIT types a Python float). Every other
+        runtime argument is ``i32``, as the JIT types a Python int below 2**31.
+    constexprs: the value of every ``tl.constexpr`` argument (block sizes, flags).
     unit_args: integer arguments (inner strides) that equal 1 for contiguous inputs; the runtime
         JIT specializes such a value into a constant, so the AOT build does the same.
     aligned_args: integer arguments that are multiples of 16 in real use (model widths such as the
@@ -62,10 +51,51 @@ class AotSpec:
 
     name: str
     fn: Any  # a triton.JITFunction
-    signature: dict[str, str]
+    dtypes: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
     unit_args: tuple[str, ...] = ()
     aligned_args: tuple[str, ...] = ()
     maxnreg: int | None = None
+
+    def __post_init__(self) -> None:
+        arguments = kernel_arguments(self.fn)
+        names = [n for n, _ in arguments]
+        constexpr = [n for n, c in arguments if c]
+        runtime_ints = [n for n, c in arguments
+                        if not c and not n.endswith("_ptr") and self.dtypes.get(n, "i32") in ("i32", "i64")]
+        where = f"AotSpec {self.name}"
+        for field in ("dtypes", "constexprs", "unit_args", "aligned_args"):
+            for n in getattr(self, field):
+                if n not in names:
+                    raise ValueError(f"{where}: {field} names {n!r}, expected an argument of {self.fn.fn.__name__} {names}")
+        for n, _ in arguments:
+            if n in constexpr and n not in self.constexprs:
+                raise ValueError(f"{where}: constexprs: expected a value for the tl.constexpr argument {n!r}, got none")
+            if n not in constexpr and n in self.constexprs:
+                raise ValueError(f"{where}: constexprs: expected only tl.constexpr arguments, got {n!r}")
+            if n in constexpr and n in self.dtypes:
+                raise ValueError(f"{where}: dtypes: expected runtime arguments, got the tl.constexpr {n!r}")
+            dtype = self.dtypes.get(n)
+            if n.endswith("_ptr") and n not in constexpr and (not dtype or dtype.startswith("*")):
+                raise ValueError(f"{where}: dtypes: expected the element dtype of the pointer argument {n!r} "
+                                 f"(e.g. 'fp16'), got {dtype!r}")
+        for n in (*self.unit_args, *self.aligned_args):
+            if n not in runtime_ints:
+                raise ValueError(f"{where}: unit_args / aligned_args name {n!r}, expected an integer argument, "
+                                 f"one of {runtime_ints}")
+
+    @property
+    def signature(self) -> dict[str, str]:
+        """Argument -> Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``), in the
+        kernel's order, as ``triton.compiler.ASTSource`` takes it."""
+        types = {}
+        for n, is_constexpr in kernel_arguments(self.fn):
+            if is_constexpr:
+                types[n] = "constexpr"
+            elif n.endswith("_ptr"):
+                types[n] = f"*{self.dtypes[n]}"
+            else:
+                types[n] = self.dtypes.get(n, "i32")
+        return types

@@ -79,14 +79,10 @@ def compile_spec(spec, arch: int) -> CompileReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = spec.fn.fn.__name__ if hasattr(spec.fn, "fn") else spec.fn.__name__
+    kernel = spec.fn.fn.__name__
     report = CompileReport(kernel=kernel, config=spec.name, arch=arch, ok=False, triton=triton.__version__)
     try:
-        signature, constexprs = dict(spec.signature), dict(spec.constexprs)
-        for name in (*spec.unit_args, *spec.aligned_args):
-            if signature.get(name) not in ("i32", "i64"):
-                raise ValueError(f"{spec.name}: unit_args / aligned_args name {name!r}, expected an integer argument, "
-                                 f"found {signature.get(name, 'no such argument')!r}")
+        signature, constexprs = spec.signature, dict(spec.constexprs)
         for name in spec.unit_args:  # what the JIT does with an integer argument equal to 1
             signature[name], constexprs[name] = "constexpr", 1
         # The JIT marks 16-byte aligned pointers and integers that are multiples of 16 the same way.

@@ -15,10 +15,10 @@ and its gradient is non-zero only in the class columns:
 
 Forward reads R x C logits (a gather), never the other V - C columns; backward writes the C class
 columns of a zero-initialised ``[R, V]`` gradient. Statistics are kept in fp32 whatever the input
-dtype. A row whose class logits are all ``-inf`` gives NaN, as ``torch.log_softmax`` does.
+dtype.
 
-Layout: kernel -> launcher; the autograd wiring and torch reference live in
-``jomed_fast/ops/class_log_softmax.py``.
+Layout: kernels -> launchers -> ``aot_specs()``; the contract (shapes, dtypes, special values,
+errors), the autograd wiring and the torch reference live in ``jomed_fast/ops/class_log_softmax.py``.
 """
 
 from __future__ import annotations
@@ -123,14 +123,11 @@ def aot_specs() -> list[AotSpec]:
             common = {"BLOCK_R": block_r, "BLOCK_C": block_c}
             specs.append(AotSpec(
                 f"class_log_softmax_fwd[{dtype},C<={block_c}]", _class_log_softmax_fwd_kernel,
-                {"x_ptr": f"*{dtype}", "ids_ptr": "*i64", "out_ptr": "*fp32", "R": "i32", "C": "i32",
-                 "stride_xr": "i32", "stride_xv": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+                {"x_ptr": dtype, "ids_ptr": "i64", "out_ptr": "fp32"},
                 # Row strides are the vocabulary (151936, 131072: multiples of 16, as the JIT sees them).
                 common, num_warps=num_warps, unit_args=("stride_xv",), aligned_args=("stride_xr",)))
             specs.append(AotSpec(
                 f"class_log_softmax_bwd[{dtype},C<={block_c}]", _class_log_softmax_bwd_kernel,
-                {"grad_out_ptr": "*fp32", "out_ptr": "*fp32", "ids_ptr": "*i64", "grad_x_ptr": f"*{dtype}",
-                 "R": "i32", "C": "i32", "stride_gr": "i32", "stride_gv": "i32",
-                 "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+                {"grad_out_ptr": "fp32", "out_ptr": "fp32", "ids_ptr": "i64", "grad_x_ptr": dtype},
                 common, num_warps=num_warps, unit_args=("stride_gv",), aligned_args=("stride_gr",)))
     return specs

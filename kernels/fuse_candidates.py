@@ -21,8 +21,7 @@ gradient ``[B, C]`` and :math:`a_{b,k} = \sum_c g_{b,c} t_{b,k,c}`,
 = a_{b,k} / w_{b,k}`, written without the division so that ``w = 0`` is harmless).
 
 ``log w`` is ``(s - max_k s) / tau - lse``: shifting before the division keeps fp32 precision at
-``|s| ~ 1e4`` and small tau. Accumulation is fp32 whatever the input dtype. A row whose scores are
-all ``-inf``, or that holds a NaN, gives NaN.
+``|s| ~ 1e4`` and small tau. Accumulation is fp32 whatever the input dtype.
 
 Design: one program per block of BLOCK_B queries; the K weights of each query stay in registers
 (BLOCK_K = next power of two of K) and the classes are walked in ``[BLOCK_B, BLOCK_K, BLOCK_C]``
@@ -31,8 +30,8 @@ tiles, so any C works and ``l`` is read once. Shipped and checked for spills up 
 saved inputs (it must read ``l`` anyway, so recomputing costs one exp per element and no memory),
 writes ``dl`` tile by tile while accumulating ``a`` on chip, then writes ``ds`` once.
 
-Layout: kernels -> launchers -> ``aot_specs()``; the autograd wiring, argument checks and torch
-reference live in ``jomed_fast/ops/fuse_candidates.py``.
+Layout: kernels -> launchers -> ``aot_specs()``; the contract (shapes, dtypes, special values,
+errors), the autograd wiring and the torch reference live in ``jomed_fast/ops/fuse_candidates.py``.
 """
 
 from __future__ import annotations
@@ -174,16 +173,13 @@ def aot_specs() -> list[AotSpec]:
             block_b, block_k, block_c, num_warps = _blocks(K, C, interpret=False)
             common = {"BLOCK_B": block_b, "BLOCK_K": block_k, "BLOCK_C": block_c}
             tag = f"{dtype},K<={block_k},BLOCK_B={block_b},BLOCK_C={block_c}"
-            dims = {"B": "i32", "K": "i32", "C": "i32"}
-            l_strides = {"stride_lb": "i32", "stride_lk": "i32", "stride_lc": "i32",
-                         "stride_sb": "i32", "stride_sk": "i32", "inv_tau": "fp32", "BLOCK_B": "constexpr", "BLOCK_K": "constexpr", "BLOCK_C": "constexpr"}
+            inputs = {"l_ptr": dtype, "s_ptr": "fp32", "inv_tau": "fp32"}
             specs.append(AotSpec(
                 f"fuse_candidates_fwd[{tag}]", _fuse_candidates_fwd_kernel,
-                {"l_ptr": f"*{dtype}", "s_ptr": "*fp32", "out_ptr": "*fp32", **dims, **l_strides},
+                {**inputs, "out_ptr": "fp32"},
                 common, num_warps=num_warps, unit_args=("stride_lc", "stride_sk")))
             specs.append(AotSpec(
                 f"fuse_candidates_bwd[{tag}]", _fuse_candidates_bwd_kernel,
-                {"grad_out_ptr": "*fp32", "l_ptr": f"*{dtype}", "s_ptr": "*fp32", "grad_l_ptr": f"*{dtype}",
-                 "grad_s_ptr": "*fp32", **dims, "stride_gb": "i32", "stride_gc": "i32", **l_strides},
+                {**inputs, "grad_out_ptr": "fp32", "grad_l_ptr": dtype, "grad_s_ptr": "fp32"},
                 common, num_warps=num_warps, unit_args=("stride_lc", "stride_sk")))
     return specs

@@ -36,15 +36,14 @@ not). The backward always multiplies that way: ``δ`` stays fp32 (rounding it to
 would add a second rounding after the inputs' own), and a 16-bit operand is exact in TF32 (10
 mantissa bits, fp16 has 10 and bf16 7). Under ``TRITON_INTERPRET=1`` bf16 forward operands are
 upcast too, because the interpreter's bf16 dot is wrong (its fp16 dot is right, so fp16 tests
-cover the 16-bit branch); the interpreter multiplies fp32 exactly, whatever the precision flag. A row whose logits are all ``-inf`` gives NaN, as ``torch.log_softmax`` does; NaN inputs
-propagate to NaN outputs.
+cover the 16-bit branch); the interpreter multiplies fp32 exactly, whatever the precision flag.
 
 C up to 256 is fused in one pass (the grid has one class block); for larger C the kernel writes
 raw logits over a grid of class blocks and the launcher applies ``torch.log_softmax`` to that
 ``[N, C]`` result, which is O(N·C) next to the kernel's O(N·C·H).
 
-Layout: kernels -> launchers -> ``aot_specs()``; autograd wiring and the torch reference live in
-``jomed_fast/ops/head_class_log_softmax.py``.
+Layout: kernels -> launchers -> ``aot_specs()``; the contract (shapes, dtypes, special values,
+errors), the autograd wiring and the torch reference live in ``jomed_fast/ops/head_class_log_softmax.py``.
 """
 
 from __future__ import annotations
@@ -279,13 +278,6 @@ def aot_specs() -> list[AotSpec]:
     epilogue load); the unfused C > 256 path; fp32 hidden on a bf16 head; both backward kernels.
     H and the row strides made of it are compiled as multiples of 16, as every real head's are."""
     specs = []
-    fwd_sig = {
-        "hidden_ptr": None, "weight_ptr": None, "ids_ptr": "*i64", "bias_ptr": None, "out_ptr": "*fp32",
-        "N": "i32", "H": "i32", "C": "i32",
-        "stride_hn": "i32", "stride_hh": "i32", "stride_wv": "i32", "stride_wh": "i32",
-        "HAS_BIAS": "constexpr", "FUSE_SOFTMAX": "constexpr", "DOT_F32": "constexpr",
-        "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr",
-    }
     for hidden_dtype, weight_dtype, C, has_bias in [
         ("fp32", "fp32", 2, False), ("fp32", "fp32", 256, False),
         ("fp16", "fp16", 2, False), ("fp16", "fp16", 256, False),
@@ -299,11 +291,12 @@ def aot_specs() -> list[AotSpec]:
         fuse = C <= blocks.block_c
         dtypes = hidden_dtype if hidden_dtype == weight_dtype else f"{hidden_dtype} hidden,{weight_dtype} weight"
         classes = f"C<={blocks.block_c}" if fuse else f"C>{MAX_FUSED_C} unfused"
-        sig = dict(fwd_sig, hidden_ptr=f"*{hidden_dtype}", weight_ptr=f"*{weight_dtype}", bias_ptr=f"*{weight_dtype}")
+        pointers = {"hidden_ptr": hidden_dtype, "weight_ptr": weight_dtype, "ids_ptr": "i64", "bias_ptr": weight_dtype,
+                    "out_ptr": "fp32"}
         consts = {"HAS_BIAS": has_bias, "FUSE_SOFTMAX": fuse, "DOT_F32": dot_f32,
                   "BLOCK_N": blocks.block_n, "BLOCK_C": blocks.block_c, "BLOCK_H": blocks.block_h}
         specs.append(AotSpec(f"head_class_log_softmax_fwd[{dtypes},{classes},bias={int(has_bias)}]",
-                             _head_class_log_softmax_fwd_kernel, sig, consts, blocks.num_warps, blocks.num_stages,
+                             _head_class_log_softmax_fwd_kernel, pointers, consts, blocks.num_warps, blocks.num_stages,
                              unit_args=("stride_hh", "stride_wh"), aligned_args=("H", "stride_hn", "stride_wv")))
 
     for dtype, C in [("fp32", 2), ("fp32", 256), ("fp16", 2), ("bf16", 2), ("bf16", 256)]:
@@ -312,15 +305,11 @@ def aot_specs() -> list[AotSpec]:
         specs.append(AotSpec(
             f"head_class_log_softmax_bwd_hidden[{dtype},C<={blocks.block_c} per step]",
             _head_class_log_softmax_bwd_hidden_kernel,
-            {"dlogits_ptr": "*fp32", "weight_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_hidden_ptr": f"*{dtype}",
-             "N": "i32", "H": "i32", "C": "i32", "stride_wv": "i32", "stride_wh": "i32",
-             "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr"},
+            {"dlogits_ptr": "fp32", "weight_ptr": dtype, "ids_ptr": "i64", "grad_hidden_ptr": dtype},
             consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_wh",), aligned_args=("H", "stride_wv")))
         specs.append(AotSpec(
             f"head_class_log_softmax_bwd_weight[{dtype},C<={blocks.block_c} per block]",
             _head_class_log_softmax_bwd_weight_kernel,
-            {"dlogits_ptr": "*fp32", "hidden_ptr": f"*{dtype}", "ids_ptr": "*i64", "grad_weight_ptr": f"*{dtype}",
-             "N": "i32", "H": "i32", "C": "i32", "stride_hn": "i32", "stride_hh": "i32",
-             "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "BLOCK_H": "constexpr"},
+            {"dlogits_ptr": "fp32", "hidden_ptr": dtype, "ids_ptr": "i64", "grad_weight_ptr": dtype},
             consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_hh",), aligned_args=("H", "stride_hn")))
     return specs

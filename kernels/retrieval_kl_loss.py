@@ -21,8 +21,7 @@ constant target, so only the scores get a gradient:
 Both log-softmaxes are taken as ``(x - max_k x) / tau - lse``: the shift happens before the
 division, so at ``|s| ~ 1e4`` and ``tau = 0.01`` the scaled values keep fp32 relative precision
 (fp32 resolves ``s / tau ~ 1e6`` only to steps of 0.06). Statistics are fp32 whatever
-the score dtype. A row whose entries of ``s`` (or of ``r``) are all ``-inf``, or that holds a NaN,
-gives a NaN loss and NaN gradients.
+the score dtype.
 
 Design: one program per block of BLOCK_B rows, each row's K entries held in registers
 (BLOCK_K = next power of two of K; K = 50 in the paper). Shipped and checked for spills up to
@@ -33,8 +32,9 @@ bytes moved are the same either way (saving makes the forward write ``B x K`` mo
 read ``B x K`` less, 5 ``B x K`` in total both ways); and the recompute is two exp per element in a
 kernel bound by memory traffic and launch latency.
 
-Layout: kernels -> launchers -> ``aot_specs()``; the autograd wiring, argument checks, reduction
-and torch reference live in ``jomed_fast/ops/retrieval_kl_loss.py``.
+Layout: kernels -> launchers -> ``aot_specs()``; the contract (shapes, dtypes, special values,
+errors), the autograd wiring, the reduction and the torch reference live in
+``jomed_fast/ops/retrieval_kl_loss.py``.
 """
 
 from __future__ import annotations
@@ -170,16 +170,14 @@ def aot_specs() -> list[AotSpec]:
         for K in (16, 50, 4096):
             block_b, block_k, num_warps = _blocks(K, interpret=False)
             common = {"BLOCK_B": block_b, "BLOCK_K": block_k}
-            strides = {"stride_sb": "i32", "stride_sk": "i32", "stride_rb": "i32", "stride_rk": "i32",
-                       "inv_tau_s": "fp32", "inv_tau_r": "fp32", "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"}
+            inputs = {"s_ptr": dtype, "r_ptr": "fp32", "inv_tau_s": "fp32", "inv_tau_r": "fp32"}
             specs.append(AotSpec(
                 f"retrieval_kl_loss_fwd[{dtype},K<={block_k}]", _retrieval_kl_loss_fwd_kernel,
-                {"s_ptr": f"*{dtype}", "r_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "K": "i32", **strides},
+                {**inputs, "loss_ptr": "fp32"},
                 common, num_warps=num_warps, unit_args=("stride_sk", "stride_rk")))
             specs.append(AotSpec(
                 f"retrieval_kl_loss_bwd[{dtype},K<={block_k}]", _retrieval_kl_loss_bwd_kernel,
-                {"grad_loss_ptr": "*fp32", "s_ptr": f"*{dtype}", "r_ptr": "*fp32", "grad_s_ptr": f"*{dtype}",
-                 "B": "i32", "K": "i32", "stride_g": "i32", **strides},
+                {**inputs, "grad_loss_ptr": "fp32", "grad_s_ptr": dtype},
                 # stride_g is 0 under batchmean / sum (an expanded scalar), which the JIT marks divisible.
                 common, num_warps=num_warps, unit_args=("stride_sk", "stride_rk"), aligned_args=("stride_g",)))
     return specs

@@ -52,8 +52,8 @@ The launcher merges the splits' first-k keys with ``torch.topk`` (``[Q, splits *
 distinct, so the order is exact) and decodes scores and ids from the keys. fp32 indexes use
 ``input_precision="ieee"`` (no TF32), so fp32 scores are fp32-exact sums.
 
-Layout: kernel -> launcher -> ``aot_specs()``; argument checks, the torch reference and the CPU path
-live in ``jomed_fast/ops/topk_similarity.py``.
+Layout: kernel -> launcher -> ``aot_specs()``; the contract (shapes, dtypes, ties, NaN, errors), the
+torch reference and the CPU path live in ``jomed_fast/ops/topk_similarity.py``.
 """
 
 from __future__ import annotations
@@ -337,11 +337,7 @@ def aot_specs() -> list[AotSpec]:
                 continue  # fp32 takes the same blocks for Q <= 16 as for Q > 16
             specs.append(AotSpec(
                 name, _topk_similarity_kernel,
-                {"q_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": "*i64",
-                 "Q": "i32", "N": "i32", "D": "i32", "k": "i32", "rows_per_split": "i32",
-                 "stride_qm": "i32", "stride_xn": "i32", "stride_os": "i32", "stride_oq": "i32",
-                 "BLOCK_Q": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "KPAD": "constexpr",
-                 "DOT_FP32": "constexpr", "INPUT_PRECISION": "constexpr"},
+                {"q_ptr": dtype, "x_ptr": dtype, "out_ptr": "i64"},
                 {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "KPAD": kpad,
                  "DOT_FP32": False, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
                 num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG,

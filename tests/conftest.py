@@ -3,9 +3,10 @@
 ``TRITON_INTERPRET=1`` must be set before any Triton kernel module is imported, so it is set here,
 at collection time: with it the Triton kernels run on CPU tensors under Triton's interpreter.
 It changes nothing else: ops still dispatch CPU tensors to the torch path unless a test selects
-the Triton backend (``JOMED_FAST_BACKEND=triton``, see the ``backend`` fixture).
+the Triton backend (``JOMED_FAST_BACKEND=triton``, see the ``backend`` and ``use_backend`` fixtures).
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,6 +29,20 @@ def backend(request, monkeypatch):
     """Run a test once per backend; the Triton one runs its kernels under the interpreter."""
     monkeypatch.setenv("JOMED_FAST_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def use_backend():
+    """``with use_backend("triton"): ...`` runs the block on that backend. For Hypothesis tests, which
+    draw the backend per example and cannot take the function-scoped ``backend`` fixture."""
+
+    @contextlib.contextmanager
+    def use(name):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("JOMED_FAST_BACKEND", name)
+            yield
+
+    return use
 
 
 @pytest.fixture(scope="module")

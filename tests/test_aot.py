@@ -63,3 +63,43 @@ def test_refuses_to_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "jomed_fast.kernels.aot"], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr
+
+
+def test_spec_signature_is_read_from_the_kernel():
+    """Names, order and constexprs come from the @triton.jit function; pointers from the spec's dtypes;
+    every other runtime argument is i32 unless the spec types it (a float scalar)."""
+    from jomed_fast.kernels import class_log_softmax, retrieval_kl_loss
+
+    fwd = next(s for s in class_log_softmax.aot_specs() if s.name == "class_log_softmax_fwd[bf16,C<=16]")
+    assert list(fwd.signature.items()) == [
+        ("x_ptr", "*bf16"), ("ids_ptr", "*i64"), ("out_ptr", "*fp32"), ("R", "i32"), ("C", "i32"),
+        ("stride_xr", "i32"), ("stride_xv", "i32"), ("BLOCK_R", "constexpr"), ("BLOCK_C", "constexpr"),
+    ]
+    bwd = next(s for s in retrieval_kl_loss.aot_specs() if s.name == "retrieval_kl_loss_bwd[fp16,K<=64]")
+    assert bwd.signature == {
+        "grad_loss_ptr": "*fp32", "s_ptr": "*fp16", "r_ptr": "*fp32", "grad_s_ptr": "*fp16",
+        "B": "i32", "K": "i32", "stride_g": "i32", "stride_sb": "i32", "stride_sk": "i32", "stride_rb": "i32",
+        "stride_rk": "i32", "inv_tau_s": "fp32", "inv_tau_r": "fp32", "BLOCK_B": "constexpr", "BLOCK_K": "constexpr",
+    }
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(constexprs={"BLOCK_R": 16}), "constexprs: expected a value for the tl.constexpr argument 'BLOCK_C', got none"),
+    (dict(constexprs={"BLOCK_R": 16, "BLOCK_C": 16, "R": 4}), "constexprs: expected only tl.constexpr arguments, got 'R'"),
+    (dict(dtypes={"x_ptr": "fp16", "ids_ptr": "i64"}), "expected the element dtype of the pointer argument 'out_ptr'"),
+    (dict(dtypes={"x_ptr": "*fp16", "ids_ptr": "i64", "out_ptr": "fp32"}), "pointer argument 'x_ptr' (e.g. 'fp16'), got '*fp16'"),
+    (dict(dtypes={"x_ptr": "fp16", "ids_ptr": "i64", "out_ptr": "fp32", "BLOCK_C": "i32"}),
+     "dtypes: expected runtime arguments, got the tl.constexpr 'BLOCK_C'"),
+    (dict(aligned_args=("stride_xrow",)), "aligned_args names 'stride_xrow', expected an argument of _class_log_softmax_fwd_kernel"),
+    (dict(unit_args=("x_ptr",)), "unit_args / aligned_args name 'x_ptr', expected an integer argument, one of ['R', 'C', "),
+])
+def test_spec_names_what_it_gets_wrong(change, message):
+    from jomed_fast.kernels._triton_utils import AotSpec
+    from jomed_fast.kernels.class_log_softmax import _class_log_softmax_fwd_kernel
+
+    good = dict(name="t", fn=_class_log_softmax_fwd_kernel, dtypes={"x_ptr": "fp16", "ids_ptr": "i64", "out_ptr": "fp32"},
+                constexprs={"BLOCK_R": 16, "BLOCK_C": 16})
+    assert AotSpec(**good).signature["x_ptr"] == "*fp16"
+    with pytest.raises(ValueError) as info:
+        AotSpec(**{**good, **change})
+    assert str(info.value).startswith("AotSpec t: ") and message in str(info.value), str(info.value)

@@ -96,21 +96,14 @@ def test_non_contiguous_logits_and_class_ids(backend):
     dtype=st.sampled_from(DTYPES),
     use_triton=st.booleans(),
 )
-def test_property_random_shapes(monkeypatch_session, rows, vocab, data, dtype, use_triton):
+def test_property_random_shapes(use_backend, rows, vocab, data, dtype, use_triton):
     C = data.draw(st.integers(1, min(vocab, 40)))
     seed = data.draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
     class_ids = torch.randperm(vocab, generator=gen)[:C]
-    with monkeypatch_session.context() as m:
-        m.setenv("JOMED_FAST_BACKEND", "triton" if use_triton else "torch")
+    with use_backend("triton" if use_triton else "torch"):
         _check(logits, class_ids, grad_seed=seed)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_session():
-    with pytest.MonkeyPatch.context() as m:
-        yield m
 
 
 def test_compiles_fullgraph_forward_and_backward(backend):

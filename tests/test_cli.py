@@ -16,9 +16,6 @@ from jomed_fast.infer import read_predictions
 from jomed_fast.readers import tiny
 from jomed_fast.retriever import TinyCLIP
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

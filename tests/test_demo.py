@@ -11,9 +11,6 @@ from jomed_fast.cli.demo import exit_code
 from jomed_fast.demo import PRESETS, check_findings, run_demo
 from jomed_fast.infer import read_predictions
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

@@ -6,12 +6,7 @@ across settings and seeds, too close to noise to assert): reader-only < fine-tun
 on accuracy and macro-F1, JOMED at least 2 points above fine-tuned RAG, its largest gain on the
 inconsistent split, and the oracle above it."""
 
-import pytest
-
 from jomed_fast.demo import PRESETS, run_demo
-
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def test_full_demo_reproduces_the_papers_findings(tmp_path):

@@ -24,12 +24,7 @@ from jomed_fast.readers import load_reader
 
 from _faults import base_args, files, full_run, one_line_error, run, sha  # noqa: F401 (fixtures)
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent
 
 

@@ -29,12 +29,7 @@ from _faults import (  # noqa: F401 (fixtures)
     sha,
 )
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def copy_run(full_run, tmp_path):

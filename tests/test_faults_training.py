@@ -32,8 +32,7 @@ from jomed_fast.train import retriever as stage2
 from jomed_fast.train.checkpoint import latest_checkpoint
 from jomed_fast.train.score_cache import FILE_MAGIC, CacheDamageWarning, ScoreCache
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ from jomed_fast.scoring import Candidate
 from jomed_fast.scoring import flops as F
 from jomed_fast.tasks import get_task
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
-
 # Counter-vs-model tolerance: the model leaves out rotary-embedding products (the position
 # outer products the counter sees as bmm), which are < 0.1% of the tiny readers' forwards.
 RTOL = 5e-3

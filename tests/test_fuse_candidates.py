@@ -172,12 +172,6 @@ def test_empty_batch(backend):
     assert lp.grad.shape == (0, 4, 3)
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_session():
-    with pytest.MonkeyPatch.context() as m:
-        yield m
-
-
 @settings(max_examples=12, deadline=None)
 @given(
     B=st.integers(1, 12),
@@ -188,10 +182,9 @@ def monkeypatch_session():
     seed=st.integers(0, 2**31 - 1),
     use_triton=st.booleans(),
 )
-def test_property_random_shapes(monkeypatch_session, B, K, C, dtype, tau, seed, use_triton):
+def test_property_random_shapes(use_backend, B, K, C, dtype, tau, seed, use_triton):
     log_probs, scores = _inputs(B, K, C, dtype, seed=seed)
-    with monkeypatch_session.context() as m:
-        m.setenv("JOMED_FAST_BACKEND", "triton" if use_triton else "torch")
+    with use_backend("triton" if use_triton else "torch"):
         out = _check(log_probs, scores, tau, grad_seed=seed)
     # Rounded inputs still give an (approximate) distribution over the C classes.
     torch.testing.assert_close(out.sum(dim=-1), torch.ones(B), atol=5e-2, rtol=0)

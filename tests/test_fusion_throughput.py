@@ -18,8 +18,6 @@ import torch
 from jomed_fast import prompts
 from jomed_fast.tasks import get_task
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
-
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fusion_throughput.py")
 B, KS = 2, (1, 4)
 

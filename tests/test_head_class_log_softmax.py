@@ -198,12 +198,6 @@ def test_empty_rows(backend):
     assert h.grad.shape == (0, 12) and torch.count_nonzero(w.grad) == 0
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as m:
-        yield m
-
-
 @settings(max_examples=12, deadline=None)
 @given(
     N=st.integers(1, 40),
@@ -214,11 +208,10 @@ def monkeypatch_module():
     with_bias=st.booleans(),
     use_triton=st.booleans(),
 )
-def test_property_random_shapes(monkeypatch_module, N, H, V, data, dtype, with_bias, use_triton):
+def test_property_random_shapes(use_backend, N, H, V, data, dtype, with_bias, use_triton):
     C = data.draw(st.integers(1, min(V, 40)))
     seed = data.draw(st.integers(0, 2**31 - 1))
-    with monkeypatch_module.context() as m:
-        m.setenv("JOMED_FAST_BACKEND", "triton" if use_triton else "torch")
+    with use_backend("triton" if use_triton else "torch"):
         _check(*_make(N, H, V, C, dtype, seed=seed, with_bias=with_bias), grad_seed=seed)
 
 

@@ -24,12 +24,7 @@ from jomed_fast.retrieval import Retrieval
 from jomed_fast.retriever import TinyCLIP
 from jomed_fast.scoring import CandidateScorer
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 N_INDEX, N_QUERIES = 120, 5
 
 

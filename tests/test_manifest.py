@@ -15,8 +15,6 @@ from jomed_fast.readers import load_reader, tiny
 from jomed_fast.retriever import TinyCLIP, load_encoder
 from jomed_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
 
 def _flip_bit(path, offset=None):
     data = bytearray(path.read_bytes())

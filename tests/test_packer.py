@@ -1,12 +1,12 @@
 """The candidate packer: C++ (jomed_fast._C) against its plain-Python reference, and the M-RoPE
 numbering against the unmodified transformers ``Qwen2VLModel.get_rope_index``.
 
-* Exact equality of every output of ``pack_candidates_batch`` / ``pack_candidates`` on each packer
-  (the C++ one and the Python fallback, chosen explicitly) and the references on random queries
-  (hypothesis): empty segments, K = 1, one caption much longer than the rest, segments with 0, 1
-  or 2 images, prefixes with and without an image, t > 1 grids, merge sizes 1 and 2, several
-  queries with different prefix lengths.
-* The other tests call ``pack_candidates*`` on the packer ``backend()`` chose for the process: the
+* Exact equality of every output of ``pack_candidates_batch`` on each packer (the C++ one and the
+  Python fallback, chosen explicitly) and the reference on random queries (hypothesis): empty
+  segments, K = 1, one caption much longer than the rest, segments with 0, 1 or 2 images, prefixes
+  with and without an image, t > 1 grids, merge sizes 1 and 2, several queries with different
+  prefix lengths; and each query of a batch packed as it is alone.
+* The other tests call ``pack_candidates_batch`` on the packer ``backend()`` chose for the process: the
   C++ one in a dev install, the Python one under ``JOMED_FAST_DISABLE_C=1`` (where the C++-only
   test cases skip), so ``JOMED_FAST_DISABLE_C=1 pytest tests/test_packer.py`` tests the fallback.
 * The choice itself: ``JOMED_FAST_DISABLE_C=1``, a missing or unloadable extension, and one built
@@ -37,12 +37,9 @@ from jomed_fast import packing
 from jomed_fast.packing import (
     Backend,
     PackedBatch,
-    PackedCandidates,
     QueryCandidates,
-    pack_candidates,
     pack_candidates_batch,
     pack_candidates_batch_reference,
-    pack_candidates_reference,
 )
 
 PAD = 151643
@@ -60,7 +57,7 @@ PACKERS = [
 
 @contextlib.contextmanager
 def packer(name: str):
-    """``pack_candidates*`` run on the named packer inside the block, whatever ``backend()`` chose."""
+    """``pack_candidates_batch`` runs on the named packer inside the block, whatever ``backend()`` chose."""
     assert name == "python" or CPP is not None, "the C++ packer is unavailable here"
     saved = packing._CHOICE
     packing._CHOICE = (Backend(name, "chosen by the test"), CPP if name == "c++" else None)
@@ -163,6 +160,34 @@ def assert_same(a, b) -> None:
         assert torch.equal(x, y), (f.name, x, y)
 
 
+def assert_packed_alone_as_in_batch(alone: PackedBatch, batch: PackedBatch, b: int) -> None:
+    """``alone`` (query b packed by itself) is query b's part of ``batch``: its rows cut to its own
+    prefix length P and longest segment L, its image numbers counted from its first image."""
+    P, L, Pm = alone.prefix_input_ids.shape[1], alone.input_ids.shape[2], batch.prefix_input_ids.shape[1]
+    pairs = [
+        (alone.input_ids[0], batch.input_ids[b, :, :L]),
+        (alone.attention_mask[0, :, :P], batch.attention_mask[b, :, :P]),
+        (alone.attention_mask[0, :, P:], batch.attention_mask[b, :, Pm:Pm + L]),
+        (alone.position_ids[0], batch.position_ids[b, :, :L]),
+        (alone.answer_position[0], batch.answer_position[b]),
+        (alone.suffix_lengths[0], batch.suffix_lengths[b]),
+        (alone.prefix_input_ids[0], batch.prefix_input_ids[b, :P]),
+        (alone.prefix_lengths[0], batch.prefix_lengths[b]),
+    ]
+    if alone.mrope_position_ids is not None:
+        pairs += [(alone.mrope_position_ids[:, 0], batch.mrope_position_ids[:, b, :, :L]),
+                  (alone.rope_deltas[0], batch.rope_deltas[b]),
+                  (alone.prefix_mrope_position_ids[:, 0], batch.prefix_mrope_position_ids[:, b, :P]),
+                  (alone.prefix_rope_deltas[0], batch.prefix_rope_deltas[b])]
+    for spans_alone, spans in ((alone.image_spans, batch.image_spans), (alone.prefix_image_spans, batch.prefix_image_spans)):
+        rows = spans[spans[:, 0] == b].clone()
+        rows[:, 0] = 0
+        rows[:, -1] -= int((spans[:, 0] < b).sum())
+        pairs.append((spans_alone, rows))
+    for i, (x, y) in enumerate(pairs):
+        assert x.shape == y.shape and torch.equal(x, y), (i, x, y)
+
+
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -182,14 +207,14 @@ def test_packers_match_reference_random(name, batch, mrope):
     kwargs = dict(pad_token_id=PAD, spatial_merge_size=merge, mrope=mrope)
     with packer(name):
         packed = pack_candidates_batch(queries, **kwargs)
-        singles = [pack_candidates(q, **kwargs) for q in queries]
+        alone = [pack_candidates_batch([q], **kwargs) for q in queries]
     assert_same(packed, pack_candidates_batch_reference(queries, **kwargs))
     if name == "c++":  # and, said directly, the Python packer's batch
         with packer("python"):
             assert_same(packed, pack_candidates_batch(queries, **kwargs))
-    for b, (q, single) in enumerate(zip(queries, singles)):
-        assert_same(single, pack_candidates_reference(q, **kwargs))
-        assert_same(single, packed.query(b))
+    for b, (q, single) in enumerate(zip(queries, alone)):
+        assert_same(single, pack_candidates_batch_reference([q], **kwargs))
+        assert_packed_alone_as_in_batch(single, packed, b)
 
 
 @SETTINGS
@@ -252,31 +277,32 @@ def test_worked_example():
         prefix_images=[(1, (1, 4, 4))],
         candidate_images=[[(1, (1, 2, 4))], [], []],
     )
-    for pack in (pack_candidates, pack_candidates_reference):
-        out = pack(q, pad_token_id=0)
-        assert isinstance(out, PackedCandidates)
+    for pack in (pack_candidates_batch, pack_candidates_batch_reference):
+        out = pack([q], pad_token_id=0)
+        assert isinstance(out, PackedBatch)
         # prefix: text 0; image at s=1: t=1, h,w in {1,2}; s += 2 → 3; text 3, 4. Largest 4, P=7.
-        assert out.prefix_mrope_position_ids.tolist() == [
+        assert out.prefix_mrope_position_ids[:, 0].tolist() == [
             [0, 1, 1, 1, 1, 3, 4],
             [0, 1, 1, 2, 2, 3, 4],
             [0, 1, 2, 1, 2, 3, 4],
         ]
-        assert int(out.prefix_rope_delta) == 4 + 1 - 7
-        T, H, W = out.mrope_position_ids
+        assert out.prefix_rope_deltas.tolist() == [4 + 1 - 7]
+        assert out.prefix_lengths.tolist() == [7]
+        T, H, W = out.mrope_position_ids[:, 0]
         # segment 0 starts at s=5: x=5; image (1, 1, 2) merged grid at s=6: (6,6,6), (6,6,7); s=8: y=8
         assert T[0, :4].tolist() == [5, 6, 6, 8] and H[0, :4].tolist() == [5, 6, 6, 8]
         assert W[0, :4].tolist() == [5, 6, 7, 8]
         assert T[0, 4:].tolist() == [9, 10, 11, 12, 13, 14]  # padding continues as text
         assert T[1].tolist() == list(range(5, 15))  # empty segment: all padding
         assert T[2].tolist() == list(range(5, 15))
-        assert out.rope_deltas.tolist() == [8 + 1 - 11, 4 + 1 - 7, 14 + 1 - 17]
-        assert out.answer_position.tolist() == [3, -1, 9]
-        assert out.suffix_lengths.tolist() == [4, 0, 10]
-        assert out.input_ids[1].tolist() == [0] * 10
-        assert out.attention_mask.tolist()[1] == [1] * 7 + [0] * 10
-        assert out.position_ids[0].tolist() == list(range(7, 17))
-        assert out.image_spans.tolist() == [[0, 1, 2, 0]]
-        assert out.prefix_image_spans.tolist() == [[1, 4, 0]]
+        assert out.rope_deltas.tolist() == [[8 + 1 - 11, 4 + 1 - 7, 14 + 1 - 17]]
+        assert out.answer_position.tolist() == [[3, -1, 9]]
+        assert out.suffix_lengths.tolist() == [[4, 0, 10]]
+        assert out.input_ids[0, 1].tolist() == [0] * 10
+        assert out.attention_mask[0, 1].tolist() == [1] * 7 + [0] * 10
+        assert out.position_ids[0, 0].tolist() == list(range(7, 17))
+        assert out.image_spans.tolist() == [[0, 0, 1, 2, 0]]
+        assert out.prefix_image_spans.tolist() == [[0, 1, 4, 0]]
 
 
 @pytest.mark.parametrize(
@@ -305,17 +331,17 @@ def test_named_cases(case):
         prefix = [text(1), img()]  # the segment's image directly follows the prefix's
     q = build(m, prefix, segments)
     for mrope in (True, False):
-        fast = pack_candidates(q, pad_token_id=PAD, spatial_merge_size=m, mrope=mrope)
-        assert_same(fast, pack_candidates_reference(q, pad_token_id=PAD, spatial_merge_size=m, mrope=mrope))
-        assert fast.input_ids.shape == (len(segments), max(len(flatten(s, m)[0]) for s in segments))
+        fast = pack_candidates_batch([q], pad_token_id=PAD, spatial_merge_size=m, mrope=mrope)
+        assert_same(fast, pack_candidates_batch_reference([q], pad_token_id=PAD, spatial_merge_size=m, mrope=mrope))
+        assert fast.input_ids.shape == (1, len(segments), max(len(flatten(s, m)[0]) for s in segments))
         assert (fast.mrope_position_ids is None) == (not mrope)
     if case == "adjacent_images":
         # each image is numbered by its own grid (HF's get_rope_index cannot express this case:
         # it would merge the two spans into one group)
-        out = pack_candidates(q, pad_token_id=PAD, spatial_merge_size=m)
-        assert out.prefix_mrope_position_ids.tolist() == [[0, 1], [0, 1], [0, 1]]
-        assert out.mrope_position_ids[:, 0, :5].tolist() == [[2, 3, 3, 3, 3], [2, 3, 3, 4, 4], [2, 3, 4, 3, 4]]
-        assert out.mrope_position_ids[:, 1, :2].tolist() == [[2, 3], [2, 2], [2, 2]]
+        out = pack_candidates_batch([q], pad_token_id=PAD, spatial_merge_size=m)
+        assert out.prefix_mrope_position_ids[:, 0].tolist() == [[0, 1], [0, 1], [0, 1]]
+        assert out.mrope_position_ids[:, 0, 0, :5].tolist() == [[2, 3, 3, 3, 3], [2, 3, 3, 4, 4], [2, 3, 4, 3, 4]]
+        assert out.mrope_position_ids[:, 0, 1, :2].tolist() == [[2, 3], [2, 2], [2, 2]]
 
 
 def test_mrope_false_needs_no_grids():
@@ -325,23 +351,24 @@ def test_mrope_false_needs_no_grids():
         candidate_offsets=torch.tensor([0, 5, 9]),
         candidate_image_spans=torch.tensor([[0, 1, 3], [1, 0, 2]]),  # e.g. Pixtral rows with [IMG_BREAK]
     )
-    for pack in (pack_candidates, pack_candidates_reference):
-        out = pack(q, pad_token_id=0, mrope=False)
-        assert out.mrope_position_ids is None and out.rope_deltas is None and out.prefix_rope_delta is None
-        assert out.image_spans.tolist() == [[0, 1, 3, 0], [1, 0, 2, 1]]
-    with pytest.raises(ValueError, match=r"query\.candidate_image_grid_thw: expected \[N, 3\] image grids"):
-        pack_candidates(q, pad_token_id=0)
+    for pack in (pack_candidates_batch, pack_candidates_batch_reference):
+        out = pack([q], pad_token_id=0, mrope=False)
+        assert out.mrope_position_ids is None and out.rope_deltas is None
+        assert out.prefix_mrope_position_ids is None and out.prefix_rope_deltas is None
+        assert out.image_spans.tolist() == [[0, 0, 1, 3, 0], [0, 1, 0, 2, 1]]
+    with pytest.raises(ValueError, match=r"queries\[0\]\.candidate_image_grid_thw: expected \[N, 3\] image grids"):
+        pack_candidates_batch([q], pad_token_id=0)
 
 
 def test_non_contiguous_inputs():
     base = torch.arange(40, dtype=torch.int64)
     q = QueryCandidates(prefix_ids=base[::2][:6], candidate_ids=base[1::2][:8], candidate_offsets=torch.tensor([0, 3, 8]))
-    assert_same(pack_candidates(q, pad_token_id=0), pack_candidates_reference(q, pad_token_id=0))
+    assert_same(pack_candidates_batch([q], pad_token_id=0), pack_candidates_batch_reference([q], pad_token_id=0))
 
 
 def test_to_moves_every_tensor():
     q = build(2, [Piece(text=[1])], [[Piece(text=[2, 3])]])
-    out = pack_candidates(q, pad_token_id=0).to(torch.int32)
+    out = pack_candidates_batch([q], pad_token_id=0).to(torch.int32)
     assert out.input_ids.dtype == torch.int32 and out.mrope_position_ids.dtype == torch.int32
 
 
@@ -452,7 +479,7 @@ def good_query(**overrides) -> dict:
 
 def test_good_query_is_good():
     q = QueryCandidates(**good_query())
-    assert_same(pack_candidates(q, pad_token_id=0), pack_candidates_reference(q, pad_token_id=0))
+    assert_same(pack_candidates_batch([q], pad_token_id=0), pack_candidates_batch_reference([q], pad_token_id=0))
 
 
 CONSTRUCTION_ERRORS = [
@@ -474,31 +501,31 @@ def test_construction_errors(overrides, error, message):
 
 
 VALUE_ERRORS = [
-    (dict(candidate_offsets=torch.tensor([1, 6, 10])), "query.candidate_offsets: expected offsets[0] = 0"),
+    (dict(candidate_offsets=torch.tensor([1, 6, 10])), "queries[0].candidate_offsets: expected offsets[0] = 0"),
     (dict(candidate_offsets=torch.tensor([0, 6, 9])), "and offsets[K] = 10 (candidate_ids.numel()), got 0 and 9"),
     (dict(candidate_offsets=torch.tensor([0, 6, 4, 10]), candidate_image_spans=torch.empty(0, 3, dtype=torch.long),
           candidate_image_grid_thw=torch.empty(0, 3, dtype=torch.long)),
-     "query.candidate_offsets: expected non-decreasing offsets, got offsets[2] = 4 < offsets[1] = 6"),
+     "queries[0].candidate_offsets: expected non-decreasing offsets, got offsets[2] = 4 < offsets[1] = 6"),
     (dict(prefix_ids=torch.empty(0, dtype=torch.long), prefix_image_spans=torch.empty(0, 2, dtype=torch.long),
           prefix_image_grid_thw=torch.empty(0, 3, dtype=torch.long), candidate_offsets=torch.tensor([0, 0, 10]),
           candidate_image_spans=torch.tensor([[1, 1, 2]]), candidate_image_grid_thw=torch.tensor([[1, 2, 4]])),
      "got an empty segment 0 after an empty prefix"),
-    (dict(prefix_image_spans=torch.tensor([[3, 4]])), "query.prefix_image_spans: expected 0 <= start, 1 <= length, "
+    (dict(prefix_image_spans=torch.tensor([[3, 4]])), "queries[0].prefix_image_spans: expected 0 <= start, 1 <= length, "
      "start + length <= 6 (the sequence's length), got row 0 = (start 3, length 4)"),
-    (dict(candidate_image_spans=torch.tensor([[0, 5, 2], [1, 0, 2]])), "query.candidate_image_spans: expected 0 <= start"),
+    (dict(candidate_image_spans=torch.tensor([[0, 5, 2], [1, 0, 2]])), "queries[0].candidate_image_spans: expected 0 <= start"),
     (dict(candidate_image_spans=torch.tensor([[0, -1, 2], [1, 0, 2]])), "got row 0 = (start -1, length 2)"),
     (dict(candidate_image_spans=torch.tensor([[0, 1, 0], [1, 0, 2]])), "got row 0 = (start 1, length 0)"),
     (dict(candidate_image_spans=torch.tensor([[1, 0, 2], [0, 1, 2]]), candidate_image_grid_thw=torch.tensor([[2, 2, 2], [1, 2, 4]])),
-     "query.candidate_image_spans: expected column 0 (candidate) non-decreasing in [0, 2), got row 1 with candidate 0 after candidate 1"),
+     "queries[0].candidate_image_spans: expected column 0 (candidate) non-decreasing in [0, 2), got row 1 with candidate 0 after candidate 1"),
     (dict(candidate_image_spans=torch.tensor([[0, 1, 2], [2, 0, 2]])), "non-decreasing in [0, 2), got row 1 with candidate 2"),
     (dict(candidate_image_spans=torch.tensor([[0, 0, 2], [0, 1, 2]]), candidate_image_grid_thw=torch.tensor([[1, 2, 4], [1, 2, 4]])),
-     "query.candidate_image_spans: expected spans sorted by start and not overlapping, got row 1 starting at 1 before the previous span's end 2"),
+     "queries[0].candidate_image_spans: expected spans sorted by start and not overlapping, got row 1 starting at 1 before the previous span's end 2"),
     (dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [2, 2, 3]])),
-     "query.candidate_image_grid_thw: expected h and w divisible by spatial_merge_size = 2, got row 1 = (2, 2, 3)"),
+     "queries[0].candidate_image_grid_thw: expected h and w divisible by spatial_merge_size = 2, got row 1 = (2, 2, 3)"),
     (dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [1, 2, 2]])),
-     "query.candidate_image_grid_thw: expected t*h*w/spatial_merge_size^2 = the span's length 2, got row 1 = (1, 2, 2)"),
-    (dict(prefix_image_grid_thw=torch.tensor([[0, 4, 4]])), "query.prefix_image_grid_thw: expected grid (t, h, w) >= 1, got row 0 = (0, 4, 4)"),
-    (dict(prefix_image_grid_thw=None), r"query.prefix_image_grid_thw: expected [N, 3] image grids with mrope=True, got None"),
+     "queries[0].candidate_image_grid_thw: expected t*h*w/spatial_merge_size^2 = the span's length 2, got row 1 = (1, 2, 2)"),
+    (dict(prefix_image_grid_thw=torch.tensor([[0, 4, 4]])), "queries[0].prefix_image_grid_thw: expected grid (t, h, w) >= 1, got row 0 = (0, 4, 4)"),
+    (dict(prefix_image_grid_thw=None), r"queries[0].prefix_image_grid_thw: expected [N, 3] image grids with mrope=True, got None"),
 ]
 
 
@@ -506,13 +533,13 @@ VALUE_ERRORS = [
 def test_value_errors_same_on_both_paths(overrides, message):
     q = QueryCandidates(**good_query(**overrides))
     messages = []
-    for pack in (pack_candidates, pack_candidates_reference):
+    for pack in (pack_candidates_batch, pack_candidates_batch_reference):
         with pytest.raises(ValueError) as info:
-            pack(q, pad_token_id=0)
+            pack([q], pad_token_id=0)
         messages.append(str(info.value))
     assert message in messages[0], messages[0]
     assert messages[0] == messages[1]
-    # and in a batch the message names the query
+    # and further down a batch the message names that query
     messages = []
     for pack in (pack_candidates_batch, pack_candidates_batch_reference):
         with pytest.raises(ValueError) as info:
@@ -523,7 +550,8 @@ def test_value_errors_same_on_both_paths(overrides, message):
 
 def test_grid_checks_are_skipped_without_mrope():
     q = QueryCandidates(**good_query(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [2, 2, 3]])))
-    assert_same(pack_candidates(q, pad_token_id=0, mrope=False), pack_candidates_reference(q, pad_token_id=0, mrope=False))
+    assert_same(pack_candidates_batch([q], pad_token_id=0, mrope=False),
+                pack_candidates_batch_reference([q], pad_token_id=0, mrope=False))
 
 
 def test_different_k_across_queries():
@@ -547,9 +575,6 @@ def test_different_k_across_queries():
 )
 def test_argument_errors(kwargs, error, message):
     q = QueryCandidates(**good_query())
-    for pack in (pack_candidates, pack_candidates_reference):
-        with pytest.raises(error, match=message):
-            pack(q, **kwargs)
     for pack in (pack_candidates_batch, pack_candidates_batch_reference):
         with pytest.raises(error, match=message):
             pack([q], **kwargs)
@@ -564,19 +589,8 @@ def test_query_and_queries_type_errors():
             pack([], pad_token_id=0)
         with pytest.raises(TypeError, match=r"queries\[1\]: expected a QueryCandidates, got dict"):
             pack([q, {}], pad_token_id=0)
-    for pack in (pack_candidates, pack_candidates_reference):
-        with pytest.raises(TypeError, match="query: expected a QueryCandidates, got list"):
-            pack([q], pad_token_id=0)
     with pytest.raises(ValueError, match="num_threads: expected None or an int >= 1, got 0"):
         pack_candidates_batch([q], pad_token_id=0, num_threads=0)
-
-
-def test_packed_batch_query_index():
-    q = QueryCandidates(**good_query())
-    out = pack_candidates_batch([q], pad_token_id=0)
-    assert isinstance(out, PackedBatch)
-    with pytest.raises(ValueError, match=r"b: expected a query index in \[0, 1\), got 1"):
-        out.query(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +643,7 @@ def pack_everything_and_record_warnings() -> list[warnings.WarningMessage]:
         warnings.simplefilter("always")  # a second warning must not hide behind the once-per-location filter
         for _ in range(2):
             packing.backend()
-            assert_same(pack_candidates(q, pad_token_id=0), pack_candidates_reference(q, pad_token_id=0))
+            assert_same(pack_candidates_batch([q], pad_token_id=0), pack_candidates_batch_reference([q], pad_token_id=0))
             assert_same(pack_candidates_batch([q, q], pad_token_id=0),
                         pack_candidates_batch_reference([q, q], pad_token_id=0))
     return caught
@@ -645,8 +659,8 @@ def test_disable_env_forces_python_without_a_warning(undecided, monkeypatch):
 
 def test_disable_env_in_a_fresh_process_never_imports_the_extension():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOMED_FAST_")}
-    code = ("import sys; from jomed_fast.packing import QueryCandidates, backend, pack_candidates; "
-            "pack_candidates(QueryCandidates.from_lists([1, 2], [[3], [4, 5]]), pad_token_id=0); "
+    code = ("import sys; from jomed_fast.packing import QueryCandidates, backend, pack_candidates_batch; "
+            "pack_candidates_batch([QueryCandidates.from_lists([1, 2], [[3], [4, 5]])], pad_token_id=0); "
             "print(backend().name, 'jomed_fast._C' in sys.modules)")
     run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
                          env={**env, "JOMED_FAST_DISABLE_C": "1"}, capture_output=True, text=True)
@@ -723,7 +737,7 @@ def test_extension_for_this_torch_is_used(undecided, monkeypatch):
         warnings.simplefilter("error")
         assert packing.backend() == Backend("c++", f"jomed_fast._C, built against torch {release}+cu126")
     with pytest.raises(AssertionError, match=f"the extension built against torch {release} was asked to pack"):
-        pack_candidates(QueryCandidates(**good_query()), pad_token_id=0)
+        pack_candidates_batch([QueryCandidates(**good_query())], pad_token_id=0)
 
 
 def test_release_compares_major_minor_patch():

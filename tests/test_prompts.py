@@ -20,8 +20,6 @@ from jomed_fast.prompts import (
 from jomed_fast.readers import ReaderProcessor, tiny
 from jomed_fast.tasks import Task, get_task
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
 TASK = get_task("synthetic")
 
 

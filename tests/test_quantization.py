@@ -24,10 +24,7 @@ from PIL import Image
 from jomed_fast.readers import load_reader, quantization, tiny
 from jomed_fast.readers.fingerprint import reader_fingerprint
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HAS_PACKED = quantization.cpu_has_packed_kernel()
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is the lesion benign?"}]}]

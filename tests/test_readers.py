@@ -24,8 +24,6 @@ from jomed_fast.readers import (
 )
 
 ARCHS = tiny.ARCHS
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is the lesion benign?"}]}]
 TWO_IMAGES = [
     {

@@ -181,12 +181,6 @@ def test_empty_batch(backend):
     assert torch.isnan(retrieval_kl_loss(s, torch.randn(0, 5)))  # mean of nothing
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_session():
-    with pytest.MonkeyPatch.context() as m:
-        yield m
-
-
 @settings(max_examples=12, deadline=None)
 @given(
     B=st.integers(1, 40),
@@ -198,10 +192,9 @@ def monkeypatch_session():
     seed=st.integers(0, 2**31 - 1),
     use_triton=st.booleans(),
 )
-def test_property_random_shapes(monkeypatch_session, B, K, dtype, tau_retriever, tau_reader, reduction, seed, use_triton):
+def test_property_random_shapes(use_backend, B, K, dtype, tau_retriever, tau_reader, reduction, seed, use_triton):
     scores, reader = _inputs(B, K, dtype, seed=seed)
-    with monkeypatch_session.context() as m:
-        m.setenv("JOMED_FAST_BACKEND", "triton" if use_triton else "torch")
+    with use_backend("triton" if use_triton else "torch"):
         out = _check(scores, reader, tau_retriever, tau_reader, reduction, grad_seed=seed)
     assert (out >= -1e-5).all()  # a KL divergence is never negative
 

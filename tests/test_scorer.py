@@ -22,12 +22,7 @@ from jomed_fast.readers import load_reader, quantization, tiny
 from jomed_fast.scoring import Candidate, CandidateScorer
 from jomed_fast.tasks import Task, get_task
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-4
 # bitsandbytes' packed kernel rounds every layer's input and output to bf16 (2^-8 relative), and

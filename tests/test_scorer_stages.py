@@ -15,11 +15,7 @@ from jomed_fast.scoring.batch import SuffixRows, pack
 from jomed_fast.scoring.inputs import normalize_inputs
 from jomed_fast.tasks import Task, get_task
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SINGLE = get_task("synthetic")
 MULTI = Task(name="multi_token", kind="multiclass", labels=("benign", "malignant", "10", "1", "normal"),

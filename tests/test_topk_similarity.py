@@ -213,19 +213,12 @@ def test_no_queries_and_no_gradient(backend):
     dtype=st.sampled_from(DTYPES),
     use_triton=st.booleans(),
 )
-def test_property_random_shapes(monkeypatch_module, Q, N, D, data, dtype, use_triton):
+def test_property_random_shapes(use_backend, Q, N, D, data, dtype, use_triton):
     k = data.draw(st.integers(1, min(N, 100)))
     seed = data.draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
-    with monkeypatch_module.context() as m:
-        m.setenv("JOMED_FAST_BACKEND", "triton" if use_triton else "torch")
+    with use_backend("triton" if use_triton else "torch"):
         _check(_rand((Q, D), dtype, gen), _rand((N, D), dtype, gen), k)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as m:
-        yield m
 
 
 def test_compiles_fullgraph(backend):

@@ -30,9 +30,10 @@ from jomed_fast.train.reader_data import (
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # transformers 5 renamed gradient checkpointing: jomed_fast.train.reader still enables it by the old
+    # name, and a test reads the old property. Hidden here only, so the old names show anywhere else.
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
 ]
 
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import _stage1_run  # tests/ is on sys.path (pytest rootdir conftest)
-import pytest
 import torch
 import transformers  # noqa: F401  (imported before the fork: the children start fast)
 from safetensors.torch import load_file
@@ -27,8 +26,6 @@ from jomed_fast.index import Index
 from jomed_fast.readers import tiny
 from jomed_fast.retriever import TinyCLIP
 from jomed_fast.train.checkpoint import latest_checkpoint
-
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 DATA = {"n_train": 12, "n_val": 4, "n_test": 0, "index_size": 40}
 # 12 samples x (1 text + 1 image candidate) = 24 examples; 3 micro-batches of 4 per step -> 2 steps

@@ -1,14 +1,18 @@
-r"""``class_log_softmax``: the reader's posterior restricted to the task's class tokens.
+"""``class_log_softmax``: the reader's posterior restricted to the task's class tokens.
 
-.. math::  y_{\ldots,c} = \log\operatorname{softmax}_c\big(x_{\ldots,\mathrm{ids}_c}\big)
+``class_log_softmax(logits, class_ids)``: logits ``[..., V]`` (fp32 / fp16 / bf16), class_ids int64
+``[C]`` distinct and in ``[0, V)`` -> float32 ``[..., C]``, the log-softmax over the C class columns
+alone. ``class_log_softmax_reference`` (plain torch) is the specification; the tests hold both
+paths to it in float64. Differentiable w.r.t. the logits: the gradient comes back in their dtype
+and is exactly zero outside the class columns. NaN logits propagate to NaN outputs; a row whose
+class logits are all ``-inf`` is NaN. A bad argument is a ``TypeError`` / ``ValueError`` naming it;
+the class ids' values (range, duplicates) are checked inside the op, which reads them.
 
-logits ``[..., V]`` (fp32 / fp16 / bf16), class_ids int64 ``[C]`` distinct and in ``[0, V)``
--> float32 ``[..., C]``. Differentiable w.r.t. the logits; the gradient is zero outside the class
-columns. NaN logits propagate to NaN outputs; a row whose class logits are all ``-inf`` is NaN.
-
-``class_log_softmax_reference`` is the specification (plain torch, any float dtype, float64 in the
-tests). The op is registered as ``torch.ops.jomed_fast.class_log_softmax`` so callers compile
-under ``torch.compile(fullgraph=True)``; the Triton kernel is ``jomed_fast.kernels.class_log_softmax``.
+Dispatch (``jomed_fast.ops``): CUDA tensors run the Triton kernels of
+``jomed_fast.kernels.class_log_softmax``, whose docstring holds the math of both directions and
+the memory traffic; CPU tensors run the torch path here. Registered as
+``torch.ops.jomed_fast.class_log_softmax`` (backward: ``class_log_softmax_backward``) so callers
+compile under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def _(logits, class_ids):
 def _backward(
     grad_out: torch.Tensor, out: torch.Tensor, class_ids: torch.Tensor, vocab_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """grad_out, out ``[R, C]`` -> d logits ``[R, V]`` = scatter(g - exp(out) * sum_c g) into the class columns."""
+    """grad_out, out ``[R, C]`` -> d logits ``[R, V]`` in ``dtype``, zero off the class columns (the formula:
+    ``jomed_fast.kernels.class_log_softmax``)."""
     if choose_backend(out.device) == "triton":
         from jomed_fast.kernels.class_log_softmax import class_log_softmax_backward
 

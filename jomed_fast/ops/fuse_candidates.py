@@ -1,28 +1,23 @@
-r"""``fuse_candidates``: JOMED's inference fusion of the reader's per-candidate answers.
+"""``fuse_candidates``: JOMED's inference fusion of the reader's per-candidate answers.
 
-.. math::
-
-    y_{b,c} = \sum_k \exp(l_{b,k,c}) \, w_{b,k}, \qquad w_{b,k} = \operatorname{softmax}_k(s_{b,k} / \tau)
-
-candidate_log_probs ``l`` ``[B, K, C]`` (the reader's class log-probabilities given each candidate;
-fp32 / fp16 / bf16) and retriever_scores ``s`` ``[B, K]`` -> float32 ``[B, C]``, the fused posterior
-``p(c | q)`` (it sums to 1 over C when every ``exp(l[b, k])`` does). Each term is evaluated as
-``exp(l + log w)``, which equals ``exp(l) * w`` without overflowing ``exp(l)`` first.
-
-Differentiable w.r.t. both inputs. With upstream gradient ``g`` ``[B, C]`` and
-``t_{b,k,c} = exp(l_{b,k,c}) w_{b,k}``, ``a_{b,k} = sum_c g_{b,c} t_{b,k,c}``:
-
-- ``d l_{b,k,c} = g_{b,c} t_{b,k,c}``
-- ``d s_{b,k} = (a_{b,k} - w_{b,k} sum_j a_{b,j}) / tau`` (the softmax Jacobian)
+``fuse_candidates(candidate_log_probs, retriever_scores, tau=1.0)``: ``l`` ``[B, K, C]`` (the
+reader's class log-probabilities given each candidate) and ``s`` ``[B, K]`` (fp32 / fp16 / bf16
+each), a finite tau > 0 -> float32 ``[B, C]``, the fused posterior ``p(c | q)``: each candidate's
+class probabilities weighted by the softmax of the scores over K at temperature tau. It sums to 1
+over C when every ``exp(l[b, k])`` does. ``fuse_candidates_reference`` (plain torch) is the
+specification; the tests hold both paths to it in float64. Differentiable w.r.t. both inputs, each
+gradient in its input's dtype.
 
 A ``-inf`` log-probability or a ``-inf`` score (weight 0) adds nothing. NaN propagates, never
 crashes: a query whose scores are all ``-inf`` has no weights and gives a NaN row; a NaN score
-makes its query's row NaN, a NaN log-probability its class entry.
+makes its query's row NaN, a NaN log-probability its class entry. A bad argument is a
+``TypeError`` / ``ValueError`` naming it.
 
-``fuse_candidates_reference`` is the specification (plain torch, float64 in the tests). The op is
-registered as ``torch.ops.jomed_fast.fuse_candidates`` (backward: ``fuse_candidates_backward``) so
-callers compile under ``torch.compile(fullgraph=True)``; the Triton kernels are
-``jomed_fast.kernels.fuse_candidates``.
+Dispatch (``jomed_fast.ops``): CUDA tensors run the Triton kernels of
+``jomed_fast.kernels.fuse_candidates``, whose docstring holds the math (the fusion, written
+without overflow, and both gradients) and the memory traffic; CPU tensors run the torch path here.
+Registered as ``torch.ops.jomed_fast.fuse_candidates`` (backward: ``fuse_candidates_backward``) so
+callers compile under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -73,7 +68,8 @@ def _(candidate_log_probs, retriever_scores, tau):
 def _backward(
     grad_out: torch.Tensor, candidate_log_probs: torch.Tensor, retriever_scores: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_out ``[B, C]`` -> (d l ``[B, K, C]`` = g t, d s ``[B, K]`` = (a - w sum_k a) / tau)."""
+    """grad_out ``[B, C]`` -> (d l ``[B, K, C]``, d s ``[B, K]``) (the formulas:
+    ``jomed_fast.kernels.fuse_candidates``)."""
     if choose_backend(candidate_log_probs.device) == "triton":
         from jomed_fast.kernels.fuse_candidates import fuse_candidates_backward
 

@@ -1,27 +1,27 @@
-r"""``head_class_log_softmax``: the reader's class-restricted posterior straight from the LM head.
+"""``head_class_log_softmax``: the reader's class-restricted posterior straight from the LM head.
 
-.. math::  y_{n,c} = \log\operatorname{softmax}_c\big(h_n \cdot W_{\mathrm{ids}_c} + b_{\mathrm{ids}_c}\big)
-
-hidden ``[N, H]`` (fp32 / fp16 / bf16), LM-head weight ``[V, H]`` (fp32 / fp16 / bf16; the real head
-is bf16 or fp16, and may differ from hidden's dtype), class_ids int64 ``[C]`` distinct and in
-``[0, V)``, optional bias ``[V]`` -> float32 ``[N, C]``. The ``[N, V]`` logits are never formed: only
-the C class rows of the head are read.
+``head_class_log_softmax(hidden, weight, class_ids, bias=None)``: hidden ``[N, H]`` (fp32 / fp16 /
+bf16), LM-head weight ``[V, H]`` (fp32 / fp16 / bf16; the real head is bf16 or fp16, and may differ
+from hidden's dtype), class_ids int64 ``[C]`` distinct and in ``[0, V)``, optional bias ``[V]`` ->
+float32 ``[N, C]``, the log-softmax over the C class logits of the head. The ``[N, V]`` logits are
+never formed: only the C class rows of the head are read. ``head_class_log_softmax_reference``
+(plain torch) is the specification; the tests hold both paths to it in float64.
 
 Differentiable w.r.t. hidden, weight and bias (each only when it requires grad). The weight gradient
 is a dense ``[V, H]`` tensor (what autograd accumulates into the parameter) that is exactly zero
 outside the class rows; the bias gradient likewise ``[V]``. Gradients come back in each input's
-dtype. NaN inputs propagate to NaN outputs; a row whose class logits are all ``-inf`` is NaN.
+dtype. NaN inputs propagate to NaN outputs; a row whose class logits are all ``-inf`` is NaN. A bad
+argument is a ``TypeError`` / ``ValueError`` naming it; the class ids' values are checked inside
+the op, which reads them.
 
-Backward: ``δ = g - exp(y) · Σ_c g`` is ``[N, C]`` (a few hundred values), so it and the bias
-gradient (``Σ_n δ`` scattered into ``[V]``) are plain torch in the autograd rule, where
-torch.compile fuses them; a kernel launch would cost more than the arithmetic. The two products that
-touch ``[N, H]`` and ``[C, H]`` — ``δ @ W_c`` and ``δᵀ @ hidden`` scattered into the class rows —
-are separate custom ops with Triton kernels, so ``torch.compile(fullgraph=True)`` traces the
-backward as well.
-
-``head_class_log_softmax_reference`` is the specification (plain torch, float64 in the tests). The
-ops are ``torch.ops.jomed_fast.head_class_log_softmax`` (+ ``_backward_hidden``, ``_backward_weight``);
-the kernels are ``jomed_fast.kernels.head_class_log_softmax``.
+Dispatch (``jomed_fast.ops``): CUDA tensors run the Triton kernels of
+``jomed_fast.kernels.head_class_log_softmax``, whose docstring holds the math (forward and the
+three gradients), the precision of each product and the FLOPs and bytes it saves; CPU tensors run
+the torch path here. The backward's ``[N, C]`` part (``δ`` and the bias gradient) is plain torch in
+the autograd rule, where torch.compile fuses it (a kernel launch would cost more than the
+arithmetic); the two products that touch ``[N, H]`` and ``[C, H]`` are custom ops of their own, so
+``torch.compile(fullgraph=True)`` traces the backward as well. Registered as
+``torch.ops.jomed_fast.head_class_log_softmax`` (+ ``_backward_hidden``, ``_backward_weight``).
 """
 
 from __future__ import annotations

@@ -1,27 +1,27 @@
-r"""``retrieval_kl_loss``: JOMED's Sharp Perplexity Distillation loss for the retriever.
+"""``retrieval_kl_loss``: JOMED's Sharp Perplexity Distillation loss for the retriever.
 
-.. math::
+``retrieval_kl_loss(retriever_scores, reader_log_likelihoods, tau_retriever=1.0, tau_reader=1.0,
+reduction="batchmean")``: scores ``s`` and the reader's log-likelihoods ``r``, both ``[B, K]`` with
+K >= 1 (fp32 / fp16 / bf16), finite temperatures > 0 -> float32, per query the KL divergence from
+the reader's posterior over the K candidates (the target, ``softmax(r / tau_reader)``) to the
+retriever's (``softmax(s / tau_retriever)``): ``[B]`` with ``reduction="none"``, its mean over B
+with ``"batchmean"``, its sum with ``"sum"``. ``retrieval_kl_loss_reference`` (plain torch) is the
+specification; the tests hold both paths to it in float64. Only ``s`` gets a gradient, in its
+dtype; ``r`` is the target and is never differentiated.
 
-    p = \operatorname{softmax}_k(r / \tau_{reader}) \ \text{(constant)}, \quad
-    \log q = \log\operatorname{softmax}_k(s / \tau_{retriever}), \quad
-    \ell_b = \sum_k p_{b,k} (\log p_{b,k} - \log q_{b,k})
-
-retriever_scores ``s`` ``[B, K]`` and reader_log_likelihoods ``r`` ``[B, K]`` (fp32 / fp16 / bf16)
--> float32 ``[B]`` (``reduction="none"``), or its mean over B (``"batchmean"``, the default), or its
-sum (``"sum"``). :math:`0 \log 0 = 0`: a ``-inf`` reader log-likelihood gives ``p = 0`` and adds
-nothing. Only ``s`` gets a gradient, :math:`g_b (q_{b,k} - p_{b,k}) / \tau_{retriever}`;
-``r`` is the target and is never differentiated.
-
-NaN propagates, never crashes: a row where all reader log-likelihoods (or all scores) are ``-inf``
-has no distribution, so its loss and its score gradients are NaN (and so is a ``batchmean`` or
-``sum`` over it); a NaN input entry makes its row NaN. A score of ``-inf`` where ``p > 0`` gives
+A ``-inf`` reader log-likelihood gives its candidate no mass, which adds nothing (0 log 0 = 0). NaN
+propagates, never crashes: a row where all reader log-likelihoods (or all scores) are ``-inf`` has
+no distribution, so its loss and its score gradients are NaN (and so is a ``batchmean`` or ``sum``
+over it); a NaN input entry makes its row NaN. A score of ``-inf`` where the reader puts mass gives
 ``+inf`` (the KL is unbounded there) with a finite gradient. With B = 0, ``"batchmean"`` is NaN
-(0 / 0, as ``torch.mean`` of nothing).
+(0 / 0, as ``torch.mean`` of nothing). A bad argument is a ``TypeError`` / ``ValueError`` naming it.
 
-``retrieval_kl_loss_reference`` is the specification (plain torch, float64 in the tests). The
-per-row loss is registered as ``torch.ops.jomed_fast.retrieval_kl_loss`` (its backward as
-``retrieval_kl_loss_backward``) so callers compile under ``torch.compile(fullgraph=True)``; the
-reduction is plain torch around it. Triton kernels: ``jomed_fast.kernels.retrieval_kl_loss``.
+Dispatch (``jomed_fast.ops``): CUDA tensors run the Triton kernels of
+``jomed_fast.kernels.retrieval_kl_loss``, whose docstring holds the math (the loss, its gradient,
+the shift that keeps precision at small temperatures) and why the backward recomputes rather than
+saves; CPU tensors run the torch path here. The per-row loss is registered as
+``torch.ops.jomed_fast.retrieval_kl_loss`` (backward: ``retrieval_kl_loss_backward``) so callers
+compile under ``torch.compile(fullgraph=True)``; the reduction is plain torch around it.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _backward(
     grad_loss: torch.Tensor, retriever_scores: torch.Tensor, reader_log_likelihoods: torch.Tensor,
     tau_retriever: float, tau_reader: float,
 ) -> torch.Tensor:
-    """grad_loss ``[B]`` -> d s ``[B, K]`` = grad_loss[:, None] * (q - p) / tau_retriever, in the dtype of s."""
+    """grad_loss ``[B]`` -> d s ``[B, K]`` in the dtype of s (the formula: ``jomed_fast.kernels.retrieval_kl_loss``)."""
     if choose_backend(retriever_scores.device) == "triton":
         from jomed_fast.kernels.retrieval_kl_loss import retrieval_kl_loss_backward
 

@@ -1,9 +1,10 @@
-r"""``topk_similarity``: exact inner-product top-k search of queries against an embedding index.
+"""``topk_similarity``: exact inner-product top-k search of queries against an embedding index.
 
-.. math::  s_{i,n} = q_i \cdot x_n, \qquad (\text{scores}_i, \text{ids}_i) = \operatorname{top\text{-}k}_n\, s_{i,n}
-
-queries ``[Q, D]``, index ``[N, D]`` (fp16 / bf16 / fp32; fp16 is the real index's storage), an int
-``1 <= k <= min(N, 1024)`` -> (float32 scores ``[Q, k]`` sorted descending, int64 ids ``[Q, k]``).
+``topk_similarity(queries, index, k)``: queries ``[Q, D]``, index ``[N, D]`` (fp16 / bf16 / fp32;
+fp16 is the real index's storage; D, N >= 1), an int ``1 <= k <= min(N, 1024)`` -> for each query
+the k index rows of largest inner product: (float32 scores ``[Q, k]`` sorted descending, int64 ids
+``[Q, k]``). ``topk_similarity_reference`` (plain torch) is the specification. A bad argument is a
+``TypeError`` / ``ValueError`` naming it.
 
 * **Precision.** Queries are cast to the index dtype (the kernel's tensor-core operands are both in
   the storage dtype; a query is rounded once, as the index rows were), products accumulate in fp32.
@@ -15,8 +16,9 @@ queries ``[Q, D]``, index ``[N, D]`` (fp16 / bf16 / fp32; fp16 is the real index
   detached). To train through the scores, recompute them for the returned ids:
   ``(queries[:, None, :] * index[ids]).sum(-1)``.
 
-Paths: CUDA tensors run the Triton kernel ``jomed_fast.kernels.topk_similarity`` (the index is read
-once per block of queries, the ``[Q, N]`` score matrix is never written). CPU tensors run
+Paths (``jomed_fast.ops``): CUDA tensors run the Triton kernel of
+``jomed_fast.kernels.topk_similarity``, whose docstring holds the search (score tiles merged into a
+running top-k on chip, the sortable keys, the bytes moved). CPU tensors run
 :func:`_topk_similarity_cpu`: fp32 matmul + ``torch.topk`` over 4096-row chunks of the index (fp16 /
 bf16 chunks are upcast, CPU half matmul being slow), so the ``[Q, N]`` matrix is never materialised.
 Measured on the 2-core development machine for Q=64, N=200k, D=768, k=50, side by side in one
@@ -25,9 +27,8 @@ chunked torch 0.56 s (fp32 index) / 0.60-0.69 s (fp16 index, upcast per chunk) a
 (``IndexFlatIP.search`` on a prebuilt index, and ``faiss.knn``, which also needs an fp32 copy of an
 fp16 index); 2048- and 8192-row chunks were no faster than 4096. So the CPU path is torch.
 
-``topk_similarity_reference`` is the specification (full matmul in float64 in the tests, stable
-descending sort). The op is registered as ``torch.ops.jomed_fast.topk_similarity`` with a fake
-implementation, so callers compile under ``torch.compile(fullgraph=True)``.
+The op is registered as ``torch.ops.jomed_fast.topk_similarity`` with a fake implementation, so
+callers compile under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
