@@ -19,10 +19,10 @@ def main(spec_path: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from jomed_fast.candidate_retrieval import Retrieval
     from jomed_fast.data.synthetic import generate
     from jomed_fast.index import Index
     from jomed_fast.readers import load_reader
-    from jomed_fast.retrieval import Retrieval
     from jomed_fast.retriever import TinyCLIP
     from jomed_fast.train.reader import ReaderTrainConfig, train_reader
 

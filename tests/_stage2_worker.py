@@ -46,9 +46,9 @@ def build(root: Path) -> Path:
 
 def load(root: Path):
     """(reader, base encoder, retrieval, train samples, val samples)."""
+    from jomed_fast.candidate_retrieval import Retrieval
     from jomed_fast.index import Index
     from jomed_fast.readers import load_reader
-    from jomed_fast.retrieval import Retrieval
     from jomed_fast.retriever import TinyCLIP
 
     root = Path(root)

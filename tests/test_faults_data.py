@@ -19,15 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
+from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.cli import main
 from jomed_fast.data import DataError, IndexRecord, Sample, load_index_records, load_samples, save_png, write_samples
 from jomed_fast.data.io import load_image
 from jomed_fast.data.records import safe_filename
 from jomed_fast.index import Index
 from jomed_fast.index.__main__ import main as index_main
-from jomed_fast.retrieval import Retrieval
 from jomed_fast.retriever import TinyCLIP
-from jomed_fast.retriever.tiny import images_to_tensor
+from jomed_fast.retriever.tiny_clip import images_to_tensor
 
 N, SIZE = 12, 16
 

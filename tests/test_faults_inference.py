@@ -247,10 +247,10 @@ def test_random_retrieval_draws_the_same_candidates_after_a_resume(files, tmp_pa
 
 
 def test_random_draws_do_not_depend_on_the_order_of_the_queries(files):
+    from jomed_fast.candidate_retrieval import Retrieval
     from jomed_fast.data import load_index_records, load_samples
     from jomed_fast.index import Index
     from jomed_fast.infer.predict import _candidates
-    from jomed_fast.retrieval import Retrieval
 
     root, data, _reader = files
     retrieval = Retrieval(Index.open(root / "ix"), load_index_records(data / "index.jsonl"))

@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.cli import main
 from jomed_fast.data.synthetic import generate, write_synthetic
 from jomed_fast.index import Index
 from jomed_fast.readers import tiny
-from jomed_fast.retrieval import Retrieval
 from jomed_fast.retriever import QueryEncoder, TinyCLIP
 from jomed_fast.train import reader_loss
 from jomed_fast.train import retriever as stage2

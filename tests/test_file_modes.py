@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jomed_fast._files import atomic_write_via, make_temp_dir, make_temp_file, replace_dir_atomically
-from jomed_fast.analysis.records import Candidate, PredictionRecord, read_jsonl, write_jsonl
+from jomed_fast.analysis.prediction_records import Candidate, PredictionRecord, read_jsonl, write_jsonl
 from jomed_fast.data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, save_png
 from jomed_fast.train import latest_checkpoint, save_checkpoint
 

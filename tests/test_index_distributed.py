@@ -23,7 +23,7 @@ N, CHUNK = 2000, 250
 SCRIPT = textwrap.dedent("""
     import os, sys, time
     from jomed_fast.index.__main__ import main
-    from jomed_fast.retriever.tiny import TinyCLIP
+    from jomed_fast.retriever.tiny_clip import TinyCLIP
     out, enc, mode = sys.argv[1:4]
     chunk = sys.argv[4] if len(sys.argv) > 4 else "%d"
     rows = [0]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.data.synthetic import SyntheticGenerator
 from jomed_fast.identity import IdentityMismatch
 from jomed_fast.index import Index
@@ -20,7 +21,6 @@ from jomed_fast.infer import (
     read_predictions,
 )
 from jomed_fast.readers import load_reader, tiny
-from jomed_fast.retrieval import Retrieval
 from jomed_fast.retriever import TinyCLIP
 from jomed_fast.scoring import CandidateScorer
 

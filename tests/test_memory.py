@@ -39,7 +39,7 @@ ARCHS = ("qwen2_vl", "pixtral")
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
-    from jomed_fast.readers.tiny import build
+    from jomed_fast.readers.offline_checkpoints import build
 
     root = tmp_path_factory.mktemp("memtiny")
     out = {}
@@ -52,7 +52,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("quant", ["nf4", None])
 def test_weights_match_tiny_reader(tiny_dirs, arch, quant):
-    from jomed_fast.readers.loading import load_reader
+    from jomed_fast.readers.hf_reader import load_reader
 
     reader = load_reader(tiny_dirs[arch], quantization=quant)
     measured = measured_module_bytes(reader.hf_model)
@@ -63,8 +63,8 @@ def test_weights_match_tiny_reader(tiny_dirs, arch, quant):
 @pytest.mark.skipif(os.environ.get("JOMED_SLOW") != "1", reason="builds ~700 MB small readers; set JOMED_SLOW=1")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_weights_match_small_reader(tmp_path, arch):
-    from jomed_fast.readers.loading import load_reader
-    from jomed_fast.readers.tiny import build
+    from jomed_fast.readers.hf_reader import load_reader
+    from jomed_fast.readers.offline_checkpoints import build
 
     build(arch, tmp_path / arch, "small")
     reader = load_reader(tmp_path / arch, quantization="nf4")

@@ -69,3 +69,23 @@ def test_top_level_entry_points_are_lazy():
 
     with pytest.raises(AttributeError, match="no attribute 'Scorer'"):
         jomed_fast.Scorer  # noqa: B018
+
+
+def test_documented_import_paths_reach_the_modules_that_hold_the_code():
+    """The names the README and the package docstrings give users (``from jomed_fast.readers import
+    tiny, load_reader``, ``jomed_fast.candidate_retrieval.Retrieval``, the package re-exports) are the objects
+    of the modules whose file names say what they hold."""
+    from jomed_fast import analysis, candidate_retrieval, index, readers, retriever, scoring
+    from jomed_fast.analysis import consistency, prediction_records
+    from jomed_fast.readers import hf_reader, offline_checkpoints
+    from jomed_fast.retriever import encoder_io, head_encoders, tiny_clip
+    from jomed_fast.scoring import class_head, memory_budget
+
+    assert readers.tiny is offline_checkpoints and readers.load_reader is hf_reader.load_reader
+    assert candidate_retrieval.__all__ == ["Retrieval", "Retrieved"]
+    assert index.Index.__module__ == "jomed_fast.index.opened"
+    assert (retriever.TinyCLIP, retriever.load_encoder, retriever.HeadEncoders) == \
+        (tiny_clip.TinyCLIP, encoder_io.load_encoder, head_encoders.HeadEncoders)
+    assert (scoring.ClassHead, scoring.RowCost) == (class_head.ClassHead, memory_budget.RowCost)
+    assert (analysis.PredictionRecord, analysis.oracle_accuracy) == \
+        (prediction_records.PredictionRecord, consistency.oracle_accuracy)

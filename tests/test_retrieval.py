@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.data.synthetic import SyntheticGenerator
 from jomed_fast.index import Index
-from jomed_fast.retrieval import Retrieval
 from jomed_fast.retriever import TinyCLIP
 
 N = 300

@@ -383,7 +383,7 @@ def _budget_rows(cap):
 
 
 def test_plan_chunks_is_optimal_and_within_the_budget():
-    from jomed_fast.scoring.memory import plan_chunks
+    from jomed_fast.scoring.memory_budget import plan_chunks
 
     rng = np.random.RandomState(0)
     for trial in range(60):

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from jomed_fast import prompts
+from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.data.synthetic import generate
 from jomed_fast.index import Index
 from jomed_fast.readers import IGNORE_INDEX, load_reader, tiny
-from jomed_fast.retrieval import Retrieval
 from jomed_fast.retriever import TinyCLIP
 from jomed_fast.train import NonFiniteLossError, latest_checkpoint, reader_loss
 from jomed_fast.train.checkpoint import load_weights

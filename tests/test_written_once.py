@@ -110,9 +110,9 @@ def _sites():
     from jomed_fast.index.cost import default_nlist, index_cost
     from jomed_fast.memory.arch import DecoderShape
     from jomed_fast.memory.plan import Run
-    from jomed_fast.readers.loading import LoraSettings
+    from jomed_fast.readers.hf_reader import LoraSettings
     from jomed_fast.scoring.flops import decoder_linear_flops
-    from jomed_fast.scoring.memory import check_budget
+    from jomed_fast.scoring.memory_budget import check_budget
     from jomed_fast.train import RetrieverTrainConfig
     from jomed_fast.train.schedule import WarmupCosine
 

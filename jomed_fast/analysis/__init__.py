@@ -1,5 +1,5 @@
 """Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed."""
-from .core import (
+from .consistency import (
                    PAPER_RERANKERS,
                    check_same_queries,
                    is_inconsistent,
@@ -14,7 +14,7 @@ from .core import (
                    write_analysis,
                    write_consistency_tables,
 )
-from .records import Candidate, PredictionRecord, read_jsonl, write_jsonl
+from .prediction_records import Candidate, PredictionRecord, read_jsonl, write_jsonl
 from .robustness import metrics_table, uniform_random_records
 
 __all__ = [

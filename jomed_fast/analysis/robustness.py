@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..eval.predictions import prediction_metrics
-from .records import PredictionRecord
+from .prediction_records import PredictionRecord
 
 __all__ = ["metrics_table", "uniform_random_records"]
 

@@ -44,9 +44,9 @@ def load_retrieval_from(values: dict):
     """(Retrieval, encoder), or (None, None) when no index is given."""
     if values["index"] is None:
         return None, None
+    from ..candidate_retrieval import Retrieval
     from ..data import load_index_records
     from ..index import Index
-    from ..retrieval import Retrieval
     from ..retriever import load_encoder
 
     if values["encoder"] is None:

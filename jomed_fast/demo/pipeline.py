@@ -93,8 +93,8 @@ def _retriever(out: Path, config: DemoConfig, ds, progress: bool):
 
 
 def _index(out: Path, ds, encoder, progress: bool):
+    from ..candidate_retrieval import Retrieval
     from ..index import Index
-    from ..retrieval import Retrieval
 
     d = out / "index"
     index = Index.open(d, encoder) if (d / "manifest.json").exists() else \

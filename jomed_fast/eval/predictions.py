@@ -1,4 +1,4 @@
-"""Metrics of a set of prediction records (``analysis.records.PredictionRecord``), by task kind.
+"""Metrics of a set of prediction records (``analysis.prediction_records.PredictionRecord``), by task kind.
 
 * binary, multi-class, closed VQA: ``accuracy`` and ``macro_f1`` over the ``C`` classes;
 * multi-label: ``subset_accuracy`` (exact set match, the reference's accuracy) and per-label

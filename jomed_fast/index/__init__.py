@@ -12,7 +12,7 @@ Modules, by responsibility:
   :func:`build_synthetic_index` for CLI-scale checks.
 * :mod:`.distributed` — the sharded build over a ``torch.distributed`` process group (each rank
   embeds ``chunk mod W == rank``; rank 0 assembles), with failures propagated to every rank.
-* :mod:`.core` — :class:`Index`: open + verify, records, the images they name, search.
+* :mod:`.opened` — :class:`Index`: open + verify, records, the images they name, search.
 * :mod:`.search` — ``ops.topk_similarity`` (exact), faiss ``IndexFlatIP`` / ``IndexIVFFlat``,
   multi-GPU sharding when faiss has several GPUs.
 * :mod:`.cost` — memory and search cost model at a given scale (the paper's index).
@@ -22,8 +22,8 @@ Modules, by responsibility:
 from __future__ import annotations
 
 from .build import FILES, HEADS, build_index, synthetic_encoder, synthetic_records
-from .core import Index
 from .cost import PAPER_INDEX, index_cost
+from .opened import Index
 
 
 def build_synthetic_index(n: int, encoder, out_dir, *, seed: int = 0, batch_size: int = 512,

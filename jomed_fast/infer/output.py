@@ -1,6 +1,6 @@
 r"""The predictions file: read it line by line, resume it only from the same inputs, never lose it.
 
-``<out>`` is JSONL, one :class:`~jomed_fast.analysis.records.PredictionRecord` per query. Beside it:
+``<out>`` is JSONL, one :class:`~jomed_fast.analysis.prediction_records.PredictionRecord` per query. Beside it:
 
 * ``<out>.meta.json``: the identity of the run that writes it (``jomed_fast.identity``: a digest
   per input, the result-changing options by name). A rerun appends to ``<out>`` only when its
@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ..analysis.records import PredictionRecord
+from ..analysis.prediction_records import PredictionRecord
 from ..identity import check_identity, read_identity, write_identity
 
 __all__ = ["PredictionsFile", "check_output_free", "lock_path", "meta_path", "read_predictions",

@@ -12,7 +12,7 @@ For a batch of B queries (images + questions):
    then ``fusion.decide`` (argmax, or the multi-label threshold);
    Open VQA (``open_vqa``): K greedy answers per query instead, fused over identical normalised
    strings weighted by ``softmax(s)_k * exp(mean token log-prob)``;
-4. **write**: one :class:`~jomed_fast.analysis.records.PredictionRecord` per query, with every
+4. **write**: one :class:`~jomed_fast.analysis.prediction_records.PredictionRecord` per query, with every
    candidate's record id, head, retrieval score, class probabilities and individual prediction, so
    the analyses (inconsistent split, oracle, rerankers) can be redone offline.
 
@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from .._checks import is_int, is_number
 from .._profiling import stage
-from ..analysis.records import Candidate as CandidateRecord
-from ..analysis.records import PredictionRecord
+from ..analysis.prediction_records import Candidate as CandidateRecord
+from ..analysis.prediction_records import PredictionRecord
 from .fusion import FUSIONS, decide, fuse
 from .open_vqa import fuse_open_answers, generate_answers
 from .output import PredictionsFile, read_predictions
@@ -304,7 +304,7 @@ def predict(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: 
         scorer: a ``CandidateScorer`` (its reader, task and layout are used as they are); for an
             open-VQA task an ``OpenAnswerer(reader, task, layout)``.
         samples: ``jomed_fast.data`` samples (``id``, ``load_image()``, ``question``, ``label``), unique ids.
-        retrieval: a ``jomed_fast.retrieval.Retrieval`` (not needed for ``retrieval="none"``).
+        retrieval: a ``jomed_fast.candidate_retrieval.Retrieval`` (not needed for ``retrieval="none"``).
         encoder: the retriever's query encoder (``encode_images``), for ``retrieval="retrieved"``.
         out_path: JSONL to append to and resume from (None: keep in memory only); see ``output``.
         inputs: more identity entries ``{name: digest}`` (:func:`predict_identity`).

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from jomed_fast.readers.loading import load_reader
+from jomed_fast.readers.hf_reader import load_reader
 
 
 def resident_bytes() -> int:

@@ -10,10 +10,12 @@ optionally in NF4 / int8 with a LoRA adapter, plus offline tiny/small checkpoint
     logits_c = hidden[:, -1] @ reader.lm_head_weight()[class_ids].T
 
 No torchvision anywhere: images go through ``ReaderProcessor`` (PIL image processors).
+``tiny`` is the module :mod:`.offline_checkpoints` (the checkpoints built in code); ``load_reader``
+and ``Reader`` live in :mod:`.hf_reader`.
 """
 
-from . import tiny
-from .loading import (
+from . import offline_checkpoints as tiny
+from .hf_reader import (
     QUANTIZATIONS,
     LoraSettings,
     Reader,

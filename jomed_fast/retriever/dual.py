@@ -7,7 +7,7 @@ Both heads encode the query image with the image tower :math:`q = f_I(x) \in \ma
 
 Query embedding with mixing: :math:`q = \mathrm{norm}(\alpha\, q_{learned} + (1-\alpha)\, q_{frozen})`
 (reference :math:`\alpha = 0.15`; ``alpha=None`` uses the learned embedding alone). After stage 2
-each head has its own ``QueryEncoder`` (``retriever.heads.HeadEncoders``).
+each head has its own ``QueryEncoder`` (``retriever.head_encoders.HeadEncoders``).
 """
 from __future__ import annotations
 

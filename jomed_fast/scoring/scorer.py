@@ -19,7 +19,7 @@ method that takes what the one before produced (``batch.Packing``, ``batch.Suffi
 5. **chunk plan** (``chunk_plan``): the B·K candidate rows sorted by length and cut into the plan
    of least cost ``Σ_chunks rows · padded length + F · forwards`` (token slots; F the fixed cost
    of a forward, ``RowCost.forward_overhead``), every chunk within the memory budget at its own
-   padded length (``memory.plan_chunks``: the model, the dynamic programme and why F is what it
+   padded length (``memory_budget.plan_chunks``: the model, the dynamic programme and why F is what it
    is; ``ScoreStats.chunk_shapes`` records the forwards);
 6. **score a chunk** (``score_chunk``, ``jomed.suffix`` then ``jomed.head``): the chunk padded to
    its own longest row, each row's suffix (and, for multi-token classes, the class trie)
@@ -49,10 +49,10 @@ from ..memory.arch import describe
 from ..tasks.verbalizer import build_verbalizer
 from .attention import PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
 from .batch import Packing, SuffixRows, pack
-from .heads import ClassHead
+from .class_head import ClassHead
 from .images import ImageTable
 from .inputs import normalize_inputs
-from .memory import RowCost, check_budget, check_overhead, default_budget, plan_chunks
+from .memory_budget import RowCost, check_budget, check_overhead, default_budget, plan_chunks
 
 CHECKPOINT_MODES = ("auto", True, False)
 
@@ -118,10 +118,10 @@ class CandidateScorer:
             without LoRA; attention implementation ``sdpa`` (default) or ``eager``.
         task: a ``jomed_fast.tasks.Task`` or its registered name; it must have a label set.
         layout: ``"shared_query"`` (default; prefix KV shared by the K candidates) or ``"paper"``.
-        memory_budget: bytes one chunk may use (see ``scoring.memory``); None: a fraction of the
+        memory_budget: bytes one chunk may use (see ``scoring.memory_budget``); None: a fraction of the
             free memory, read at each call.
         class_mode: ``"auto"`` (``first_token`` when every class is one token, else ``sequence``),
-            ``"first_token"`` or ``"sequence"``; see ``scoring.heads``.
+            ``"first_token"`` or ``"sequence"``; see ``scoring.class_head``.
         normalize: in ``sequence`` mode, return ``log_softmax`` over the classes of the
             restricted teacher-forced sums (default) rather than the sums themselves.
         end_token: the end-of-answer token closing multi-token class sequences (default the
@@ -129,7 +129,7 @@ class CandidateScorer:
         checkpoint: gradient-checkpoint each suffix chunk when training (``"auto"``: when there
             is more than one chunk), True / False to force.
         forward_overhead: the fixed cost of one suffix forward in token slots for the chunk plan
-            (``scoring.memory``, "Length-aware chunking"); None: ``RowCost.forward_overhead()``
+            (``scoring.memory_budget``, "Length-aware chunking"); None: ``RowCost.forward_overhead()``
             from the reader's dimensions; ``float("inf")``: the fewest forwards the budget allows.
     """
 
@@ -268,7 +268,7 @@ class CandidateScorer:
         """Stage 5: R rows of ``suffix_lengths[r] ≥ 1`` suffix tokens, each followed by the class
         trie's N nodes and attending to ``prefix_length`` cached slots, cut into forwards: a chunk
         padded to ℓ (nodes included) holds at most ``cost.rows(budget, ℓ, prefix_length, grad)``
-        rows, the plan of least cost (``memory.plan_chunks``). Row indices (long), in run order."""
+        rows, the plan of least cost (``memory_budget.plan_chunks``). Row indices (long), in run order."""
         lengths = (torch.as_tensor(suffix_lengths, dtype=torch.long) + self.head.num_nodes).tolist()
         plan = plan_chunks(lengths, lambda length: self.cost.rows(budget, length, prefix_length, grad),
                            self.forward_overhead)

@@ -263,7 +263,7 @@ def train_reader(config: ReaderTrainConfig, reader, task, train_samples: Sequenc
         task: the task (legend, question, canonical answers).
         train_samples / val_samples: samples with ``load_image()``, ``label`` / ``answer``, ``question``.
         run_dir: where identity, config, checkpoints, the adapter and the result go.
-        retrieval / retriever: a :class:`jomed_fast.retrieval.Retrieval` and the frozen retriever
+        retrieval / retriever: a :class:`jomed_fast.candidate_retrieval.Retrieval` and the frozen retriever
             whose ``encode_images`` gives the query embeddings; both ``None``: reader only.
         resume: continue from ``run_dir``'s latest checkpoint when there is one (refused, naming
             them, when the inputs differ from the run's: ``IdentityMismatch``).

@@ -2,7 +2,7 @@ r"""Stage 1's data: (sample, candidate) examples, class balancing, the frozen re
 
 * **Examples.** With retrieval, each of the S training samples gets its K = ``k_text + k_image``
   candidates from the frozen retriever (text head first, then image head, as
-  :meth:`jomed_fast.retrieval.Retrieval.search`), retrieved once at the start (deterministic), and
+  :meth:`jomed_fast.candidate_retrieval.Retrieval.search`), retrieved once at the start (deterministic), and
   every (sample, candidate) pair is its own example: ``S * K`` examples
   ``[retrieved image] background: {caption} [query image] {legend}{question} -> answer``
   (``paper`` layout). Without retrieval (the "reader only" baseline) each sample is one example

@@ -58,7 +58,7 @@ from pathlib import Path
 from ..data.records import records_digest
 from ..readers.fingerprint import reader_fingerprint
 from ..retriever.dual import QueryEncoder
-from ..retriever.heads import HeadEncoders
+from ..retriever.head_encoders import HeadEncoders
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint
 from .loop import BEST, LoopOptions, Offer, RunState, open_run, options_identity, retrieval_identity, run_loop, \
     write_result
@@ -232,7 +232,7 @@ def _check_inputs(config, task, retriever, retrieval):
                             f"image_layers, got {type(retriever).__name__}")
         for attr in ("search", "embeddings", "index"):
             if not hasattr(retrieval, attr):
-                raise TypeError(f"retrieval: expected a jomed_fast.retrieval.Retrieval, got {type(retrieval).__name__}")
+                raise TypeError(f"retrieval: expected a jomed_fast.candidate_retrieval.Retrieval, got {type(retrieval).__name__}")
         retriever = QueryEncoder(retriever, config.n_trainable, config.alpha)
     if config.k > retrieval.index.count:
         raise ValueError(f"config.k: expected at most the index size {retrieval.index.count}, got {config.k}")
@@ -275,7 +275,7 @@ def train_retriever(config: RetrieverTrainConfig, reader, task, retriever, retri
         retriever: a ``QueryEncoder`` or a base encoder (wrapped in ``QueryEncoder(base,
             config.n_trainable, config.alpha)``); trained **in place**. On resume pass the same
             initial encoder: the checkpoint restores the trainable layers.
-        retrieval: ``jomed_fast.retrieval.Retrieval`` over the index (its embeddings stay fixed).
+        retrieval: ``jomed_fast.candidate_retrieval.Retrieval`` over the index (its embeddings stay fixed).
         train / val: ``Sample`` lists. Metrics use ``val``, or the training queries when it is None.
         run_dir: identity, config, checkpoints, result and the score cache (unless ``config.cache_path``).
         resume: continue the run in ``run_dir`` when it has a checkpoint (False: refuse to touch it);
@@ -321,7 +321,7 @@ def train_retriever_heads(config: RetrieverTrainConfig, reader, task, retriever,
                           progress: bool = True, image_config: RetrieverTrainConfig | None = None) -> HeadsResult:
     """Both heads, as the reference: the text head (``run_dir/text``), then the image head
     (``run_dir/image``), each its own query encoder started from ``retriever`` (the *base* encoder,
-    which is not changed) and mixed with it (``alpha``); see ``retriever.heads``.
+    which is not changed) and mixed with it (``alpha``); see ``retriever.head_encoders``.
 
     ``image_config`` (default: ``config`` with ``head="image"``) may change options of the second
     run. One score cache (``run_dir/score_cache.bin``, unless ``config.cache_path``) serves both heads.

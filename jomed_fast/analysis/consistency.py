@@ -10,7 +10,7 @@ import numpy as np
 from jomed_fast.data.io import atomic_write_text
 from jomed_fast.eval.metrics import normalize_answer
 
-from .records import PredictionRecord
+from .prediction_records import PredictionRecord
 
 Reranker = Callable[[PredictionRecord], int]   # returns the index of the chosen candidate
 

@@ -30,7 +30,7 @@ from torch import nn
 from .._files import replace_dir_atomically
 from .._manifest import verify_dir
 from .dual import QueryEncoder
-from .loading import load_encoder, save_encoder
+from .encoder_io import load_encoder, save_encoder
 
 __all__ = ["HEAD_NAMES", "HeadEncoders", "load_head_encoders"]
 

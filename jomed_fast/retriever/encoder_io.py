@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .._files import replace_dir_atomically
 from .._manifest import verify_dir
-from .tiny import TinyCLIP, TinyConfig
+from .tiny_clip import TinyCLIP, TinyConfig
 
 __all__ = ["load_encoder", "save_encoder"]
 
