@@ -1,5 +1,6 @@
 """What the fault tests share: a tiny reader, retriever, index and synthetic split built once per
-module, the predict command line over them, and checks of the CLI's one-line errors."""
+module, the predict command line over them, and checks of the CLI's one-line errors (the CLI tests
+build their own workspaces with ``workspace``)."""
 
 import hashlib
 import json
@@ -19,17 +20,28 @@ def sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    data = write_synthetic(generate(n_train=2, n_val=2, n_test=N_TEST, index_size=N_INDEX, image_size=32),
-                           root / "data")
+def workspace(root, *, n_train=2, n_val=2, n_test=N_TEST, index_size=N_INDEX):
+    """A synthetic split written under ``root/data`` and a tiny CLIP retriever pre-seeded on its captions
+    (``root/encoder``): what every CLI test starts from. Returns the data folder."""
+    data = write_synthetic(generate(n_train=n_train, n_val=n_val, n_test=n_test, index_size=index_size,
+                                    image_size=32), root / "data")
     captions = [json.loads(line)["text"] for line in (data / "index.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
     TinyCLIP.from_captions(captions, width=8, depth=1, dim=32).save(root / "encoder")
-    reader = tiny.build("qwen2_vl", root / "reader")
+    return data
+
+
+def build_index(root, data) -> None:
     assert main(["build-index", "--records", str(data / "index.jsonl"), "--encoder", str(root / "encoder"),
                  "--out", str(root / "ix"), "--no-progress"]) == 0
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    data = workspace(root)
+    reader = tiny.build("qwen2_vl", root / "reader")
+    build_index(root, data)
     return root, data, reader
 
 

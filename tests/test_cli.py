@@ -6,33 +6,22 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from jomed_fast.cli import main
 from jomed_fast.cli.options import Opt, resolve
-from jomed_fast.data.synthetic import generate, write_synthetic
 from jomed_fast.infer import read_predictions
 from jomed_fast.readers import tiny
-from jomed_fast.retriever import TinyCLIP
+
+from _faults import run, workspace
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    data = write_synthetic(generate(n_train=4, n_val=4, n_test=6, index_size=60, image_size=32), root / "data")
-    torch.manual_seed(0)
-    captions = [json.loads(line)["text"] for line in (data / "index.jsonl").read_text().splitlines()]
-    enc = TinyCLIP.from_captions(captions, width=8, depth=1, dim=32)
-    enc.save(root / "encoder")
+    data = workspace(root, n_train=4, n_val=4, n_test=6, index_size=60)
     reader = tiny.build("qwen2_vl", root / "reader")
     return root, data, reader
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_build_predict_evaluate_analyze(files, capsys):

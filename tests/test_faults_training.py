@@ -23,14 +23,15 @@ from safetensors.torch import load_file
 
 from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.cli import main
-from jomed_fast.data.synthetic import generate, write_synthetic
 from jomed_fast.index import Index
 from jomed_fast.readers import tiny
-from jomed_fast.retriever import QueryEncoder, TinyCLIP
+from jomed_fast.retriever import QueryEncoder
 from jomed_fast.train import reader_loss
 from jomed_fast.train import retriever as stage2
 from jomed_fast.train.checkpoint import latest_checkpoint
 from jomed_fast.train.score_cache import FILE_MAGIC, CacheDamageWarning, ScoreCache
+
+from _faults import build_index, run, workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,20 +39,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    data = write_synthetic(generate(n_train=4, n_val=4, n_test=0, index_size=40, image_size=32), root / "data")
-    torch.manual_seed(0)
-    captions = [json.loads(line)["text"] for line in (data / "index.jsonl").read_text().splitlines()]
-    TinyCLIP.from_captions(captions, width=8, depth=1, dim=32).save(root / "encoder")
+    data = workspace(root, n_train=4, n_val=4, n_test=0, index_size=40)
     readers = {"a": tiny.build("qwen2_vl", root / "reader_a"), "b": tiny.build("qwen2_vl", root / "reader_b", seed=1)}
-    assert main(["build-index", "--records", str(data / "index.jsonl"), "--encoder", str(root / "encoder"),
-                 "--out", str(root / "ix"), "--no-progress"]) == 0
+    build_index(root, data)
     return root, data, readers
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _index_args(root, data):

@@ -101,17 +101,23 @@ SCRIPT = textwrap.dedent("""
 """) % (N, N)
 
 
-def test_sigkill_resume_identical(setup, tmp_path):
-    d, recs, enc, ix = setup
+def _killed_after_the_first_chunk(enc_dir, tmp_path):
+    """A slow build of the N records SIGKILLed once a chunk is finished: (its script, its out folder)."""
     script = tmp_path / "b.py"
     script.write_text(SCRIPT)
     out = tmp_path / "resumed"
-    p = subprocess.Popen([sys.executable, str(script), str(d / "enc"), str(out), "slow"])
+    p = subprocess.Popen([sys.executable, str(script), str(enc_dir), str(out), "slow"])
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / "chunks").glob("*.text.npy")):
         time.sleep(0.05)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    return script, out
+
+
+def test_sigkill_resume_identical(setup, tmp_path):
+    d, recs, enc, ix = setup
+    script, out = _killed_after_the_first_chunk(d / "enc", tmp_path)
     done = sorted((out / "chunks").glob("*.text.npy"))
     assert 1 <= len(done) < N // 500 and not (out / "manifest.json").exists()
     r = subprocess.run([sys.executable, str(script), str(d / "enc"), str(out), "fast"], timeout=80)
@@ -126,15 +132,7 @@ def test_sigkill_then_edited_captions_resume_matches_a_fresh_build(setup, tmp_pa
     """Killed with >= 1 chunk finished, rerun with 1,000 edited captions: the finished chunks holding
     them are embedded again, so the index equals an uninterrupted build of the edited records."""
     d, recs, enc, _ix = setup
-    script = tmp_path / "b.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "resumed"
-    p = subprocess.Popen([sys.executable, str(script), str(d / "enc"), str(out), "slow"])
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((out / "chunks").glob("*.text.npy")):
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    script, out = _killed_after_the_first_chunk(d / "enc", tmp_path)
     assert (out / "chunks" / "000000.text.npy").exists() and not (out / "manifest.json").exists()
     r = subprocess.run([sys.executable, str(script), str(d / "enc"), str(out), "fast", "edited"], timeout=80,
                        capture_output=True, text=True)
