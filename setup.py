@@ -70,10 +70,12 @@ def _why_no_extension() -> str | None:
         with open(source, "w") as f:
             f.write("#include <Python.h>\nint probe() { return 0; }\n")  # Python's headers may be missing too
         try:
-            objects = compiler.compile([source], output_dir=tmp, include_dirs=[sysconfig.get_paths()["include"]],
-                                       extra_postargs=_cxx_flags())
-            compiler.link_shared_object(objects, os.path.join(tmp, "probe.so"), extra_postargs=_link_flags(),
-                                        target_lang="c++")
+            objects = compiler.compile(
+                [source], output_dir=tmp, include_dirs=[sysconfig.get_paths()["include"]], extra_postargs=_cxx_flags()
+            )
+            compiler.link_shared_object(
+                objects, os.path.join(tmp, "probe.so"), extra_postargs=_link_flags(), target_lang="c++"
+            )
             subprocess.run([compiler.compiler_cxx[0], "--version"], check=True, capture_output=True)
         except Exception as error:
             return f"no working C++ compiler ({type(error).__name__}: {error})"
@@ -82,8 +84,10 @@ def _why_no_extension() -> str | None:
 
 WHY_NO_EXTENSION = _why_no_extension()
 if WHY_NO_EXTENSION:
-    print(f"setup.py: building without {EXTENSION}: {WHY_NO_EXTENSION}; jomed_fast.packing will run its "
-          f"Python packer", file=sys.stderr)
+    print(
+        f"setup.py: building without {EXTENSION}: {WHY_NO_EXTENSION}; jomed_fast.packing will run its Python packer",
+        file=sys.stderr,
+    )
 else:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -147,8 +151,11 @@ if not WHY_NO_EXTENSION:
             try:
                 super().build_extensions()
             except Exception as error:
-                print(f"setup.py: building {EXTENSION} failed ({type(error).__name__}: {error}); installing "
-                      f"without it, jomed_fast.packing will run its Python packer", file=sys.stderr)
+                print(
+                    f"setup.py: building {EXTENSION} failed ({type(error).__name__}: {error}); installing "
+                    f"without it, jomed_fast.packing will run its Python packer",
+                    file=sys.stderr,
+                )
                 # the build directory may hold an earlier build's _C: it must not reach a wheel
                 # (run() builds there even for --inplace, and copies in place afterwards)
                 built = self.get_ext_fullpath(EXTENSION)
@@ -163,9 +170,12 @@ if not WHY_NO_EXTENSION:
                 return
             # after super().run() the path is the source tree's for --inplace and editable installs
             info = os.path.join(os.path.dirname(self.get_ext_fullpath(EXTENSION)), "_build_info.py")
-            _write_atomically(info, "# Written by setup.py when it compiled jomed_fast._C; not in git. The torch _C\n"
-                                    "# was compiled against, checked by jomed_fast.packing before it loads _C.\n"
-                                    f"TORCH_VERSION = {torch.__version__!r}\n")
+            _write_atomically(
+                info,
+                "# Written by setup.py when it compiled jomed_fast._C; not in git. The torch _C\n"
+                "# was compiled against, checked by jomed_fast.packing before it loads _C.\n"
+                f"TORCH_VERSION = {torch.__version__!r}\n",
+            )
 
     cmdclass["build_ext"] = BuildOptionalExtension.with_options(use_ninja=False)
 
@@ -185,21 +195,23 @@ setup(
     # Bounded to the releases the suite has passed on (the README lists them; constraints.txt pins
     # the exact set .ci/run installs). Triton: the range the AOT check passes under, which holds the
     # releases torch's CUDA wheels pin (torch 2.13: 3.7, torch 2.14: 3.8).
-    install_requires=_pin_torch([
-        "torch>=2.13,<2.15",
-        "triton>=3.7,<3.10; platform_system == 'Linux'",
-        "transformers>=5.24,<5.25",  # 5.24 renamed the decoders' past_key_values to cache; 5.25 needs the hub-kernels package
-        "peft>=0.21,<0.22",
-        "bitsandbytes>=0.50,<0.51",  # readers.quantization drives its CPU kernel choice
-        "accelerate>=1.16,<2",
-        "numpy>=2.0",
-        "safetensors",
-        "tokenizers",
-        "tqdm",
-        "matplotlib",
-        "pyyaml",
-        "pillow",
-    ]),
+    install_requires=_pin_torch(
+        [
+            "torch>=2.13,<2.15",
+            "triton>=3.7,<3.10; platform_system == 'Linux'",
+            "transformers>=5.24,<5.25",  # 5.24 renamed the decoders' past_key_values to cache; 5.25 needs the hub-kernels package
+            "peft>=0.21,<0.22",
+            "bitsandbytes>=0.50,<0.51",  # readers.quantization drives its CPU kernel choice
+            "accelerate>=1.16,<2",
+            "numpy>=2.0",
+            "safetensors",
+            "tokenizers",
+            "tqdm",
+            "matplotlib",
+            "pyyaml",
+            "pillow",
+        ]
+    ),
     extras_require={
         # faiss-cpu and faiss-gpu install the same module: alternatives, neither required (the
         # project's own top-k serves exact search); the tests compare against faiss-cpu

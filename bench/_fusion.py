@@ -73,8 +73,9 @@ def load(args):
     path = args.reader
     if path is None:
         # keyed by the builder's version: a cache left by an older build is never mistaken for this one
-        path = os.path.join(tempfile.gettempdir(), "jomed_fast_readers",
-                            f"{args.arch}-{args.size}-build{tiny.BUILD_VERSION}")
+        path = os.path.join(
+            tempfile.gettempdir(), "jomed_fast_readers", f"{args.arch}-{args.size}-build{tiny.BUILD_VERSION}"
+        )
         H.log(f"building the {args.size} {args.arch} reader in {path} (skipped when already built)")
         path = str(tiny.build(args.arch, path, size=args.size))
     quant = None if args.quantization == "none" else args.quantization
@@ -113,8 +114,10 @@ class Counter:
                 self.images += int(pv.shape[0])
 
         tower = model.visual if self.reader.family == "qwen2_vl" else model.vision_tower
-        self._handles = [self.reader.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
-                         tower.register_forward_pre_hook(on_vision, with_kwargs=True)]
+        self._handles = [
+            self.reader.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+            tower.register_forward_pre_hook(on_vision, with_kwargs=True),
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -170,16 +173,25 @@ class ReferenceLoop:
             samples = _samples(self.task, self.layout, q, row)
             parts = []
             for c0 in range(0, len(samples), CHUNK):
-                chunk = samples[c0:c0 + CHUNK]
+                chunk = samples[c0 : c0 + CHUNK]
                 enc = self.reader.encode_batch(chunk, padding_side="left")
-                gen = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, use_cache=False, do_sample=False,
-                                     output_scores=True, output_logits=self.check_logits,
-                                     return_dict_in_generate=True, pad_token_id=proc.pad_token_id)
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=MAX_NEW_TOKENS,
+                    use_cache=False,
+                    do_sample=False,
+                    output_scores=True,
+                    output_logits=self.check_logits,
+                    return_dict_in_generate=True,
+                    pad_token_id=proc.pad_token_id,
+                )
                 first = gen.scores[0]
                 if self.check_logits:
                     if not torch.equal(first, gen.logits[0]):
-                        raise AssertionError("reference_loop: generate's scores differ from the raw logits "
-                                             "(a logits processor is active); class scores would be wrong")
+                        raise AssertionError(
+                            "reference_loop: generate's scores differ from the raw logits "
+                            "(a logits processor is active); class scores would be wrong"
+                        )
                     self.check_logits = False
                 self.steps.extend([len(gen.scores)] * len(chunk))
                 parts.append(torch.log_softmax(first[:, self.class_ids].float(), dim=-1))
@@ -207,8 +219,11 @@ def counted_call(m, fn, **timing) -> tuple[torch.Tensor, H.Timing, dict]:
         scores, t = H.time_call(fn, **timing)
     if isinstance(m, Jomed):
         st = m.scorer.last_stats
-        counts = {"llm_tokens": st.llm_tokens, "vision_images": st.vision_images,
-                  "suffix_padding": st.suffix_slots / max(1, st.suffix_tokens + st.class_tokens)}
+        counts = {
+            "llm_tokens": st.llm_tokens,
+            "vision_images": st.vision_images,
+            "suffix_padding": st.suffix_slots / max(1, st.suffix_tokens + st.class_tokens),
+        }
     else:
         counts = {"llm_tokens": counter.tokens, "vision_images": counter.images}
     counts["steps"] = list(m.steps) if isinstance(m, ReferenceLoop) else []
@@ -223,15 +238,17 @@ def check_agreement(runs: dict, tolerance: float) -> dict[str, float]:
     diffs = {name: math.nan for name in runs}
     names = list(runs)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             ra, rb = runs[a], runs[b]
             if ra.layout != rb.layout:
                 continue
             n = min(ra.queries, rb.queries)
             d = float((ra.scores[:n].double() - rb.scores[:n].double()).abs().max())
             if not math.isfinite(d) or d > tolerance:
-                raise AssertionError(f"K={ra.K}: {a} and {b} disagree: max |Δ log p| = {d:.3g} > tolerance "
-                                     f"{tolerance:g}; no speed is reported for methods that compute different things")
+                raise AssertionError(
+                    f"K={ra.K}: {a} and {b} disagree: max |Δ log p| = {d:.3g} > tolerance "
+                    f"{tolerance:g}; no speed is reported for methods that compute different things"
+                )
             diffs[a], diffs[b] = (d if math.isnan(diffs[x]) else max(diffs[x], d) for x in (a, b))
     return diffs
 
@@ -246,7 +263,7 @@ def build_methods(reader, task, names: list[str]) -> list:
         elif name == "hf_batched":
             out.extend(HFBatched(reader, task, class_ids, layout) for layout in _prompts.LAYOUTS)
         else:
-            out.append(Jomed(reader, task, name[len("jomed_"):]))
+            out.append(Jomed(reader, task, name[len("jomed_") :]))
     return out
 
 
@@ -277,18 +294,23 @@ def prompt_shapes(reader, task, layout: str, qimgs, cands) -> list[list[F.Prompt
         split = _prompts.split_query(proc, layout, task, q, None, row)
         key = (tuple(split.prefix_ids), tuple(id(i) for i in split.prefix_images))
         P = length(split.prefix_ids, split.prefix_images)
-        shapes.append([
-            F.Prompt(prefix=(key, P), suffix=length(seg, imgs),
-                     images=tuple((id(i), image_info(i)[1]) for i in list(split.prefix_images) + list(imgs)))
-            for seg, imgs in zip(split.segments, split.segment_images)
-        ])
+        shapes.append(
+            [
+                F.Prompt(
+                    prefix=(key, P),
+                    suffix=length(seg, imgs),
+                    images=tuple((id(i), image_info(i)[1]) for i in list(split.prefix_images) + list(imgs)),
+                )
+                for seg, imgs in zip(split.segments, split.segment_images)
+            ]
+        )
     return shapes
 
 
 def method_flops(run, dec, vis, shapes: dict[str, list[list[F.Prompt]]], num_classes: int) -> F.Flops:
     """The FLOP model of ``run``'s method on the queries it ran (``run``: its method, layout, K,
     queries and, for ``reference_loop``, the decoding steps of each prompt)."""
-    prompts = [p for row in shapes[run.layout][:run.queries] for p in row[:run.K]]
+    prompts = [p for row in shapes[run.layout][: run.queries] for p in row[: run.K]]
     if run.method == "hf_batched":
         return F.hf_forward_flops(dec, vis, prompts)
     if run.method == "reference_loop":
@@ -304,5 +326,7 @@ def padding_factors(shapes: list[list[F.Prompt]]) -> dict[str, float]:
     this is the padding it leaves out."""
     suffixes = [p.suffix for row in shapes for p in row]
     whole = sum(len(row) * max(p.tokens for p in row) for row in shapes)
-    return {"jomed_suffix": len(suffixes) * max(suffixes) / max(1, sum(suffixes)),
-            "hf_batched": whole / sum(p.tokens for row in shapes for p in row)}
+    return {
+        "jomed_suffix": len(suffixes) * max(suffixes) / max(1, sum(suffixes)),
+        "hf_batched": whole / sum(p.tokens for row in shapes for p in row),
+    }

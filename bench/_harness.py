@@ -98,8 +98,14 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn: Callable[[], Any], *, device=None, clock: str = "wall", memory: PeakMemory | None = None,
-              name: str | None = None) -> tuple[Any, Timing]:
+def time_call(
+    fn: Callable[[], Any],
+    *,
+    device=None,
+    clock: str = "wall",
+    memory: PeakMemory | None = None,
+    name: str | None = None,
+) -> tuple[Any, Timing]:
     """``(fn's output, Timing)`` of one call of ``fn``.
 
     ``clock="wall"``: elapsed time; ``"cpu"``: the process's CPU time (``time.process_time``),
@@ -119,10 +125,17 @@ def time_call(fn: Callable[[], Any], *, device=None, clock: str = "wall", memory
     return out, Timing(seconds, memory.peak() if memory is not None else None)
 
 
-def round_robin(fns: dict[str, Callable[[], Any]], repeats: int | dict[str, int], *, warmup: int = 1,
-                device=None, clock: str = "wall", memory: PeakMemory | None = None,
-                ranges: dict[str, str] | None = None,
-                on_round: Callable[[int, int], None] | None = None) -> dict[str, list[Timing]]:
+def round_robin(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int | dict[str, int],
+    *,
+    warmup: int = 1,
+    device=None,
+    clock: str = "wall",
+    memory: PeakMemory | None = None,
+    ranges: dict[str, str] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> dict[str, list[Timing]]:
     """Per name, the :class:`Timing` of ``repeats`` (an int, or one per name) calls of its function.
 
     ``warmup`` untimed rounds first; then each round calls every function that still needs calls,
@@ -138,8 +151,9 @@ def round_robin(fns: dict[str, Callable[[], Any]], repeats: int | dict[str, int]
     for r in range(rounds):
         for name, fn in fns.items():
             if len(out[name]) < counts.get(name, 0):
-                out[name].append(time_call(fn, device=device, clock=clock, memory=memory,
-                                           name=(ranges or {}).get(name))[1])
+                out[name].append(
+                    time_call(fn, device=device, clock=clock, memory=memory, name=(ranges or {}).get(name))[1]
+                )
         if on_round is not None:
             on_round(r, rounds)
     return out
@@ -251,8 +265,14 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n\n")[0])
 
 
-def add_common(p: argparse.ArgumentParser, json_name: str, *, repeats: int | None = None,
-               repeats_help: str = "timed calls per measurement", seed: int | None = None) -> None:
+def add_common(
+    p: argparse.ArgumentParser,
+    json_name: str,
+    *,
+    repeats: int | None = None,
+    repeats_help: str = "timed calls per measurement",
+    seed: int | None = None,
+) -> None:
     """``--repeats`` (where ``repeats`` is given: its default), ``--seed`` (likewise) and ``--json``
     (default ``bench/results/<json_name>``), in that order."""
     if repeats is not None:

@@ -33,27 +33,71 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import _harness as H  # noqa: E402
-from bench._fusion import (MAX_NEW_TOKENS, add_reader_args, build_methods, check_agreement, counted_call,  # noqa: E402,F401
-                           load, make_workload, method_flops, padding_factors, prompt_shapes)
+from bench._fusion import (  # noqa: E402,F401
+    MAX_NEW_TOKENS,
+    add_reader_args,
+    build_methods,
+    check_agreement,
+    counted_call,
+    load,
+    make_workload,
+    method_flops,
+    padding_factors,
+    prompt_shapes,
+)
 from jomed_fast.scoring import flops as F  # noqa: E402
 from jomed_fast.tasks import build_verbalizer, get_task  # noqa: E402
 
 METHODS = ("reference_loop", "hf_batched", "jomed_paper", "jomed_shared_query")
-RECORD_FIELDS = ("method", "layout", "K", "queries_per_s", "candidates_per_s", "speedup_vs_hf_batched",
-                 "speedup_vs_reference_loop", "peak_mem_bytes", "llm_tokens", "vision_images",
-                 "flop_model_speedup", "fraction_of_flop_bound", "max_abs_logprob_diff")
+RECORD_FIELDS = (
+    "method",
+    "layout",
+    "K",
+    "queries_per_s",
+    "candidates_per_s",
+    "speedup_vs_hf_batched",
+    "speedup_vs_reference_loop",
+    "peak_mem_bytes",
+    "llm_tokens",
+    "vision_images",
+    "flop_model_speedup",
+    "fraction_of_flop_bound",
+    "max_abs_logprob_diff",
+)
 TASK = "synthetic"
 # per --size: (queries, reference queries, repeats, reference repeats, image size in px)
 DEFAULTS = {"tiny": (4, 1, 3, 2, 32), "small": (2, 1, 2, 1, 112)}
 Col = H.Column
-COLUMNS = [Col("K", 3, "K"), Col("method", 19, "method", align="<"), Col("layout", 12, "layout", align="<"),
-           Col("q/s", 9, "queries_per_s", ".3g"), Col("cand/s", 9, "candidates_per_s", ".3g"),
-           Col("x hf", 6, "speedup_vs_hf_batched", ".2f"), Col("x ref", 7, "speedup_vs_reference_loop", ".1f"),
-           Col("flop x", 7, "flop_model_speedup", ".2f"), Col("of bound", 8, "fraction_of_flop_bound", ".0%"),
-           Col("peak MiB", 9, lambda r: r["peak_mem_bytes"] / 2**20, ".0f"), Col("llm tok", 9, "llm_tokens", "d"),
-           Col("images", 7, "vision_images", "d"), Col("max|Δ|", 8, "max_abs_logprob_diff", ".1e")]
-MARKDOWN = ("K", "method", "layout", "queries/s", "candidates/s", "× hf_batched (same layout)", "FLOP model ×",
-            "of FLOP bound", "× reference_loop", "peak memory MiB", "LLM tokens", "images", "max abs Δ log p")
+COLUMNS = [
+    Col("K", 3, "K"),
+    Col("method", 19, "method", align="<"),
+    Col("layout", 12, "layout", align="<"),
+    Col("q/s", 9, "queries_per_s", ".3g"),
+    Col("cand/s", 9, "candidates_per_s", ".3g"),
+    Col("x hf", 6, "speedup_vs_hf_batched", ".2f"),
+    Col("x ref", 7, "speedup_vs_reference_loop", ".1f"),
+    Col("flop x", 7, "flop_model_speedup", ".2f"),
+    Col("of bound", 8, "fraction_of_flop_bound", ".0%"),
+    Col("peak MiB", 9, lambda r: r["peak_mem_bytes"] / 2**20, ".0f"),
+    Col("llm tok", 9, "llm_tokens", "d"),
+    Col("images", 7, "vision_images", "d"),
+    Col("max|Δ|", 8, "max_abs_logprob_diff", ".1e"),
+]
+MARKDOWN = (
+    "K",
+    "method",
+    "layout",
+    "queries/s",
+    "candidates/s",
+    "× hf_batched (same layout)",
+    "FLOP model ×",
+    "of FLOP bound",
+    "× reference_loop",
+    "peak memory MiB",
+    "LLM tokens",
+    "images",
+    "max abs Δ log p",
+)
 
 
 @dataclasses.dataclass
@@ -81,18 +125,44 @@ def make_record(run: Run, runs: dict[str, Run], diffs: dict[str, float], flops: 
     per_query = {name: flops[name].total / runs[name].queries for name in runs}
     predicted = per_query[base.name] / per_query[run.name] if base else float("nan")
     measured = run.queries_per_s / base.queries_per_s if base else float("nan")
-    values = (run.method, run.layout, run.K, run.queries_per_s, run.queries_per_s * run.K, measured,
-              run.queries_per_s / ref.queries_per_s if ref else float("nan"), run.peak, run.llm_tokens,
-              run.vision_images, predicted, measured / predicted if base else float("nan"), diffs[run.name])
+    values = (
+        run.method,
+        run.layout,
+        run.K,
+        run.queries_per_s,
+        run.queries_per_s * run.K,
+        measured,
+        run.queries_per_s / ref.queries_per_s if ref else float("nan"),
+        run.peak,
+        run.llm_tokens,
+        run.vision_images,
+        predicted,
+        measured / predicted if base else float("nan"),
+        diffs[run.name],
+    )
     return dict(zip(RECORD_FIELDS, values, strict=True))
 
 
 def format_markdown(records: list[dict]) -> str:
     """The records as a Markdown table (as docs/benchmarks.md shows them)."""
-    rows = [[str(r["K"]), f"`{r['method']}`", r["layout"], f"{r['queries_per_s']:.3g}", f"{r['candidates_per_s']:.3g}",
-             f"{r['speedup_vs_hf_batched']:.2f}", f"{r['flop_model_speedup']:.2f}", f"{r['fraction_of_flop_bound']:.0%}",
-             f"{r['speedup_vs_reference_loop']:.1f}", f"{r['peak_mem_bytes'] / 2**20:.0f}", str(r["llm_tokens"]),
-             str(r["vision_images"]), f"{r['max_abs_logprob_diff']:.1e}"] for r in records]
+    rows = [
+        [
+            str(r["K"]),
+            f"`{r['method']}`",
+            r["layout"],
+            f"{r['queries_per_s']:.3g}",
+            f"{r['candidates_per_s']:.3g}",
+            f"{r['speedup_vs_hf_batched']:.2f}",
+            f"{r['flop_model_speedup']:.2f}",
+            f"{r['fraction_of_flop_bound']:.0%}",
+            f"{r['speedup_vs_reference_loop']:.1f}",
+            f"{r['peak_mem_bytes'] / 2**20:.0f}",
+            str(r["llm_tokens"]),
+            str(r["vision_images"]),
+            f"{r['max_abs_logprob_diff']:.1e}",
+        ]
+        for r in records
+    ]
     return H.markdown_table(MARKDOWN, "rllrrrrrrrrrr", rows)
 
 
@@ -100,8 +170,9 @@ def write_plot(records: list[dict], path: str, title: str) -> None:
     fig, ax = H.pyplot().subplots(figsize=(7, 4.5))
     for key in sorted({(r["method"], r["layout"]) for r in records}):
         rows = sorted((r for r in records if (r["method"], r["layout"]) == key), key=lambda r: r["K"])
-        line, = ax.plot([r["K"] for r in rows], [r["queries_per_s"] for r in rows], marker="o",
-                        label=f"{key[0]} ({key[1]})")
+        (line,) = ax.plot(
+            [r["K"] for r in rows], [r["queries_per_s"] for r in rows], marker="o", label=f"{key[0]} ({key[1]})"
+        )
         if key[0] != "hf_batched" and all(math.isfinite(r["flop_model_speedup"]) for r in rows):
             # the FLOP-model bound: hf_batched's measured rate (same layout) x the predicted speed-up
             bound = [r["queries_per_s"] / r["fraction_of_flop_bound"] for r in rows]
@@ -121,20 +192,33 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=None, help="B (default 4 tiny, 2 small)")
     p.add_argument("--reference-queries", type=int, default=None, help="queries reference_loop runs (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method and K (default 3 tiny, 2 small)")
-    p.add_argument("--reference-repeats", type=int, default=None, help="timed reference_loop calls (default 2 tiny, 1 small)")
-    p.add_argument("--image-size", type=int, default=None, help="synthetic image side in px (default 32 tiny, 112 small)")
+    p.add_argument(
+        "--reference-repeats", type=int, default=None, help="timed reference_loop calls (default 2 tiny, 1 small)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="synthetic image side in px (default 32 tiny, 112 small)"
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--clock", choices=tuple(H.CLOCKS), default="wall",
-                   help="wall: elapsed time; cpu: process CPU time (a shared CPU machine, with --threads 1)")
-    p.add_argument("--tolerance", type=float, default=None, help="agreement tolerance (default 1e-3 fp32, 5e-2 otherwise)")
+    p.add_argument(
+        "--clock",
+        choices=tuple(H.CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: process CPU time (a shared CPU machine, with --threads 1)",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="agreement tolerance (default 1e-3 fp32, 5e-2 otherwise)"
+    )
     H.add_common(p, "fusion_throughput.json", seed=0)
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON's path with .png)")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for the README)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler trace of one call per method at the largest K")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler trace of one call per method at the largest K"
+    )
     args = p.parse_args(argv)
-    for name, default in zip(("queries", "reference_queries", "repeats", "reference_repeats", "image_size"),
-                             DEFAULTS[args.size]):
+    for name, default in zip(
+        ("queries", "reference_queries", "repeats", "reference_repeats", "image_size"), DEFAULTS[args.size]
+    ):
         setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     try:
         args.k = sorted({int(k) for k in args.k.split(",") if k.strip()})
@@ -149,8 +233,10 @@ def parse_args(argv=None):
     args.reference_queries = min(args.reference_queries, args.queries)
     args.plot = args.plot or os.path.splitext(args.json)[0] + ".png"
     if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
-        p.error("--clock cpu: expected --device cpu and --threads 1 (CPU time of several threads or of "
-                f"a GPU run is not a duration), got --device {args.device} --threads {args.threads}")
+        p.error(
+            "--clock cpu: expected --device cpu and --threads 1 (CPU time of several threads or of "
+            f"a GPU run is not a duration), got --device {args.device} --threads {args.threads}"
+        )
     return args
 
 
@@ -165,15 +251,17 @@ def checked_call(m, run: Run, fn, warm: bool, device, memory: H.PeakMemory, cloc
     if warm:
         H.log(f"  warm-up {run.name}")
         fn()
-    scores, t, counts = counted_call(m, fn, device=device, clock=clock, memory=memory,
-                                     name=f"bench.{run.method}.{run.layout}")
+    scores, t, counts = counted_call(
+        m, fn, device=device, clock=clock, memory=memory, name=f"bench.{run.method}.{run.layout}"
+    )
     run.scores, run.peak, run.times = scores.detach().float().cpu(), t.peak_bytes, [t.seconds]
     vars(run).update(counts)  # llm_tokens, vision_images, steps, suffix_padding
     H.log(f"  K={run.K} {run.name}: checked call {t.seconds:.3f} s")
 
 
-def run_k(K: int, methods: list, qimgs, cands, args, device, memory: H.PeakMemory, tolerance: float,
-          warm: bool) -> tuple[dict[str, Run], dict[str, float]]:
+def run_k(
+    K: int, methods: list, qimgs, cands, args, device, memory: H.PeakMemory, tolerance: float, warm: bool
+) -> tuple[dict[str, Run], dict[str, float]]:
     """All methods at one K: warm-up (first K), checked call (counted, compared), timed calls."""
     runs, fns, wanted = {}, {}, {}
     for m in methods:
@@ -184,9 +272,16 @@ def run_k(K: int, methods: list, qimgs, cands, args, device, memory: H.PeakMemor
     for m, (name, fn) in zip(methods, fns.items()):
         checked_call(m, runs[name], fn, warm, device, memory, args.clock)
     diffs = check_agreement(runs, tolerance)
-    timings = H.round_robin(fns, wanted, warmup=0, device=device, clock=args.clock, memory=memory,
-                            ranges={n: "bench." + n.replace("/", ".") for n in fns},
-                            on_round=lambda r, n: H.log(f"  K={K} timed round {r + 2}/{n + 1}"))
+    timings = H.round_robin(
+        fns,
+        wanted,
+        warmup=0,
+        device=device,
+        clock=args.clock,
+        memory=memory,
+        ranges={n: "bench." + n.replace("/", ".") for n in fns},
+        on_round=lambda r, n: H.log(f"  K={K} timed round {r + 2}/{n + 1}"),
+    )
     for name, ts in timings.items():
         runs[name].times += [t.seconds for t in ts]
         runs[name].peak = max([runs[name].peak, *(t.peak_bytes for t in ts)])
@@ -200,12 +295,16 @@ def measure(args, reader, task, methods, qimgs, cands, device, tolerance: float)
     memory = H.PeakMemory(device)
     out = {"records": [], "runs": {}, "flops": {}, "load_by_k": {}, "padding": {}}
     for i, K in enumerate(args.k):
-        H.log(f"K={K}: {args.queries} queries ({args.reference_queries} for reference_loop), "
-              f"load average {os.getloadavg()[0]:.2f}")
+        H.log(
+            f"K={K}: {args.queries} queries ({args.reference_queries} for reference_loop), "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
         out["load_by_k"][K] = os.getloadavg()[0]
         runs, diffs = run_k(K, methods, qimgs, cands, args, device, memory, tolerance, warm=i == 0)
-        shapes = {layout: prompt_shapes(reader, task, layout, qimgs, [row[:K] for row in cands])
-                  for layout in {r.layout for r in runs.values()}}
+        shapes = {
+            layout: prompt_shapes(reader, task, layout, qimgs, [row[:K] for row in cands])
+            for layout in {r.layout for r in runs.values()}
+        }
         flops = {name: method_flops(run, dec, vis, shapes, num_classes) for name, run in runs.items()}
         out["padding"].update({f"{layout}@{K}": padding_factors(shape) for layout, shape in shapes.items()})
         for run in runs.values():  # the toolkit's chunks as run (length-aware), not one padded chunk
@@ -214,7 +313,9 @@ def measure(args, reader, task, methods, qimgs, cands, device, tolerance: float)
         for name, run in runs.items():
             out["records"].append(make_record(run, runs, diffs, flops))
             out["runs"][f"{name}@{K}"] = run
-            out["flops"][f"{name}@{K}"] = dataclasses.asdict(flops[name]) | {"per_query": flops[name].total / run.queries}
+            out["flops"][f"{name}@{K}"] = dataclasses.asdict(flops[name]) | {
+                "per_query": flops[name].total / run.queries
+            }
     return out
 
 
@@ -230,9 +331,14 @@ def summarize(ks: list[int], runs: dict[str, Run], flops: dict[str, dict]) -> tu
     for K in ks:
         sq, hp = runs.get(f"jomed_shared_query/shared_query@{K}"), runs.get(f"hf_batched/paper@{K}")
         if sq and hp:
-            cross.append({"K": K, "measured": sq.queries_per_s / hp.queries_per_s,
-                          "flop_model": flops[f"hf_batched/paper@{K}"]["per_query"]
-                          / flops[f"jomed_shared_query/shared_query@{K}"]["per_query"]})
+            cross.append(
+                {
+                    "K": K,
+                    "measured": sq.queries_per_s / hp.queries_per_s,
+                    "flop_model": flops[f"hf_batched/paper@{K}"]["per_query"]
+                    / flops[f"jomed_shared_query/shared_query@{K}"]["per_query"],
+                }
+            )
     return growth, cross
 
 
@@ -243,52 +349,71 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device, task = torch.device(args.device), get_task(TASK)
     reader, path = load(args)
-    tolerance = args.tolerance if args.tolerance is not None else (
-        1e-3 if reader.compute_dtype == torch.float32 else 5e-2)
-    H.log(f"reader {path} ({reader.family}, {args.quantization}, {reader.compute_dtype}) on {device}, "
-          f"{torch.get_num_threads()} thread(s), load average {load_before[0]:.2f}")
+    tolerance = (
+        args.tolerance if args.tolerance is not None else (1e-3 if reader.compute_dtype == torch.float32 else 5e-2)
+    )
+    H.log(
+        f"reader {path} ({reader.family}, {args.quantization}, {reader.compute_dtype}) on {device}, "
+        f"{torch.get_num_threads()} thread(s), load average {load_before[0]:.2f}"
+    )
     qimgs, cands = make_workload(args.queries, max(args.k), args.image_size, args.seed)
     methods = build_methods(reader, task, args.methods)
     m = measure(args, reader, task, methods, qimgs, cands, device, tolerance)
     wall = time.perf_counter() - t_start
     growth, cross = summarize(args.k, m["runs"], m["flops"])
-    title = (f"{reader.family} {args.size if args.reader is None else os.path.basename(path)} on {device}, "
-             f"{torch.get_num_threads()} thread(s), B={args.queries}, {args.clock} clock")
-    print(f"fusion throughput: {title}; median of repeats; load average {load_before[0]:.2f} -> "
-          f"{os.getloadavg()[0]:.2f}; wall {wall:.0f} s")
+    title = (
+        f"{reader.family} {args.size if args.reader is None else os.path.basename(path)} on {device}, "
+        f"{torch.get_num_threads()} thread(s), B={args.queries}, {args.clock} clock"
+    )
+    print(
+        f"fusion throughput: {title}; median of repeats; load average {load_before[0]:.2f} -> "
+        f"{os.getloadavg()[0]:.2f}; wall {wall:.0f} s"
+    )
     print(H.text_table(COLUMNS, m["records"]))
     print("\ncost growth, seconds per query = prefix + K x per_candidate:")
     for key, g in growth.items():
         print(f"  {key:<34} {g['prefix_s']:>9.4f} + K x {g['per_candidate_s']:.4f}")
     for c in cross:
-        print(f"K={c['K']:>3}: jomed_shared_query over hf_batched on the paper layout: {c['measured']:.2f}x "
-              f"(FLOP model {c['flop_model']:.2f}x)")
+        print(
+            f"K={c['K']:>3}: jomed_shared_query over hf_batched on the paper layout: {c['measured']:.2f}x "
+            f"(FLOP model {c['flop_model']:.2f}x)"
+        )
     if args.markdown:
         print("\n" + format_markdown(m["records"]))
 
     result = {
         "benchmark": "fusion_throughput",
         "config": dict(vars(args)) | {"reader_path": str(path), "task": TASK, "tolerance": tolerance},
-        "device": str(device), "reader_family": reader.family, "compute_dtype": str(reader.compute_dtype),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "reader_family": reader.family,
+        "compute_dtype": str(reader.compute_dtype),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "load_average": {"start": load_before, "end": os.getloadavg(), "at_each_K": m["load_by_k"]},
         "wall_s": wall,
-        "peak_mem_note": ("torch.cuda.max_memory_allocated per call" if device.type == "cuda" else
-                          "process peak RSS (VmHWM reset via /proc/self/clear_refs after malloc_trim) per call, "
-                          "weights included"),
+        "peak_mem_note": (
+            "torch.cuda.max_memory_allocated per call"
+            if device.type == "cuda"
+            else "process peak RSS (VmHWM reset via /proc/self/clear_refs after malloc_trim) per call, weights included"
+        ),
         "records": m["records"],
         "seconds": {k: r.times for k, r in m["runs"].items()},
         "generate_steps": {k: r.steps for k, r in m["runs"].items() if r.steps},
-        "flops": m["flops"], "growth": growth, "padding": m["padding"], "cross_layout": cross,
+        "flops": m["flops"],
+        "growth": growth,
+        "padding": m["padding"],
+        "cross_layout": cross,
     }
     H.write_json(args.json, result)
     write_plot(m["records"], args.plot, title)
     H.log(f"wrote {args.json} and {args.plot}")
     if args.profile:
         K = max(args.k)
-        calls = {f"bench.{x.method}.{x.layout}": functools.partial(x, *inputs_of(x, qimgs, cands, args, K))
-                 for x in methods}
+        calls = {
+            f"bench.{x.method}.{x.layout}": functools.partial(x, *inputs_of(x, qimgs, cands, args, K)) for x in methods
+        }
         H.profile(calls, os.path.splitext(args.json)[0] + ".pt.trace.json")
     return result
 

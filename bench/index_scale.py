@@ -30,6 +30,7 @@ the search check would be all ties.
 Writes ``bench/results/index_scale.json`` (atomically). Times depend on the machine's load; the
 JSON records the CPU count, the threads per process and the load average at the start.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,9 +52,24 @@ from bench import _harness as H  # noqa: E402
 
 
 def _cli(n: int, out: Path, a, enc_dir: Path) -> list[str]:
-    return ["-m", "jomed_fast.index", "build-synthetic", "--records", str(n), "--out", str(out),
-            "--chunk-size", str(a.chunk_size), "--batch-size", str(a.batch_size), "--threads", str(a.threads),
-            "--encoder", str(enc_dir), "--no-progress"]
+    return [
+        "-m",
+        "jomed_fast.index",
+        "build-synthetic",
+        "--records",
+        str(n),
+        "--out",
+        str(out),
+        "--chunk-size",
+        str(a.chunk_size),
+        "--batch-size",
+        str(a.batch_size),
+        "--threads",
+        str(a.threads),
+        "--encoder",
+        str(enc_dir),
+        "--no-progress",
+    ]
 
 
 def _run(cmd: list[str], timeout: float) -> float:
@@ -84,8 +100,13 @@ def _build_killed_then_resumed(a, enc_dir: Path, out: Path, n_chunks: int) -> di
     if (out / "manifest.json").exists():
         raise RuntimeError("a manifest exists after the kill: the kill came too late")
     resumed_s = _run(cmd, a.timeout)
-    return {"killed_after_s": round(killed_s, 3), "chunks_finished_at_kill": finished, "chunks": n_chunks,
-            "resumed_s": round(resumed_s, 3), "killed_plus_resumed_s": round(killed_s + resumed_s, 3)}
+    return {
+        "killed_after_s": round(killed_s, 3),
+        "chunks_finished_at_kill": finished,
+        "chunks": n_chunks,
+        "resumed_s": round(resumed_s, 3),
+        "killed_plus_resumed_s": round(killed_s + resumed_s, 3),
+    }
 
 
 def _reference_topk(q: torch.Tensor, x64: torch.Tensor, k: int):
@@ -104,9 +125,13 @@ def _exact_check(ix, q, head: str, backend: str, k: int, eps: float, ref, rs, ri
     score_err = float((got - rs[:, :k]).abs().max())
     distinct = all(len(set(r)) == k for r in i.tolist())
     same_ids = bool(torch.equal(i[unambiguous], ri[unambiguous, :k]))
-    return {"search_s": round(t.seconds, 4), "max_score_error": score_err,
-            "ids_equal_rows": float((i == ri[:, :k]).all(dim=1).float().mean()),
-            "ids_equal_where_unambiguous": same_ids, "match": distinct and score_err <= eps and same_ids}
+    return {
+        "search_s": round(t.seconds, 4),
+        "max_score_error": score_err,
+        "ids_equal_rows": float((i == ri[:, :k]).all(dim=1).float().mean()),
+        "ids_equal_where_unambiguous": same_ids,
+        "match": distinct and score_err <= eps and same_ids,
+    }
 
 
 def _ivf_check(ix, q, head: str, k: int, eps: float, ref, rs) -> dict:
@@ -115,9 +140,11 @@ def _ivf_check(ix, q, head: str, k: int, eps: float, ref, rs) -> dict:
 
     _, t = H.time_call(lambda: ix.search(q[:1], k, head=head, backend="faiss", nlist="auto"))  # cached after
     res = {"nlist": default_nlist(ix.count), "train_add_s": round(t.seconds, 3)}
-    kth = rs[:, k - 1: k]
+    kth = rs[:, k - 1 : k]
     for nprobe in (8, 32):
-        (_, ii), t = H.time_call(lambda: ix.search(q, k, head=head, backend="faiss", nlist="auto", nprobe=nprobe))
+        (_, ii), t = H.time_call(
+            lambda nprobe=nprobe: ix.search(q, k, head=head, backend="faiss", nlist="auto", nprobe=nprobe)
+        )
         hit = ref.gather(1, ii.clamp(min=0)) >= kth - eps  # tie-aware: any row scoring as high as the k-th
         hit &= ii >= 0
         res[f"nprobe_{nprobe}"] = {"recall_at_k": float(hit.float().mean()), "search_s": round(t.seconds, 4)}
@@ -135,7 +162,7 @@ def _search_check(ix, enc, a) -> dict:
     out: dict = {"queries": a.queries, "k": k, "tie_eps": eps}
     for head in ("image", "text"):
         x64 = torch.from_numpy(np.array(ix.embeddings[head])).double()
-        (ref, rs, ri), t = H.time_call(lambda: _reference_topk(q, x64, k))
+        (ref, rs, ri), t = H.time_call(lambda x64=x64: _reference_topk(q, x64, k))
         unambiguous = (rs[:, :-1] - rs[:, 1:] > eps).all(dim=1)  # no ties, exact or within eps
         res = {"float64_bruteforce_s": round(t.seconds, 4), "rows_unambiguous": int(unambiguous.sum())}
         for backend in ("ops", "faiss"):
@@ -155,8 +182,12 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=32, help="TinyCLIP conv width")
     p.add_argument("--depth", type=int, default=4, help="TinyCLIP residual blocks")
     p.add_argument("--dim", type=int, default=64, help="embedding dim D")
-    p.add_argument("--pretrain", type=int, default=2000,
-                   help="contrastive pre-training of the encoder on this many records first (0: untrained)")
+    p.add_argument(
+        "--pretrain",
+        type=int,
+        default=2000,
+        help="contrastive pre-training of the encoder on this many records first (0: untrained)",
+    )
     p.add_argument("--queries", type=int, default=256, help="query images Q for the search check")
     p.add_argument("--distributed", type=int, default=0, help="also build with torchrun on W ranks (0: skip)")
     p.add_argument("--skip-reference", action="store_true", help="no uninterrupted build (no byte comparison)")
@@ -194,12 +225,24 @@ def _builds(a, work: Path) -> dict:
     enc_dir = enc.save(work / "encoder")
     n_chunks = -(-a.records // a.chunk_size)
     rec: dict = {
-        "records": a.records, "chunk_size": a.chunk_size, "chunks": n_chunks, "batch_size": a.batch_size,
+        "records": a.records,
+        "chunk_size": a.chunk_size,
+        "chunks": n_chunks,
+        "batch_size": a.batch_size,
         "threads_per_process": a.threads,
-        "encoder": {"width": a.width, "depth": a.depth, "dim": a.dim, "pretrain_records": a.pretrain,
-                    "pretrain_s": pretrain_s},
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": list(os.getloadavg()),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "encoder": {
+            "width": a.width,
+            "depth": a.depth,
+            "dim": a.dim,
+            "pretrain_records": a.pretrain,
+            "pretrain_s": pretrain_s,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": list(os.getloadavg()),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
     }
     for d in ("ref", "resumed", "dist"):
         shutil.rmtree(work / d, ignore_errors=True)
@@ -219,8 +262,14 @@ def _builds(a, work: Path) -> dict:
     rec["search"] = _search_check(ix, enc, a)
     print(f"search match: {rec['search']['match']}", flush=True)
     if a.distributed:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.distributed),
-               *_cli(a.records, work / "dist", a, enc_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(a.distributed),
+            *_cli(a.records, work / "dist", a, enc_dir),
+        ]
         rec["distributed"] = {"world": a.distributed, "build_s": round(_run(cmd, a.timeout), 3)}
         rec["distributed"]["identical"] = same("dist")
         print(f"distributed: {rec['distributed']}", flush=True)

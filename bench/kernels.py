@@ -73,9 +73,20 @@ def bench_head(device, dtype, scale, repeats):
     fast_bytes, fast_flops = (N * H + C * H) * e + N * C * 4, 2 * N * C * H
     base_bytes, base_flops = (N * H + V * H) * e + 2 * N * V * e + N * C * 4, 2 * N * V * H
     diff = (fast().double() - baseline().double()).abs().max().item()
-    return Row("head_class_log_softmax", f"N={N} H={H} V={V} C={C} {str(dtype)[6:]}", "hidden@W.T -> gather -> log_softmax",
-               *timed(baseline, fast, device, repeats), 0.0,
-               fast_bytes, fast_flops, base_bytes, base_flops, floor_us(fast_bytes, fast_flops), floor_us(base_bytes, base_flops), diff)
+    return Row(
+        "head_class_log_softmax",
+        f"N={N} H={H} V={V} C={C} {str(dtype)[6:]}",
+        "hidden@W.T -> gather -> log_softmax",
+        *timed(baseline, fast, device, repeats),
+        0.0,
+        fast_bytes,
+        fast_flops,
+        base_bytes,
+        base_flops,
+        floor_us(fast_bytes, fast_flops),
+        floor_us(base_bytes, base_flops),
+        diff,
+    )
 
 
 def bench_class_log_softmax(device, dtype, scale, repeats):
@@ -96,9 +107,20 @@ def bench_class_log_softmax(device, dtype, scale, repeats):
     fast_bytes, fast_flops = R * C * (e + 4), 5 * R * C
     base_bytes, base_flops = R * V * (e + 4 + 4), 5 * R * V
     diff = (fast().double() - baseline().double()).abs().max().item()
-    return Row("class_log_softmax", f"R={R} V={V} C={C} {str(dtype)[6:]}", "log_softmax over V -> gather -> renormalise",
-               *timed(baseline, fast, device, repeats), 0.0,
-               fast_bytes, fast_flops, base_bytes, base_flops, floor_us(fast_bytes, fast_flops), floor_us(base_bytes, base_flops), diff)
+    return Row(
+        "class_log_softmax",
+        f"R={R} V={V} C={C} {str(dtype)[6:]}",
+        "log_softmax over V -> gather -> renormalise",
+        *timed(baseline, fast, device, repeats),
+        0.0,
+        fast_bytes,
+        fast_flops,
+        base_bytes,
+        base_flops,
+        floor_us(fast_bytes, fast_flops),
+        floor_us(base_bytes, base_flops),
+        diff,
+    )
 
 
 def bench_kl(device, scale, repeats):
@@ -121,9 +143,20 @@ def bench_kl(device, scale, repeats):
     diff = abs(fast().item() - baseline().item())
     fast_bytes, flops = 4 * B * K * 3, 12 * B * K
     base_bytes = 4 * B * K * 10  # softmax, log_softmax, kl_div and their backward each read/write [B, K]
-    return Row("retrieval_kl_loss (fwd+bwd)", f"B={B} K={K}", "softmax + log_softmax + F.kl_div",
-               *timed(baseline, fast, device, repeats), 0.0,
-               fast_bytes, flops, base_bytes, flops, floor_us(fast_bytes, flops), floor_us(base_bytes, flops), diff)
+    return Row(
+        "retrieval_kl_loss (fwd+bwd)",
+        f"B={B} K={K}",
+        "softmax + log_softmax + F.kl_div",
+        *timed(baseline, fast, device, repeats),
+        0.0,
+        fast_bytes,
+        flops,
+        base_bytes,
+        flops,
+        floor_us(fast_bytes, flops),
+        floor_us(base_bytes, flops),
+        diff,
+    )
 
 
 def bench_fuse(device, scale, repeats):
@@ -141,9 +174,20 @@ def bench_fuse(device, scale, repeats):
     diff = (fast() - baseline()).abs().max().item()
     nbytes, flops = 4 * (B * K * C + B * K + B * C), 3 * B * K * C
     base_bytes = nbytes + 4 * 3 * B * K * C  # exp and product materialise [B, K, C] twice
-    return Row("fuse_candidates", f"B={B} K={K} C={C}", "exp * softmax(s) summed over K",
-               *timed(baseline, fast, device, repeats), 0.0,
-               nbytes, flops, base_bytes, flops, floor_us(nbytes, flops), floor_us(base_bytes, flops), diff)
+    return Row(
+        "fuse_candidates",
+        f"B={B} K={K} C={C}",
+        "exp * softmax(s) summed over K",
+        *timed(baseline, fast, device, repeats),
+        0.0,
+        nbytes,
+        flops,
+        base_bytes,
+        flops,
+        floor_us(nbytes, flops),
+        floor_us(base_bytes, flops),
+        diff,
+    )
 
 
 def bench_topk(device, scale, repeats, baseline_kind):
@@ -168,31 +212,56 @@ def bench_topk(device, scale, repeats, baseline_kind):
         name = "faiss IndexFlatIP (fp32 copy of the index)"
         ref_scores = torch.from_numpy(baseline()[0])
     else:
+
         def baseline():
-            return torch.topk(queries.to(index.dtype) @ index.T if device.type == "cuda" else queries @ index.float().T, k, dim=-1)
+            return torch.topk(
+                queries.to(index.dtype) @ index.T if device.type == "cuda" else queries @ index.float().T, k, dim=-1
+            )
 
         name = "matmul [Q,N] + torch.topk"
         ref_scores = baseline().values.float().cpu()
     diff = (fast()[0].float().cpu() - ref_scores).abs().max().item()
     nbytes, flops = N * D * 2 + Q * D * 4 + Q * k * 12, 2 * Q * N * D
     base_bytes = nbytes + Q * N * 4 * 2  # writes and re-reads the [Q, N] score matrix
-    return Row("topk_similarity", f"Q={Q} N={N} D={D} k={k} fp16 index", name,
-               *timed(baseline, fast, device, repeats), 0.0,
-               nbytes, flops, base_bytes, flops, floor_us(nbytes, flops), floor_us(base_bytes, flops), diff)
+    return Row(
+        "topk_similarity",
+        f"Q={Q} N={N} D={D} k={k} fp16 index",
+        name,
+        *timed(baseline, fast, device, repeats),
+        0.0,
+        nbytes,
+        flops,
+        base_bytes,
+        flops,
+        floor_us(nbytes, flops),
+        floor_us(base_bytes, flops),
+        diff,
+    )
 
 
 Col = harness.Column
-COLUMNS = [Col("op", 28, "op", align="<"), Col("shape", 40, "shape", align="<"), Col("baseline", 44, "baseline", align="<"),
-           Col("base ms", 9, "baseline_ms", ".3f"), Col("fast ms", 9, "fast_ms", ".3f"),
-           Col("speedup", 8, "speedup", ".1f", suffix="x"), Col("L40 floor us", 13, "l40_floor_us", ".2f"),
-           Col("base floor us", 13, "baseline_l40_floor_us", ".2f"), Col("max|diff|", 9, "max_abs_diff", ".2e")]
+COLUMNS = [
+    Col("op", 28, "op", align="<"),
+    Col("shape", 40, "shape", align="<"),
+    Col("baseline", 44, "baseline", align="<"),
+    Col("base ms", 9, "baseline_ms", ".3f"),
+    Col("fast ms", 9, "fast_ms", ".3f"),
+    Col("speedup", 8, "speedup", ".1f", suffix="x"),
+    Col("L40 floor us", 13, "l40_floor_us", ".2f"),
+    Col("base floor us", 13, "baseline_l40_floor_us", ".2f"),
+    Col("max|diff|", 9, "max_abs_diff", ".2e"),
+]
 
 
 def main(argv=None) -> int:
     parser = harness.arguments(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--scale", choices=["small", "paper"], default="small",
-                        help="small: CPU-friendly sizes (default); paper: Qwen2-VL-7B head, 2M-row index")
+    parser.add_argument(
+        "--scale",
+        choices=["small", "paper"],
+        default="small",
+        help="small: CPU-friendly sizes (default); paper: Qwen2-VL-7B head, 2M-row index",
+    )
     harness.add_common(parser, "kernels.json", repeats=5, repeats_help="timed calls of each side, after a warm-up")
     args = parser.parse_args(argv)
     harness.require_at_least(parser, args, 1, "repeats")
@@ -211,9 +280,16 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({where})")
     print(harness.text_table(COLUMNS, rows))
-    harness.write_json(args.json, {"device": str(device), "torch": torch.__version__,
-                                   "threads": torch.get_num_threads(), "scale": args.scale,
-                                   "rows": [dataclasses.asdict(r) for r in rows]})
+    harness.write_json(
+        args.json,
+        {
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "scale": args.scale,
+            "rows": [dataclasses.asdict(r) for r in rows],
+        },
+    )
     print(f"\nwrote {args.json}")
     return 0
 

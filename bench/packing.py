@@ -91,9 +91,15 @@ def tiny_qwen2vl():
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
     config = Qwen2VLConfig(
-        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         intermediate_size=32, vocab_size=152000,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        text_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            vocab_size=152000,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        ),
         vision_config=dict(depth=1, embed_dim=16, num_heads=2, hidden_size=16, mlp_ratio=1, spatial_merge_size=MERGE),
     )
     return Qwen2VLModel(config).eval()
@@ -118,8 +124,12 @@ def hf_inputs(queries: list[QueryCandidates], packed) -> dict:
                 if kk == k:
                     types[b * K + k, Pm + start : Pm + start + length] = 1
                     grids.append(q.candidate_image_grid_thw[image - c_rows[0][4]])
-    return dict(input_ids=ids, mm_token_type_ids=types, image_grid_thw=torch.stack(grids),
-                attention_mask=packed.attention_mask.reshape(B * K, Pm + L))
+    return dict(
+        input_ids=ids,
+        mm_token_type_ids=types,
+        image_grid_thw=torch.stack(grids),
+        attention_mask=packed.attention_mask.reshape(B * K, Pm + L),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,15 +158,15 @@ class Row:
     B: int
     L: int
     Pm: int
-    tokens: int          # real tokens packed: Σ (P_b + n_bk) over rows
-    output_mib: float    # bytes the packer writes
+    tokens: int  # real tokens packed: Σ (P_b + n_bk) over rows
+    output_mib: float  # bytes the packer writes
     cpp_ms: float
     cpp_1t_ms: float
     python_ms: float
     hf_ms: float
     floor_ms: float
-    speedup_vs_python: float      # with the default thread count
-    speedup_vs_python_1t: float   # with one thread
+    speedup_vs_python: float  # with the default thread count
+    speedup_vs_python_1t: float  # with one thread
     speedup_vs_hf: float
     cpp_over_floor: float
     exact: bool
@@ -187,7 +197,8 @@ def bench_case(K: int, B: int, repeats: int, seed: int, model) -> Row:
     ours = torch.cat([packed.prefix_mrope_position_ids[:, :, None].expand(3, B, K, Pm), packed.mrope_position_ids], 3)
     real = hf_kwargs["attention_mask"].bool().expand(3, -1, -1)
     exact = torch.equal(ours.reshape(3, B * K, Pm + L)[real], hf_pos[real]) and torch.equal(
-        packed.rope_deltas.reshape(-1), hf_delta.reshape(-1))
+        packed.rope_deltas.reshape(-1), hf_delta.reshape(-1)
+    )
     if not exact:
         raise AssertionError(f"K={K} B={B}: packer M-RoPE positions differ from transformers' get_rope_index")
 
@@ -195,32 +206,64 @@ def bench_case(K: int, B: int, repeats: int, seed: int, model) -> Row:
     write = lambda: torch.empty(elements, dtype=torch.int64).fill_(1)  # noqa: E731
     slow_repeats = max(1, min(repeats, 3)) if K * B >= 200 else repeats
     # the Python fallback behind the cpp columns is as slow as the python column: as few repeats
-    fast = timed({"cpp": cpp, "cpp_1t": cpp_1t, "floor": write, "floor_1t": lambda: single_threaded(write)},
-                 repeats * 4 if backend().name == "c++" else slow_repeats)
+    fast = timed(
+        {"cpp": cpp, "cpp_1t": cpp_1t, "floor": write, "floor_1t": lambda: single_threaded(write)},
+        repeats * 4 if backend().name == "c++" else slow_repeats,
+    )
     slow = timed({"python": python, "hf": hf}, slow_repeats)
     cpp_ms, floor_ms = fast["cpp"], min(fast["floor"], fast["floor_1t"])
     return Row(
-        K=K, B=B, L=L, Pm=Pm, tokens=int(packed.attention_mask.sum()), output_mib=elements * 8 / 2**20,
-        cpp_ms=cpp_ms, cpp_1t_ms=fast["cpp_1t"], python_ms=slow["python"], hf_ms=slow["hf"], floor_ms=floor_ms,
+        K=K,
+        B=B,
+        L=L,
+        Pm=Pm,
+        tokens=int(packed.attention_mask.sum()),
+        output_mib=elements * 8 / 2**20,
+        cpp_ms=cpp_ms,
+        cpp_1t_ms=fast["cpp_1t"],
+        python_ms=slow["python"],
+        hf_ms=slow["hf"],
+        floor_ms=floor_ms,
         speedup_vs_python=slow["python"] / cpp_ms,
-        speedup_vs_python_1t=slow["python"] / fast["cpp_1t"], speedup_vs_hf=slow["hf"] / cpp_ms, cpp_over_floor=cpp_ms / floor_ms,
+        speedup_vs_python_1t=slow["python"] / fast["cpp_1t"],
+        speedup_vs_hf=slow["hf"] / cpp_ms,
+        cpp_over_floor=cpp_ms / floor_ms,
         exact=exact,
     )
 
 
 Col = H.Column
 _BAR = Col("|", 1, lambda r: "|")
-COLUMNS = [Col("K", 3, "K"), Col("B", 3, "B"), Col("L", 4, "L"), Col("Pm", 4, "Pm"), Col("tokens", 7, "tokens"),
-           Col("MiB", 6, "output_mib", ".2f"), _BAR, Col("cpp ms", 8, "cpp_ms", ".3f"),
-           Col("cpp 1t", 8, "cpp_1t_ms", ".3f"), Col("python ms", 10, "python_ms", ".2f"), Col("hf ms", 9, "hf_ms", ".2f"),
-           Col("floor ms", 9, "floor_ms", ".3f"), _BAR, Col("x python", 9, "speedup_vs_python", ".0f", suffix="x"),
-           Col("x hf", 7, "speedup_vs_hf", ".0f", suffix="x"), Col("/floor", 6, "cpp_over_floor", ".1f")]
+COLUMNS = [
+    Col("K", 3, "K"),
+    Col("B", 3, "B"),
+    Col("L", 4, "L"),
+    Col("Pm", 4, "Pm"),
+    Col("tokens", 7, "tokens"),
+    Col("MiB", 6, "output_mib", ".2f"),
+    _BAR,
+    Col("cpp ms", 8, "cpp_ms", ".3f"),
+    Col("cpp 1t", 8, "cpp_1t_ms", ".3f"),
+    Col("python ms", 10, "python_ms", ".2f"),
+    Col("hf ms", 9, "hf_ms", ".2f"),
+    Col("floor ms", 9, "floor_ms", ".3f"),
+    _BAR,
+    Col("x python", 9, "speedup_vs_python", ".0f", suffix="x"),
+    Col("x hf", 7, "speedup_vs_hf", ".0f", suffix="x"),
+    Col("/floor", 6, "cpp_over_floor", ".1f"),
+]
 
 
 def main(argv=None) -> int:
     parser = H.arguments(__doc__)
-    H.add_common(parser, "packing.json", repeats=5, seed=0, repeats_help="timed calls of the slow paths at small "
-                 "sizes; the C++ path and the floor get 4x as many, the slow paths at K·B >= 200 at most 3")
+    H.add_common(
+        parser,
+        "packing.json",
+        repeats=5,
+        seed=0,
+        repeats_help="timed calls of the slow paths at small "
+        "sizes; the C++ path and the floor get 4x as many, the slow paths at K·B >= 200 at most 3",
+    )
     args = parser.parse_args(argv)
     H.require_at_least(parser, args, 1, "repeats")
 
@@ -231,9 +274,11 @@ def main(argv=None) -> int:
         print(f"packer: Python, not C++ ({packer.reason}): the cpp columns time the Python fallback")
     model = tiny_qwen2vl()
     rows = []
-    print(f"packer on {torch.get_num_threads()} threads of {os.cpu_count()} CPUs (load average "
-          f"{os.getloadavg()[0]:.1f}: above the CPU count, OpenMP joins wait for descheduled workers), "
-          f"median of repeats")
+    print(
+        f"packer on {torch.get_num_threads()} threads of {os.cpu_count()} CPUs (load average "
+        f"{os.getloadavg()[0]:.1f}: above the CPU count, OpenMP joins wait for descheduled workers), "
+        f"median of repeats"
+    )
     print(H.text_table(COLUMNS))
     for K in (4, 50):
         for B in (1, 16):
@@ -244,12 +289,16 @@ def main(argv=None) -> int:
     target = next(r for r in rows if r.K == 50 and r.B == 16)
     if packer.name == "c++":
         verdict = "meets" if target.speedup_vs_python >= 20 else "MISSES"
-        print(f"\nK=50, B=16: C++ {target.speedup_vs_python:.0f}x the Python reference on {torch.get_num_threads()} "
-              f"threads, {target.speedup_vs_python_1t:.0f}x on one ({verdict} the >= 20x target); "
-              f"outputs identical, M-RoPE equal to transformers' get_rope_index on every real token.")
+        print(
+            f"\nK=50, B=16: C++ {target.speedup_vs_python:.0f}x the Python reference on {torch.get_num_threads()} "
+            f"threads, {target.speedup_vs_python_1t:.0f}x on one ({verdict} the >= 20x target); "
+            f"outputs identical, M-RoPE equal to transformers' get_rope_index on every real token."
+        )
     else:
-        print(f"\nK=50, B=16: the C++ packer did not run ({packer.reason}); no speed-up measured. The Python "
-              f"fallback's outputs equal the reference, its M-RoPE transformers' get_rope_index on every real token.")
+        print(
+            f"\nK=50, B=16: the C++ packer did not run ({packer.reason}); no speed-up measured. The Python "
+            f"fallback's outputs equal the reference, its M-RoPE transformers' get_rope_index on every real token."
+        )
 
     record = {
         "benchmark": "packing",
@@ -261,8 +310,13 @@ def main(argv=None) -> int:
         "machine": platform.machine(),
         "repeats": args.repeats,
         "seed": args.seed,
-        "target": {"K": 50, "B": 16, "min_speedup_vs_python": 20, "speedup_vs_python": target.speedup_vs_python,
-                   "speedup_vs_python_1t": target.speedup_vs_python_1t},
+        "target": {
+            "K": 50,
+            "B": 16,
+            "min_speedup_vs_python": 20,
+            "speedup_vs_python": target.speedup_vs_python,
+            "speedup_vs_python_1t": target.speedup_vs_python_1t,
+        },
         "load_average": os.getloadavg(),
         "rows": [dataclasses.asdict(r) for r in rows],
     }

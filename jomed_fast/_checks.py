@@ -34,8 +34,15 @@ def _int_wording(lo: int | None, hi: int | None) -> str:
     return "an int"
 
 
-def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, *, optional: bool = False,
-              expected: str | None = None) -> int | None:
+def check_int(
+    name: str,
+    value: Any,
+    lo: int | None = None,
+    hi: int | None = None,
+    *,
+    optional: bool = False,
+    expected: str | None = None,
+) -> int | None:
     """``value`` if it is an int (not a bool) with ``lo <= value <= hi`` (a bound of ``None`` is open),
     or ``None`` when ``optional``; else ``ValueError("<name>: expected <expected>, got <value!r>")``.
 
@@ -54,5 +61,4 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
 
 def positive_int(name: str, value: Any, *, optional: bool = False) -> int | None:
     """``check_int(name, value, 1)`` worded ``"a positive int"`` (``" or None"`` when ``optional``)."""
-    return check_int(name, value, 1, optional=optional,
-                     expected="a positive int" + (" or None" if optional else ""))
+    return check_int(name, value, 1, optional=optional, expected="a positive int" + (" or None" if optional else ""))

@@ -37,8 +37,14 @@ __all__ = ["atomic_write_via", "make_temp_dir", "make_temp_file", "replace_dir_a
 _ATTEMPTS = 100
 # As tempfile.mkstemp opens its files: never through a symlink planted at the name, not inherited
 # by child processes, binary on Windows.
-_FILE_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-               | getattr(os, "O_BINARY", 0))
+_FILE_FLAGS = (
+    os.O_RDWR
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
 
 
 def _create(dir: str | os.PathLike, prefix: str, suffix: str, create: Callable[[str], object]):

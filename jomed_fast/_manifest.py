@@ -22,8 +22,15 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["MANIFEST", "CorruptFile", "build_manifest", "cached_sha256", "directory_digest", "verify_dir",
-           "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "CorruptFile",
+    "build_manifest",
+    "cached_sha256",
+    "directory_digest",
+    "verify_dir",
+    "write_manifest",
+]
 
 MANIFEST = "jomed_manifest.json"
 _FORMAT = "jomed-manifest-v1"
@@ -80,7 +87,11 @@ def _read_manifest(root: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CorruptFile(f"{path}: unreadable manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != _FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise CorruptFile(f"{path}: expected a {_FORMAT} manifest, got {str(manifest)[:80]!r}")
     return manifest
 
@@ -100,9 +111,13 @@ def verify_dir(root: str | os.PathLike, *, required: bool = False) -> dict | Non
             raise CorruptFile(f"{p}: listed in {root / MANIFEST} but missing")
         size = p.stat().st_size
         if size != want.get("size"):
-            raise CorruptFile(f"{p}: {size} bytes, its manifest says {want.get('size')}: the file is truncated or changed")
+            raise CorruptFile(
+                f"{p}: {size} bytes, its manifest says {want.get('size')}: the file is truncated or changed"
+            )
         if cached_sha256(p) != want.get("sha256"):
-            raise CorruptFile(f"{p}: sha256 differs from its manifest's: the file is corrupt or was changed after it was written")
+            raise CorruptFile(
+                f"{p}: sha256 differs from its manifest's: the file is corrupt or was changed after it was written"
+            )
     return manifest
 
 

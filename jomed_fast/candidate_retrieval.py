@@ -68,8 +68,9 @@ class Retrieval:
         stored = index.records()
         own = records is None
         if own:
-            records = [IndexRecord(id=row["id"], image_path=index.image_path(row), text=row.get("text", ""))
-                       for row in stored]
+            records = [
+                IndexRecord(id=row["id"], image_path=index.image_path(row), text=row.get("text", "")) for row in stored
+            ]
         if len(records) != index.count:
             raise ValueError(f"records: expected {index.count} records (one per index row), got {len(records)}")
         if not own:
@@ -101,12 +102,16 @@ class Retrieval:
             return
         where = f"index {self.index.path}: row {n} ({record.id!r})"
         if not Path(record.image_path).is_file():
-            raise ValueError(f"{where}: image {record.image_path} not found (if the data moved, pass its records "
-                             "file at the new place: --index-records)")
+            raise ValueError(
+                f"{where}: image {record.image_path} not found (if the data moved, pass its records "
+                "file at the new place: --index-records)"
+            )
         have = file_digest(record.image_path)
         if have != want:
-            raise ValueError(f"{where}: image {record.image_path} changed since the index was built "
-                             f"(sha256 {have[:12]}…, built from {want[:12]}…); rebuild the index")
+            raise ValueError(
+                f"{where}: image {record.image_path} changed since the index was built "
+                f"(sha256 {have[:12]}…, built from {want[:12]}…); rebuild the index"
+            )
 
     def search(self, query_embeddings, k_text: int = 2, k_image: int = 2) -> Retrieved:
         """Top ``k_text`` of the text head and ``k_image`` of the image head for Q queries.
@@ -137,11 +142,15 @@ class Retrieval:
 def _check_row(n: int, record, row: dict) -> None:
     """Raise ``ValueError`` unless ``record`` is what index row ``n`` was built from (id, caption, image)."""
     if record.id != row["id"]:
-        raise ValueError(f"records: row {n} is {record.id!r} but the index has {row['id']!r} there "
-                         "(pass the records in the order the index was built from)")
+        raise ValueError(
+            f"records: row {n} is {record.id!r} but the index has {row['id']!r} there "
+            "(pass the records in the order the index was built from)"
+        )
     if "text" in row and record.text != row["text"]:
-        raise ValueError(f"records: row {n} ({record.id!r}) has the caption {record.text[:60]!r} but the index "
-                         f"embedded {row['text'][:60]!r}; rebuild the index from these records")
+        raise ValueError(
+            f"records: row {n} ({record.id!r}) has the caption {record.text[:60]!r} but the index "
+            f"embedded {row['text'][:60]!r}; rebuild the index from these records"
+        )
     if "image_sha256" not in row and "pixels_sha256" not in row:
         return  # an index built before rows carried image digests: ids and captions only
     have = image_identity(record)
@@ -149,11 +158,15 @@ def _check_row(n: int, record, row: dict) -> None:
         have = {"pixels_sha256": pixels_digest(record.load_image())}
     key = next((k for k in ("image_sha256", "pixels_sha256") if k in row and k in have), None)
     if key is None:
-        raise ValueError(f"records: row {n} ({record.id!r}) holds its pixels only, but the index recorded the "
-                         "sha256 of an image file; pass the records read from their JSONL (load_index_records)")
+        raise ValueError(
+            f"records: row {n} ({record.id!r}) holds its pixels only, but the index recorded the "
+            "sha256 of an image file; pass the records read from their JSONL (load_index_records)"
+        )
     if have[key] != row[key]:
-        raise ValueError(f"records: row {n} ({record.id!r}) has another image than the one the index embedded "
-                         f"({key} {have[key][:12]}…, index {row[key][:12]}…); rebuild the index from these records")
+        raise ValueError(
+            f"records: row {n} ({record.id!r}) has another image than the one the index embedded "
+            f"({key} {have[key][:12]}…, index {row[key][:12]}…); rebuild the index from these records"
+        )
 
 
 def _per_head_queries(query_embeddings) -> dict:
@@ -164,8 +177,10 @@ def _per_head_queries(query_embeddings) -> dict:
     if isinstance(query_embeddings, Mapping) and set(query_embeddings) == {"text", "image"}:
         out = {h: torch.as_tensor(query_embeddings[h]).detach().float().cpu() for h in ("text", "image")}
         if out["text"].shape[0] != out["image"].shape[0]:
-            raise ValueError(f"query_embeddings: expected as many text as image queries, got "
-                             f"{out['text'].shape[0]} and {out['image'].shape[0]}")
+            raise ValueError(
+                f"query_embeddings: expected as many text as image queries, got "
+                f"{out['text'].shape[0]} and {out['image'].shape[0]}"
+            )
         return out
     got = sorted(query_embeddings) if isinstance(query_embeddings, Mapping) else type(query_embeddings).__name__
     raise TypeError(f"query_embeddings: expected a [Q, D] tensor or a mapping with keys 'text' and 'image', got {got}")

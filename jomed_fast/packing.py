@@ -177,9 +177,7 @@ class QueryCandidates:
         lengths = torch.tensor([0] + [s.numel() for s in ids], dtype=torch.int64)
         images = candidate_images if candidate_images is not None else [[] for _ in segments]
         if len(images) != len(segments):
-            raise ValueError(
-                f"candidate_images: expected one list per segment ({len(segments)}), got {len(images)}"
-            )
+            raise ValueError(f"candidate_images: expected one list per segment ({len(segments)}), got {len(images)}")
         c_spans = [(k, start, t * h * w // m2) for k, imgs in enumerate(images) for start, (t, h, w) in imgs]
         c_grids = [tuple(g) for imgs in images for _, g in imgs]
         p_spans = [(start, t * h * w // m2) for start, (t, h, w) in prefix_images]
@@ -248,8 +246,10 @@ def _check_query(name: str, query: object, mrope: bool) -> QueryCandidates:
     if not isinstance(query, QueryCandidates):
         raise TypeError(f"{name}: expected a QueryCandidates, got {type(query).__name__}")
     if mrope:
-        for spans, grids in (("prefix_image_spans", "prefix_image_grid_thw"),
-                             ("candidate_image_spans", "candidate_image_grid_thw")):
+        for spans, grids in (
+            ("prefix_image_spans", "prefix_image_grid_thw"),
+            ("candidate_image_spans", "candidate_image_grid_thw"),
+        ):
             if getattr(query, grids) is None and getattr(query, spans).shape[0] > 0:
                 raise ValueError(f"{name}.{grids}: expected [N, 3] image grids with mrope=True, got None")
     return query
@@ -307,8 +307,10 @@ def _load_extension() -> tuple[Optional[ModuleType], str]:
         module = importlib.import_module("jomed_fast._C")  # torch is imported: _C needs its symbols
     except Exception as error:  # e.g. ImportError: undefined symbol, from a build against another torch
         if isinstance(error, ModuleNotFoundError) and error.name == "jomed_fast._C":
-            return None, ("jomed_fast._C is not installed (it is built only where torch and a C++ compiler "
-                          "are present at install time)")
+            return None, (
+                "jomed_fast._C is not installed (it is built only where torch and a C++ compiler "
+                "are present at install time)"
+            )
         return None, f"jomed_fast._C failed to load ({type(error).__name__}: {error})"
     compiled = getattr(module, "TORCH_VERSION", None)  # the torch headers it was compiled with
     if compiled is None:
@@ -331,10 +333,13 @@ def _choice() -> tuple[Backend, Optional[ModuleType]]:
                 else:
                     module, reason = _load_extension()
                     if module is None:
-                        warnings.warn(f"{reason}: using the Python packer (same output, slower); for the C++ packer "
-                                      "reinstall jomed_fast here with `pip install --no-build-isolation --no-deps "
-                                      "--force-reinstall <jomed_fast source>` (needs torch and a C++ compiler)",
-                                      RuntimeWarning)
+                        warnings.warn(
+                            f"{reason}: using the Python packer (same output, slower); for the C++ packer "
+                            "reinstall jomed_fast here with `pip install --no-build-isolation --no-deps "
+                            "--force-reinstall <jomed_fast source>` (needs torch and a C++ compiler)",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
                 _CHOICE = (Backend("c++" if module is not None else "python", reason), module)
     return _CHOICE
 
@@ -362,8 +367,14 @@ def _pack(queries: list[QueryCandidates], pad_token_id, spatial_merge_size, mrop
     ext = _choice()[1]
     if ext is None:
         return _reference_batch(queries, pad_token_id, spatial_merge_size, mrope, name)
-    out = ext.pack_batch([_c_inputs(q) for q in queries], pad_token_id, spatial_merge_size, mrope,
-                         num_threads if num_threads is not None else 0, name)
+    out = ext.pack_batch(
+        [_c_inputs(q) for q in queries],
+        pad_token_id,
+        spatial_merge_size,
+        mrope,
+        num_threads if num_threads is not None else 0,
+        name,
+    )
     return PackedBatch(**dict(zip(ext.OUTPUT_NAMES, out)))
 
 
@@ -392,8 +403,9 @@ def pack_candidates_batch(
         ``PackedBatch`` (shapes in the module docstring).
     """
     _check_args(pad_token_id, spatial_merge_size, mrope)
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
-                                    or num_threads < 1):
+    if num_threads is not None and (
+        isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    ):
         raise ValueError(f"num_threads: expected None or an int >= 1, got {num_threads!r}")
     qs = _check_queries(queries, mrope)
     return _pack(qs, pad_token_id, spatial_merge_size, mrope, num_threads, "queries")
@@ -416,34 +428,47 @@ def _check_values(name: str, q: QueryCandidates, mrope: bool, merge: int) -> Non
     K = len(offsets) - 1
     where = f"{name}.candidate_offsets"
     if offsets[0] != 0 or offsets[K] != T:
-        raise ValueError(f"{where}: expected offsets[0] = 0 and offsets[K] = {T} (candidate_ids.numel()), "
-                         f"got {offsets[0]} and {offsets[K]}")
+        raise ValueError(
+            f"{where}: expected offsets[0] = 0 and offsets[K] = {T} (candidate_ids.numel()), "
+            f"got {offsets[0]} and {offsets[K]}"
+        )
     for k in range(K):
         if offsets[k + 1] < offsets[k]:
-            raise ValueError(f"{where}: expected non-decreasing offsets, got offsets[{k + 1}] = {offsets[k + 1]} "
-                             f"< offsets[{k}] = {offsets[k]}")
+            raise ValueError(
+                f"{where}: expected non-decreasing offsets, got offsets[{k + 1}] = {offsets[k + 1]} "
+                f"< offsets[{k}] = {offsets[k]}"
+            )
         if P + offsets[k + 1] - offsets[k] < 1:
-            raise ValueError(f"{where}: expected every prefix + segment to hold a token to read the answer at, "
-                             f"got an empty segment {k} after an empty prefix")
+            raise ValueError(
+                f"{where}: expected every prefix + segment to hold a token to read the answer at, "
+                f"got an empty segment {k} after an empty prefix"
+            )
 
     def check_span(where, row, start, length, n, previous_end):
         if length < 1 or start < 0 or start > n - length:
-            raise ValueError(f"{where}: expected 0 <= start, 1 <= length, start + length <= {n} (the sequence's "
-                             f"length), got row {row} = (start {start}, length {length})")
+            raise ValueError(
+                f"{where}: expected 0 <= start, 1 <= length, start + length <= {n} (the sequence's "
+                f"length), got row {row} = (start {start}, length {length})"
+            )
         if start < previous_end:
-            raise ValueError(f"{where}: expected spans sorted by start and not overlapping, got row {row} starting "
-                             f"at {start} before the previous span's end {previous_end}")
+            raise ValueError(
+                f"{where}: expected spans sorted by start and not overlapping, got row {row} starting "
+                f"at {start} before the previous span's end {previous_end}"
+            )
 
     def check_grid(where, row, grid, length):
         t, h, w = grid
         if t < 1 or h < 1 or w < 1:
             raise ValueError(f"{where}: expected grid (t, h, w) >= 1, got row {row} = ({t}, {h}, {w})")
         if h % merge or w % merge:
-            raise ValueError(f"{where}: expected h and w divisible by spatial_merge_size = {merge}, "
-                             f"got row {row} = ({t}, {h}, {w})")
+            raise ValueError(
+                f"{where}: expected h and w divisible by spatial_merge_size = {merge}, got row {row} = ({t}, {h}, {w})"
+            )
         if t * (h // merge) * (w // merge) != length:
-            raise ValueError(f"{where}: expected t*h*w/spatial_merge_size^2 = the span's length {length}, "
-                             f"got row {row} = ({t}, {h}, {w}) with spatial_merge_size = {merge}")
+            raise ValueError(
+                f"{where}: expected t*h*w/spatial_merge_size^2 = the span's length {length}, "
+                f"got row {row} = ({t}, {h}, {w}) with spatial_merge_size = {merge}"
+            )
 
     end = 0
     p_grids = _grid_list(q.prefix_image_grid_thw) if mrope else None
@@ -458,8 +483,10 @@ def _check_values(name: str, q: QueryCandidates, mrope: bool, merge: int) -> Non
     for row, (k, start, length) in enumerate(q.candidate_image_spans.tolist()):
         if k < k_previous or k >= K:
             after = f" after candidate {k_previous}" if k < k_previous else ""
-            raise ValueError(f"{name}.candidate_image_spans: expected column 0 (candidate) non-decreasing in "
-                             f"[0, {K}), got row {row} with candidate {k}{after}")
+            raise ValueError(
+                f"{name}.candidate_image_spans: expected column 0 (candidate) non-decreasing in "
+                f"[0, {K}), got row {row} with candidate {k}{after}"
+            )
         if k != k_previous:
             k_previous, end = k, 0
         check_span(f"{name}.candidate_image_spans", row, start, length, offsets[k + 1] - offsets[k], end)
@@ -501,8 +528,10 @@ def _reference_batch(queries, pad_token_id, merge, mrope, name) -> PackedBatch:
     K = queries[0].num_candidates
     for b, q in enumerate(queries):
         if q.num_candidates != K:
-            raise ValueError(f"{name}[{b}].candidate_offsets: expected the same number of candidates K = {K} as "
-                             f"{name}[0], got K = {q.num_candidates}")
+            raise ValueError(
+                f"{name}[{b}].candidate_offsets: expected the same number of candidates K = {K} as "
+                f"{name}[0], got K = {q.num_candidates}"
+            )
 
     prefixes = [q.prefix_ids.tolist() for q in queries]
     segments = []  # segments[b][k]: token list
@@ -512,9 +541,24 @@ def _reference_batch(queries, pad_token_id, merge, mrope, name) -> PackedBatch:
     Pm = max(len(p) for p in prefixes)
     L = max(len(s) for segs in segments for s in segs)
 
-    out = {key: [] for key in ("input_ids", "attention_mask", "position_ids", "answer_position", "suffix_lengths",
-                               "image_spans", "prefix_input_ids", "prefix_lengths", "prefix_image_spans",
-                               "mrope", "rope_deltas", "prefix_mrope", "prefix_rope_deltas")}
+    out = {
+        key: []
+        for key in (
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "answer_position",
+            "suffix_lengths",
+            "image_spans",
+            "prefix_input_ids",
+            "prefix_lengths",
+            "prefix_image_spans",
+            "mrope",
+            "rope_deltas",
+            "prefix_mrope",
+            "prefix_rope_deltas",
+        )
+    }
     image, prefix_image = 0, 0
     for b, q in enumerate(queries):
         prefix, P = prefixes[b], len(prefixes[b])

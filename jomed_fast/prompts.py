@@ -99,7 +99,11 @@ def as_candidate(obj: Any, name: str = "candidate") -> Candidate:
         image, text, cid = obj[0], obj[1], None
     elif hasattr(obj, "text") and hasattr(obj, "image"):
         image, text, cid = obj.image, obj.text, getattr(obj, "id", None)
-        if image is None and getattr(obj, "image_path", None) is not None and callable(getattr(obj, "load_image", None)):
+        if (
+            image is None
+            and getattr(obj, "image_path", None) is not None
+            and callable(getattr(obj, "load_image", None))
+        ):
             image = obj.load_image()
     else:
         raise TypeError(
@@ -181,16 +185,23 @@ def _messages(parts) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def build_messages(layout: str, task, query_image: Any, question: Optional[str] = None,
-                   candidate: Optional[Candidate] = None) -> tuple[list[dict], list[Any]]:
+def build_messages(
+    layout: str, task, query_image: Any, question: Optional[str] = None, candidate: Optional[Candidate] = None
+) -> tuple[list[dict], list[Any]]:
     """``(messages, images)``: the chat messages of one prompt (image parts as ``{"type": "image"}``)
     and its images in placeholder order; what ``ReaderProcessor.encode(images, messages)`` takes."""
     parts, _ = prompt_parts(layout, task, query_image, question, candidate)
     return _messages(parts), [v for kind, v in parts if kind == "image"]
 
 
-def render_prompt(processor, layout: str, task, query_image: Any, question: Optional[str] = None,
-                  candidate: Optional[Candidate] = None) -> str:
+def render_prompt(
+    processor,
+    layout: str,
+    task,
+    query_image: Any,
+    question: Optional[str] = None,
+    candidate: Optional[Candidate] = None,
+) -> str:
     """The prompt's text through the reader's chat template (generation prompt added), one
     placeholder token per image."""
     messages, _ = build_messages(layout, task, query_image, question, candidate)
@@ -261,9 +272,16 @@ def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def split_query(processor, layout: str, task, query_image: Any, question: Optional[str],
-                candidates: Sequence[Optional[Candidate]], name: str = "candidates",
-                question_name: str = "question") -> QueryPrompts:
+def split_query(
+    processor,
+    layout: str,
+    task,
+    query_image: Any,
+    question: Optional[str],
+    candidates: Sequence[Optional[Candidate]],
+    name: str = "candidates",
+    question_name: str = "question",
+) -> QueryPrompts:
     """Tokenize a query's K prompts and split them at their shared prefix (see the module docstring).
 
     ``processor``: a ``ReaderProcessor`` (its ``apply_chat_template``, ``tokenizer`` and
@@ -280,8 +298,9 @@ def split_query(processor, layout: str, task, query_image: Any, question: Option
 
     # every prompt must hold exactly one placeholder per image part
     if image_id in question_ids:
-        raise ValueError(f"{question_name}: holds text that the tokenizer reads as the image token "
-                         f"{processor.image_token!r}")
+        raise ValueError(
+            f"{question_name}: holds text that the tokenizer reads as the image token {processor.image_token!r}"
+        )
     images_of = []
     for k, cand in enumerate(candidates):
         parts, _ = prompt_parts(layout, task, query_image, question, cand)

@@ -19,8 +19,10 @@ def kernel_arguments(fn: Any) -> list[tuple[str, bool]]:
     """(name, is it a ``tl.constexpr``) of each argument of a ``@triton.jit`` function, in order: read
     from its Python signature as Triton reads it (an annotation naming ``constexpr``), so it holds
     for a compiled and an interpreted kernel alike."""
-    return [(p.name, p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation))
-            for p in inspect.signature(fn.fn).parameters.values()]
+    return [
+        (p.name, p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation))
+        for p in inspect.signature(fn.fn).parameters.values()
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +65,16 @@ class AotSpec:
         arguments = kernel_arguments(self.fn)
         names = [n for n, _ in arguments]
         constexpr = [n for n, c in arguments if c]
-        runtime_ints = [n for n, c in arguments
-                        if not c and not n.endswith("_ptr") and self.dtypes.get(n, "i32") in ("i32", "i64")]
+        runtime_ints = [
+            n for n, c in arguments if not c and not n.endswith("_ptr") and self.dtypes.get(n, "i32") in ("i32", "i64")
+        ]
         where = f"AotSpec {self.name}"
         for field in ("dtypes", "constexprs", "unit_args", "aligned_args"):
             for n in getattr(self, field):
                 if n not in names:
-                    raise ValueError(f"{where}: {field} names {n!r}, expected an argument of {self.fn.fn.__name__} {names}")
+                    raise ValueError(
+                        f"{where}: {field} names {n!r}, expected an argument of {self.fn.fn.__name__} {names}"
+                    )
         for n, _ in arguments:
             if n in constexpr and n not in self.constexprs:
                 raise ValueError(f"{where}: constexprs: expected a value for the tl.constexpr argument {n!r}, got none")
@@ -79,12 +84,15 @@ class AotSpec:
                 raise ValueError(f"{where}: dtypes: expected runtime arguments, got the tl.constexpr {n!r}")
             dtype = self.dtypes.get(n)
             if n.endswith("_ptr") and n not in constexpr and (not dtype or dtype.startswith("*")):
-                raise ValueError(f"{where}: dtypes: expected the element dtype of the pointer argument {n!r} "
-                                 f"(e.g. 'fp16'), got {dtype!r}")
+                raise ValueError(
+                    f"{where}: dtypes: expected the element dtype of the pointer argument {n!r} "
+                    f"(e.g. 'fp16'), got {dtype!r}"
+                )
         for n in (*self.unit_args, *self.aligned_args):
             if n not in runtime_ints:
-                raise ValueError(f"{where}: unit_args / aligned_args name {n!r}, expected an integer argument, "
-                                 f"one of {runtime_ints}")
+                raise ValueError(
+                    f"{where}: unit_args / aligned_args name {n!r}, expected an integer argument, one of {runtime_ints}"
+                )
 
     @property
     def signature(self) -> dict[str, str]:

@@ -87,8 +87,11 @@ def compile_spec(spec, arch: int) -> CompileReport:
             signature[name], constexprs[name] = "constexpr", 1
         # The JIT marks 16-byte aligned pointers and integers that are multiples of 16 the same way.
         arg_names = spec.fn.arg_names
-        attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-                 if t.startswith("*") or n in spec.aligned_args}
+        attrs = {
+            (arg_names.index(n),): [["tt.divisibility", 16]]
+            for n, t in signature.items()
+            if t.startswith("*") or n in spec.aligned_args
+        }
         src = ASTSource(fn=spec.fn, signature=signature, constexprs=constexprs, attrs=attrs)
         options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
         if spec.maxnreg is not None:
@@ -129,7 +132,9 @@ def format_table(reports: list[CompileReport]) -> str:
     for r in reports:
         if r.ok:
             status = "SPILLS" if r.spills else "ok"
-            lines.append(f"{r.config:58s} {r.arch:>3d} {r.registers:>5d} {r.shared_bytes:>7d} {r.local_bytes + r.stack_bytes:>7d}  {status}")
+            lines.append(
+                f"{r.config:58s} {r.arch:>3d} {r.registers:>5d} {r.shared_bytes:>7d} {r.local_bytes + r.stack_bytes:>7d}  {status}"
+            )
         else:
             lines.append(f"{r.config:58s} {r.arch:>3d} {'-':>5s} {'-':>7s} {'-':>7s}  FAILED {r.error}")
     return "\n".join(lines)

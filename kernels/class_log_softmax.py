@@ -32,9 +32,15 @@ from ._triton_utils import AotSpec, interpreter_enabled
 
 @triton.jit
 def _class_log_softmax_fwd_kernel(
-    x_ptr, ids_ptr, out_ptr,
-    R, C, stride_xr, stride_xv,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    ids_ptr,
+    out_ptr,
+    R,
+    C,
+    stride_xr,
+    stride_xv,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
@@ -54,9 +60,16 @@ def _class_log_softmax_fwd_kernel(
 
 @triton.jit
 def _class_log_softmax_bwd_kernel(
-    grad_out_ptr, out_ptr, ids_ptr, grad_x_ptr,
-    R, C, stride_gr, stride_gv,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    grad_out_ptr,
+    out_ptr,
+    ids_ptr,
+    grad_x_ptr,
+    R,
+    C,
+    stride_gr,
+    stride_gv,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
@@ -91,8 +104,16 @@ def class_log_softmax_forward(logits: torch.Tensor, class_ids: torch.Tensor) -> 
         return out
     block_r, block_c, num_warps = _blocks(C)
     _class_log_softmax_fwd_kernel[(triton.cdiv(R, block_r),)](
-        logits, class_ids, out, R, C, logits.stride(0), logits.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        logits,
+        class_ids,
+        out,
+        R,
+        C,
+        logits.stride(0),
+        logits.stride(1),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return out
 
@@ -108,8 +129,17 @@ def class_log_softmax_backward(
     grad_out, class_ids = grad_out.contiguous(), class_ids.contiguous()
     block_r, block_c, num_warps = _blocks(C)
     _class_log_softmax_bwd_kernel[(triton.cdiv(R, block_r),)](
-        grad_out, out.contiguous(), class_ids, grad_x, R, C, grad_x.stride(0), grad_x.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps,
+        grad_out,
+        out.contiguous(),
+        class_ids,
+        grad_x,
+        R,
+        C,
+        grad_x.stride(0),
+        grad_x.stride(1),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return grad_x
 
@@ -121,13 +151,27 @@ def aot_specs() -> list[AotSpec]:
         for C in (2, 32, 256, 2048):
             block_r, block_c, num_warps = _blocks(C, interpret=False)
             common = {"BLOCK_R": block_r, "BLOCK_C": block_c}
-            specs.append(AotSpec(
-                f"class_log_softmax_fwd[{dtype},C<={block_c}]", _class_log_softmax_fwd_kernel,
-                {"x_ptr": dtype, "ids_ptr": "i64", "out_ptr": "fp32"},
-                # Row strides are the vocabulary (151936, 131072: multiples of 16, as the JIT sees them).
-                common, num_warps=num_warps, unit_args=("stride_xv",), aligned_args=("stride_xr",)))
-            specs.append(AotSpec(
-                f"class_log_softmax_bwd[{dtype},C<={block_c}]", _class_log_softmax_bwd_kernel,
-                {"grad_out_ptr": "fp32", "out_ptr": "fp32", "ids_ptr": "i64", "grad_x_ptr": dtype},
-                common, num_warps=num_warps, unit_args=("stride_gv",), aligned_args=("stride_gr",)))
+            specs.append(
+                AotSpec(
+                    f"class_log_softmax_fwd[{dtype},C<={block_c}]",
+                    _class_log_softmax_fwd_kernel,
+                    {"x_ptr": dtype, "ids_ptr": "i64", "out_ptr": "fp32"},
+                    # Row strides are the vocabulary (151936, 131072: multiples of 16, as the JIT sees them).
+                    common,
+                    num_warps=num_warps,
+                    unit_args=("stride_xv",),
+                    aligned_args=("stride_xr",),
+                )
+            )
+            specs.append(
+                AotSpec(
+                    f"class_log_softmax_bwd[{dtype},C<={block_c}]",
+                    _class_log_softmax_bwd_kernel,
+                    {"grad_out_ptr": "fp32", "out_ptr": "fp32", "ids_ptr": "i64", "grad_x_ptr": dtype},
+                    common,
+                    num_warps=num_warps,
+                    unit_args=("stride_gv",),
+                    aligned_args=("stride_gr",),
+                )
+            )
     return specs

@@ -50,8 +50,11 @@ def _log_weights(s_ptr, B, K, stride_sb, stride_sk, inv_tau, BLOCK_B: tl.constex
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     k_ok = ks < K
-    s = tl.load(s_ptr + rows[:, None] * stride_sb + ks[None, :] * stride_sk,
-                mask=row_ok[:, None] & k_ok[None, :], other=float("-inf")).to(tl.float32)
+    s = tl.load(
+        s_ptr + rows[:, None] * stride_sb + ks[None, :] * stride_sk,
+        mask=row_ok[:, None] & k_ok[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
     row_max = tl.max(s, axis=1)
     z = (s - row_max[:, None]) * inv_tau  # shift, then scale (see the module docstring)
     log_w = z - tl.log(tl.sum(tl.exp(z), axis=1))[:, None]
@@ -60,10 +63,21 @@ def _log_weights(s_ptr, B, K, stride_sb, stride_sk, inv_tau, BLOCK_B: tl.constex
 
 @triton.jit
 def _fuse_candidates_fwd_kernel(
-    l_ptr, s_ptr, out_ptr,
-    B, K, C, stride_lb, stride_lk, stride_lc, stride_sb, stride_sk,
+    l_ptr,
+    s_ptr,
+    out_ptr,
+    B,
+    K,
+    C,
+    stride_lb,
+    stride_lk,
+    stride_lc,
+    stride_sb,
+    stride_sk,
     inv_tau,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows, ks, row_ok, k_ok, log_w = _log_weights(s_ptr, B, K, stride_sb, stride_sk, inv_tau, BLOCK_B, BLOCK_K)
     bk_ok = row_ok[:, None, None] & k_ok[None, :, None]
@@ -71,8 +85,9 @@ def _fuse_candidates_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         c_ok = cs < C
-        l = tl.load(l_base + cs[None, None, :] * stride_lc, mask=bk_ok & c_ok[None, None, :],
-                    other=float("-inf")).to(tl.float32)
+        l = tl.load(l_base + cs[None, None, :] * stride_lc, mask=bk_ok & c_ok[None, None, :], other=float("-inf")).to(
+            tl.float32
+        )
         # Padding: exp(-inf + -inf) = 0, so it adds nothing to the sum over k.
         y = tl.sum(tl.exp(l + log_w[:, :, None]), axis=1)
         tl.store(out_ptr + rows[:, None] * C + cs[None, :], y, mask=row_ok[:, None] & c_ok[None, :])
@@ -80,10 +95,25 @@ def _fuse_candidates_fwd_kernel(
 
 @triton.jit
 def _fuse_candidates_bwd_kernel(
-    grad_out_ptr, l_ptr, s_ptr, grad_l_ptr, grad_s_ptr,
-    B, K, C, stride_gb, stride_gc, stride_lb, stride_lk, stride_lc, stride_sb, stride_sk,
+    grad_out_ptr,
+    l_ptr,
+    s_ptr,
+    grad_l_ptr,
+    grad_s_ptr,
+    B,
+    K,
+    C,
+    stride_gb,
+    stride_gc,
+    stride_lb,
+    stride_lk,
+    stride_lc,
+    stride_sb,
+    stride_sk,
     inv_tau,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     rows, ks, row_ok, k_ok, log_w = _log_weights(s_ptr, B, K, stride_sb, stride_sk, inv_tau, BLOCK_B, BLOCK_K)
     bk_ok = row_ok[:, None, None] & k_ok[None, :, None]
@@ -97,8 +127,11 @@ def _fuse_candidates_bwd_kernel(
         mask = bk_ok & c_ok[None, None, :]
         l = tl.load(l_base + cs[None, None, :] * stride_lc, mask=mask, other=float("-inf")).to(tl.float32)
         # Strides, not a copy: the upstream gradient of a .sum() is an expanded tensor of stride 0.
-        g = tl.load(grad_out_ptr + rows[:, None] * stride_gb + cs[None, :] * stride_gc,
-                    mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        g = tl.load(
+            grad_out_ptr + rows[:, None] * stride_gb + cs[None, :] * stride_gc,
+            mask=row_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         dl = g[:, None, :] * tl.exp(l + log_w[:, :, None])
         tl.store(gl_base + cs[None, None, :], dl.to(grad_l_ptr.dtype.element_ty), mask=mask)
         a += tl.sum(dl, axis=2)
@@ -137,8 +170,22 @@ def fuse_candidates_forward(
         return out
     block_b, block_k, block_c, num_warps = _blocks(K, C)
     _fuse_candidates_fwd_kernel[(triton.cdiv(B, block_b),)](
-        lp, s, out, B, K, C, lp.stride(0), lp.stride(1), lp.stride(2), s.stride(0), s.stride(1), 1.0 / tau,
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps,
+        lp,
+        s,
+        out,
+        B,
+        K,
+        C,
+        lp.stride(0),
+        lp.stride(1),
+        lp.stride(2),
+        s.stride(0),
+        s.stride(1),
+        1.0 / tau,
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return out
 
@@ -155,9 +202,26 @@ def fuse_candidates_backward(
     if B > 0:
         block_b, block_k, block_c, num_warps = _blocks(K, C)
         _fuse_candidates_bwd_kernel[(triton.cdiv(B, block_b),)](
-            grad_out, lp, s, grad_l, grad_s, B, K, C, grad_out.stride(0), grad_out.stride(1),
-            lp.stride(0), lp.stride(1), lp.stride(2), s.stride(0), s.stride(1), 1.0 / tau,
-            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps,
+            grad_out,
+            lp,
+            s,
+            grad_l,
+            grad_s,
+            B,
+            K,
+            C,
+            grad_out.stride(0),
+            grad_out.stride(1),
+            lp.stride(0),
+            lp.stride(1),
+            lp.stride(2),
+            s.stride(0),
+            s.stride(1),
+            1.0 / tau,
+            BLOCK_B=block_b,
+            BLOCK_K=block_k,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
         )
     return grad_l, grad_s.to(retriever_scores.dtype)
 
@@ -174,12 +238,24 @@ def aot_specs() -> list[AotSpec]:
             common = {"BLOCK_B": block_b, "BLOCK_K": block_k, "BLOCK_C": block_c}
             tag = f"{dtype},K<={block_k},BLOCK_B={block_b},BLOCK_C={block_c}"
             inputs = {"l_ptr": dtype, "s_ptr": "fp32", "inv_tau": "fp32"}
-            specs.append(AotSpec(
-                f"fuse_candidates_fwd[{tag}]", _fuse_candidates_fwd_kernel,
-                {**inputs, "out_ptr": "fp32"},
-                common, num_warps=num_warps, unit_args=("stride_lc", "stride_sk")))
-            specs.append(AotSpec(
-                f"fuse_candidates_bwd[{tag}]", _fuse_candidates_bwd_kernel,
-                {**inputs, "grad_out_ptr": "fp32", "grad_l_ptr": dtype, "grad_s_ptr": "fp32"},
-                common, num_warps=num_warps, unit_args=("stride_lc", "stride_sk")))
+            specs.append(
+                AotSpec(
+                    f"fuse_candidates_fwd[{tag}]",
+                    _fuse_candidates_fwd_kernel,
+                    {**inputs, "out_ptr": "fp32"},
+                    common,
+                    num_warps=num_warps,
+                    unit_args=("stride_lc", "stride_sk"),
+                )
+            )
+            specs.append(
+                AotSpec(
+                    f"fuse_candidates_bwd[{tag}]",
+                    _fuse_candidates_bwd_kernel,
+                    {**inputs, "grad_out_ptr": "fp32", "grad_l_ptr": dtype, "grad_s_ptr": "fp32"},
+                    common,
+                    num_warps=num_warps,
+                    unit_args=("stride_lc", "stride_sk"),
+                )
+            )
     return specs

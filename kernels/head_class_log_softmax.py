@@ -61,11 +61,24 @@ MAX_FUSED_C = 256  # largest class block whose [BLOCK_N, BLOCK_C] logits stay in
 
 @triton.jit
 def _head_class_log_softmax_fwd_kernel(
-    hidden_ptr, weight_ptr, ids_ptr, bias_ptr, out_ptr,
-    N, H, C,
-    stride_hn, stride_hh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, FUSE_SOFTMAX: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    ids_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    H,
+    C,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    FUSE_SOFTMAX: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -102,10 +115,18 @@ def _head_class_log_softmax_fwd_kernel(
 
 @triton.jit
 def _head_class_log_softmax_bwd_hidden_kernel(
-    dlogits_ptr, weight_ptr, ids_ptr, grad_hidden_ptr,
-    N, H, C,
-    stride_wv, stride_wh,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    dlogits_ptr,
+    weight_ptr,
+    ids_ptr,
+    grad_hidden_ptr,
+    N,
+    H,
+    C,
+    stride_wv,
+    stride_wh,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """grad_hidden[n, :] = sum_c dlogits[n, c] * W[ids_c, :]  (grad_hidden contiguous [N, H])."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -116,11 +137,17 @@ def _head_class_log_softmax_bwd_hidden_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
-        dl = tl.load(dlogits_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :],
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dl = tl.load(
+            dlogits_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         ids = tl.load(ids_ptr + cols, mask=col_ok, other=0)
-        w = tl.load(weight_ptr + ids.to(tl.int64)[:, None] * stride_wv + hcols[None, :] * stride_wh,
-                    mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(
+            weight_ptr + ids.to(tl.int64)[:, None] * stride_wv + hcols[None, :] * stride_wh,
+            mask=col_ok[:, None] & h_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(dl, w.to(tl.float32), acc, input_precision="tf32x3")
     offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
     tl.store(grad_hidden_ptr + offs, acc.to(grad_hidden_ptr.dtype.element_ty), mask=row_ok[:, None] & h_ok[None, :])
@@ -128,10 +155,18 @@ def _head_class_log_softmax_bwd_hidden_kernel(
 
 @triton.jit
 def _head_class_log_softmax_bwd_weight_kernel(
-    dlogits_ptr, hidden_ptr, ids_ptr, grad_weight_ptr,
-    N, H, C,
-    stride_hn, stride_hh,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    dlogits_ptr,
+    hidden_ptr,
+    ids_ptr,
+    grad_weight_ptr,
+    N,
+    H,
+    C,
+    stride_hn,
+    stride_hh,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """grad_weight[ids_c, :] = sum_n dlogits[n, c] * hidden[n, :]  (grad_weight contiguous [V, H],
     zero-initialised; each class row is written by exactly one program column, ids being distinct)."""
@@ -144,10 +179,16 @@ def _head_class_log_softmax_bwd_weight_kernel(
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         # dlogits read transposed, [BLOCK_C, BLOCK_N], so the reduction over N is the dot's K.
-        dl_t = tl.load(dlogits_ptr + rows.to(tl.int64)[None, :] * C + cols[:, None],
-                       mask=col_ok[:, None] & row_ok[None, :], other=0.0)
-        h = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + hcols[None, :] * stride_hh,
-                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        dl_t = tl.load(
+            dlogits_ptr + rows.to(tl.int64)[None, :] * C + cols[:, None],
+            mask=col_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )
+        h = tl.load(
+            hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + hcols[None, :] * stride_hh,
+            mask=row_ok[:, None] & h_ok[None, :],
+            other=0.0,
+        )
         acc = tl.dot(dl_t, h.to(tl.float32), acc, input_precision="tf32x3")
     ids = tl.load(ids_ptr + cols, mask=col_ok, other=0)
     offs = ids.to(tl.int64)[:, None] * H + hcols[None, :]
@@ -219,11 +260,26 @@ def head_class_log_softmax_forward(
     fuse = C <= blocks.block_c
     grid = (triton.cdiv(N, blocks.block_n), triton.cdiv(C, blocks.block_c))
     _head_class_log_softmax_fwd_kernel[grid](
-        hidden, weight, class_ids, weight if bias is None else bias, out,
-        N, H, C, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, FUSE_SOFTMAX=fuse, DOT_F32=dot_f32,
-        BLOCK_N=blocks.block_n, BLOCK_C=blocks.block_c, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        hidden,
+        weight,
+        class_ids,
+        weight if bias is None else bias,
+        out,
+        N,
+        H,
+        C,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        HAS_BIAS=bias is not None,
+        FUSE_SOFTMAX=fuse,
+        DOT_F32=dot_f32,
+        BLOCK_N=blocks.block_n,
+        BLOCK_C=blocks.block_c,
+        BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     if not fuse:
         # C > MAX_FUSED_C: out holds raw logits; normalising [N, C] is O(N*C) beside the kernel's O(N*C*H).
@@ -243,10 +299,20 @@ def head_class_log_softmax_backward_hidden(
     blocks = _bwd_blocks(C)
     grid = (triton.cdiv(N, blocks.block_n), triton.cdiv(H, blocks.block_h))
     _head_class_log_softmax_bwd_hidden_kernel[grid](
-        dlogits.contiguous(), weight, class_ids.contiguous(), grad_hidden,
-        N, H, C, weight.stride(0), weight.stride(1),
-        BLOCK_N=blocks.block_n, BLOCK_C=blocks.block_c, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        dlogits.contiguous(),
+        weight,
+        class_ids.contiguous(),
+        grad_hidden,
+        N,
+        H,
+        C,
+        weight.stride(0),
+        weight.stride(1),
+        BLOCK_N=blocks.block_n,
+        BLOCK_C=blocks.block_c,
+        BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     return grad_hidden
 
@@ -264,10 +330,20 @@ def head_class_log_softmax_backward_weight(
     blocks = _bwd_blocks(C)
     grid = (triton.cdiv(C, blocks.block_c), triton.cdiv(H, blocks.block_h))
     _head_class_log_softmax_bwd_weight_kernel[grid](
-        dlogits.contiguous(), hidden, class_ids.contiguous(), grad_weight,
-        N, H, C, hidden.stride(0), hidden.stride(1),
-        BLOCK_N=blocks.block_n, BLOCK_C=blocks.block_c, BLOCK_H=blocks.block_h,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        dlogits.contiguous(),
+        hidden,
+        class_ids.contiguous(),
+        grad_weight,
+        N,
+        H,
+        C,
+        hidden.stride(0),
+        hidden.stride(1),
+        BLOCK_N=blocks.block_n,
+        BLOCK_C=blocks.block_c,
+        BLOCK_H=blocks.block_h,
+        num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
     )
     return grad_weight
 
@@ -279,10 +355,14 @@ def aot_specs() -> list[AotSpec]:
     H and the row strides made of it are compiled as multiples of 16, as every real head's are."""
     specs = []
     for hidden_dtype, weight_dtype, C, has_bias in [
-        ("fp32", "fp32", 2, False), ("fp32", "fp32", 256, False),
-        ("fp16", "fp16", 2, False), ("fp16", "fp16", 256, False),
-        ("bf16", "bf16", 2, False), ("bf16", "bf16", 256, False),
-        ("bf16", "bf16", 2, True), ("bf16", "bf16", 256, True),
+        ("fp32", "fp32", 2, False),
+        ("fp32", "fp32", 256, False),
+        ("fp16", "fp16", 2, False),
+        ("fp16", "fp16", 256, False),
+        ("bf16", "bf16", 2, False),
+        ("bf16", "bf16", 256, False),
+        ("bf16", "bf16", 2, True),
+        ("bf16", "bf16", 256, True),
         ("bf16", "bf16", 1000, False),  # C > 256: grid over class blocks, raw logits
         ("fp32", "bf16", 2, False),  # mixed: upcast to fp32
     ]:
@@ -291,25 +371,59 @@ def aot_specs() -> list[AotSpec]:
         fuse = C <= blocks.block_c
         dtypes = hidden_dtype if hidden_dtype == weight_dtype else f"{hidden_dtype} hidden,{weight_dtype} weight"
         classes = f"C<={blocks.block_c}" if fuse else f"C>{MAX_FUSED_C} unfused"
-        pointers = {"hidden_ptr": hidden_dtype, "weight_ptr": weight_dtype, "ids_ptr": "i64", "bias_ptr": weight_dtype,
-                    "out_ptr": "fp32"}
-        consts = {"HAS_BIAS": has_bias, "FUSE_SOFTMAX": fuse, "DOT_F32": dot_f32,
-                  "BLOCK_N": blocks.block_n, "BLOCK_C": blocks.block_c, "BLOCK_H": blocks.block_h}
-        specs.append(AotSpec(f"head_class_log_softmax_fwd[{dtypes},{classes},bias={int(has_bias)}]",
-                             _head_class_log_softmax_fwd_kernel, pointers, consts, blocks.num_warps, blocks.num_stages,
-                             unit_args=("stride_hh", "stride_wh"), aligned_args=("H", "stride_hn", "stride_wv")))
+        pointers = {
+            "hidden_ptr": hidden_dtype,
+            "weight_ptr": weight_dtype,
+            "ids_ptr": "i64",
+            "bias_ptr": weight_dtype,
+            "out_ptr": "fp32",
+        }
+        consts = {
+            "HAS_BIAS": has_bias,
+            "FUSE_SOFTMAX": fuse,
+            "DOT_F32": dot_f32,
+            "BLOCK_N": blocks.block_n,
+            "BLOCK_C": blocks.block_c,
+            "BLOCK_H": blocks.block_h,
+        }
+        specs.append(
+            AotSpec(
+                f"head_class_log_softmax_fwd[{dtypes},{classes},bias={int(has_bias)}]",
+                _head_class_log_softmax_fwd_kernel,
+                pointers,
+                consts,
+                blocks.num_warps,
+                blocks.num_stages,
+                unit_args=("stride_hh", "stride_wh"),
+                aligned_args=("H", "stride_hn", "stride_wv"),
+            )
+        )
 
     for dtype, C in [("fp32", 2), ("fp32", 256), ("fp16", 2), ("bf16", 2), ("bf16", 256)]:
         blocks = _bwd_blocks(C, interpret=False)
         consts = {"BLOCK_N": blocks.block_n, "BLOCK_C": blocks.block_c, "BLOCK_H": blocks.block_h}
-        specs.append(AotSpec(
-            f"head_class_log_softmax_bwd_hidden[{dtype},C<={blocks.block_c} per step]",
-            _head_class_log_softmax_bwd_hidden_kernel,
-            {"dlogits_ptr": "fp32", "weight_ptr": dtype, "ids_ptr": "i64", "grad_hidden_ptr": dtype},
-            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_wh",), aligned_args=("H", "stride_wv")))
-        specs.append(AotSpec(
-            f"head_class_log_softmax_bwd_weight[{dtype},C<={blocks.block_c} per block]",
-            _head_class_log_softmax_bwd_weight_kernel,
-            {"dlogits_ptr": "fp32", "hidden_ptr": dtype, "ids_ptr": "i64", "grad_weight_ptr": dtype},
-            consts, blocks.num_warps, blocks.num_stages, unit_args=("stride_hh",), aligned_args=("H", "stride_hn")))
+        specs.append(
+            AotSpec(
+                f"head_class_log_softmax_bwd_hidden[{dtype},C<={blocks.block_c} per step]",
+                _head_class_log_softmax_bwd_hidden_kernel,
+                {"dlogits_ptr": "fp32", "weight_ptr": dtype, "ids_ptr": "i64", "grad_hidden_ptr": dtype},
+                consts,
+                blocks.num_warps,
+                blocks.num_stages,
+                unit_args=("stride_wh",),
+                aligned_args=("H", "stride_wv"),
+            )
+        )
+        specs.append(
+            AotSpec(
+                f"head_class_log_softmax_bwd_weight[{dtype},C<={blocks.block_c} per block]",
+                _head_class_log_softmax_bwd_weight_kernel,
+                {"dlogits_ptr": "fp32", "hidden_ptr": dtype, "ids_ptr": "i64", "grad_weight_ptr": dtype},
+                consts,
+                blocks.num_warps,
+                blocks.num_stages,
+                unit_args=("stride_hh",),
+                aligned_args=("H", "stride_hn"),
+            )
+        )
     return specs

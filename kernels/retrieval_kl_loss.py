@@ -58,8 +58,9 @@ def _scaled_log_softmax(x, inv_tau):
 
 
 @triton.jit
-def _load_rows(s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk,
-               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_rows(
+    s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
     row_ok = rows < B
@@ -72,13 +73,23 @@ def _load_rows(s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk,
 
 @triton.jit
 def _retrieval_kl_loss_fwd_kernel(
-    s_ptr, r_ptr, loss_ptr,
-    B, K, stride_sb, stride_sk, stride_rb, stride_rk,
-    inv_tau_s, inv_tau_r,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    s_ptr,
+    r_ptr,
+    loss_ptr,
+    B,
+    K,
+    stride_sb,
+    stride_sk,
+    stride_rb,
+    stride_rk,
+    inv_tau_s,
+    inv_tau_r,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows64, cols, row_ok, mask, s, r = _load_rows(
-        s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk, BLOCK_B, BLOCK_K)
+        s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk, BLOCK_B, BLOCK_K
+    )
     log_q = _scaled_log_softmax(s, inv_tau_s)
     log_p = _scaled_log_softmax(r, inv_tau_r)
     p = tl.exp(log_p)
@@ -90,13 +101,25 @@ def _retrieval_kl_loss_fwd_kernel(
 
 @triton.jit
 def _retrieval_kl_loss_bwd_kernel(
-    grad_loss_ptr, s_ptr, r_ptr, grad_s_ptr,
-    B, K, stride_g, stride_sb, stride_sk, stride_rb, stride_rk,
-    inv_tau_s, inv_tau_r,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    grad_loss_ptr,
+    s_ptr,
+    r_ptr,
+    grad_s_ptr,
+    B,
+    K,
+    stride_g,
+    stride_sb,
+    stride_sk,
+    stride_rb,
+    stride_rk,
+    inv_tau_s,
+    inv_tau_r,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     rows64, cols, row_ok, mask, s, r = _load_rows(
-        s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk, BLOCK_B, BLOCK_K)
+        s_ptr, r_ptr, B, K, stride_sb, stride_sk, stride_rb, stride_rk, BLOCK_B, BLOCK_K
+    )
     q = tl.exp(_scaled_log_softmax(s, inv_tau_s))
     p = tl.exp(_scaled_log_softmax(r, inv_tau_r))
     # stride_g is 0 when the upstream gradient is an expanded scalar (batchmean / sum).
@@ -135,16 +158,30 @@ def retrieval_kl_loss_forward(
         return loss
     block_b, block_k, num_warps = _blocks(K)
     _retrieval_kl_loss_fwd_kernel[(triton.cdiv(B, block_b),)](
-        s, r, loss, B, K, s.stride(0), s.stride(1), r.stride(0), r.stride(1),
-        1.0 / tau_retriever, 1.0 / tau_reader,
-        BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps,
+        s,
+        r,
+        loss,
+        B,
+        K,
+        s.stride(0),
+        s.stride(1),
+        r.stride(0),
+        r.stride(1),
+        1.0 / tau_retriever,
+        1.0 / tau_reader,
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return loss
 
 
 def retrieval_kl_loss_backward(
-    grad_loss: torch.Tensor, retriever_scores: torch.Tensor, reader_log_likelihoods: torch.Tensor,
-    tau_retriever: float, tau_reader: float,
+    grad_loss: torch.Tensor,
+    retriever_scores: torch.Tensor,
+    reader_log_likelihoods: torch.Tensor,
+    tau_retriever: float,
+    tau_reader: float,
 ) -> torch.Tensor:
     """grad_loss ``[B]`` (any stride, 0 included) -> d scores ``[B, K]`` in the scores' dtype."""
     s, r = retriever_scores, _reader_fp32(reader_log_likelihoods)
@@ -154,9 +191,22 @@ def retrieval_kl_loss_backward(
         return grad_s
     block_b, block_k, num_warps = _blocks(K)
     _retrieval_kl_loss_bwd_kernel[(triton.cdiv(B, block_b),)](
-        grad_loss, s, r, grad_s, B, K, grad_loss.stride(0), s.stride(0), s.stride(1), r.stride(0), r.stride(1),
-        1.0 / tau_retriever, 1.0 / tau_reader,
-        BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps,
+        grad_loss,
+        s,
+        r,
+        grad_s,
+        B,
+        K,
+        grad_loss.stride(0),
+        s.stride(0),
+        s.stride(1),
+        r.stride(0),
+        r.stride(1),
+        1.0 / tau_retriever,
+        1.0 / tau_reader,
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return grad_s
 
@@ -171,13 +221,26 @@ def aot_specs() -> list[AotSpec]:
             block_b, block_k, num_warps = _blocks(K, interpret=False)
             common = {"BLOCK_B": block_b, "BLOCK_K": block_k}
             inputs = {"s_ptr": dtype, "r_ptr": "fp32", "inv_tau_s": "fp32", "inv_tau_r": "fp32"}
-            specs.append(AotSpec(
-                f"retrieval_kl_loss_fwd[{dtype},K<={block_k}]", _retrieval_kl_loss_fwd_kernel,
-                {**inputs, "loss_ptr": "fp32"},
-                common, num_warps=num_warps, unit_args=("stride_sk", "stride_rk")))
-            specs.append(AotSpec(
-                f"retrieval_kl_loss_bwd[{dtype},K<={block_k}]", _retrieval_kl_loss_bwd_kernel,
-                {**inputs, "grad_loss_ptr": "fp32", "grad_s_ptr": dtype},
-                # stride_g is 0 under batchmean / sum (an expanded scalar), which the JIT marks divisible.
-                common, num_warps=num_warps, unit_args=("stride_sk", "stride_rk"), aligned_args=("stride_g",)))
+            specs.append(
+                AotSpec(
+                    f"retrieval_kl_loss_fwd[{dtype},K<={block_k}]",
+                    _retrieval_kl_loss_fwd_kernel,
+                    {**inputs, "loss_ptr": "fp32"},
+                    common,
+                    num_warps=num_warps,
+                    unit_args=("stride_sk", "stride_rk"),
+                )
+            )
+            specs.append(
+                AotSpec(
+                    f"retrieval_kl_loss_bwd[{dtype},K<={block_k}]",
+                    _retrieval_kl_loss_bwd_kernel,
+                    {**inputs, "grad_loss_ptr": "fp32", "grad_s_ptr": dtype},
+                    # stride_g is 0 under batchmean / sum (an expanded scalar), which the JIT marks divisible.
+                    common,
+                    num_warps=num_warps,
+                    unit_args=("stride_sk", "stride_rk"),
+                    aligned_args=("stride_g",),
+                )
+            )
     return specs

@@ -147,9 +147,20 @@ def _bitonic_sort_rows(x, DESCENDING: tl.constexpr):
 
 @triton.jit
 def _score_keys(
-    q_ptr, x_ptr, rows_q, q_ok, n0, n_end, D, stride_qm, stride_xn,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q_ptr,
+    x_ptr,
+    rows_q,
+    q_ok,
+    n0,
+    n_end,
+    D,
+    stride_qm,
+    stride_xn,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """Sortable int64 keys of the score tile ``q[rows_q] . x[n0:n0+BLOCK_N]`` ``[BLOCK_Q, BLOCK_N]``;
     rows from ``n_end`` on (past N, or in the next split) get ``KEY_MIN``."""
@@ -159,11 +170,17 @@ def _score_keys(
     for d0 in range(0, D, BLOCK_D):
         cols_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = cols_d < D
-        q = tl.load(q_ptr + rows_q.to(tl.int64)[:, None] * stride_qm + cols_d[None, :],
-                    mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + rows_q.to(tl.int64)[:, None] * stride_qm + cols_d[None, :],
+            mask=q_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         # int64 offsets: N * D passes 2**31 for a few million 768-d rows.
-        x = tl.load(x_ptr + rows_n.to(tl.int64)[:, None] * stride_xn + cols_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + rows_n.to(tl.int64)[:, None] * stride_xn + cols_d[None, :],
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         if DOT_FP32:  # the interpreter computes bf16 tl.dot wrongly; fp32 products of bf16 values are exact
             q = q.to(tl.float32)
             x = x.to(tl.float32)
@@ -181,11 +198,24 @@ def _score_keys(
 
 @triton.jit
 def _topk_similarity_kernel(
-    q_ptr, x_ptr, out_ptr,
-    Q, N, D, k, rows_per_split,
-    stride_qm, stride_xn, stride_os, stride_oq,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KPAD: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q_ptr,
+    x_ptr,
+    out_ptr,
+    Q,
+    N,
+    D,
+    k,
+    rows_per_split,
+    stride_qm,
+    stride_xn,
+    stride_os,
+    stride_oq,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KPAD: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """out ``[splits, Q, >= KPAD]`` int64: the split's keys, its first k exact and descending."""
     pid_q = tl.program_id(0)
@@ -201,8 +231,22 @@ def _topk_similarity_kernel(
         cols = tl.arange(0, KPAD)
         top = tl.full((BLOCK_Q, KPAD), KEY_MIN, tl.int64)
         for n0 in range(n_start, n_end, BLOCK_N):
-            keys = _score_keys(q_ptr, x_ptr, rows_q, q_ok, n0, n_end, D, stride_qm, stride_xn,
-                               BLOCK_Q, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+            keys = _score_keys(
+                q_ptr,
+                x_ptr,
+                rows_q,
+                q_ok,
+                n0,
+                n_end,
+                D,
+                stride_qm,
+                stride_xn,
+                BLOCK_Q,
+                BLOCK_N,
+                BLOCK_D,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
             if tl.max((keys > thr[:, None]).to(tl.int32)) > 0:
                 # top descending, tile's top ascending: their elementwise max is bitonic and holds
                 # the top KPAD of the union.
@@ -216,8 +260,22 @@ def _topk_similarity_kernel(
         for j in range(0, n_seg):
             tl.store(out_rows + j * BLOCK_N + cols[None, :], empty, mask=q_ok[:, None])
         for n0 in range(n_start, n_end, BLOCK_N):
-            keys = _score_keys(q_ptr, x_ptr, rows_q, q_ok, n0, n_end, D, stride_qm, stride_xn,
-                               BLOCK_Q, BLOCK_N, BLOCK_D, DOT_FP32, INPUT_PRECISION)
+            keys = _score_keys(
+                q_ptr,
+                x_ptr,
+                rows_q,
+                q_ok,
+                n0,
+                n_end,
+                D,
+                stride_qm,
+                stride_xn,
+                BLOCK_Q,
+                BLOCK_N,
+                BLOCK_D,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
             if tl.max((keys > thr[:, None]).to(tl.int32)) > 0:
                 carry = _top_keys(keys, BLOCK_N, 0)  # the whole tile, ascending
                 new_thr = tl.full((BLOCK_Q,), KEY_MIN, tl.int64)
@@ -294,8 +352,10 @@ def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) 
     Q, D = queries.shape
     N = index.shape[0]
     if Q == 0:
-        return (torch.empty((0, k), device=index.device, dtype=torch.float32),
-                torch.empty((0, k), device=index.device, dtype=torch.int64))
+        return (
+            torch.empty((0, k), device=index.device, dtype=torch.float32),
+            torch.empty((0, k), device=index.device, dtype=torch.int64),
+        )
     if index.stride(1) != 1:
         index = index.contiguous()
     q = queries.to(index.dtype)
@@ -306,11 +366,27 @@ def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) 
     width = kpad if kpad <= block_n else triton.cdiv(k, block_n) * block_n
     keys = torch.empty((splits, Q, width), device=index.device, dtype=torch.int64)
     _topk_similarity_kernel[(triton.cdiv(Q, block_q), splits)](
-        q, index, keys, Q, N, D, k, rows_per_split,
-        q.stride(0), index.stride(0), keys.stride(0), keys.stride(1),
-        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, KPAD=kpad,
-        DOT_FP32=interpreter_enabled(), INPUT_PRECISION="ieee" if index.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG,
+        q,
+        index,
+        keys,
+        Q,
+        N,
+        D,
+        k,
+        rows_per_split,
+        q.stride(0),
+        index.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        KPAD=kpad,
+        DOT_FP32=interpreter_enabled(),
+        INPUT_PRECISION="ieee" if index.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+        maxnreg=MAXNREG,
     )
     # Each split's first k keys are its exact top-k; keys are distinct, so topk's order is exact.
     cand = keys[:, :, :k]
@@ -335,11 +411,23 @@ def aot_specs() -> list[AotSpec]:
             name = f"topk_similarity[{dtype},BLOCK_Q={block_q},k<={kpad},{path}]"
             if any(spec.name == name for spec in specs):
                 continue  # fp32 takes the same blocks for Q <= 16 as for Q > 16
-            specs.append(AotSpec(
-                name, _topk_similarity_kernel,
-                {"q_ptr": dtype, "x_ptr": dtype, "out_ptr": "i64"},
-                {"BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": block_d, "KPAD": kpad,
-                 "DOT_FP32": False, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32"},
-                num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG,
-                aligned_args=("D", "stride_qm", "stride_xn", "stride_os", "stride_oq", "rows_per_split")))
+            specs.append(
+                AotSpec(
+                    name,
+                    _topk_similarity_kernel,
+                    {"q_ptr": dtype, "x_ptr": dtype, "out_ptr": "i64"},
+                    {
+                        "BLOCK_Q": block_q,
+                        "BLOCK_N": block_n,
+                        "BLOCK_D": block_d,
+                        "KPAD": kpad,
+                        "DOT_FP32": False,
+                        "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                    },
+                    num_warps=num_warps,
+                    num_stages=num_stages,
+                    maxnreg=MAXNREG,
+                    aligned_args=("D", "stride_qm", "stride_xn", "stride_os", "stride_oq", "rows_per_split"),
+                )
+            )
     return specs

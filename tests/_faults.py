@@ -23,8 +23,9 @@ def sha(path) -> str:
 def workspace(root, *, n_train=2, n_val=2, n_test=N_TEST, index_size=N_INDEX):
     """A synthetic split written under ``root/data`` and a tiny CLIP retriever pre-seeded on its captions
     (``root/encoder``): what every CLI test starts from. Returns the data folder."""
-    data = write_synthetic(generate(n_train=n_train, n_val=n_val, n_test=n_test, index_size=index_size,
-                                    image_size=32), root / "data")
+    data = write_synthetic(
+        generate(n_train=n_train, n_val=n_val, n_test=n_test, index_size=index_size, image_size=32), root / "data"
+    )
     captions = [json.loads(line)["text"] for line in (data / "index.jsonl").read_text().splitlines()]
     torch.manual_seed(0)
     TinyCLIP.from_captions(captions, width=8, depth=1, dim=32).save(root / "encoder")
@@ -32,8 +33,21 @@ def workspace(root, *, n_train=2, n_val=2, n_test=N_TEST, index_size=N_INDEX):
 
 
 def build_index(root, data) -> None:
-    assert main(["build-index", "--records", str(data / "index.jsonl"), "--encoder", str(root / "encoder"),
-                 "--out", str(root / "ix"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "build-index",
+                "--records",
+                str(data / "index.jsonl"),
+                "--encoder",
+                str(root / "encoder"),
+                "--out",
+                str(root / "ix"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +61,29 @@ def files(tmp_path_factory):
 
 def base_args(files, out, *extra):
     root, data, reader = files
-    return ["predict", "--reader", reader, "--samples", data / "test.jsonl", "--index", root / "ix",
-            "--index-records", data / "index.jsonl", "--encoder", root / "encoder", "--k-text", 1, "--k-image", 1,
-            "--batch-size", 2, "--no-progress", "--out", out, *extra]
+    return [
+        "predict",
+        "--reader",
+        reader,
+        "--samples",
+        data / "test.jsonl",
+        "--index",
+        root / "ix",
+        "--index-records",
+        data / "index.jsonl",
+        "--encoder",
+        root / "encoder",
+        "--k-text",
+        1,
+        "--k-image",
+        1,
+        "--batch-size",
+        2,
+        "--no-progress",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def run(argv, capsys):
@@ -84,8 +118,13 @@ def assert_same_predictions(got, want):
     assert [r.query_id for r in got] == [r.query_id for r in want]
     for g, w in zip(got, want):
         assert (g.gold, g.kind, g.fused) == (w.gold, w.kind, w.fused)
-        assert [(c.id, c.head, c.prediction) for c in g.candidates] == \
-            [(c.id, c.head, c.prediction) for c in w.candidates]
-        torch.testing.assert_close(torch.tensor([c.probs for c in g.candidates]),
-                                   torch.tensor([c.probs for c in w.candidates]), atol=1e-5, rtol=0)
+        assert [(c.id, c.head, c.prediction) for c in g.candidates] == [
+            (c.id, c.head, c.prediction) for c in w.candidates
+        ]
+        torch.testing.assert_close(
+            torch.tensor([c.probs for c in g.candidates]),
+            torch.tensor([c.probs for c in w.candidates]),
+            atol=1e-5,
+            rtol=0,
+        )
         torch.testing.assert_close(torch.tensor(g.fused_probs), torch.tensor(w.fused_probs), atol=1e-5, rtol=0)

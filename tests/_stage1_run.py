@@ -41,8 +41,18 @@ def main(spec_path: str) -> None:
         if sleep_s:
             time.sleep(sleep_s)
 
-    train_reader(ReaderTrainConfig.from_dict(spec["config"]), reader, ds.task, ds.train, ds.val, spec["run_dir"],
-                 retrieval=retrieval, retriever=retriever, progress=False, on_step=on_step)
+    train_reader(
+        ReaderTrainConfig.from_dict(spec["config"]),
+        reader,
+        ds.task,
+        ds.train,
+        ds.val,
+        spec["run_dir"],
+        retrieval=retrieval,
+        retriever=retriever,
+        progress=False,
+        on_step=on_step,
+    )
 
 
 if __name__ == "__main__":

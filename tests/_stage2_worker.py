@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-SYNTH = {"seed": 3, "image_size": 32, "n_train": 16, "n_val": 8, "n_test": 0, "index_size": 96,
-         "prototypes_per_class": 4}
+SYNTH = {
+    "seed": 3,
+    "image_size": 32,
+    "n_train": 16,
+    "n_val": 8,
+    "n_test": 0,
+    "index_size": 96,
+    "prototypes_per_class": 4,
+}
 
 
 def _generator():
@@ -77,8 +84,9 @@ def run(args: dict, loaded=None) -> None:
     reader, enc, retrieval, train, _val = loaded or load(Path(args["root"]))
     config = RetrieverTrainConfig.from_dict(args["config"])
     qe = QueryEncoder(enc, config.n_trainable, config.alpha)
-    result = train_retriever(config, reader, "synthetic", qe, retrieval, train, None, args["run_dir"],
-                             resume=args["resume"], progress=False)
+    result = train_retriever(
+        config, reader, "synthetic", qe, retrieval, train, None, args["run_dir"], resume=args["resume"], progress=False
+    )
     save_file({n: t.contiguous() for n, t in learned_weights(qe.learned).items()}, args["out"])
     Path(args["out"] + ".json").write_text(json.dumps(result.to_dict()))
 

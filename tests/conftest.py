@@ -15,6 +15,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest
 import torch
 
+# the fault tests' module-scoped workspace fixtures (`files`, `full_run`); a module defining its own wins
+pytest_plugins = ["_faults"]
+
 # Per-dtype tolerances (atol, rtol) of the fast paths against a float64 reference, on log-probs
 # and gradients of O(1) magnitude. fp16/bf16 inputs are rounded once on the way in; accumulation is fp32.
 TOLERANCES = {

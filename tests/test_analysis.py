@@ -2,19 +2,43 @@ import json
 
 import pytest
 
-from jomed_fast.analysis import *
+from jomed_fast.analysis import (
+    Candidate,
+    PredictionRecord,
+    is_inconsistent,
+    metrics_table,
+    oracle_accuracy,
+    oracle_correct,
+    read_jsonl,
+    rerank_accuracy,
+    rerank_fusion,
+    rerank_top_confidence,
+    rerank_top_retrieval,
+    split_consistency,
+    split_metrics,
+    uniform_random_records,
+    write_analysis,
+    write_jsonl,
+)
 
 
 def rec(q, gold, preds, scores, probs, fused):
-    return PredictionRecord(q, gold, "multiclass", [
-        Candidate(f"{q}c{i}", "text" if i % 2 == 0 else "image", s, pr, p)
-        for i, (p, s, pr) in enumerate(zip(preds, scores, probs))], fused)
+    return PredictionRecord(
+        q,
+        gold,
+        "multiclass",
+        [
+            Candidate(f"{q}c{i}", "text" if i % 2 == 0 else "image", s, pr, p)
+            for i, (p, s, pr) in enumerate(zip(preds, scores, probs))
+        ],
+        fused,
+    )
 
 
 RECS = [
-    rec("a", 0, [0, 0], [0.9, 0.1], [[0.9, 0.1], [0.8, 0.2]], 0),   # consistent, right
-    rec("b", 1, [0, 1], [0.9, 0.1], [[0.6, 0.4], [0.1, 0.9]], 1),   # inconsistent, oracle ok
-    rec("c", 1, [0, 0], [0.5, 0.4], [[0.7, 0.3], [0.9, 0.1]], 0),   # consistent, wrong
+    rec("a", 0, [0, 0], [0.9, 0.1], [[0.9, 0.1], [0.8, 0.2]], 0),  # consistent, right
+    rec("b", 1, [0, 1], [0.9, 0.1], [[0.6, 0.4], [0.1, 0.9]], 1),  # inconsistent, oracle ok
+    rec("c", 1, [0, 0], [0.5, 0.4], [[0.7, 0.3], [0.9, 0.1]], 0),  # consistent, wrong
 ]
 
 
@@ -31,10 +55,21 @@ def test_split_oracle_rerank(tmp_path):
     assert m["share_inconsistent"] == pytest.approx(1 / 3)
     assert m["systems"]["jomed"] == {"all": pytest.approx(2 / 3), "inconsistent": 1.0, "consistent": 0.5}
     assert oracle_accuracy(RECS) == pytest.approx(2 / 3)
-    acc = rerank_accuracy(RECS, {"top1": rerank_top_retrieval, "conf": rerank_top_confidence,
-                                 "fusion": rerank_fusion, "last": lambda r: len(r.candidates) - 1})
-    assert acc == {"top1": pytest.approx(1 / 3), "conf": pytest.approx(2 / 3),
-                   "fusion": pytest.approx(2 / 3), "last": pytest.approx(2 / 3)}
+    acc = rerank_accuracy(
+        RECS,
+        {
+            "top1": rerank_top_retrieval,
+            "conf": rerank_top_confidence,
+            "fusion": rerank_fusion,
+            "last": lambda r: len(r.candidates) - 1,
+        },
+    )
+    assert acc == {
+        "top1": pytest.approx(1 / 3),
+        "conf": pytest.approx(2 / 3),
+        "fusion": pytest.approx(2 / 3),
+        "last": pytest.approx(2 / 3),
+    }
     paths = write_analysis(str(tmp_path), "rerank", {"jomed": acc})
     assert json.load(open(paths["json"]))["table"]["jomed"]["top1"] == pytest.approx(1 / 3)
     assert "| jomed |" in open(paths["md"]).read()
@@ -48,11 +83,17 @@ def test_bad_input():
 
 
 def test_multilabel_and_open():
-    ml = PredictionRecord("m", [1, 2], "multilabel", [Candidate("x", "text", 1.0, [], [2, 1]),
-                                                      Candidate("y", "image", 0.5, [], [1])], [1])
+    ml = PredictionRecord(
+        "m", [1, 2], "multilabel", [Candidate("x", "text", 1.0, [], [2, 1]), Candidate("y", "image", 0.5, [], [1])], [1]
+    )
     assert is_inconsistent(ml) and oracle_correct(ml)
-    op = PredictionRecord("o", "The left lung", "vqa_open", [Candidate("x", "text", 1.0, [], "left lung."),
-                                                             Candidate("y", "text", 0.2, [], "Left Lung")], "heart")
+    op = PredictionRecord(
+        "o",
+        "The left lung",
+        "vqa_open",
+        [Candidate("x", "text", 1.0, [], "left lung."), Candidate("y", "text", 0.2, [], "Left Lung")],
+        "heart",
+    )
     assert not is_inconsistent(op) and oracle_correct(op)
 
 
@@ -65,14 +106,14 @@ def test_split_macro_f1_matches_sklearn():
     recs = []
     for i in range(40):
         preds = [int(x) for x in rng.integers(0, 3, size=3)]
-        recs.append(rec(f"q{i}", int(rng.integers(0, 3)), preds, [0.5, 0.3, 0.2], [[1 / 3] * 3] * 3,
-                        int(rng.integers(0, 3))))
+        recs.append(
+            rec(f"q{i}", int(rng.integers(0, 3)), preds, [0.5, 0.3, 0.2], [[1 / 3] * 3] * 3, int(rng.integers(0, 3)))
+        )
     split = split_consistency(recs)
     m = split_metrics({"s": recs}, split, metric="macro_f1")
     for name in ("all", "inconsistent", "consistent"):
         rs = [r for r in recs if name == "all" or r.query_id in split[name]]
-        want = f1_score([r.gold for r in rs], [r.fused for r in rs], average="macro", labels=[0, 1, 2],
-                        zero_division=0)
+        want = f1_score([r.gold for r in rs], [r.fused for r in rs], average="macro", labels=[0, 1, 2], zero_division=0)
         assert m["systems"]["s"][name] == pytest.approx(want)
     full = prediction_metrics(recs)
     assert full["n"] == 40 and full["macro_f1"] == pytest.approx(m["systems"]["s"]["all"])

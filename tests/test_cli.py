@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import yaml
+from _faults import run, workspace
 
 from jomed_fast.cli import main
 from jomed_fast.cli.options import Opt, resolve
 from jomed_fast.infer import read_predictions
 from jomed_fast.readers import tiny
-
-from _faults import run, workspace
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,40 @@ def files(tmp_path_factory):
 
 def test_build_predict_evaluate_analyze(files, capsys):
     root, data, reader = files
-    code, out, _ = run(["build-index", "--records", data / "index.jsonl", "--encoder", root / "encoder",
-                        "--out", root / "ix", "--batch-size", 16, "--chunk-size", 32, "--no-progress"], capsys)
+    code, out, _ = run(
+        [
+            "build-index",
+            "--records",
+            data / "index.jsonl",
+            "--encoder",
+            root / "encoder",
+            "--out",
+            root / "ix",
+            "--batch-size",
+            16,
+            "--chunk-size",
+            32,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0 and json.loads(out)["count"] == 60
     config = root / "predict.yaml"
-    config.write_text(yaml.safe_dump({"reader": str(reader), "samples": str(data / "test.jsonl"),
-                                      "index": str(root / "ix"), "index-records": str(data / "index.jsonl"),
-                                      "encoder": str(root / "encoder"), "k_text": 1, "k_image": 1,
-                                      "progress": False, "batch_size": 4}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "reader": str(reader),
+                "samples": str(data / "test.jsonl"),
+                "index": str(root / "ix"),
+                "index-records": str(data / "index.jsonl"),
+                "encoder": str(root / "encoder"),
+                "k_text": 1,
+                "k_image": 1,
+                "progress": False,
+                "batch_size": 4,
+            }
+        )
+    )
     preds = {}
     for name, extra in [("rag", []), ("none", ["--retrieval", "none"]), ("wide", ["--k-text", 2])]:
         preds[name] = root / f"{name}.jsonl"
@@ -47,49 +72,68 @@ def test_build_predict_evaluate_analyze(files, capsys):
     recs = read_predictions(preds["rag"])
     acc = sum(r.fused == r.gold for r in recs) / 6
     assert code == 0 and json.loads((root / "m.json").read_text())["fused"]["accuracy"] == pytest.approx(acc)
-    code, out, _ = run(["analyze", "--system", f"rag={preds['rag']}", f"wide={preds['wide']}",
-                        "--out", root / "report"], capsys)
+    code, out, _ = run(
+        ["analyze", "--system", f"rag={preds['rag']}", f"wide={preds['wide']}", "--out", root / "report"], capsys
+    )
     assert code == 0 and "accuracy by split" in out
     for f in ("consistency_accuracy.json", "consistency_macro_f1.md", "rerank_oracle.png"):
         assert (root / "report" / f).is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["predict", "--samples", "x.jsonl", "--out", "p.jsonl"], "--reader: required"),
-    (["evaluate", "--predictions", "/nonexistent/p.jsonl"], "No such file"),
-    (["build-index", "--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml not found"),
-    (["analyze", "--system", "nameonly", "--out", "r"], "--system: expected NAME=PATH"),
-    (["predict", "--reader", "/nonexistent", "--samples", "x", "--out", "p", "--k-text", "two"],
-     "--k-text: expected int"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--samples", "x.jsonl", "--out", "p.jsonl"], "--reader: required"),
+        (["evaluate", "--predictions", "/nonexistent/p.jsonl"], "No such file"),
+        (["build-index", "--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml not found"),
+        (["analyze", "--system", "nameonly", "--out", "r"], "--system: expected NAME=PATH"),
+        (
+            ["predict", "--reader", "/nonexistent", "--samples", "x", "--out", "p", "--k-text", "two"],
+            "--k-text: expected int",
+        ),
+    ],
+)
 def test_errors_are_one_line_with_exit_code_2(argv, message, capsys):
     code, _out, err = run(argv, capsys)
     assert code == 2 and message in err and err.count("\n") == 1 and err.startswith(f"jomed-fast {argv[0]}: error:")
 
 
 def test_yaml_rules(tmp_path):
-    opts = (Opt("k", int, 2), Opt("name", str, None, required=True), Opt("flag", bool, False),
-            Opt("tags", list, None), Opt("mode", str, "a", choices=("a", "b")))
+    opts = (
+        Opt("k", int, 2),
+        Opt("name", str, None, required=True),
+        Opt("flag", bool, False),
+        Opt("tags", list, None),
+        Opt("mode", str, "a", choices=("a", "b")),
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("k: 5\nname: x\nflag: true\ntags: [p, q]\n")
     ns = type("NS", (), {"config": str(cfg), "k": "7"})()
     assert resolve(opts, ns) == {"k": 7, "name": "x", "flag": True, "tags": ["p", "q"], "mode": "a"}
-    for text, match in [("bogus: 1\nname: x\n", "unknown option 'bogus'"), ("k: [1]\nname: x\n", "--k: expected int"),
-                        ("name: x\nflag: 3\n", "--flag: expected true or false"),
-                        ("name: x\nmode: c\n", "--mode: expected one of a, b")]:
+    for text, match in [
+        ("bogus: 1\nname: x\n", "unknown option 'bogus'"),
+        ("k: [1]\nname: x\n", "--k: expected int"),
+        ("name: x\nflag: 3\n", "--flag: expected true or false"),
+        ("name: x\nmode: c\n", "--mode: expected one of a, b"),
+    ]:
         cfg.write_text(text)
         with pytest.raises(ValueError, match=match):
             resolve(opts, type("NS", (), {"config": str(cfg)})())
 
 
 def test_console_script_help_and_exit_code():
-    out = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "predict", "--help"], capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "jomed_fast.cli", "predict", "--help"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0 and "--k-text" in out.stdout and "--config" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "evaluate"], capture_output=True, text=True,
-                         check=False)
-    assert bad.returncode == 2 and bad.stderr.strip() == "jomed-fast evaluate: error: --predictions: required " \
-        "(give the flag or set predictions in the --config file)"
+    bad = subprocess.run(
+        [sys.executable, "-m", "jomed_fast.cli", "evaluate"], capture_output=True, text=True, check=False
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip()
+        == "jomed-fast evaluate: error: --predictions: required (give the flag or set predictions in the --config file)"
+    )
 
 
 def test_a_config_that_is_not_a_mapping_is_refused(tmp_path):
@@ -102,17 +146,75 @@ def test_a_config_that_is_not_a_mapping_is_refused(tmp_path):
 def test_train_reader_then_retriever_through_the_cli(files, capsys, tmp_path):
     root, data, reader = files
     ix = tmp_path / "ix"
-    assert run(["build-index", "--records", data / "index.jsonl", "--encoder", root / "encoder", "--out", ix,
-                "--no-progress"], capsys)[0] == 0
-    common = ["--reader", reader, "--train", data / "train.jsonl", "--val", data / "val.jsonl", "--index", ix,
-              "--index-records", data / "index.jsonl", "--encoder", root / "encoder", "--no-progress"]
-    code, out, err = run(["train-reader", *common, "--run-dir", tmp_path / "s1", "--max-steps", 2, "--batch-size", 2,
-                          "--lr", 1e-3, "--no-gradient-checkpointing"], capsys)
+    assert (
+        run(
+            [
+                "build-index",
+                "--records",
+                data / "index.jsonl",
+                "--encoder",
+                root / "encoder",
+                "--out",
+                ix,
+                "--no-progress",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    common = [
+        "--reader",
+        reader,
+        "--train",
+        data / "train.jsonl",
+        "--val",
+        data / "val.jsonl",
+        "--index",
+        ix,
+        "--index-records",
+        data / "index.jsonl",
+        "--encoder",
+        root / "encoder",
+        "--no-progress",
+    ]
+    code, out, err = run(
+        [
+            "train-reader",
+            *common,
+            "--run-dir",
+            tmp_path / "s1",
+            "--max-steps",
+            2,
+            "--batch-size",
+            2,
+            "--lr",
+            1e-3,
+            "--no-gradient-checkpointing",
+        ],
+        capsys,
+    )
     assert code == 0, err
     s1 = json.loads(out)
     assert s1["steps"] == 2 and (tmp_path / "s1" / "adapter" / "adapter_config.json").is_file()
-    code, out, err = run(["train-retriever", *common, "--adapter", s1["adapter"], "--run-dir", tmp_path / "s2",
-                          "--heads", "text", "--k", 4, "--max-steps", 2, "--batch-size", 2], capsys)
+    code, out, err = run(
+        [
+            "train-retriever",
+            *common,
+            "--adapter",
+            s1["adapter"],
+            "--run-dir",
+            tmp_path / "s2",
+            "--heads",
+            "text",
+            "--k",
+            4,
+            "--max-steps",
+            2,
+            "--batch-size",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     s2 = json.loads(out)
     qdir = tmp_path / "s2" / "query_encoder"
@@ -120,14 +222,51 @@ def test_train_reader_then_retriever_through_the_cli(files, capsys, tmp_path):
     assert (qdir / "text" / "model.safetensors").is_file() and (qdir / "image" / "model.safetensors").is_file()
     assert s2["text"]["cache"]["misses"] > 0
     # predict with the trained query encoders; the index still opens with its own encoder
-    code, out, err = run(["predict", "--reader", reader, "--adapter", s1["adapter"], "--samples", data / "test.jsonl",
-                          "--index", ix, "--index-records", data / "index.jsonl", "--encoder", root / "encoder",
-                          "--query-encoder", qdir, "--out", tmp_path / "p.jsonl", "--no-progress"], capsys)
+    code, out, err = run(
+        [
+            "predict",
+            "--reader",
+            reader,
+            "--adapter",
+            s1["adapter"],
+            "--samples",
+            data / "test.jsonl",
+            "--index",
+            ix,
+            "--index-records",
+            data / "index.jsonl",
+            "--encoder",
+            root / "encoder",
+            "--query-encoder",
+            qdir,
+            "--out",
+            tmp_path / "p.jsonl",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert 0.0 <= json.loads(out)["accuracy"] <= 1.0 and len(read_predictions(tmp_path / "p.jsonl")) > 0
     # a rerun with other options in the same run directory is refused, not mixed in
-    code, _out, err = run(["train-retriever", *common, "--adapter", s1["adapter"], "--run-dir", tmp_path / "s2",
-                           "--heads", "text", "--k", 4, "--max-steps", 3, "--batch-size", 2], capsys)
+    code, _out, err = run(
+        [
+            "train-retriever",
+            *common,
+            "--adapter",
+            s1["adapter"],
+            "--run-dir",
+            tmp_path / "s2",
+            "--heads",
+            "text",
+            "--k",
+            4,
+            "--max-steps",
+            3,
+            "--batch-size",
+            2,
+        ],
+        capsys,
+    )
     assert code == 2 and "was made from other inputs (config.max_steps changed)" in err
 
 
@@ -135,12 +274,39 @@ def test_predict_open_vqa_through_the_cli(files, capsys, tmp_path):
     root, data, reader = files
     rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:2]
     samples = tmp_path / "open.jsonl"
-    samples.write_text("".join(json.dumps({"id": r["id"], "image_path": str(data / r["image_path"]),
-                                           "question": "what lesion is seen?", "answer": "a simple cyst"}) + "\n"
-                               for r in rows))
-    code, out, err = run(["predict", "--reader", reader, "--task", "vqa_rad_open", "--samples", samples,
-                          "--retrieval", "none", "--max-new-tokens", 3, "--out", tmp_path / "p.jsonl",
-                          "--no-progress"], capsys)
+    samples.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": r["id"],
+                    "image_path": str(data / r["image_path"]),
+                    "question": "what lesion is seen?",
+                    "answer": "a simple cyst",
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    code, out, err = run(
+        [
+            "predict",
+            "--reader",
+            reader,
+            "--task",
+            "vqa_rad_open",
+            "--samples",
+            samples,
+            "--retrieval",
+            "none",
+            "--max-new-tokens",
+            3,
+            "--out",
+            tmp_path / "p.jsonl",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     recs = read_predictions(tmp_path / "p.jsonl")
     assert [r.kind for r in recs] == ["vqa_open"] * 2 and all(isinstance(r.fused, str) for r in recs)
@@ -156,8 +322,9 @@ def test_version_is_the_package_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out == f"jomed-fast {jomed_fast.__version__}\n"
-    out = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "--version"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "jomed_fast.cli", "--version"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0 and out.stdout == f"jomed-fast {jomed_fast.__version__}\n"
 
 
@@ -180,8 +347,10 @@ def _help(command: str, capsys) -> dict:
     return _help_entries(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("command", ["build-index", "train-reader", "train-retriever", "predict", "evaluate",
-                                     "analyze", "plan-memory", "demo"])
+@pytest.mark.parametrize(
+    "command",
+    ["build-index", "train-reader", "train-retriever", "predict", "evaluate", "analyze", "plan-memory", "demo"],
+)
 def test_help_names_each_default_once(command, capsys):
     from jomed_fast.cli import commands
 

@@ -49,15 +49,36 @@ def sha(path) -> str:
 def synthetic(tmp_path_factory):
     """A synthetic index built through ``jomed-fast index-synthetic``, and its JSON line."""
     out = tmp_path_factory.mktemp("synthetic") / "ix"
-    code = main(["index-synthetic", "--records", str(N_RECORDS), "--out", str(out), "--chunk-size", str(CHUNK),
-                 "--batch-size", "50", "--threads", "1", "--no-progress", *TINY_ENCODER])
+    code = main(
+        [
+            "index-synthetic",
+            "--records",
+            str(N_RECORDS),
+            "--out",
+            str(out),
+            "--chunk-size",
+            str(CHUNK),
+            "--batch-size",
+            "50",
+            "--threads",
+            "1",
+            "--no-progress",
+            *TINY_ENCODER,
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_index_synthetic_is_the_library_build(synthetic, tmp_path):
-    reference = build_synthetic_index(N_RECORDS, synthetic_encoder(seed=0, width=8, depth=1, dim=16), tmp_path / "ref",
-                                      chunk_size=CHUNK, batch_size=50, progress=False)
+    reference = build_synthetic_index(
+        N_RECORDS,
+        synthetic_encoder(seed=0, width=8, depth=1, dim=16),
+        tmp_path / "ref",
+        chunk_size=CHUNK,
+        batch_size=50,
+        progress=False,
+    )
     for name in ("image_embeddings.npy", "text_embeddings.npy", "records.jsonl"):
         assert sha(synthetic / name) == sha(reference.path / name), name
     assert (synthetic / "encoder" / "config.json").is_file()  # the built-in encoder, saved for verify-index
@@ -115,13 +136,16 @@ def test_verify_index_takes_its_index_from_the_config(synthetic, tmp_path, capsy
 
 def test_python_m_jomed_fast_index_is_the_same_commands(synthetic, capsys):
     table = commands()
-    assert run(["cost", "--records", 1000, "--dim", 64, "--json"], capsys, index_alias)[1] == \
-        run(["index-cost", "--records", 1000, "--dim", 64, "--json"], capsys)[1]
+    assert (
+        run(["cost", "--records", 1000, "--dim", 64, "--json"], capsys, index_alias)[1]
+        == run(["index-cost", "--records", 1000, "--dim", 64, "--json"], capsys)[1]
+    )
     code, out, _ = run(["verify", synthetic, "--no-images"], capsys, index_alias)
     assert code == 0 and json.loads(out)["count"] == N_RECORDS
     code, _, err = run(["build-synthetic", "--records", 0, "--out", "x"], capsys, index_alias)
-    assert code == 2 and err == ("python -m jomed_fast.index build-synthetic: error: "
-                                 "--records: expected an int >= 1, got 0\n")
+    assert code == 2 and err == (
+        "python -m jomed_fast.index build-synthetic: error: --records: expected an int >= 1, got 0\n"
+    )
     from jomed_fast.index.__main__ import ALIASES
 
     assert set(ALIASES.values()) <= set(table)
@@ -129,11 +153,32 @@ def test_python_m_jomed_fast_index_is_the_same_commands(synthetic, capsys):
 
 def test_index_synthetic_under_torchrun_matches_one_process(synthetic, tmp_path):
     out = tmp_path / "ix2"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "jomed_fast.cli", "index-synthetic", "--records", str(N_RECORDS), "--out", str(out),
-            "--chunk-size", str(CHUNK), "--batch-size", "50", "--threads", "1", "--no-progress", *TINY_ENCODER]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "jomed_fast.cli",
+        "index-synthetic",
+        "--records",
+        str(N_RECORDS),
+        "--out",
+        str(out),
+        "--chunk-size",
+        str(CHUNK),
+        "--batch-size",
+        "50",
+        "--threads",
+        "1",
+        "--no-progress",
+        *TINY_ENCODER,
+    ]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=180, check=False, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and lines[0]["world"] == 2 and lines[0]["rank"] == 0  # rank 0 reports
@@ -158,20 +203,38 @@ def _rows(path):
 
 def test_convert_medmnist_is_the_library_conversion(tmp_path, capsys):
     src = _medmnist(tmp_path / "breastmnist_28.npz")
-    code, out, err = run(["convert", "--format", "medmnist", "--src", src, "--task", "breast", "--out",
-                          tmp_path / "cli"], capsys)
+    code, out, err = run(
+        ["convert", "--format", "medmnist", "--src", src, "--task", "breast", "--out", tmp_path / "cli"], capsys
+    )
     assert code == 0, err
     written = json.loads(out)
     assert {s: w["samples"] for s, w in written.items()} == {"train": 5, "val": 3, "test": 4}  # the file's counts
     reference = medmnist_to_jsonl(src, tmp_path / "ref", "breast")
     for split, path in reference.items():
         cli_rows, ref_rows = _rows(written[split]["path"]), _rows(path)
-        assert [{k: v for k, v in r.items() if k != "image_path"} for r in cli_rows] == \
-               [{k: v for k, v in r.items() if k != "image_path"} for r in ref_rows]
+        assert [{k: v for k, v in r.items() if k != "image_path"} for r in cli_rows] == [
+            {k: v for k, v in r.items() if k != "image_path"} for r in ref_rows
+        ]
         for c, r in zip(cli_rows, ref_rows):
             assert sha(tmp_path / "cli" / c["image_path"]) == sha(tmp_path / "ref" / r["image_path"])
-    code, out, _ = run(["convert", "--format", "medmnist", "--src", src, "--task", "breast", "--out",
-                        tmp_path / "few", "--splits", "test", "--limit", 2], capsys)
+    code, out, _ = run(
+        [
+            "convert",
+            "--format",
+            "medmnist",
+            "--src",
+            src,
+            "--task",
+            "breast",
+            "--out",
+            tmp_path / "few",
+            "--splits",
+            "test",
+            "--limit",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0 and {s: w["samples"] for s, w in json.loads(out).items()} == {"test": 2}
     assert sorted(p.name for p in (tmp_path / "few").glob("*.jsonl")) == ["test.jsonl"]
 
@@ -181,11 +244,16 @@ def _vqa_rad(root):
     (root / "VQA_RAD Image Folder").mkdir(parents=True)
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (8, 8), (10, 20, 30)).save(root / "VQA_RAD Image Folder" / name)
-    rows = [("a.jpg", "is there a mass?", "Yes", "freeform"), ("b.jpg", "is it normal?", "no", "para"),
-            ("a.jpg", "what organ is shown?", "liver", "freeform"), ("b.jpg", "any fracture?", "yes", "test_freeform"),
-            ("b.jpg", "which side?", "left", "test_para")]
-    data = [{"image_name": i, "question": q, "answer": a, "answer_type": "CLOSED", "phrase_type": p}
-            for i, q, a, p in rows]
+    rows = [
+        ("a.jpg", "is there a mass?", "Yes", "freeform"),
+        ("b.jpg", "is it normal?", "no", "para"),
+        ("a.jpg", "what organ is shown?", "liver", "freeform"),
+        ("b.jpg", "any fracture?", "yes", "test_freeform"),
+        ("b.jpg", "which side?", "left", "test_para"),
+    ]
+    data = [
+        {"image_name": i, "question": q, "answer": a, "answer_type": "CLOSED", "phrase_type": p} for i, q, a, p in rows
+    ]
     (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(data))
     return root
 
@@ -195,38 +263,78 @@ def test_convert_vqa_rad_by_kind(tmp_path, capsys):
     code, out, err = run(["convert", "--format", "vqa_rad", "--src", src, "--out", tmp_path / "all"], capsys)
     assert code == 0, err
     written = json.loads(out)
-    assert {name: w["samples"] for name, w in written.items()} == \
-        {"train_closed": 2, "train_open": 1, "test_closed": 1, "test_open": 1}
+    assert {name: w["samples"] for name, w in written.items()} == {
+        "train_closed": 2,
+        "train_open": 1,
+        "test_closed": 1,
+        "test_open": 1,
+    }
     assert [r["answer"] for r in _rows(written["train_closed"]["path"])] == ["yes", "no"]
     assert [(r["question"], r["answer"]) for r in _rows(written["test_open"]["path"])] == [("which side?", "left")]
-    code, out, _ = run(["convert", "--format", "vqa_rad", "--src", src, "--out", tmp_path / "closed",
-                        "--kinds", "closed", "--splits", "train"], capsys)
+    code, out, _ = run(
+        [
+            "convert",
+            "--format",
+            "vqa_rad",
+            "--src",
+            src,
+            "--out",
+            tmp_path / "closed",
+            "--kinds",
+            "closed",
+            "--splits",
+            "train",
+        ],
+        capsys,
+    )
     assert code == 0 and list(json.loads(out)) == ["train_closed"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["convert", "--format", "medmnist", "--src", "x.npz", "--out", "o"], "--task: required with --format medmnist"),
-    (["convert", "--format", "slake", "--src", "s", "--out", "o", "--task", "breast"],
-     "--task: only --format medmnist takes it, got --format slake"),
-    (["convert", "--format", "medmnist", "--src", "x.npz", "--out", "o", "--task", "breast", "--kinds", "open"],
-     "--kinds: only --format vqa_rad, slake, pathvqa takes it"),
-    (["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--splits", "val"],
-     "--splits: expected values among train, test for --format vqa_rad, got 'val'"),
-    (["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--kinds", "yesno"],
-     "--kinds: expected values among closed, open, all (on the command line), got 'yesno'"),
-    (["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--limit", "0"], "--limit: expected an int >= 1"),
-    (["convert", "--format", "roco", "--src", "s", "--out", "o"], "--format: expected one of medmnist, vqa_rad"),
-    (["convert", "--format", "medmnist", "--src", "/nonexistent.npz", "--out", "o", "--task", "breast"],
-     "/nonexistent.npz"),
-    (["index-synthetic", "--records", "many", "--out", "o"], "--records: expected int (on the command line)"),
-    (["index-synthetic", "--records", "5", "--out", "o", "--batch-size", "0"], "--batch-size: expected an int >= 1"),
-    (["index-synthetic", "--records", "5"], "--out: required"),
-    (["verify-index"], "--index: required (give INDEX or the flag or set index in the --config file)"),
-    (["verify-index", "/nonexistent/ix"], "/nonexistent/ix/manifest.json not found"),
-    (["index-cost", "--nprobe", "0"], "--nprobe: expected an int >= 1, got 0"),
-    (["aot", "--arch", "sm_90"], "--arch: expected SM versions as ints (89 90), got 'sm_90'"),
-    (["aot", "--modules", "no_such_kernel"], "--modules: expected values among class_log_softmax"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["convert", "--format", "medmnist", "--src", "x.npz", "--out", "o"],
+            "--task: required with --format medmnist",
+        ),
+        (
+            ["convert", "--format", "slake", "--src", "s", "--out", "o", "--task", "breast"],
+            "--task: only --format medmnist takes it, got --format slake",
+        ),
+        (
+            ["convert", "--format", "medmnist", "--src", "x.npz", "--out", "o", "--task", "breast", "--kinds", "open"],
+            "--kinds: only --format vqa_rad, slake, pathvqa takes it",
+        ),
+        (
+            ["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--splits", "val"],
+            "--splits: expected values among train, test for --format vqa_rad, got 'val'",
+        ),
+        (
+            ["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--kinds", "yesno"],
+            "--kinds: expected values among closed, open, all (on the command line), got 'yesno'",
+        ),
+        (
+            ["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--limit", "0"],
+            "--limit: expected an int >= 1",
+        ),
+        (["convert", "--format", "roco", "--src", "s", "--out", "o"], "--format: expected one of medmnist, vqa_rad"),
+        (
+            ["convert", "--format", "medmnist", "--src", "/nonexistent.npz", "--out", "o", "--task", "breast"],
+            "/nonexistent.npz",
+        ),
+        (["index-synthetic", "--records", "many", "--out", "o"], "--records: expected int (on the command line)"),
+        (
+            ["index-synthetic", "--records", "5", "--out", "o", "--batch-size", "0"],
+            "--batch-size: expected an int >= 1",
+        ),
+        (["index-synthetic", "--records", "5"], "--out: required"),
+        (["verify-index"], "--index: required (give INDEX or the flag or set index in the --config file)"),
+        (["verify-index", "/nonexistent/ix"], "/nonexistent/ix/manifest.json not found"),
+        (["index-cost", "--nprobe", "0"], "--nprobe: expected an int >= 1, got 0"),
+        (["aot", "--arch", "sm_90"], "--arch: expected SM versions as ints (89 90), got 'sm_90'"),
+        (["aot", "--modules", "no_such_kernel"], "--modules: expected values among class_log_softmax"),
+    ],
+)
 def test_bad_options_are_one_line_with_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing a refused command might write lands in the repository
     code, _out, err = run(argv, capsys)
@@ -249,8 +357,14 @@ def test_aot_help_and_dispatch(monkeypatch, capsys):
 
 def test_aot_exit_code_is_the_checks_own():
     # the real check, refusing to compile under the interpreter before it imports Triton
-    proc = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "aot", "--arch", "90"], capture_output=True,
-                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jomed_fast.cli", "aot", "--arch", "90"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 2 and "TRITON_INTERPRET is set" in proc.stderr
 
 
@@ -270,8 +384,12 @@ def _values(options, argv):
 
 
 def test_option_types_are_the_field_types():
-    assert [(o.name, o.type, o.nullable) for o in config_options(Settings)] == \
-        [("count", int, True), ("rate", float, False), ("name", str, True), ("on", bool, False)]
+    assert [(o.name, o.type, o.nullable) for o in config_options(Settings)] == [
+        ("count", int, True),
+        ("rate", float, False),
+        ("name", str, True),
+        ("on", bool, False),
+    ]
     options = config_options(Settings)
     assert config_from(Settings, _values(options, [])) == Settings()  # nothing given: the defaults
     assert _values(options, [])["count"] is UNSET

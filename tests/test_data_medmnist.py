@@ -80,12 +80,20 @@ def test_to_jsonl_round_trip(tmp_path):
     "kwargs, split, task, reason",
     [
         (dict(val_labels=None), "val", None, "missing key 'val_labels'"),
-        (dict(train_labels=np.zeros((5, 1), np.uint8)), "train", None,
-         "mismatched counts: 'train_images' has 6 images but 'train_labels' has 5 labels"),
+        (
+            dict(train_labels=np.zeros((5, 1), np.uint8)),
+            "train",
+            None,
+            "mismatched counts: 'train_images' has 6 images but 'train_labels' has 5 labels",
+        ),
         (dict(train_images=np.zeros((6, 28, 28), np.float32)), "train", None, "expected uint8 pixels"),
         (dict(train_images=np.zeros((6, 28), np.uint8)), "train", None, "expected [n, H, W] or [n, H, W, 3]"),
-        (dict(test_labels=np.array([[0], [1], [7], [1]], np.uint8)), "test", "breast",
-         "test_labels[2] = 7 is outside the label set of task 'breast'"),
+        (
+            dict(test_labels=np.array([[0], [1], [7], [1]], np.uint8)),
+            "test",
+            "breast",
+            "test_labels[2] = 7 is outside the label set of task 'breast'",
+        ),
         (dict(), "train", "brset", "single-label) but task 'brset' is multilabel"),
         (dict(train_labels=np.full((6, 1), 0.5)), "train", None, "expected integer labels"),
     ],
@@ -98,8 +106,7 @@ def test_bad_files(tmp_path, kwargs, split, task, reason):
 
 
 def test_bad_multilabel_rows_and_unreadable_files(tmp_path):
-    p = _npz(tmp_path / "ml.npz", labels="multi", n_classes=14,
-             val_labels=np.array([[0] * 13 + [2]] * 3, np.uint8))
+    p = _npz(tmp_path / "ml.npz", labels="multi", n_classes=14, val_labels=np.array([[0] * 13 + [2]] * 3, np.uint8))
     with pytest.raises(DataError, match=r"val_labels\[0\] = .* outside the label set of task 'brset'"):
         load_medmnist(p, "val", "brset")
     with pytest.raises(DataError, match="has 14 label columns, task 'vindr_pcxr' has 15"):

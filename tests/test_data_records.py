@@ -48,8 +48,15 @@ def images(tmp_path):
 def test_samples_round_trip(tmp_path):
     task = get_task("vindr_pcxr")
     samples = [
-        Sample(id=f"s{i}", image_path=None, answer=task.format_answer({i, 14}), label=frozenset({i, 14}),
-               question="Which diagnoses?" if i % 2 else None, image=_img(i), extra={"meta": {"k": i}})
+        Sample(
+            id=f"s{i}",
+            image_path=None,
+            answer=task.format_answer({i, 14}),
+            label=frozenset({i, 14}),
+            question="Which diagnoses?" if i % 2 else None,
+            image=_img(i),
+            extra={"meta": {"k": i}},
+        )
         for i in range(5)
     ]
     out = tmp_path / "out" / "train.jsonl"
@@ -70,8 +77,10 @@ def test_samples_round_trip(tmp_path):
 
 
 def test_index_records_round_trip(tmp_path):
-    recs = [IndexRecord(id=f"pmc-{i}", image_path=None, text=f"CT of the chest, case {i}", image=_img(10 + i))
-            for i in range(3)]
+    recs = [
+        IndexRecord(id=f"pmc-{i}", image_path=None, text=f"CT of the chest, case {i}", image=_img(10 + i))
+        for i in range(3)
+    ]
     out = tmp_path / "index.jsonl"
     write_index_records(recs, out, images_dir=tmp_path / "index_images")
     back = load_index_records(out, load_images=True)
@@ -108,7 +117,9 @@ def test_reference_format_variants(tmp_path, images):
     s = load_samples(m, "vindr_pcxr")[0]
     assert s.label == frozenset({2, 14}) and s.answer == "2, 14"
     # open VQA: no label set, answer kept
-    o = _write_lines(tmp_path / "open.jsonl", [{"image_path": "imgs/0.png", "question": "Where?", "answer": "left lung"}])
+    o = _write_lines(
+        tmp_path / "open.jsonl", [{"image_path": "imgs/0.png", "question": "Where?", "answer": "left lung"}]
+    )
     assert load_samples(o, "slake_open")[0].answer == "left lung"
 
 
@@ -139,7 +150,11 @@ def _expect(path: Path, line: int, reason: str, record=None, loader=load_samples
         ({"id": "c", "image_path": 5, "answer": "Yes"}, "'image_path' must be a string", "c"),
         ({"id": "d", "image_path": "imgs/0.png"}, "missing 'answer' (or 'answers')", "d"),
         ({"id": "e", "image_path": "imgs/0.png", "answer": {"x": 1}}, "'answer' must be a string or a list", "e"),
-        ({"id": "f", "image_path": "imgs/0.png", "answer": "Maybe"}, "answer 'Maybe' is outside the label set of task 'breast'", "f"),
+        (
+            {"id": "f", "image_path": "imgs/0.png", "answer": "Maybe"},
+            "answer 'Maybe' is outside the label set of task 'breast'",
+            "f",
+        ),
         ({"id": "g", "image_path": "imgs/0.png", "answer": "Yes", "answers": "No"}, "disagree", "g"),
         ({"id": "h", "image_path": "imgs/missing.png", "answer": "No"}, "missing image 'imgs/missing.png'", "h"),
         ({"id": "i", "image_path": "not_an_image.png", "answer": "No"}, "unreadable image 'not_an_image.png'", "i"),

@@ -12,7 +12,6 @@ import pytest
 
 from jomed_fast.data import DataError, records_digest
 from jomed_fast.data.synthetic import (
-    _DX_HEDGED,
     ATYPICAL_LOOK,
     CLASS_KEYWORDS,
     FINDINGS,
@@ -25,6 +24,7 @@ from jomed_fast.data.synthetic import (
     render_ultrasound,
     write_synthetic,
 )
+from jomed_fast.data.synthetic.captions import _DX_HEDGED
 from jomed_fast.identity import json_digest
 from jomed_fast.tasks import get_task
 
@@ -57,8 +57,9 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, small):
     _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert mismatch == [] and errors == []
 
-    c = write_synthetic(generate(SyntheticConfig(**{**SMALL.to_dict(), "seed": 8, "visibility": (0.5, 1.0)})),
-                        tmp_path / "c")
+    c = write_synthetic(
+        generate(SyntheticConfig(**{**SMALL.to_dict(), "seed": 8, "visibility": (0.5, 1.0)})), tmp_path / "c"
+    )
     assert _tree(c) == files  # same ids and layout ...
     _, mismatch, _ = filecmp.cmpfiles(a, c, files, shallow=False)
     assert len(mismatch) > 0.95 * len(files)  # ... other content
@@ -70,15 +71,30 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, small):
 # wording or the file format changes them; then GENERATOR_VERSION changes too, and the demo's
 # findings (tests/test_demo_findings.py) are measured again.
 PINNED = {
-    "small": (SMALL, "0360fe52b633495c997d2ca88a35227100129393db11683cbd3e7d0f87ee96a3",
-              "01921162638763144e7d5b21ab8ef4f2054ff3862171e4d6bc1a45183df1813c",
-              "b7bcd65498651d5e456f1e75bb15b213f1bba00b2c30223729f8c6d176fb8341"),
-    "every_option": (SyntheticConfig(seed=3, image_size=40, n_train=30, n_val=5, n_test=20, index_size=80,
-                                     prototypes_per_class=3, atypical_rate=0.6, label_noise=0.3, hedged_rate=0.4,
-                                     atypical_cue=0.5),
-                     "c2122f06ad368be7ec12abb97ac7a72919d424149d6d2bc067016ccccc4dfb90",
-                     "0119a54ac624e76da0f2a4cfe7bb7d8681266605463b5f3bff606c467902a249",
-                     "0165967c3914be9609ee4a2c6a789fea86af80d8ae1c76d8b731f9afd7bf481e"),
+    "small": (
+        SMALL,
+        "0360fe52b633495c997d2ca88a35227100129393db11683cbd3e7d0f87ee96a3",
+        "01921162638763144e7d5b21ab8ef4f2054ff3862171e4d6bc1a45183df1813c",
+        "b7bcd65498651d5e456f1e75bb15b213f1bba00b2c30223729f8c6d176fb8341",
+    ),
+    "every_option": (
+        SyntheticConfig(
+            seed=3,
+            image_size=40,
+            n_train=30,
+            n_val=5,
+            n_test=20,
+            index_size=80,
+            prototypes_per_class=3,
+            atypical_rate=0.6,
+            label_noise=0.3,
+            hedged_rate=0.4,
+            atypical_cue=0.5,
+        ),
+        "c2122f06ad368be7ec12abb97ac7a72919d424149d6d2bc067016ccccc4dfb90",
+        "0119a54ac624e76da0f2a4cfe7bb7d8681266605463b5f3bff606c467902a249",
+        "0165967c3914be9609ee4a2c6a789fea86af80d8ae1c76d8b731f9afd7bf481e",
+    ),
 }
 
 
@@ -89,7 +105,10 @@ def test_generated_data_equal_the_pinned_digests(tmp_path, name):
     recs = [*ds.train, *ds.val, *ds.test, *ds.index]
     manifest = json.loads((write_synthetic(ds, tmp_path / name) / "manifest.json").read_text())
     assert (records_digest(recs), json_digest([r.extra for r in recs]), json_digest(manifest["files"])) == (
-        content, meta, files)
+        content,
+        meta,
+        files,
+    )
 
 
 def test_items_render_alone_in_any_order(small):
@@ -113,14 +132,23 @@ def test_images_and_ids(small):
         assert len({r.id for r in recs}) == len(recs)
         for r in recs[:5]:
             assert r.image.shape == (32, 32, 3) and r.image.dtype == np.uint8
-    assert generate(SyntheticConfig(n_train=2, n_val=0, n_test=0, index_size=0, image_size=48)).train[0].image.shape == (
-        48, 48, 3)
+    assert generate(SyntheticConfig(n_train=2, n_val=0, n_test=0, index_size=0, image_size=48)).train[
+        0
+    ].image.shape == (48, 48, 3)
 
 
 def test_config_validation():
-    for bad in (dict(seed=-1), dict(image_size=8), dict(atypical_rate=1.5), dict(visibility=(0.0, 1.0)),
-                dict(relevant_fraction=0.9, misleading_fraction=0.2), dict(train_prototype_fraction=0.0),
-                {"hedged_rate": 1.5}, {"atypical_cue": -0.1}, {"atypical_cue": 1.5}):
+    for bad in (
+        dict(seed=-1),
+        dict(image_size=8),
+        dict(atypical_rate=1.5),
+        dict(visibility=(0.0, 1.0)),
+        dict(relevant_fraction=0.9, misleading_fraction=0.2),
+        dict(train_prototype_fraction=0.0),
+        {"hedged_rate": 1.5},
+        {"atypical_cue": -0.1},
+        {"atypical_cue": 1.5},
+    ):
         with pytest.raises(ValueError, match="SyntheticConfig"):
             SyntheticConfig(**bad)
     assert SyntheticConfig.from_dict(SMALL.to_dict()) == SMALL
@@ -187,8 +215,11 @@ def test_captions(medium):
             assert m["hedged"]
         if m["kind"] == "relevant" and m["look"] != m["label"]:
             assert not m["hedged"]  # atypical cases are biopsy-proven
-    relevant = [r.extra["meta"] for r in medium.index if r.extra["meta"]["kind"] == "relevant"
-                and r.extra["meta"]["look"] == r.extra["meta"]["label"]]
+    relevant = [
+        r.extra["meta"]
+        for r in medium.index
+        if r.extra["meta"]["kind"] == "relevant" and r.extra["meta"]["look"] == r.extra["meta"]["label"]
+    ]
     share = np.mean([m["hedged"] for m in relevant])
     assert abs(share - medium.config.hedged_rate) < 0.1, share
 

@@ -45,16 +45,46 @@ def _json(path: Path, obj) -> Path:
 # fixtures: one small release per dataset
 # ------------------------------------------------------------------------------------------------
 VQA_RAD_ROWS = [
-    {"qid": 0, "image_name": "synpic1.jpg", "question": "Is there a fracture?", "answer": "Yes",
-     "answer_type": "CLOSED", "phrase_type": "freeform"},
-    {"qid": 1, "image_name": "synpic1.jpg", "question": "Which organ is shown?", "answer": "liver",
-     "answer_type": "OPEN", "phrase_type": "para"},
-    {"qid": 2, "image_name": "synpic2.png", "question": "Is the lesion on the left or right?", "answer": "left",
-     "answer_type": "CLOSED", "phrase_type": "freeform"},  # CLOSED but not yes/no: open task
-    {"qid": 3, "image_name": "synpic2.png", "question": "How many lesions?", "answer": 2,
-     "answer_type": "OPEN", "phrase_type": "test_freeform"},
-    {"qid": 4, "image_name": "synpic1.jpg", "question": "Is this normal?", "answer": " NO ",
-     "answer_type": "CLOSED", "phrase_type": "test_para"},
+    {
+        "qid": 0,
+        "image_name": "synpic1.jpg",
+        "question": "Is there a fracture?",
+        "answer": "Yes",
+        "answer_type": "CLOSED",
+        "phrase_type": "freeform",
+    },
+    {
+        "qid": 1,
+        "image_name": "synpic1.jpg",
+        "question": "Which organ is shown?",
+        "answer": "liver",
+        "answer_type": "OPEN",
+        "phrase_type": "para",
+    },
+    {
+        "qid": 2,
+        "image_name": "synpic2.png",
+        "question": "Is the lesion on the left or right?",
+        "answer": "left",
+        "answer_type": "CLOSED",
+        "phrase_type": "freeform",
+    },  # CLOSED but not yes/no: open task
+    {
+        "qid": 3,
+        "image_name": "synpic2.png",
+        "question": "How many lesions?",
+        "answer": 2,
+        "answer_type": "OPEN",
+        "phrase_type": "test_freeform",
+    },
+    {
+        "qid": 4,
+        "image_name": "synpic1.jpg",
+        "question": "Is this normal?",
+        "answer": " NO ",
+        "answer_type": "CLOSED",
+        "phrase_type": "test_para",
+    },
 ]
 
 
@@ -68,14 +98,42 @@ def vqa_rad(tmp_path):
 
 
 SLAKE_TRAIN = [
-    {"img_id": 102, "img_name": "xmlab102/source.jpg", "question": "Does the picture contain liver?",
-     "answer": "Yes", "q_lang": "en", "answer_type": "CLOSED", "qid": 11},
-    {"img_id": 102, "img_name": "xmlab102/source.jpg", "question": "图片中包含肝脏吗?", "answer": "是",
-     "q_lang": "zh", "answer_type": "CLOSED", "qid": 12},
-    {"img_id": 7, "img_name": "xmlab7/source.jpg", "question": "What modality is used?", "answer": "CT",
-     "q_lang": "en", "answer_type": "OPEN", "qid": 13},
-    {"img_id": 7, "img_name": "xmlab7/source.jpg", "question": "Is the lung healthy?", "answer": "no",
-     "q_lang": "en", "answer_type": "CLOSED", "qid": 14},
+    {
+        "img_id": 102,
+        "img_name": "xmlab102/source.jpg",
+        "question": "Does the picture contain liver?",
+        "answer": "Yes",
+        "q_lang": "en",
+        "answer_type": "CLOSED",
+        "qid": 11,
+    },
+    {
+        "img_id": 102,
+        "img_name": "xmlab102/source.jpg",
+        "question": "图片中包含肝脏吗?",
+        "answer": "是",
+        "q_lang": "zh",
+        "answer_type": "CLOSED",
+        "qid": 12,
+    },
+    {
+        "img_id": 7,
+        "img_name": "xmlab7/source.jpg",
+        "question": "What modality is used?",
+        "answer": "CT",
+        "q_lang": "en",
+        "answer_type": "OPEN",
+        "qid": 13,
+    },
+    {
+        "img_id": 7,
+        "img_name": "xmlab7/source.jpg",
+        "question": "Is the lung healthy?",
+        "answer": "no",
+        "q_lang": "en",
+        "answer_type": "CLOSED",
+        "qid": 14,
+    },
 ]
 
 
@@ -86,7 +144,9 @@ def slake(tmp_path):
     _save(root / "imgs" / "xmlab7" / "source.jpg", 4)
     _json(root / "train.json", SLAKE_TRAIN)
     _json(root / "validate.json", [dict(SLAKE_TRAIN[0], qid=21), dict(SLAKE_TRAIN[2], qid=22)])
-    _json(root / "test.json", [dict(SLAKE_TRAIN[2], qid=31), dict(SLAKE_TRAIN[1], qid=32), dict(SLAKE_TRAIN[3], qid=33)])
+    _json(
+        root / "test.json", [dict(SLAKE_TRAIN[2], qid=31), dict(SLAKE_TRAIN[1], qid=32), dict(SLAKE_TRAIN[3], qid=33)]
+    )
     return root
 
 
@@ -125,11 +185,15 @@ def test_vqa_rad_split_and_kinds(vqa_rad):
     assert s.extra["phrase_type"] == "freeform" and s.extra["qid"] == 0 and s.extra["answer_type"] == "CLOSED"
     assert Path(s.image_path).is_absolute() and Path(s.image_path).name == "synpic1.jpg"
     opened = load_vqa_rad(vqa_rad, "train", "open")
-    assert [(s.id, s.answer, s.label) for s in opened] == [("vqa_rad-00001", "liver", None),
-                                                           ("vqa_rad-00002", "left", None)]
+    assert [(s.id, s.answer, s.label) for s in opened] == [
+        ("vqa_rad-00001", "liver", None),
+        ("vqa_rad-00002", "left", None),
+    ]
     test_all = load_vqa_rad(vqa_rad, "test", "all")  # phrase_type test_* -> test
     assert [(s.id, s.answer, s.label, s.extra["kind"]) for s in test_all] == [
-        ("vqa_rad-00003", "2", None, "open"), ("vqa_rad-00004", "no", 0, "closed")]
+        ("vqa_rad-00003", "2", None, "open"),
+        ("vqa_rad-00004", "no", 0, "closed"),
+    ]
     # the JSON file itself as root; images decode
     loaded = load_vqa_rad(vqa_rad / VQA_RAD_JSON, "test", "closed", load_images=True)
     assert loaded[0].image.shape == (8, 8, 3) and loaded[0].image.dtype == np.uint8
@@ -155,7 +219,10 @@ def test_slake_english_only(slake):
 def test_pathvqa_layouts(pathvqa, tmp_path):
     train = load_pathvqa(pathvqa, "train", "all")
     assert [(s.id, s.answer, s.label) for s in train] == [
-        ("pathvqa-train-00000", "yes", 1), ("pathvqa-train-00001", "necrosis", None), ("pathvqa-train-00002", "no", 0)]
+        ("pathvqa-train-00000", "yes", 1),
+        ("pathvqa-train-00001", "necrosis", None),
+        ("pathvqa-train-00002", "no", 0),
+    ]
     assert Path(train[0].image_path) == pathvqa / "images" / "train" / "train_0000.jpg"  # suffix found
     assert len(load_pathvqa(pathvqa, "validate", "closed")) == 2  # alias of "val"
     # split folders: <root>/<split>/<split>.json with the images beside it
@@ -169,9 +236,11 @@ def test_pathvqa_layouts(pathvqa, tmp_path):
     # one file with a split field (and own ids)
     single = tmp_path / "single"
     _save(single / "images" / "a.png", 5)
-    rows = [{"id": "q1", "image": "a.png", "question": "Is it benign?", "answer": "yes", "split": "train"},
-            {"id": "q2", "image": "a.png", "question": "Is it malignant?", "answer": "no", "split": "validation"},
-            {"id": "q3", "image": "a.png", "question": "What stain?", "answer": "H&E", "split": "test"}]
+    rows = [
+        {"id": "q1", "image": "a.png", "question": "Is it benign?", "answer": "yes", "split": "train"},
+        {"id": "q2", "image": "a.png", "question": "Is it malignant?", "answer": "no", "split": "validation"},
+        {"id": "q3", "image": "a.png", "question": "What stain?", "answer": "H&E", "split": "test"},
+    ]
     _json(single / "qa.json", rows)
     assert [s.id for s in load_pathvqa(single, "val", "closed")] == ["pathvqa-q2"]
     assert [s.id for s in load_pathvqa(single / "qa.json", "test", "open")] == ["pathvqa-q3"]
@@ -185,8 +254,11 @@ def test_to_jsonl_round_trip(dataset, request, tmp_path):
     root = request.getfixturevalue(dataset)
     out = tmp_path / "jsonl" / dataset
     written = vqa_to_jsonl(dataset, root, out)
-    splits = {"vqa_rad": ("train", "test"), "slake": ("train", "validate", "test"),
-              "pathvqa": ("train", "val", "test")}[dataset]
+    splits = {
+        "vqa_rad": ("train", "test"),
+        "slake": ("train", "validate", "test"),
+        "pathvqa": ("train", "val", "test"),
+    }[dataset]
     assert sorted(written) == sorted(f"{sp}_{k}" for sp in splits for k in ("closed", "open"))
     for key, path in written.items():
         sp, kind = key.rsplit("_", 1)
@@ -199,7 +271,8 @@ def test_to_jsonl_round_trip(dataset, request, tmp_path):
         want = load_vqa(dataset, root, sp, kind)
         assert back.n_skipped == 0
         assert [(s.id, s.question, s.answer, s.label, s.image_path) for s in back] == [
-            (s.id, s.question, s.answer, s.label, s.image_path) for s in want]
+            (s.id, s.question, s.answer, s.label, s.image_path) for s in want
+        ]
 
 
 def test_to_jsonl_limit_and_arguments(vqa_rad, slake, tmp_path):

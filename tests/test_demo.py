@@ -23,20 +23,41 @@ def test_smoke_demo_runs_every_step_and_resumes(smoke):
     tmp_path, summary = smoke
     config = PRESETS["smoke"]
     report = tmp_path / "report"
-    for name in ("report.md", "main.json", "main.png", "consistency_accuracy.md", "oracle.json", "robustness.md",
-                 "rerank.json", "summary.json"):
+    for name in (
+        "report.md",
+        "main.json",
+        "main.png",
+        "consistency_accuracy.md",
+        "oracle.json",
+        "robustness.md",
+        "rerank.json",
+        "summary.json",
+    ):
         assert (report / name).is_file(), name
-    for system in ("reader_only", "ft_rag", "jomed", "jomed_no_retrieval", "jomed_random_retrieval",
-                   "jomed_no_query_image"):
+    for system in (
+        "reader_only",
+        "ft_rag",
+        "jomed",
+        "jomed_no_retrieval",
+        "jomed_random_retrieval",
+        "jomed_no_query_image",
+    ):
         recs = read_predictions(tmp_path / "predictions" / f"{system}.jsonl")
         assert len(recs) == config.data.n_test
-        assert len(recs[0].candidates) == (1 if system in ("reader_only", "jomed_no_retrieval")
-                                           else config.inference.k_text + config.inference.k_image)
+        assert len(recs[0].candidates) == (
+            1 if system in ("reader_only", "jomed_no_retrieval") else config.inference.k_text + config.inference.k_image
+        )
     assert set(summary["main"]) == {"reader_only", "ft_rag", "jomed"}
-    assert set(summary["robustness"]) == {"jomed", "no retrieval", "random retrieval", "no query image",
-                                          "uniform random"}
-    assert summary["checks"] == check_findings(summary["main"], {m: {"systems": v} for m, v in
-                                               summary["consistency"].items()}, summary["oracle"])
+    assert set(summary["robustness"]) == {
+        "jomed",
+        "no retrieval",
+        "random retrieval",
+        "no query image",
+        "uniform random",
+    }
+    assert summary["checks"] == check_findings(
+        summary["main"], {m: {"systems": v} for m, v in summary["consistency"].items()}, summary["oracle"]
+    )
     # oracle: some candidate right is at least as often right as any single candidate's own prediction
     ft = read_predictions(tmp_path / "predictions" / "ft_rag.jsonl")
     first = sum(r.candidates[0].prediction == r.gold for r in ft) / len(ft)
@@ -58,7 +79,7 @@ def test_smoke_demo_reports_the_findings_as_informational_and_exits_0(smoke, cap
     assert code == 0, printed
     held, n = sum(summary["checks"].values()), len(summary["checks"])
     assert f"findings (informational: the smoke preset is too small for them): {held} of {n} hold\n" in printed
-    assert json.loads(printed[:printed.index("\n}\n") + 2])["findings"] == "informational"
+    assert json.loads(printed[: printed.index("\n}\n") + 2])["findings"] == "informational"
     assert "### Checks (informational: this preset is too small for them)" in (out / "report" / "report.md").read_text()
 
 
@@ -78,8 +99,11 @@ def test_a_preset_that_asserts_the_findings_exits_1_when_one_fails(tmp_path, cap
     monkeypatch.setattr(jomed_fast.demo, "run_demo", _fake_run_demo(checks, seen))
     assert main(["demo", "--preset", "full", "--out", str(tmp_path), "--no-progress"]) == 1
     printed = capsys.readouterr().out
-    assert "findings (asserted by the full preset): 1 of 2 hold; failed: largest gain on the inconsistent split" \
-        in printed and seen[-1] == PRESETS["full"] and seen[-1].asserts_findings
+    assert (
+        "findings (asserted by the full preset): 1 of 2 hold; failed: largest gain on the inconsistent split" in printed
+        and seen[-1] == PRESETS["full"]
+        and seen[-1].asserts_findings
+    )
     # the same summary on a preset too small for the findings: informational, exit 0
     assert main(["demo", "--preset", "ci", "--out", str(tmp_path), "--no-progress", "--n-test", "7"]) == 0
     assert "findings (informational: the ci preset is too small for them): 1 of 2 hold" in capsys.readouterr().out
@@ -105,5 +129,7 @@ def test_which_presets_assert_the_findings_is_theirs_and_said_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "full asserts them (exit code 1 when one fails); smoke and ci are too small for them and report them " \
+    assert (
+        "full asserts them (exit code 1 when one fails); smoke and ci are too small for them and report them "
         "as informational" in text
+    )

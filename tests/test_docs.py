@@ -23,8 +23,9 @@ MODULE = re.compile(r"(?<![\w.])jomed_fast(?:\.[A-Za-z_]\w*)+")
 SUBCOMMAND = re.compile(r"\bjomed-fast[ \t]+([a-z][a-z0-9-]*)")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.S)
-PROCESS_WORDS = re.compile(r"\bissues?\b|\bsessions?\b|\blimit 15\b|\btargets? (?:is |are )?met\b|\bfix for\b|\btask \d",
-                           re.I)
+PROCESS_WORDS = re.compile(
+    r"\bissues?\b|\bsessions?\b|\blimit 15\b|\btargets? (?:is |are )?met\b|\bfix for\b|\btask \d", re.I
+)
 # optional at install time (README, "The C++ packer is optional"): named, but need not be importable
 OPTIONAL_MODULES = {"jomed_fast._C"}
 
@@ -83,7 +84,7 @@ def invocations(text: str) -> list[tuple[str, str]]:
     found = []
     for line in joined:
         for m in SUBCOMMAND.finditer(line):
-            rest = re.split(r"`| #", line[m.end():])[0]
+            rest = re.split(r"`| #", line[m.end() :])[0]
             found.append((m.group(1), rest))
     return found
 
@@ -143,15 +144,19 @@ def test_no_process_words(page):
 def test_readme_is_a_short_guide_that_names_every_subcommand():
     text = _text(ROOT / "README.md")
     n = len(text.splitlines())
-    assert n <= README_MAX_LINES, f"README.md: {n} lines, expected at most {README_MAX_LINES} (measurements go in docs/)"
+    assert n <= README_MAX_LINES, (
+        f"README.md: {n} lines, expected at most {README_MAX_LINES} (measurements go in docs/)"
+    )
     assert set(commands()) <= {sub for sub, _ in invocations(text)}
 
 
 def test_the_checks_catch_what_does_not_exist(tmp_path):
     """The helpers above fail on made-up names (so a passing run means the pages were checked)."""
     page = tmp_path / "page.md"
-    text = ("See `jomed_fast/no_such_module.py`, [x](no_such_page.md), `jomed_fast.ops.no_such_op`,\n"
-            "`jomed-fast predict --no-such-flag`, `jomed-fast no-such-command` and docs/benchmarks.md.")
+    text = (
+        "See `jomed_fast/no_such_module.py`, [x](no_such_page.md), `jomed_fast.ops.no_such_op`,\n"
+        "`jomed-fast predict --no-such-flag`, `jomed-fast no-such-command` and docs/benchmarks.md."
+    )
     assert missing_paths(text) == ["jomed_fast/no_such_module.py"]
     assert missing_links(page, text) == ["no_such_page.md"]
     assert not resolves("jomed_fast.ops.no_such_op") and resolves("jomed_fast.ops.fuse_candidates")

@@ -17,7 +17,7 @@ from jomed_fast.eval import (
 
 @st.composite
 def pairs(draw):
-    c = draw(st.integers(2, 6)); n = draw(st.integers(1, 30))
+    c, n = draw(st.integers(2, 6)), draw(st.integers(1, 30))
     lab = st.lists(st.integers(0, c - 1), min_size=n, max_size=n)
     return c, draw(lab), draw(lab)
 
@@ -31,24 +31,37 @@ def test_multiclass_vs_sklearn(case):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(2, 6).flatmap(lambda c: st.tuples(st.just(c), st.lists(
-    st.tuples(st.frozensets(st.integers(0, c - 1)), st.frozensets(st.integers(0, c - 1))), min_size=1, max_size=20))))
+@given(
+    st.integers(2, 6).flatmap(
+        lambda c: st.tuples(
+            st.just(c),
+            st.lists(
+                st.tuples(st.frozensets(st.integers(0, c - 1)), st.frozensets(st.integers(0, c - 1))),
+                min_size=1,
+                max_size=20,
+            ),
+        )
+    )
+)
 def test_multilabel_vs_sklearn(case):
     c, rows = case
-    p = [r[0] for r in rows]; t = [r[1] for r in rows]
+    p, t = [r[0] for r in rows], [r[1] for r in rows]
     mlb = MultiLabelBinarizer(classes=list(range(c)))
     P, T = mlb.fit_transform(p), mlb.transform(t)
     assert multilabel_macro_f1(p, t, c) == pytest.approx(f1_score(T, P, average="macro", zero_division=0))
     assert subset_accuracy(p, t) == pytest.approx(accuracy_score(T, P))
 
 
-@pytest.mark.parametrize("pred,gold,prf", [
-    ("the cat sat", "a cat sat down", (1.0, 2 / 3, 0.8)),
-    ("Denver Broncos", "Denver Broncos!", (1.0, 1.0, 1.0)),
-    ("left lung", "right lung", (0.5, 0.5, 0.5)),
-    ("nothing", "pneumonia", (0.0, 0.0, 0.0)),
-    ("the", "a", (1.0, 1.0, 1.0)),
-])
+@pytest.mark.parametrize(
+    "pred,gold,prf",
+    [
+        ("the cat sat", "a cat sat down", (1.0, 2 / 3, 0.8)),
+        ("Denver Broncos", "Denver Broncos!", (1.0, 1.0, 1.0)),
+        ("left lung", "right lung", (0.5, 0.5, 0.5)),
+        ("nothing", "pneumonia", (0.0, 0.0, 0.0)),
+        ("the", "a", (1.0, 1.0, 1.0)),
+    ],
+)
 def test_token_prf_squad(pred, gold, prf):
     assert token_prf(pred, gold) == pytest.approx(prf)
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _faults import base_args, one_line_error, run, sha
 
 from jomed_fast.infer import read_predictions
 from jomed_fast.readers import load_reader
-
-from _faults import base_args, files, full_run, one_line_error, run, sha  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent
@@ -30,9 +29,11 @@ HERE = Path(__file__).resolve().parent
 
 def _limited(max_bytes: int):
     """preexec_fn: files may grow to ``max_bytes`` (writes past it fail with EFBIG, as on a full disk)."""
+
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer outright
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
     return apply
 
 
@@ -108,11 +109,27 @@ def test_truncated_reader_weights_without_a_manifest_are_one_line(files, tmp_pat
 
 
 def test_debug_shows_the_traceback_of_a_user_error(full_run, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "--debug", "evaluate", "--predictions",
-                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jomed_fast.cli",
+            "--debug",
+            "evaluate",
+            "--predictions",
+            str(tmp_path / "missing.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "jomed_fast.cli", "evaluate", "--predictions",
-                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jomed_fast.cli", "evaluate", "--predictions", str(tmp_path / "missing.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 

@@ -156,8 +156,18 @@ def test_truncated_image_is_a_bad_record_that_skip_bad_skips(setup, capsys):
     root, records, _enc = setup
     img = root / "data" / "imgs" / "2.png"
     img.write_bytes(img.read_bytes()[:-40])  # cut inside the image data: the header still reads
-    base = ["build-index", "--records", records, "--encoder", root / "enc", "--batch-size", 4, "--chunk-size", 4,
-            "--no-progress"]
+    base = [
+        "build-index",
+        "--records",
+        records,
+        "--encoder",
+        root / "enc",
+        "--batch-size",
+        4,
+        "--chunk-size",
+        4,
+        "--no-progress",
+    ]
     code, _, err = _run(base + ["--out", root / "ix"], capsys)
     assert code == 2 and "index.jsonl:3: unreadable image 'imgs/2.png'" in _one_line(err) and "'r2'" in err
     code, out, err = _run(base + ["--out", root / "ix", "--skip-bad"], capsys)
@@ -173,8 +183,10 @@ def test_truncated_image_is_a_bad_record_that_skip_bad_skips(setup, capsys):
         load_index_records(records, verify_images="open")[2].load_image()
     # the samples of train-* / predict are decoded at load too: --skip-bad skips the file there as well
     from jomed_fast.cli.common import load_samples_from
-    (root / "data" / "s.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "image_path": f"imgs/{i}.png",
-                                                               "answer": "yes"}) + "\n" for i in range(4)))
+
+    (root / "data" / "s.jsonl").write_text(
+        "".join(json.dumps({"id": f"s{i}", "image_path": f"imgs/{i}.png", "answer": "yes"}) + "\n" for i in range(4))
+    )
     got = load_samples_from({"samples": str(root / "data" / "s.jsonl"), "skip_bad": True}, None)
     assert [s.id for s in got] == ["s0", "s1", "s3"] and got.n_skipped == 1
 
@@ -183,8 +195,12 @@ def test_half_written_jpeg_is_caught_at_load(tmp_path):
     Image.fromarray(_rgb(5)).save(tmp_path / "a.jpg", quality=90)
     data = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "a.jpg").write_bytes(data[: len(data) * 2 // 3])
-    (tmp_path / "s.jsonl").write_text(json.dumps({"id": "j", "image_path": "a.jpg", "answer": "no"}) + "\n"
-                                      + json.dumps({"id": "k", "image_path": "b.png", "answer": "no"}) + "\n")
+    (tmp_path / "s.jsonl").write_text(
+        json.dumps({"id": "j", "image_path": "a.jpg", "answer": "no"})
+        + "\n"
+        + json.dumps({"id": "k", "image_path": "b.png", "answer": "no"})
+        + "\n"
+    )
     save_png(tmp_path / "b.png", _rgb(6))
     with pytest.raises(DataError, match=r"s\.jsonl:1: unreadable image 'a\.jpg'"):
         load_samples(tmp_path / "s.jsonl", verify_images="decode")
@@ -208,6 +224,7 @@ def _count_texts(enc, fail_at=None):
             raise _Interrupt()
         calls.append(len(texts))
         return orig(texts)
+
     enc.encode_texts = encode_texts
     return calls
 
@@ -257,8 +274,9 @@ def test_zero_records_are_refused(setup, capsys):
     assert code == 2 and f"--records: {empty} holds no index record" in _one_line(err)
     bad = root / "bad.jsonl"
     bad.write_text('{"id": "a", "image_path": "nope.png", "text": "x"}\n')
-    code, _, err = _run(["build-index", "--records", bad, "--encoder", root / "enc", "--out", root / "ix",
-                         "--skip-bad"], capsys)
+    code, _, err = _run(
+        ["build-index", "--records", bad, "--encoder", root / "enc", "--out", root / "ix", "--skip-bad"], capsys
+    )
     assert code == 2 and "holds no index record to embed (1 bad record(s) skipped)" in _one_line(err)
     with pytest.raises(ValueError, match="records: expected at least one record"):
         Index.build([], enc, root / "ix", progress=False)
@@ -327,9 +345,16 @@ def test_every_row_of_the_given_records_is_checked(setup, capsys):
     lines[5], lines[6] = lines[6], lines[5]
     (root / "data" / "swapped.jsonl").write_text("\n".join(lines) + "\n")
     from jomed_fast.cli.common import load_retrieval_from
+
     with pytest.raises(ValueError, match="records: row 5 is 'r6'"):
-        load_retrieval_from({"index": str(root / "ix"), "encoder": str(root / "enc"), "trust_remote_code": False,
-                             "index_records": str(root / "data" / "swapped.jsonl")})
+        load_retrieval_from(
+            {
+                "index": str(root / "ix"),
+                "encoder": str(root / "enc"),
+                "trust_remote_code": False,
+                "index_records": str(root / "data" / "swapped.jsonl"),
+            }
+        )
 
 
 def test_in_memory_records_are_checked_by_their_pixels(tmp_path):
@@ -343,6 +368,7 @@ def test_in_memory_records_are_checked_by_their_pixels(tmp_path):
     with pytest.raises(ValueError, match=r"records: row 10 \('m10'\) has another image .*pixels_sha256"):
         Retrieval(ix, changed)
     from jomed_fast.data import write_index_records
+
     write_index_records(recs, tmp_path / "w" / "index.jsonl", images_dir=tmp_path / "w" / "imgs")
     Retrieval(ix, load_index_records(tmp_path / "w" / "index.jsonl"))  # the same pixels, from PNG files
 
@@ -365,8 +391,9 @@ def test_image_file_names_are_injective_and_old_files_still_load(tmp_path):
         np.testing.assert_array_equal(s.image, _rgb(k))  # each its own image: nothing overwritten
     # a file written under the earlier name ("case/1" -> images/case_1.png) still loads
     save_png(tmp_path / "images" / "case_1.png", _rgb(50))
-    (tmp_path / "old.jsonl").write_text(json.dumps({"id": "case/1", "image_path": "images/case_1.png",
-                                                    "answer": "yes"}) + "\n")
+    (tmp_path / "old.jsonl").write_text(
+        json.dumps({"id": "case/1", "image_path": "images/case_1.png", "answer": "yes"}) + "\n"
+    )
     np.testing.assert_array_equal(load_samples(tmp_path / "old.jsonl", load_images=True)[0].image, _rgb(50))
 
 

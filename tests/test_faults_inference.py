@@ -11,23 +11,20 @@ import threading
 
 import pytest
 import torch
-
-from jomed_fast.identity import IdentityMismatch
-from jomed_fast.infer import InferConfig, predict, read_predictions
-from jomed_fast.readers import load_reader
-
-from _faults import (  # noqa: F401 (fixtures)
+from _faults import (
     N_INDEX,
     N_TEST,
     assert_same_predictions,
     base_args,
-    files,
-    full_run,
     inputs_digest,
     one_line_error,
     run,
     sha,
 )
+
+from jomed_fast.identity import IdentityMismatch
+from jomed_fast.infer import InferConfig, predict, read_predictions
+from jomed_fast.readers import load_reader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,8 +120,11 @@ def test_the_identity_names_every_input_through_the_api(files, tmp_path):
     scorer = CandidateScorer(reader, "synthetic", "paper")
     ident = predict_identity(scorer, samples, config=InferConfig(retrieval="none", batch_size=1))
     assert ident == predict_identity(scorer, samples, config=InferConfig(retrieval="none", batch_size=7))
-    assert "index" not in ident and "encoder" not in ident and ident["samples"] != \
-        predict_identity(scorer, samples[:-1], config=InferConfig(retrieval="none"))["samples"]
+    assert (
+        "index" not in ident
+        and "encoder" not in ident
+        and ident["samples"] != predict_identity(scorer, samples[:-1], config=InferConfig(retrieval="none"))["samples"]
+    )
     out = tmp_path / "p.jsonl"
     predict(scorer, samples[:2], config=InferConfig(retrieval="none"), out_path=out, progress=False)
     with pytest.raises(IdentityMismatch, match=r"\(samples changed\)"):
@@ -140,8 +140,11 @@ def test_the_identity_names_every_input_through_the_api(files, tmp_path):
 def test_an_out_that_is_an_input_is_refused_before_anything_is_written(files, which, capsys):
     root, data, _reader = files
     before = inputs_digest(files)
-    out = {"samples": data / "test.jsonl", "index_records": data / "index.jsonl",
-           "inside_index": root / "ix" / "p.jsonl"}[which]
+    out = {
+        "samples": data / "test.jsonl",
+        "index_records": data / "index.jsonl",
+        "inside_index": root / "ix" / "p.jsonl",
+    }[which]
     code, _o, err = run(base_args(files, out), capsys)
     one_line_error(code, err, "--out", str(out), "destroy an input")
     assert inputs_digest(files) == before
@@ -214,14 +217,17 @@ def test_two_concurrent_runs_write_each_query_once(files, tmp_path):
 
     scorer.score = slow
     out = tmp_path / "p.jsonl"
-    first = threading.Thread(target=predict, args=(scorer, samples), daemon=True,
-                             kwargs={"config": config, "out_path": out, "progress": False})
+    first = threading.Thread(
+        target=predict,
+        args=(scorer, samples),
+        daemon=True,
+        kwargs={"config": config, "out_path": out, "progress": False},
+    )
     first.start()
     assert inside.wait(30)  # the first run holds the file and is scoring
     try:
         with pytest.raises(ValueError, match=r"p\.jsonl\.lock: held by another run"):
-            predict(CandidateScorer(reader, "synthetic", "paper"), samples, config=config, out_path=out,
-                    progress=False)
+            predict(CandidateScorer(reader, "synthetic", "paper"), samples, config=config, out_path=out, progress=False)
     finally:
         release.set()
         first.join(60)
@@ -242,8 +248,9 @@ def test_random_retrieval_draws_the_same_candidates_after_a_resume(files, tmp_pa
     # a query's draw depends on (seed, query id) alone, and another seed draws others
     other = tmp_path / "other.jsonl"
     assert run(base_args(files, other, "--retrieval", "random", "--seed", 6), capsys)[0] == 0
-    assert [[c.id for c in r.candidates] for r in read_predictions(other)] != \
-        [[c.id for c in r.candidates] for r in read_predictions(full)]
+    assert [[c.id for c in r.candidates] for r in read_predictions(other)] != [
+        [c.id for c in r.candidates] for r in read_predictions(full)
+    ]
 
 
 def test_random_draws_do_not_depend_on_the_order_of_the_queries(files):
@@ -263,14 +270,18 @@ def test_random_draws_do_not_depend_on_the_order_of_the_queries(files):
 
 
 # ------------------------------------------------------------------------------------- checks before loading
-@pytest.mark.parametrize("extra, needle", [
-    (["--k-text", N_INDEX + 1], f"k_text: expected at most the index's {N_INDEX} records"),
-    (["--tau", "inf"], "tau: expected a finite number > 0"),
-    (["--tau", "nan"], "tau: expected a finite number > 0"),
-    (["--threshold", 0], "threshold: expected a number in (0, 1]"),
-])
-def test_a_bad_option_fails_before_the_reader_loads_and_leaves_nothing(files, tmp_path, capsys, monkeypatch,
-                                                                     extra, needle):
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--k-text", N_INDEX + 1], f"k_text: expected at most the index's {N_INDEX} records"),
+        (["--tau", "inf"], "tau: expected a finite number > 0"),
+        (["--tau", "nan"], "tau: expected a finite number > 0"),
+        (["--threshold", 0], "threshold: expected a number in (0, 1]"),
+    ],
+)
+def test_a_bad_option_fails_before_the_reader_loads_and_leaves_nothing(
+    files, tmp_path, capsys, monkeypatch, extra, needle
+):
     import jomed_fast.cli.inference as inference
 
     def no_reader(values):

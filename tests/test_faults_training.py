@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _faults import build_index, run, workspace
 from safetensors.torch import load_file
 
 from jomed_fast.candidate_retrieval import Retrieval
@@ -30,8 +31,6 @@ from jomed_fast.train import reader_loss
 from jomed_fast.train import retriever as stage2
 from jomed_fast.train.checkpoint import latest_checkpoint
 from jomed_fast.train.score_cache import FILE_MAGIC, CacheDamageWarning, ScoreCache
-
-from _faults import build_index, run, workspace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,25 +50,71 @@ def _index_args(root, data):
 
 def _stage1(files, run_dir, *extra, train=None, index=True):
     root, data, readers = files
-    return ["train-reader", "--reader", readers["a"], "--train", train or data / "train.jsonl", "--val",
-            data / "val.jsonl", *(_index_args(root, data) if index else []), "--run-dir", run_dir,
-            "--max-steps", 2, "--batch-size", 2, "--k-text", 1, "--k-image", 1, "--save-every", 1,
-            "--no-gradient-checkpointing", "--no-progress", *extra]
+    return [
+        "train-reader",
+        "--reader",
+        readers["a"],
+        "--train",
+        train or data / "train.jsonl",
+        "--val",
+        data / "val.jsonl",
+        *(_index_args(root, data) if index else []),
+        "--run-dir",
+        run_dir,
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+        "--k-text",
+        1,
+        "--k-image",
+        1,
+        "--save-every",
+        1,
+        "--no-gradient-checkpointing",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _stage2(files, run_dir, reader="a", *extra, train=None, adapter=None):
     root, data, readers = files
-    return ["train-retriever", "--reader", readers[reader], *(["--adapter", adapter] if adapter else []),
-            "--train", train or data / "train.jsonl", "--val", data / "val.jsonl", *_index_args(root, data),
-            "--run-dir", run_dir, "--heads", "text", "--k", 4, "--max-steps", 2, "--batch-size", 2,
-            "--checkpoint-every", 1, "--no-progress", *extra]
+    return [
+        "train-retriever",
+        "--reader",
+        readers[reader],
+        *(["--adapter", adapter] if adapter else []),
+        "--train",
+        train or data / "train.jsonl",
+        "--val",
+        data / "val.jsonl",
+        *_index_args(root, data),
+        "--run-dir",
+        run_dir,
+        "--heads",
+        "text",
+        "--k",
+        4,
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+        "--checkpoint-every",
+        1,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _snapshot(run_dir: Path) -> dict:
     """What a refused resume must leave as it was: identity, newest checkpoint, result."""
     ckpt = latest_checkpoint(run_dir)
-    return {"identity": (run_dir / "identity.json").read_bytes(), "latest": ckpt.name,
-            "weights": (ckpt / "weights.safetensors").read_bytes(), "result": (run_dir / "result.json").read_bytes()}
+    return {
+        "identity": (run_dir / "identity.json").read_bytes(),
+        "latest": ckpt.name,
+        "weights": (ckpt / "weights.safetensors").read_bytes(),
+        "result": (run_dir / "result.json").read_bytes(),
+    }
 
 
 def _error(code: int, err: str) -> str:
@@ -163,12 +208,15 @@ def test_stage2_refuses_another_reader_adapter_or_query_images(files, stage2_run
     _refused(*run(_stage2(files, run_dir, "a", "--cache-path", cache), capsys)[::2], "reader")  # no adapter
     _refused(*run(_stage2(files, run_dir, "b", "--cache-path", cache, adapter=adapter), capsys)[::2], "reader")
     swapped = _moved(files[1] / "train.jsonl", tmp_path / "swapped.jsonl", swap=True)
-    _refused(*run(_stage2(files, run_dir, "a", "--cache-path", cache, train=swapped, adapter=adapter), capsys)[::2],
-             "train")
+    _refused(
+        *run(_stage2(files, run_dir, "a", "--cache-path", cache, train=swapped, adapter=adapter), capsys)[::2], "train"
+    )
     assert _snapshot(run_dir / "text") == before
     # what cannot change the result may: the progress bar, the checkpoint cadence
-    code, _out, err = run(_stage2(files, run_dir, "a", "--cache-path", cache, "--progress", "--checkpoint-every", 2,
-                                  adapter=adapter), capsys)
+    code, _out, err = run(
+        _stage2(files, run_dir, "a", "--cache-path", cache, "--progress", "--checkpoint-every", 2, adapter=adapter),
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((run_dir / "text" / "result.json").read_text())["steps"] == 2
 
@@ -188,8 +236,10 @@ def test_a_reused_cache_serves_no_score_of_another_reader(files, stage2_run, cap
     fresh = json.loads((tmp_path / "fresh" / "text" / "result.json").read_text())
     assert shared["cache"]["misses"] == fresh["cache"]["misses"] > 0
     assert shared["cache"]["hits"] == fresh["cache"]["hits"]
-    assert shared["final_eval"] == fresh["final_eval"] and shared["epochs"][0]["train_loss"] == \
-        fresh["epochs"][0]["train_loss"]
+    assert (
+        shared["final_eval"] == fresh["final_eval"]
+        and shared["epochs"][0]["train_loss"] == fresh["epochs"][0]["train_loss"]
+    )
     wa = load_file(str(tmp_path / "shared" / "query_encoder" / "text" / "model.safetensors"))
     wb = load_file(str(tmp_path / "fresh" / "query_encoder" / "text" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wb)
@@ -204,13 +254,31 @@ def test_a_reused_cache_rescores_records_and_queries_whose_content_changed(tmp_p
 
     root = W.build(tmp_path / "w")
     reader, enc, retrieval, train, _val = W.load(root)
-    cfg = stage2.RetrieverTrainConfig(head="image", k=8, batch_size=4, epochs=1, refresh_every=None, alpha=None,
-                                      lr=1e-2, warmup_steps=0, eval_each_epoch=False)
+    cfg = stage2.RetrieverTrainConfig(
+        head="image",
+        k=8,
+        batch_size=4,
+        epochs=1,
+        refresh_every=None,
+        alpha=None,
+        lr=1e-2,
+        warmup_steps=0,
+        eval_each_epoch=False,
+    )
 
     def train_with(retrieval_, queries, cache, run):
         qe = QueryEncoder(copy.deepcopy(enc), cfg.n_trainable, cfg.alpha)
-        res = stage2.train_retriever(cfg.replace(cache_path=str(cache)), reader, "synthetic", qe, retrieval_, queries,
-                                     None, tmp_path / run, progress=False)
+        res = stage2.train_retriever(
+            cfg.replace(cache_path=str(cache)),
+            reader,
+            "synthetic",
+            qe,
+            retrieval_,
+            queries,
+            None,
+            tmp_path / run,
+            progress=False,
+        )
         return res, {n: p.detach().clone() for n, p in qe.learned.named_parameters()}
 
     def same_as_fresh(retrieval_, queries, name):
@@ -224,8 +292,9 @@ def test_a_reused_cache_rescores_records_and_queries_whose_content_changed(tmp_p
     first, _ = train_with(retrieval, train, tmp_path / "c.bin", "first")
     # the same ids, other captions (an index rebuilt from them; the image head brings the same
     # records): nothing stored for the old captions may be served
-    revised = [type(r)(id=r.id, image_path=r.image_path, text=r.text + " (revised)", image=r.image)
-               for r in retrieval.records]
+    revised = [
+        type(r)(id=r.id, image_path=r.image_path, text=r.text + " (revised)", image=r.image) for r in retrieval.records
+    ]
     ix = Index.build(revised, enc, tmp_path / "ix2", batch_size=96, chunk_size=96, progress=False)
     same_as_fresh(Retrieval(ix, revised), train, "records")
     # the same query ids and answers, other images (each one flipped upside down)
@@ -247,7 +316,7 @@ NS = ("f" * 64, "synthetic", "shared_query|first_token|norm")
 def _frames(path: Path) -> list[tuple[int, int]]:
     data, off, out = path.read_bytes(), len(FILE_MAGIC), []
     while off < len(data):
-        length = int.from_bytes(data[off + 4: off + 8], "little")
+        length = int.from_bytes(data[off + 4 : off + 8], "little")
         out.append((off, off + 12 + length))
         off += 12 + length
     return out
@@ -270,8 +339,10 @@ def test_a_damaged_frame_in_the_middle_loses_only_itself_and_is_reported(tmp_pat
     path.write_bytes(bytes(damaged))
 
     # reported on stderr (a fresh interpreter: warnings as the command line shows them)
-    code = ("import sys; from jomed_fast.train.score_cache import ScoreCache; "
-            f"c = ScoreCache({str(path)!r}); print(len(c), c.stats.dropped_frames, c.stats.dropped_bytes)")
+    code = (
+        "import sys; from jomed_fast.train.score_cache import ScoreCache; "
+        f"c = ScoreCache({str(path)!r}); print(len(c), c.stats.dropped_frames, c.stats.dropped_bytes)"
+    )
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert got.stdout.split() == ["51", "1", str(end - start)]
     assert "CacheDamageWarning" in got.stderr and str(path) in got.stderr

@@ -80,9 +80,14 @@ def test_jsonl_writers_follow_the_umask(tmp_path, plain):
     file_mode = plain[0]
     assert atomic_write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}, {"a": 2}]) == 2
     assert mode(tmp_path / "rows.jsonl") == file_mode
-    record = PredictionRecord(query_id="q", gold=1, kind="multiclass",
-                              candidates=[Candidate(id="c", head="text", score=0.5, probs=[0.4, 0.6], prediction=1)],
-                              fused=1, fused_probs=[0.4, 0.6])
+    record = PredictionRecord(
+        query_id="q",
+        gold=1,
+        kind="multiclass",
+        candidates=[Candidate(id="c", head="text", score=0.5, probs=[0.4, 0.6], prediction=1)],
+        fused=1,
+        fused_probs=[0.4, 0.6],
+    )
     write_jsonl(str(tmp_path / "records.jsonl"), [record])
     assert mode(tmp_path / "records.jsonl") == file_mode and read_jsonl(str(tmp_path / "records.jsonl")) == [record]
     # the predictions file of ``predict``, its identity sidecar and its lock (created, then appended to)
@@ -112,6 +117,7 @@ def test_run_directories_follow_the_umask(tmp_path, plain):
     step = save_checkpoint(tmp_path / "train", 1, params={"w": weight}, optimizer=opt)
     assert latest_checkpoint(tmp_path / "train") == step
     assert mode(tmp_path / "train") == dir_mode and mode(step.parent) == dir_mode and mode(step) == dir_mode
-    assert {p.name: mode(p) for p in step.iterdir()} == {name: file_mode for name in (
-        "weights.safetensors", "state.safetensors", "state.json", "jomed_manifest.json")}
+    assert {p.name: mode(p) for p in step.iterdir()} == {
+        name: file_mode for name in ("weights.safetensors", "state.safetensors", "state.json", "jomed_manifest.json")
+    }
     assert mode(step.parent / "LATEST") == file_mode

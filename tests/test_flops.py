@@ -50,25 +50,38 @@ def test_vision_counts_by_hand():
     merger = 2 * (n // 4) * (8 * 8 + 8 * 5)
     assert F.vision_flops(qwen, n) == embed + block + merger
     pix = F.VisionShape(family="pixtral", hidden=2, layers=2, intermediate=3, patch_inputs=3, merge=1, out_hidden=5)
-    assert F.vision_flops(pix, 4) == 2 * 4 * 3 * 2 + 2 * (2 * 4 * (4 * 4 + 3 * 2 * 3) + 4 * 16 * 2) + 2 * 4 * (2 * 5 + 25)
+    assert F.vision_flops(pix, 4) == 2 * 4 * 3 * 2 + 2 * (2 * 4 * (4 * 4 + 3 * 2 * 3) + 4 * 16 * 2) + 2 * 4 * (
+        2 * 5 + 25
+    )
 
 
 def test_methods_compose_the_blocks():
     vis = F.VisionShape(family="pixtral", hidden=2, layers=1, intermediate=3, patch_inputs=3, merge=1, out_hidden=4)
-    img = lambda key, n: (key, n)
+
+    def img(key, n):
+        return (key, n)
+
     # two queries, K = 2, shared_query-like: prefix (query image + question) then candidate
-    prompts_ = [F.Prompt(prefix=("q0", 6), suffix=3, images=(img("Q0", 4), img("c0", 2))),
-                F.Prompt(prefix=("q0", 6), suffix=5, images=(img("Q0", 4), img("c1", 2))),
-                F.Prompt(prefix=("q1", 7), suffix=3, images=(img("Q1", 4), img("c0", 2))),
-                F.Prompt(prefix=("q1", 7), suffix=4, images=(img("Q1", 4), img("c2", 2)))]
+    prompts_ = [
+        F.Prompt(prefix=("q0", 6), suffix=3, images=(img("Q0", 4), img("c0", 2))),
+        F.Prompt(prefix=("q0", 6), suffix=5, images=(img("Q0", 4), img("c1", 2))),
+        F.Prompt(prefix=("q1", 7), suffix=3, images=(img("Q1", 4), img("c0", 2))),
+        F.Prompt(prefix=("q1", 7), suffix=4, images=(img("Q1", 4), img("c2", 2))),
+    ]
     hf = F.hf_forward_flops(DEC, vis, prompts_)
     assert hf.vision == 4 * F.vision_flops(vis, 4) + 4 * F.vision_flops(vis, 2)
     assert hf.llm == sum(F.decoder_flops(DEC, p.tokens) for p in prompts_)
     assert hf.head == 4 * F.head_flops(DEC, 1)
     ours = F.shared_prefix_flops(DEC, vis, prompts_, num_classes=3)
     assert ours.vision == 2 * F.vision_flops(vis, 4) + 3 * F.vision_flops(vis, 2)  # c0 once
-    assert ours.llm == (F.decoder_flops(DEC, 6) + F.decoder_flops(DEC, 7) + F.decoder_flops(DEC, 3, 6)
-                        + F.decoder_flops(DEC, 5, 6) + F.decoder_flops(DEC, 3, 7) + F.decoder_flops(DEC, 4, 7))
+    assert ours.llm == (
+        F.decoder_flops(DEC, 6)
+        + F.decoder_flops(DEC, 7)
+        + F.decoder_flops(DEC, 3, 6)
+        + F.decoder_flops(DEC, 5, 6)
+        + F.decoder_flops(DEC, 3, 7)
+        + F.decoder_flops(DEC, 4, 7)
+    )
     assert ours.head == 4 * F.head_flops(DEC, 1, 3)
     # sequence mode: N trie nodes after each suffix, A allowed tokens at 1 + N positions
     seq = F.shared_prefix_flops(DEC, vis, prompts_[:1], num_classes=3, class_nodes=2, allowed_tokens=5)
@@ -88,8 +101,9 @@ def test_methods_compose_the_blocks():
 
 def test_shared_query_saving_grows_with_k():
     dec = F.DecoderShape(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=1000)
-    vis = F.VisionShape(family="qwen2_vl", hidden=32, layers=2, intermediate=128, patch_inputs=1176, merge=4,
-                        out_hidden=256)
+    vis = F.VisionShape(
+        family="qwen2_vl", hidden=32, layers=2, intermediate=128, patch_inputs=1176, merge=4, out_hidden=256
+    )
     speedups = []
     for K in (1, 4, 16, 50):
         ps = [F.Prompt(prefix=("q", 100), suffix=30, images=(("Q", 16), (k, 16))) for k in range(K)]
@@ -119,11 +133,19 @@ def test_errors_name_the_argument():
 
 def test_small_configs_give_the_documented_shapes():
     dec = F.decoder_shape(tiny.make_config("qwen2_vl", "small"))
-    assert dec == F.DecoderShape(hidden=896, layers=4, heads=7, kv_heads=1, head_dim=128, intermediate=4736,
-                                 vocab=151_936)
+    assert dec == F.DecoderShape(
+        hidden=896, layers=4, heads=7, kv_heads=1, head_dim=128, intermediate=4736, vocab=151_936
+    )
     vis = F.vision_shape(tiny.make_config("qwen2_vl", "small"))
     assert (vis.family, vis.hidden, vis.layers, vis.intermediate, vis.patch_inputs, vis.merge, vis.out_hidden) == (
-        "qwen2_vl", 320, 2, 1280, 3 * 2 * 14 * 14, 4, 896)
+        "qwen2_vl",
+        320,
+        2,
+        1280,
+        3 * 2 * 14 * 14,
+        4,
+        896,
+    )
     pix = F.vision_shape(tiny.make_config("pixtral", "small"))
     assert (pix.family, pix.hidden, pix.intermediate, pix.patch_inputs, pix.merge) == ("pixtral", 256, 1024, 768, 1)
     assert F.decoder_shape(tiny.make_config("pixtral", "small")).head_dim == 128
@@ -175,9 +197,14 @@ def test_vision_tower_matches_the_counter(readers, arch):
         # one image per call (Pixtral attends across a call's images), cropped to its size (the
         # patch convolution runs over the batch's padding too)
         sizes = enc["image_sizes"].tolist()
-        got = sum(_counted(lambda i=i, h=h, w=w: model.get_image_features(
-            pixel_values=enc["pixel_values"][i:i + 1, :, :h, :w], image_sizes=enc["image_sizes"][i:i + 1]))
-            for i, (h, w) in enumerate(sizes))
+        got = sum(
+            _counted(
+                lambda i=i, h=h, w=w: model.get_image_features(
+                    pixel_values=enc["pixel_values"][i : i + 1, :, :h, :w], image_sizes=enc["image_sizes"][i : i + 1]
+                )
+            )
+            for i, (h, w) in enumerate(sizes)
+        )
     want = sum(F.vision_flops(vis, n) for n in _patches(reader, enc))
     assert got == pytest.approx(want, rel=RTOL)
 
@@ -211,4 +238,5 @@ def test_full_forward_matches_the_counter(readers, arch):
     model = F.hf_forward_flops(dec, vis, [prompt])
     dense_minus_causal = F.attention_flops(dec, L, causal=False) - F.attention_flops(dec, L)
     assert model.llm + model.head + dense_minus_causal == F.decoder_linear_flops(dec, L) + F.attention_flops(
-        dec, L, causal=False) + F.head_flops(dec, 1)
+        dec, L, causal=False
+    ) + F.head_flops(dec, 1)

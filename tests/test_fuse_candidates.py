@@ -220,8 +220,16 @@ _S = torch.randn(3, 5)
         ((_L, torch.randn(2, 5)), ValueError, r"retriever_scores: expected shape \[B, K\] = \(3, 5\)"),
         ((_L, torch.randn(3, 5, 1)), ValueError, r"retriever_scores: expected 2-D \[B, K\]"),
         ((torch.randn(3, 5), _S), ValueError, r"candidate_log_probs: expected 3-D \[B, K, C\]"),
-        ((torch.randn(3, 0, 2), torch.randn(3, 0)), ValueError, r"candidate_log_probs: expected shape \[B, K, C\] with K >= 1 and C >= 1"),
-        ((torch.randn(3, 5, 0), _S), ValueError, r"candidate_log_probs: expected shape \[B, K, C\] with K >= 1 and C >= 1"),
+        (
+            (torch.randn(3, 0, 2), torch.randn(3, 0)),
+            ValueError,
+            r"candidate_log_probs: expected shape \[B, K, C\] with K >= 1 and C >= 1",
+        ),
+        (
+            (torch.randn(3, 5, 0), _S),
+            ValueError,
+            r"candidate_log_probs: expected shape \[B, K, C\] with K >= 1 and C >= 1",
+        ),
         ((_L, _S, 0.0), ValueError, "tau: expected a finite number > 0, got 0.0"),
         ((_L, _S, -2.0), ValueError, "tau: expected a finite number > 0, got -2.0"),
         ((_L, _S, math.inf), ValueError, "tau: expected a finite number > 0"),

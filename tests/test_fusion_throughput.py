@@ -38,8 +38,22 @@ def result(tmp_path_factory):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = bench.main(["--k", ",".join(map(str, KS)), "--queries", str(B), "--reference-queries", "1",
-                              "--repeats", "1", "--reference-repeats", "1", "--json", str(out / "r.json")])
+            res = bench.main(
+                [
+                    "--k",
+                    ",".join(map(str, KS)),
+                    "--queries",
+                    str(B),
+                    "--reference-queries",
+                    "1",
+                    "--repeats",
+                    "1",
+                    "--reference-repeats",
+                    "1",
+                    "--json",
+                    str(out / "r.json"),
+                ]
+            )
     finally:
         torch.set_num_threads(threads)
     return bench, res, out
@@ -59,8 +73,13 @@ def test_json_has_every_field_and_the_plot(result):
         assert r["flop_model_speedup"] > 0 and r["peak_mem_bytes"] > 0
     keys = {(r["method"], r["layout"], r["K"]) for r in records}
     for K in KS:
-        assert {("hf_batched", "paper", K), ("hf_batched", "shared_query", K), ("reference_loop", "paper", K),
-                ("jomed_paper", "paper", K), ("jomed_shared_query", "shared_query", K)} <= keys
+        assert {
+            ("hf_batched", "paper", K),
+            ("hf_batched", "shared_query", K),
+            ("reference_loop", "paper", K),
+            ("jomed_paper", "paper", K),
+            ("jomed_shared_query", "shared_query", K),
+        } <= keys
     assert set(on_disk["growth"]) and on_disk["cross_layout"]
 
 
@@ -143,8 +162,20 @@ def test_a_method_run_alone_reports_no_agreement_and_no_ratio(tmp_path, capsys):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bench.main(["--methods", "jomed_paper", "--k", "1", "--queries", "1", "--repeats", "1",
-                        "--json", str(tmp_path / "alone.json")])
+            bench.main(
+                [
+                    "--methods",
+                    "jomed_paper",
+                    "--k",
+                    "1",
+                    "--queries",
+                    "1",
+                    "--repeats",
+                    "1",
+                    "--json",
+                    str(tmp_path / "alone.json"),
+                ]
+            )
     finally:
         torch.set_num_threads(threads)
     (record,) = json.loads((tmp_path / "alone.json").read_text())["records"]
@@ -169,8 +200,9 @@ def harness():
 def test_round_robin_warms_up_then_interleaves(harness):
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    timings = harness.round_robin(fns, {"a": 2, "b": 1, "c": 0}, warmup=1,
-                                  on_round=lambda r, n: calls.append(f"round {r + 1}/{n}"))
+    timings = harness.round_robin(
+        fns, {"a": 2, "b": 1, "c": 0}, warmup=1, on_round=lambda r, n: calls.append(f"round {r + 1}/{n}")
+    )
     assert calls == ["a", "b", "c", "a", "b", "round 1/2", "a", "round 2/2"]
     assert [len(timings[n]) for n in "abc"] == [2, 1, 0]
     assert all(t.seconds >= 0 and t.peak_bytes is None for t in timings["a"])
@@ -194,11 +226,15 @@ def test_peak_memory_sees_a_call_s_allocation_and_resets(harness):
 
 
 def test_tables_and_json(harness, tmp_path):
-    cols = [harness.Column("name", 6, "name", align="<"), harness.Column("x", 7, "x", ".2f", suffix="x"),
-            harness.Column("n", 4, lambda r: r["n"] * 2, "d")]
+    cols = [
+        harness.Column("name", 6, "name", align="<"),
+        harness.Column("x", 7, "x", ".2f", suffix="x"),
+        harness.Column("n", 4, lambda r: r["n"] * 2, "d"),
+    ]
     rows = [{"name": "ab", "x": 1.5, "n": 3}, {"name": "cdefgh", "x": float("nan"), "n": 10}]
-    assert harness.text_table(cols, rows) == ("name         x    n\n" "-------------------\n"
-                                              "ab       1.50x    6\n" "cdefgh    nanx   20")
+    assert harness.text_table(cols, rows) == (
+        "name         x    n\n-------------------\nab       1.50x    6\ncdefgh    nanx   20"
+    )
     assert harness.markdown_table(["a", "b"], "lr", [["1", "2"]]) == "| a | b |\n|---|---:|\n| 1 | 2 |"
     harness.write_json(tmp_path / "out" / "r.json", {"ratio": float("inf"), "pair": (1, float("nan")), 2: "k"})
     text = (tmp_path / "out" / "r.json").read_text()

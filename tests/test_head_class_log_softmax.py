@@ -67,7 +67,8 @@ def _check(hidden, weight, class_ids, bias=None, grad_seed=0, tol_dtype=None):
 def test_module_reference_is_the_spec():
     hidden, weight, class_ids, bias = _make(9, 33, 70, 6, torch.float64)
     torch.testing.assert_close(
-        head_class_log_softmax_reference(hidden, weight, class_ids, bias), _float64_reference(hidden, weight, class_ids, bias)
+        head_class_log_softmax_reference(hidden, weight, class_ids, bias),
+        _float64_reference(hidden, weight, class_ids, bias),
     )
 
 
@@ -86,7 +87,9 @@ def test_matches_float64(backend, dtype, with_bias, N, H, V, C):
     _check(*_make(N, H, V, C, dtype, with_bias=with_bias))
 
 
-@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "hidden_dtype,weight_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)]
+)
 def test_mixed_dtypes(backend, hidden_dtype, weight_dtype):
     """The reader's hidden may be fp32 while its head is 16-bit: both are upcast, gradients keep each dtype."""
     hidden, weight, class_ids, bias = _make(11, 90, 120, 4, weight_dtype, hidden_dtype=hidden_dtype)
@@ -99,7 +102,9 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, fp32_forward_tiles):
     import jomed_fast.kernels.head_class_log_softmax as kernel
 
     fwd_blocks, bwd_blocks = kernel._fwd_blocks, kernel._bwd_blocks
-    monkeypatch.setattr(kernel, "_fwd_blocks", lambda C, dot_f32, interpret=None: fwd_blocks(C, fp32_forward_tiles, False))
+    monkeypatch.setattr(
+        kernel, "_fwd_blocks", lambda C, dot_f32, interpret=None: fwd_blocks(C, fp32_forward_tiles, False)
+    )
     monkeypatch.setattr(kernel, "_bwd_blocks", lambda C, interpret=None: bwd_blocks(C, False))
     monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
     assert kernel._fwd_blocks(5, True).block_h < 256  # the patch took
@@ -261,7 +266,11 @@ _IDS = torch.tensor([1, 4])
         ({"weight": torch.randint(0, 5, (10, 8))}, TypeError, "weight: expected a floating tensor"),
         ({"bias": torch.ones(10, dtype=torch.bool)}, TypeError, "bias: expected a floating tensor"),
         ({"hidden": [[0.0] * 8]}, TypeError, "hidden: expected a torch.Tensor, got list"),
-        ({"weight": torch.randn(10, 8, device="meta")}, ValueError, r"weight: expected a tensor on cpu \(the device of hidden\), got meta"),
+        (
+            {"weight": torch.randn(10, 8, device="meta")},
+            ValueError,
+            r"weight: expected a tensor on cpu \(the device of hidden\), got meta",
+        ),
         ({"class_ids": torch.tensor([1, 2], device="meta")}, ValueError, "class_ids: expected a tensor on cpu"),
         ({"bias": torch.randn(10, device="meta")}, ValueError, "bias: expected a tensor on cpu"),
     ],

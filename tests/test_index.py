@@ -65,6 +65,7 @@ def test_faiss_backend_without_faiss_names_the_extras_and_ops_still_searches(set
 def test_open_refuses_corrupt_and_other_encoder(setup, tmp_path):
     d, recs, enc, ix = setup
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(d / "full", bad)
     with open(bad / "text_embeddings.npy", "r+b") as f:
@@ -134,8 +135,12 @@ def test_sigkill_then_edited_captions_resume_matches_a_fresh_build(setup, tmp_pa
     d, recs, enc, _ix = setup
     script, out = _killed_after_the_first_chunk(d / "enc", tmp_path)
     assert (out / "chunks" / "000000.text.npy").exists() and not (out / "manifest.json").exists()
-    r = subprocess.run([sys.executable, str(script), str(d / "enc"), str(out), "fast", "edited"], timeout=80,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(script), str(d / "enc"), str(out), "fast", "edited"],
+        timeout=80,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "changed (ids, captions, images or paths) since they were embedded" in r.stderr
     edited = SyntheticGenerator(index_size=N).index_records(0, N)

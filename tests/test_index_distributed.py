@@ -3,6 +3,7 @@
 Each rank is a ``python -m jomed_fast.index build-synthetic`` process (run through ``main``) with
 the environment torchrun would give it (RANK, WORLD_SIZE, MASTER_ADDR/PORT on a free port).
 """
+
 import json
 import os
 import signal
@@ -53,10 +54,25 @@ def _launch(script, out, enc, mode, chunks=(CHUNK, CHUNK)):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(enc), mode, str(chunks[rank])],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(out), str(enc), mode, str(chunks[rank])],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -79,8 +95,9 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     enc = synthetic_encoder(width=8, depth=1, dim=32)
     enc.save(d / "enc")
-    ref = build_synthetic_index(N, enc, d / "single", batch_size=CHUNK, chunk_size=CHUNK, progress=False,
-                                distributed=False)
+    ref = build_synthetic_index(
+        N, enc, d / "single", batch_size=CHUNK, chunk_size=CHUNK, progress=False, distributed=False
+    )
     script = d / "rank.py"
     script.write_text(SCRIPT)
     return d, enc, ref, script

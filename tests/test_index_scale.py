@@ -1,5 +1,6 @@
 """Index at scale: cost model figures, faiss IVF recall vs exact, the multi-GPU guard, the CLI, and
 the scale bench (``bench/index_scale.py``) end to end at a small N."""
+
 import json
 import subprocess
 import sys
@@ -115,9 +116,33 @@ def test_scale_bench_small(tmp_path):
     less); resumed == uninterrupted byte for byte is checked by test_index.py and
     test_index_distributed.py."""
     out = tmp_path / "scale.json"
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "index_scale.py"), "--records", "1500",
-                        "--chunk-size", "250", "--width", "8", "--depth", "1", "--dim", "32", "--pretrain", "300",
-                        "--queries", "32", "--skip-reference", "--json", str(out)], check=False, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "index_scale.py"),
+            "--records",
+            "1500",
+            "--chunk-size",
+            "250",
+            "--width",
+            "8",
+            "--depth",
+            "1",
+            "--dim",
+            "32",
+            "--pretrain",
+            "300",
+            "--queries",
+            "32",
+            "--skip-reference",
+            "--json",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(out.read_text())
     kr = rec["kill_resume"]

@@ -46,8 +46,15 @@ def setup(tmp_path_factory):
 def test_predictions_match_independent_computations(setup, tmp_path):
     scorer, retrieval, encoder, samples = setup
     config = InferConfig(k_text=2, k_image=1, batch_size=2)
-    recs = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config,
-                   out_path=tmp_path / "p.jsonl", progress=False)
+    recs = predict(
+        scorer,
+        samples,
+        retrieval=retrieval,
+        encoder=encoder,
+        config=config,
+        out_path=tmp_path / "p.jsonl",
+        progress=False,
+    )
     assert [r.query_id for r in recs] == [str(s.id) for s in samples]
     assert read_predictions(tmp_path / "p.jsonl") == recs
     with torch.no_grad():
@@ -57,7 +64,7 @@ def test_predictions_match_independent_computations(setup, tmp_path):
         assert rec.gold == sample.label and rec.kind == "multiclass"
         assert [c.head for c in rec.candidates] == ["text", "text", "image"]
         # retrieval: the candidates reach the brute-force top scores of their head
-        for k, c in enumerate(rec.candidates):
+        for _k, c in enumerate(rec.candidates):
             emb = torch.from_numpy(np.asarray(retrieval.index.embeddings[c.head], dtype=np.float64))
             row = [r.id for r in retrieval.records].index(c.id)
             assert float(q[b] @ emb[row]) == pytest.approx(c.score, abs=1e-3)
@@ -65,8 +72,13 @@ def test_predictions_match_independent_computations(setup, tmp_path):
             assert float(q[b] @ emb[row]) >= float((q[b] @ emb.T).topk(rank_k).values[-1]) - 1e-6
         # per-candidate scores: one scorer call per candidate, alone
         for c in rec.candidates:
-            alone = scorer.score([sample.load_image()], None, [[retrieval.candidate(
-                [r.id for r in retrieval.records].index(c.id))]])[0, 0].double().exp()
+            alone = (
+                scorer.score(
+                    [sample.load_image()], None, [[retrieval.candidate([r.id for r in retrieval.records].index(c.id))]]
+                )[0, 0]
+                .double()
+                .exp()
+            )
             torch.testing.assert_close(torch.tensor(c.probs, dtype=torch.float64), alone, atol=1e-5, rtol=0)
             assert c.prediction == int(alone.argmax())
         # fusion: sum_k p_k softmax(s)_k in float64
@@ -81,26 +93,41 @@ def test_resume_after_a_torn_write_scores_only_the_rest(setup, tmp_path, monkeyp
     scorer, retrieval, encoder, samples = setup
     config = InferConfig(batch_size=2)
     path = tmp_path / "p.jsonl"
-    full = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=path,
-                   progress=False)
+    full = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=path, progress=False)
     lines = path.read_bytes().split(b"\n")
     path.write_bytes(b"\n".join(lines[:2]) + b"\n" + lines[2][:25])  # 2 complete records + a torn third
     calls = []
     real = scorer.score
     monkeypatch.setattr(scorer, "score", lambda imgs, qs, cands: calls.append(len(imgs)) or real(imgs, qs, cands))
-    again = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=path,
-                    progress=False)
+    again = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=path, progress=False)
     assert sum(calls) == N_QUERIES - 2
     assert again == full and read_predictions(path) == full
     assert len(path.read_text().splitlines()) == N_QUERIES
     # the batch size cannot change a result: a rerun with another one resumes (nothing to do)
     calls.clear()
-    assert predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=InferConfig(batch_size=3),
-                   out_path=path, progress=False) == full
+    assert (
+        predict(
+            scorer,
+            samples,
+            retrieval=retrieval,
+            encoder=encoder,
+            config=InferConfig(batch_size=3),
+            out_path=path,
+            progress=False,
+        )
+        == full
+    )
     assert calls == []
     with pytest.raises(IdentityMismatch, match=r"predictions .*p\.jsonl: .*\(option\.k_text changed\)"):
-        predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=InferConfig(k_text=1),
-                out_path=path, progress=False)
+        predict(
+            scorer,
+            samples,
+            retrieval=retrieval,
+            encoder=encoder,
+            config=InferConfig(k_text=1),
+            out_path=path,
+            progress=False,
+        )
     assert read_predictions(path) == full
 
 
@@ -111,16 +138,19 @@ def test_robustness_modes(setup):
     for rec, row in zip(none, alone):
         assert len(rec.candidates) == 1 and rec.candidates[0].head == "none"
         torch.testing.assert_close(torch.tensor(rec.fused_probs), row[0].float(), atol=1e-5, rtol=0)
-    rand = predict(scorer, samples[:2], retrieval=retrieval, config=InferConfig(retrieval="random", seed=3),
-                   progress=False)
-    again = predict(scorer, samples[:2], retrieval=retrieval, config=InferConfig(retrieval="random", seed=3),
-                    progress=False)
+    rand = predict(
+        scorer, samples[:2], retrieval=retrieval, config=InferConfig(retrieval="random", seed=3), progress=False
+    )
+    again = predict(
+        scorer, samples[:2], retrieval=retrieval, config=InferConfig(retrieval="random", seed=3), progress=False
+    )
     assert rand == again and all(c.score == 0.0 for r in rand for c in r.candidates)
     for rec in rand:  # uniform weights
         p = torch.tensor([c.probs for c in rec.candidates], dtype=torch.float64).mean(0)
         torch.testing.assert_close(torch.tensor(rec.fused_probs, dtype=torch.float64), p, atol=1e-5, rtol=0)
-    blind = predict(scorer, samples[:1], retrieval=retrieval, encoder=encoder,
-                    config=InferConfig(query_image=False), progress=False)
+    blind = predict(
+        scorer, samples[:1], retrieval=retrieval, encoder=encoder, config=InferConfig(query_image=False), progress=False
+    )
     seeing = predict(scorer, samples[:1], retrieval=retrieval, encoder=encoder, progress=False)
     assert [c.id for c in blind[0].candidates] == [c.id for c in seeing[0].candidates]
     assert blind[0].candidates[0].probs != seeing[0].candidates[0].probs
@@ -154,10 +184,17 @@ def test_decisions_and_config_errors():
     assert decide(probs, multilabel=True, threshold=0.5) == [[1], [0]]  # none passes: the top label
     with pytest.raises(ValueError, match="threshold"):
         decide(probs, True, 0.0)
-    for bad, match in [({"k_text": 0, "k_image": 0}, "k_text, k_image"), ({"fusion": "max"}, "fusion:"),
-                       ({"retrieval": "oracle"}, "retrieval:"), ({"batch_size": 0}, "batch_size:"),
-                       ({"tau": 0.0}, "tau:"), ({"tau": float("inf")}, "tau:"), ({"tau": float("nan")}, "tau:"),
-                       ({"threshold": 1.5}, "threshold:"), ({"layout": "grid"}, "layout:")]:
+    for bad, match in [
+        ({"k_text": 0, "k_image": 0}, "k_text, k_image"),
+        ({"fusion": "max"}, "fusion:"),
+        ({"retrieval": "oracle"}, "retrieval:"),
+        ({"batch_size": 0}, "batch_size:"),
+        ({"tau": 0.0}, "tau:"),
+        ({"tau": float("inf")}, "tau:"),
+        ({"tau": float("nan")}, "tau:"),
+        ({"threshold": 1.5}, "threshold:"),
+        ({"layout": "grid"}, "layout:"),
+    ]:
         with pytest.raises(ValueError, match=match):
             InferConfig(**bad)
     assert json.loads(json.dumps(InferConfig().__dict__))["k_text"] == 2
@@ -177,23 +214,36 @@ def test_open_vqa_answers_match_unbatched_hf_generate(setup):
     for k, cand in enumerate(cands):  # one prompt at a time, no padding: the independent reference
         messages, images = build_messages("paper", task, as_image(qimg), question, cand)
         inputs = reader.encode([as_image(i) for i in images], messages)
-        out = reader.hf_model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
-                                       return_dict_in_generate=True, eos_token_id=proc.end_of_turn_token_id,
-                                       pad_token_id=proc.pad_token_id)
-        new = out.sequences[0, inputs["input_ids"].shape[1]:]
+        out = reader.hf_model.generate(
+            **inputs,
+            max_new_tokens=6,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=proc.end_of_turn_token_id,
+            pad_token_id=proc.pad_token_id,
+        )
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
         lps = [torch.log_softmax(s[0].double(), -1)[t] for s, t in zip(out.scores, new)]
         ends = (new == proc.end_of_turn_token_id).nonzero()
         n = int(ends[0]) + 1 if len(ends) else len(new)
         assert answers[k] == proc.decode(new[:n].tolist(), skip_special_tokens=True).strip()
         assert float(mean_lp[k]) == pytest.approx(float(torch.stack(lps[:n]).mean()), abs=1e-4)
-    fused, votes = fuse_open_answers(["The cyst.", "cyst", "a mass"], torch.log(torch.tensor([0.5, 0.2, 0.9])),
-                                     torch.tensor([0.4, 0.4, 0.2]))
+    fused, votes = fuse_open_answers(
+        ["The cyst.", "cyst", "a mass"], torch.log(torch.tensor([0.5, 0.2, 0.9])), torch.tensor([0.4, 0.4, 0.2])
+    )
     assert fused == "The cyst." and votes == pytest.approx({"cyst": 0.4 * 0.5 + 0.4 * 0.2, "mass": 0.2 * 0.9})
     from jomed_fast.data import Sample
 
     open_samples = [Sample(id="o1", image_path=None, answer="cyst", question=question, image=qimg)]
-    recs = predict(OpenAnswerer(reader, task), open_samples, retrieval=retrieval, encoder=_encoder,
-                   config=InferConfig(max_new_tokens=6), progress=False)
+    recs = predict(
+        OpenAnswerer(reader, task),
+        open_samples,
+        retrieval=retrieval,
+        encoder=_encoder,
+        config=InferConfig(max_new_tokens=6),
+        progress=False,
+    )
     assert recs[0].kind == "vqa_open" and isinstance(recs[0].fused, str) and recs[0].gold == "cyst"
     assert all(isinstance(c.prediction, str) and 0 < c.probs[0] <= 1 for c in recs[0].candidates)
     with pytest.raises(ValueError, match="has a class set"):

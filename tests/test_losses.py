@@ -151,9 +151,21 @@ def test_head_nll_validates_class_ids_at_construction(class_ids, error, match):
 @pytest.mark.parametrize(
     "targets,error,match",
     [
-        (torch.tensor([0, 1, 2, 3, 0, 1]), ValueError, r"targets: expected class indices in \[0, 3\) \(C=3\), got min 0 and max 3"),
-        (torch.tensor([0, 1, -1, 0, 0, 1]), ValueError, r"targets: expected class indices in \[0, 3\) \(C=3\), got min -1"),
-        (torch.tensor([0, 1, 2]), ValueError, r"targets: expected shape \[N\] = \(6,\) \(the rows of hidden\), got \(3,\)"),
+        (
+            torch.tensor([0, 1, 2, 3, 0, 1]),
+            ValueError,
+            r"targets: expected class indices in \[0, 3\) \(C=3\), got min 0 and max 3",
+        ),
+        (
+            torch.tensor([0, 1, -1, 0, 0, 1]),
+            ValueError,
+            r"targets: expected class indices in \[0, 3\) \(C=3\), got min -1",
+        ),
+        (
+            torch.tensor([0, 1, 2]),
+            ValueError,
+            r"targets: expected shape \[N\] = \(6,\) \(the rows of hidden\), got \(3,\)",
+        ),
         (torch.zeros(6, 1, dtype=torch.int64), ValueError, r"targets: expected shape \[N\] = \(6,\)"),
         (torch.zeros(6), TypeError, "targets: expected dtype int64"),
         ([0] * 6, TypeError, "targets: expected a torch.Tensor, got list"),

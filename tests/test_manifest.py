@@ -32,8 +32,10 @@ def _fill(tmp):
 def test_directories_carry_a_manifest_of_every_file(tmp_path):
     out = replace_dir_atomically(tmp_path / "d", _fill)
     manifest = json.loads((out / MANIFEST).read_text())
-    want = {rel: {"size": (out / rel).stat().st_size, "sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest()}
-            for rel in ("a.bin", "sub/b.json")}
+    want = {
+        rel: {"size": (out / rel).stat().st_size, "sha256": hashlib.sha256((out / rel).read_bytes()).hexdigest()}
+        for rel in ("a.bin", "sub/b.json")
+    }
     assert manifest == {"format": "jomed-manifest-v1", "files": want}
     assert verify_dir(out) == manifest
     # the digest is the content's: the same files elsewhere give the same digest, other files another
@@ -44,12 +46,18 @@ def test_directories_carry_a_manifest_of_every_file(tmp_path):
         directory_digest(again)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: _flip_bit(d / "a.bin"), r"a.bin: sha256 differs from its manifest's"),
-    (lambda d: (d / "a.bin").write_bytes((d / "a.bin").read_bytes()[:100]), r"a.bin: 100 bytes, its manifest says 1024"),
-    (lambda d: (d / "sub" / "b.json").unlink(), r"b.json: listed in .* but missing"),
-    (lambda d: (d / MANIFEST).write_text("{not json"), r"unreadable manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: _flip_bit(d / "a.bin"), r"a.bin: sha256 differs from its manifest's"),
+        (
+            lambda d: (d / "a.bin").write_bytes((d / "a.bin").read_bytes()[:100]),
+            r"a.bin: 100 bytes, its manifest says 1024",
+        ),
+        (lambda d: (d / "sub" / "b.json").unlink(), r"b.json: listed in .* but missing"),
+        (lambda d: (d / MANIFEST).write_text("{not json"), r"unreadable manifest"),
+    ],
+)
 def test_a_damaged_directory_is_a_one_line_error_naming_the_file(tmp_path, damage, message):
     _manifest._clear_memo()
     out = replace_dir_atomically(tmp_path / "d", _fill)
@@ -136,12 +144,14 @@ def test_records_digest_follows_content_not_paths(tmp_path):
     b.parent.mkdir()
     shutil.copy(a, b)
     base = [Sample("s1", str(a), "1", label=1), IndexRecord("r1", str(a), "a cyst")]
-    assert records_digest(base) == records_digest([Sample("s1", str(b), "1", label=1), IndexRecord("r1", str(b), "a cyst")])
+    assert records_digest(base) == records_digest(
+        [Sample("s1", str(b), "1", label=1), IndexRecord("r1", str(b), "a cyst")]
+    )
     changed = [
-        [Sample("s1", str(a), "2", label=2), base[1]],                     # relabelled
-        [Sample("s2", str(a), "1", label=1), base[1]],                     # another id
-        [base[0], IndexRecord("r1", str(a), "a mass")],                    # another caption
-        [base[1], base[0]],                                                # another order
+        [Sample("s1", str(a), "2", label=2), base[1]],  # relabelled
+        [Sample("s2", str(a), "1", label=1), base[1]],  # another id
+        [base[0], IndexRecord("r1", str(a), "a mass")],  # another caption
+        [base[1], base[0]],  # another order
         [Sample("s1", None, "1", label=1, image=img[::-1].copy()), base[1]],  # another image
     ]
     digests = {records_digest(c) for c in changed}

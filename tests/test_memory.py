@@ -77,12 +77,28 @@ def test_weights_match_small_reader(tmp_path, arch):
 def test_activations_match_cpu_step(tiny_dirs, arch):
     T = 8192
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "jomed_fast.memory._measure_activations", str(tiny_dirs[arch]), str(T)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "jomed_fast.memory._measure_activations", str(tiny_dirs[arch]), str(T)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     measured = json.loads(res.stdout.strip().splitlines()[-1])["delta"]
-    p = plan(tiny_dirs[arch], Run(stage="stage1", K=1, prefix_tokens=T, suffix_tokens=0, image_tokens=0,
-                                  elem_bytes=4, layout="paper", gradient_checkpointing=True))
+    p = plan(
+        tiny_dirs[arch],
+        Run(
+            stage="stage1",
+            K=1,
+            prefix_tokens=T,
+            suffix_tokens=0,
+            image_tokens=0,
+            elem_bytes=4,
+            layout="paper",
+            gradient_checkpointing=True,
+        ),
+    )
     predicted = sum(v for k, v in p.rows.items() if k.startswith("activations") or k == "embeddings in flight")
     assert 0.65 * measured <= predicted <= 1.15 * measured, (predicted, measured)
 
@@ -92,11 +108,19 @@ def test_shipped_configs():
     assert (q.hidden, q.layers, q.heads, q.kv_heads, q.intermediate, q.vocab) == (3584, 28, 28, 4, 18944, 152064)
     assert (q.vision_layers, q.vision_hidden, q.patch, q.merge) == (32, 1280, 14, 2)
     p = describe("pixtral_12b")
-    assert (p.hidden, p.layers, p.heads, p.kv_heads, p.head_dim, p.intermediate, p.vocab) == (5120, 40, 32, 8, 128, 14336, 131072)
+    assert (p.hidden, p.layers, p.heads, p.kv_heads, p.head_dim, p.intermediate, p.vocab) == (
+        5120,
+        40,
+        32,
+        8,
+        128,
+        14336,
+        131072,
+    )
     assert (p.vision_layers, p.vision_hidden, p.vision_intermediate, p.patch) == (24, 1024, 4096, 16)
     # parameter counts of the real models (7B: 8.29 B with vision; Pixtral: 12.4 B)
     for arch, lo, hi in ((q, 8.0e9, 8.6e9), (p, 12.2e9, 12.8e9)):
-        n = sum(l.numel + (l.d_out if l.bias else 0) for l in arch.linears) + sum(arch.dense.values())
+        n = sum(lin.numel + (lin.d_out if lin.bias else 0) for lin in arch.linears) + sum(arch.dense.values())
         assert lo < n < hi, n
 
 

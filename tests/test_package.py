@@ -16,8 +16,19 @@ from jomed_fast.ops import _dispatch
 _EXTENSION_BUILT = os.path.exists(os.path.join(os.path.dirname(jomed_fast.__file__), "_build_info.py"))
 
 
-@pytest.mark.parametrize("module", ["jomed_fast", "jomed_fast.ops", "jomed_fast.readers", "jomed_fast.index",
-                                    "jomed_fast.scoring", "jomed_fast.train", "jomed_fast.infer", "jomed_fast.cli"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "jomed_fast",
+        "jomed_fast.ops",
+        "jomed_fast.readers",
+        "jomed_fast.index",
+        "jomed_fast.scoring",
+        "jomed_fast.train",
+        "jomed_fast.infer",
+        "jomed_fast.cli",
+    ],
+)
 def test_import_loads_no_triton_bitsandbytes_faiss_or_extension(module):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "JOMED_FAST_"))}
     heavy = ("triton", "bitsandbytes", "faiss", "jomed_fast._C")
@@ -26,13 +37,16 @@ def test_import_loads_no_triton_bitsandbytes_faiss_or_extension(module):
     assert dict(zip(heavy, out.split())) == dict.fromkeys(heavy, "False")
 
 
-@pytest.mark.skipif(not _EXTENSION_BUILT and os.environ.get("JOMED_FAST_REQUIRE_C") != "1",
-                    reason="jomed_fast._C was not built here (no compiler at install time); JOMED_FAST_REQUIRE_C=1 "
-                           "makes its absence a failure (CI sets it)")
+@pytest.mark.skipif(
+    not _EXTENSION_BUILT and os.environ.get("JOMED_FAST_REQUIRE_C") != "1",
+    reason="jomed_fast._C was not built here (no compiler at install time); JOMED_FAST_REQUIRE_C=1 "
+    "makes its absence a failure (CI sets it)",
+)
 def test_extension_loads_after_torch():
     """This dev install built jomed_fast._C against the running torch, and the packer would use it."""
-    import jomed_fast._build_info
     import jomed_fast._C
+
+    import jomed_fast._build_info
     from jomed_fast import packing
 
     assert jomed_fast._build_info.TORCH_VERSION == torch.__version__  # recorded by setup.py
@@ -57,12 +71,14 @@ def test_backend_choice(monkeypatch):
 
 
 def test_top_level_entry_points_are_lazy():
-    code = ("import sys, jomed_fast; before = 'jomed_fast.scoring' in sys.modules; "
-            "from jomed_fast import CandidateScorer, Candidate, load_reader; "
-            "import jomed_fast.scoring, jomed_fast.prompts, jomed_fast.readers; "
-            "print(before, CandidateScorer is jomed_fast.scoring.CandidateScorer, "
-            "Candidate is jomed_fast.prompts.Candidate, load_reader is jomed_fast.readers.load_reader, "
-            "'CandidateScorer' in dir(jomed_fast))")
+    code = (
+        "import sys, jomed_fast; before = 'jomed_fast.scoring' in sys.modules; "
+        "from jomed_fast import CandidateScorer, Candidate, load_reader; "
+        "import jomed_fast.scoring, jomed_fast.prompts, jomed_fast.readers; "
+        "print(before, CandidateScorer is jomed_fast.scoring.CandidateScorer, "
+        "Candidate is jomed_fast.prompts.Candidate, load_reader is jomed_fast.readers.load_reader, "
+        "'CandidateScorer' in dir(jomed_fast))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True", "True", "True"]
     import jomed_fast
@@ -84,8 +100,13 @@ def test_documented_import_paths_reach_the_modules_that_hold_the_code():
     assert readers.tiny is offline_checkpoints and readers.load_reader is hf_reader.load_reader
     assert candidate_retrieval.__all__ == ["Retrieval", "Retrieved"]
     assert index.Index.__module__ == "jomed_fast.index.opened"
-    assert (retriever.TinyCLIP, retriever.load_encoder, retriever.HeadEncoders) == \
-        (tiny_clip.TinyCLIP, encoder_io.load_encoder, head_encoders.HeadEncoders)
+    assert (retriever.TinyCLIP, retriever.load_encoder, retriever.HeadEncoders) == (
+        tiny_clip.TinyCLIP,
+        encoder_io.load_encoder,
+        head_encoders.HeadEncoders,
+    )
     assert (scoring.ClassHead, scoring.RowCost) == (class_head.ClassHead, memory_budget.RowCost)
-    assert (analysis.PredictionRecord, analysis.oracle_accuracy) == \
-        (prediction_records.PredictionRecord, consistency.oracle_accuracy)
+    assert (analysis.PredictionRecord, analysis.oracle_accuracy) == (
+        prediction_records.PredictionRecord,
+        consistency.oracle_accuracy,
+    )

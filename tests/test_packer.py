@@ -48,9 +48,15 @@ IMAGE_TOKEN = 151655  # Qwen2-VL's <|image_pad|>; the packer itself never looks 
 # jomed_fast._C where this process may run the C++ packer: not under JOMED_FAST_DISABLE_C=1
 CPP = None if os.environ.get("JOMED_FAST_DISABLE_C") == "1" else packing._load_extension()[0]
 PACKERS = [
-    pytest.param("c++", marks=pytest.mark.skipif(CPP is None, reason="the C++ packer is unavailable here: "
-                                                                     "JOMED_FAST_DISABLE_C=1, or jomed_fast._C "
-                                                                     "does not load (see packing.backend())")),
+    pytest.param(
+        "c++",
+        marks=pytest.mark.skipif(
+            CPP is None,
+            reason="the C++ packer is unavailable here: "
+            "JOMED_FAST_DISABLE_C=1, or jomed_fast._C "
+            "does not load (see packing.backend())",
+        ),
+    ),
     "python",
 ]
 
@@ -101,7 +107,9 @@ def sequences(draw, merge, max_images, max_text=6, separated=True, long_text=Fal
     """A piece list with 0..max_images images; text runs of >= 1 token between (and around) images
     when ``separated`` (a chat template always wraps an image in vision_start/vision_end)."""
     n_images = draw(st.integers(0, max_images))
-    grid = st.tuples(st.integers(1, 2), st.integers(1, 3).map(lambda x: x * merge), st.integers(1, 3).map(lambda x: x * merge))
+    grid = st.tuples(
+        st.integers(1, 2), st.integers(1, 3).map(lambda x: x * merge), st.integers(1, 3).map(lambda x: x * merge)
+    )
     text_hi = 60 if long_text else max_text
     pieces = []
     for i in range(n_images + 1):
@@ -143,7 +151,11 @@ def build(merge: int, prefix: list[Piece], segments: list[list[Piece]]) -> Query
     p_ids, _, p_images = flatten(prefix, merge)
     flat = [flatten(s, merge) for s in segments]
     return QueryCandidates.from_lists(
-        p_ids, [f[0] for f in flat], prefix_images=p_images, candidate_images=[f[2] for f in flat], spatial_merge_size=merge
+        p_ids,
+        [f[0] for f in flat],
+        prefix_images=p_images,
+        candidate_images=[f[2] for f in flat],
+        spatial_merge_size=merge,
     )
 
 
@@ -167,7 +179,7 @@ def assert_packed_alone_as_in_batch(alone: PackedBatch, batch: PackedBatch, b: i
     pairs = [
         (alone.input_ids[0], batch.input_ids[b, :, :L]),
         (alone.attention_mask[0, :, :P], batch.attention_mask[b, :, :P]),
-        (alone.attention_mask[0, :, P:], batch.attention_mask[b, :, Pm:Pm + L]),
+        (alone.attention_mask[0, :, P:], batch.attention_mask[b, :, Pm : Pm + L]),
         (alone.position_ids[0], batch.position_ids[b, :, :L]),
         (alone.answer_position[0], batch.answer_position[b]),
         (alone.suffix_lengths[0], batch.suffix_lengths[b]),
@@ -175,11 +187,16 @@ def assert_packed_alone_as_in_batch(alone: PackedBatch, batch: PackedBatch, b: i
         (alone.prefix_lengths[0], batch.prefix_lengths[b]),
     ]
     if alone.mrope_position_ids is not None:
-        pairs += [(alone.mrope_position_ids[:, 0], batch.mrope_position_ids[:, b, :, :L]),
-                  (alone.rope_deltas[0], batch.rope_deltas[b]),
-                  (alone.prefix_mrope_position_ids[:, 0], batch.prefix_mrope_position_ids[:, b, :P]),
-                  (alone.prefix_rope_deltas[0], batch.prefix_rope_deltas[b])]
-    for spans_alone, spans in ((alone.image_spans, batch.image_spans), (alone.prefix_image_spans, batch.prefix_image_spans)):
+        pairs += [
+            (alone.mrope_position_ids[:, 0], batch.mrope_position_ids[:, b, :, :L]),
+            (alone.rope_deltas[0], batch.rope_deltas[b]),
+            (alone.prefix_mrope_position_ids[:, 0], batch.prefix_mrope_position_ids[:, b, :P]),
+            (alone.prefix_rope_deltas[0], batch.prefix_rope_deltas[b]),
+        ]
+    for spans_alone, spans in (
+        (alone.image_spans, batch.image_spans),
+        (alone.prefix_image_spans, batch.prefix_image_spans),
+    ):
         rows = spans[spans[:, 0] == b].clone()
         rows[:, 0] = 0
         rows[:, -1] -= int((spans[:, 0] < b).sum())
@@ -311,8 +328,13 @@ def test_worked_example():
 )
 def test_named_cases(case):
     m = 2
-    text = lambda n: Piece(text=list(range(1, n + 1)))
-    img = lambda t=1, h=2, w=2: Piece(grid=(t, h, w))
+
+    def text(n):
+        return Piece(text=list(range(1, n + 1)))
+
+    def img(t=1, h=2, w=2):
+        return Piece(grid=(t, h, w))
+
     prefix = [text(3), img(1, 4, 4), text(2)]
     segments = {
         "k1": [[img(), text(4)]],
@@ -362,7 +384,9 @@ def test_mrope_false_needs_no_grids():
 
 def test_non_contiguous_inputs():
     base = torch.arange(40, dtype=torch.int64)
-    q = QueryCandidates(prefix_ids=base[::2][:6], candidate_ids=base[1::2][:8], candidate_offsets=torch.tensor([0, 3, 8]))
+    q = QueryCandidates(
+        prefix_ids=base[::2][:6], candidate_ids=base[1::2][:8], candidate_offsets=torch.tensor([0, 3, 8])
+    )
     assert_same(pack_candidates_batch([q], pad_token_id=0), pack_candidates_batch_reference([q], pad_token_id=0))
 
 
@@ -386,11 +410,18 @@ def hf_model(merge: int):
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
         config = Qwen2VLConfig(
-            text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                             intermediate_size=32, vocab_size=152000,
-                             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-            vision_config=dict(depth=1, embed_dim=16, num_heads=2, hidden_size=16, mlp_ratio=1,
-                               spatial_merge_size=merge),
+            text_config=dict(
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=32,
+                vocab_size=152000,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            ),
+            vision_config=dict(
+                depth=1, embed_dim=16, num_heads=2, hidden_size=16, mlp_ratio=1, spatial_merge_size=merge
+            ),
         )
         _HF_MODELS[merge] = Qwen2VLModel(config).eval()
     return _HF_MODELS[merge]
@@ -423,7 +454,9 @@ def test_mrope_matches_transformers_get_rope_index(batch):
                 mm_token_type_ids=torch.tensor([types]),
                 image_grid_thw=torch.tensor(row_grids).reshape(-1, 3) if row_grids else None,
             )
-            ours = torch.cat([out.prefix_mrope_position_ids[:, b, :P], out.mrope_position_ids[:, b, k, : len(s_ids)]], 1)
+            ours = torch.cat(
+                [out.prefix_mrope_position_ids[:, b, :P], out.mrope_position_ids[:, b, k, : len(s_ids)]], 1
+            )
             assert torch.equal(ours, hf_pos[:, 0]), (k, ours, hf_pos[:, 0])
             assert int(out.rope_deltas[b, k]) == int(hf_delta[0, 0])
             rows.append(ids)
@@ -440,10 +473,14 @@ def test_mrope_matches_transformers_get_rope_index(batch):
             types[:, start : start + length] = 1
         mask = out.attention_mask[b]
         hf_pos, hf_delta = model.get_rope_index(
-            ids, mm_token_type_ids=types, image_grid_thw=torch.tensor(grids).reshape(-1, 3) if grids else None,
+            ids,
+            mm_token_type_ids=types,
+            image_grid_thw=torch.tensor(grids).reshape(-1, 3) if grids else None,
             attention_mask=mask,
         )
-        ours = torch.cat([out.prefix_mrope_position_ids[:, b : b + 1].expand(-1, len(segments), -1), out.mrope_position_ids[:, b]], 2)
+        ours = torch.cat(
+            [out.prefix_mrope_position_ids[:, b : b + 1].expand(-1, len(segments), -1), out.mrope_position_ids[:, b]], 2
+        )
         real = mask.bool().expand(3, -1, -1)
         assert torch.equal(ours[real], hf_pos[real])
         assert torch.equal(out.rope_deltas[b], hf_delta[:, 0])
@@ -451,7 +488,8 @@ def test_mrope_matches_transformers_get_rope_index(batch):
         # the prefix alone (HF needs at least one token)
         if P:
             hf_pos, hf_delta = model.get_rope_index(
-                torch.tensor([p_ids]), mm_token_type_ids=torch.tensor([p_types]),
+                torch.tensor([p_ids]),
+                mm_token_type_ids=torch.tensor([p_types]),
                 image_grid_thw=torch.tensor([g for _, g in p_images]).reshape(-1, 3) if p_images else None,
             )
             assert torch.equal(out.prefix_mrope_position_ids[:, b, :P], hf_pos[:, 0])
@@ -488,8 +526,11 @@ CONSTRUCTION_ERRORS = [
     (dict(candidate_ids=torch.zeros(2, 5, dtype=torch.long)), ValueError, r"candidate_ids: expected 1-D \[T\]"),
     (dict(candidate_offsets=torch.tensor([0])), ValueError, r"candidate_offsets: expected \[K \+ 1\] with K >= 1"),
     (dict(prefix_image_spans=torch.tensor([[1, 4, 0]])), ValueError, r"prefix_image_spans: expected 2-D \[Np, 2\]"),
-    (dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4]])), ValueError,
-     r"candidate_image_grid_thw: expected one row per row of candidate_image_spans \(2\), got 1"),
+    (
+        dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4]])),
+        ValueError,
+        r"candidate_image_grid_thw: expected one row per row of candidate_image_spans \(2\), got 1",
+    ),
     (dict(prefix_ids=torch.arange(6, device="meta")), ValueError, "prefix_ids: expected a CPU tensor"),
 ]
 
@@ -503,29 +544,70 @@ def test_construction_errors(overrides, error, message):
 VALUE_ERRORS = [
     (dict(candidate_offsets=torch.tensor([1, 6, 10])), "queries[0].candidate_offsets: expected offsets[0] = 0"),
     (dict(candidate_offsets=torch.tensor([0, 6, 9])), "and offsets[K] = 10 (candidate_ids.numel()), got 0 and 9"),
-    (dict(candidate_offsets=torch.tensor([0, 6, 4, 10]), candidate_image_spans=torch.empty(0, 3, dtype=torch.long),
-          candidate_image_grid_thw=torch.empty(0, 3, dtype=torch.long)),
-     "queries[0].candidate_offsets: expected non-decreasing offsets, got offsets[2] = 4 < offsets[1] = 6"),
-    (dict(prefix_ids=torch.empty(0, dtype=torch.long), prefix_image_spans=torch.empty(0, 2, dtype=torch.long),
-          prefix_image_grid_thw=torch.empty(0, 3, dtype=torch.long), candidate_offsets=torch.tensor([0, 0, 10]),
-          candidate_image_spans=torch.tensor([[1, 1, 2]]), candidate_image_grid_thw=torch.tensor([[1, 2, 4]])),
-     "got an empty segment 0 after an empty prefix"),
-    (dict(prefix_image_spans=torch.tensor([[3, 4]])), "queries[0].prefix_image_spans: expected 0 <= start, 1 <= length, "
-     "start + length <= 6 (the sequence's length), got row 0 = (start 3, length 4)"),
-    (dict(candidate_image_spans=torch.tensor([[0, 5, 2], [1, 0, 2]])), "queries[0].candidate_image_spans: expected 0 <= start"),
+    (
+        dict(
+            candidate_offsets=torch.tensor([0, 6, 4, 10]),
+            candidate_image_spans=torch.empty(0, 3, dtype=torch.long),
+            candidate_image_grid_thw=torch.empty(0, 3, dtype=torch.long),
+        ),
+        "queries[0].candidate_offsets: expected non-decreasing offsets, got offsets[2] = 4 < offsets[1] = 6",
+    ),
+    (
+        dict(
+            prefix_ids=torch.empty(0, dtype=torch.long),
+            prefix_image_spans=torch.empty(0, 2, dtype=torch.long),
+            prefix_image_grid_thw=torch.empty(0, 3, dtype=torch.long),
+            candidate_offsets=torch.tensor([0, 0, 10]),
+            candidate_image_spans=torch.tensor([[1, 1, 2]]),
+            candidate_image_grid_thw=torch.tensor([[1, 2, 4]]),
+        ),
+        "got an empty segment 0 after an empty prefix",
+    ),
+    (
+        dict(prefix_image_spans=torch.tensor([[3, 4]])),
+        "queries[0].prefix_image_spans: expected 0 <= start, 1 <= length, "
+        "start + length <= 6 (the sequence's length), got row 0 = (start 3, length 4)",
+    ),
+    (
+        dict(candidate_image_spans=torch.tensor([[0, 5, 2], [1, 0, 2]])),
+        "queries[0].candidate_image_spans: expected 0 <= start",
+    ),
     (dict(candidate_image_spans=torch.tensor([[0, -1, 2], [1, 0, 2]])), "got row 0 = (start -1, length 2)"),
     (dict(candidate_image_spans=torch.tensor([[0, 1, 0], [1, 0, 2]])), "got row 0 = (start 1, length 0)"),
-    (dict(candidate_image_spans=torch.tensor([[1, 0, 2], [0, 1, 2]]), candidate_image_grid_thw=torch.tensor([[2, 2, 2], [1, 2, 4]])),
-     "queries[0].candidate_image_spans: expected column 0 (candidate) non-decreasing in [0, 2), got row 1 with candidate 0 after candidate 1"),
-    (dict(candidate_image_spans=torch.tensor([[0, 1, 2], [2, 0, 2]])), "non-decreasing in [0, 2), got row 1 with candidate 2"),
-    (dict(candidate_image_spans=torch.tensor([[0, 0, 2], [0, 1, 2]]), candidate_image_grid_thw=torch.tensor([[1, 2, 4], [1, 2, 4]])),
-     "queries[0].candidate_image_spans: expected spans sorted by start and not overlapping, got row 1 starting at 1 before the previous span's end 2"),
-    (dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [2, 2, 3]])),
-     "queries[0].candidate_image_grid_thw: expected h and w divisible by spatial_merge_size = 2, got row 1 = (2, 2, 3)"),
-    (dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [1, 2, 2]])),
-     "queries[0].candidate_image_grid_thw: expected t*h*w/spatial_merge_size^2 = the span's length 2, got row 1 = (1, 2, 2)"),
-    (dict(prefix_image_grid_thw=torch.tensor([[0, 4, 4]])), "queries[0].prefix_image_grid_thw: expected grid (t, h, w) >= 1, got row 0 = (0, 4, 4)"),
-    (dict(prefix_image_grid_thw=None), r"queries[0].prefix_image_grid_thw: expected [N, 3] image grids with mrope=True, got None"),
+    (
+        dict(
+            candidate_image_spans=torch.tensor([[1, 0, 2], [0, 1, 2]]),
+            candidate_image_grid_thw=torch.tensor([[2, 2, 2], [1, 2, 4]]),
+        ),
+        "queries[0].candidate_image_spans: expected column 0 (candidate) non-decreasing in [0, 2), got row 1 with candidate 0 after candidate 1",
+    ),
+    (
+        dict(candidate_image_spans=torch.tensor([[0, 1, 2], [2, 0, 2]])),
+        "non-decreasing in [0, 2), got row 1 with candidate 2",
+    ),
+    (
+        dict(
+            candidate_image_spans=torch.tensor([[0, 0, 2], [0, 1, 2]]),
+            candidate_image_grid_thw=torch.tensor([[1, 2, 4], [1, 2, 4]]),
+        ),
+        "queries[0].candidate_image_spans: expected spans sorted by start and not overlapping, got row 1 starting at 1 before the previous span's end 2",
+    ),
+    (
+        dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [2, 2, 3]])),
+        "queries[0].candidate_image_grid_thw: expected h and w divisible by spatial_merge_size = 2, got row 1 = (2, 2, 3)",
+    ),
+    (
+        dict(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [1, 2, 2]])),
+        "queries[0].candidate_image_grid_thw: expected t*h*w/spatial_merge_size^2 = the span's length 2, got row 1 = (1, 2, 2)",
+    ),
+    (
+        dict(prefix_image_grid_thw=torch.tensor([[0, 4, 4]])),
+        "queries[0].prefix_image_grid_thw: expected grid (t, h, w) >= 1, got row 0 = (0, 4, 4)",
+    ),
+    (
+        dict(prefix_image_grid_thw=None),
+        r"queries[0].prefix_image_grid_thw: expected [N, 3] image grids with mrope=True, got None",
+    ),
 ]
 
 
@@ -550,16 +632,23 @@ def test_value_errors_same_on_both_paths(overrides, message):
 
 def test_grid_checks_are_skipped_without_mrope():
     q = QueryCandidates(**good_query(candidate_image_grid_thw=torch.tensor([[1, 2, 4], [2, 2, 3]])))
-    assert_same(pack_candidates_batch([q], pad_token_id=0, mrope=False),
-                pack_candidates_batch_reference([q], pad_token_id=0, mrope=False))
+    assert_same(
+        pack_candidates_batch([q], pad_token_id=0, mrope=False),
+        pack_candidates_batch_reference([q], pad_token_id=0, mrope=False),
+    )
 
 
 def test_different_k_across_queries():
     a = QueryCandidates(**good_query())
-    b = QueryCandidates(prefix_ids=torch.arange(3), candidate_ids=torch.arange(3), candidate_offsets=torch.tensor([0, 3]))
+    b = QueryCandidates(
+        prefix_ids=torch.arange(3), candidate_ids=torch.arange(3), candidate_offsets=torch.tensor([0, 3])
+    )
     for pack in (pack_candidates_batch, pack_candidates_batch_reference):
-        with pytest.raises(ValueError, match=r"queries\[1\]\.candidate_offsets: expected the same number of candidates "
-                                             r"K = 2 as queries\[0\], got K = 1"):
+        with pytest.raises(
+            ValueError,
+            match=r"queries\[1\]\.candidate_offsets: expected the same number of candidates "
+            r"K = 2 as queries\[0\], got K = 1",
+        ):
             pack([a, b], pad_token_id=0)
 
 
@@ -643,9 +732,12 @@ def pack_everything_and_record_warnings() -> list[warnings.WarningMessage]:
         warnings.simplefilter("always")  # a second warning must not hide behind the once-per-location filter
         for _ in range(2):
             packing.backend()
-            assert_same(pack_candidates_batch([q], pad_token_id=0), pack_candidates_batch_reference([q], pad_token_id=0))
-            assert_same(pack_candidates_batch([q, q], pad_token_id=0),
-                        pack_candidates_batch_reference([q, q], pad_token_id=0))
+            assert_same(
+                pack_candidates_batch([q], pad_token_id=0), pack_candidates_batch_reference([q], pad_token_id=0)
+            )
+            assert_same(
+                pack_candidates_batch([q, q], pad_token_id=0), pack_candidates_batch_reference([q, q], pad_token_id=0)
+            )
     return caught
 
 
@@ -659,19 +751,28 @@ def test_disable_env_forces_python_without_a_warning(undecided, monkeypatch):
 
 def test_disable_env_in_a_fresh_process_never_imports_the_extension():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOMED_FAST_")}
-    code = ("import sys; from jomed_fast.packing import QueryCandidates, backend, pack_candidates_batch; "
-            "pack_candidates_batch([QueryCandidates.from_lists([1, 2], [[3], [4, 5]])], pad_token_id=0); "
-            "print(backend().name, 'jomed_fast._C' in sys.modules)")
-    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
-                         env={**env, "JOMED_FAST_DISABLE_C": "1"}, capture_output=True, text=True)
+    code = (
+        "import sys; from jomed_fast.packing import QueryCandidates, backend, pack_candidates_batch; "
+        "pack_candidates_batch([QueryCandidates.from_lists([1, 2], [[3], [4, 5]])], pad_token_id=0); "
+        "print(backend().name, 'jomed_fast._C' in sys.modules)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+        env={**env, "JOMED_FAST_DISABLE_C": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["python", "False"]
 
 
 def test_disable_env_other_values(undecided, monkeypatch):
     monkeypatch.setenv("JOMED_FAST_DISABLE_C", "true")
-    with pytest.raises(ValueError, match=r"JOMED_FAST_DISABLE_C: expected 1 \(the Python packer\) or 0 / unset, "
-                                         r"got 'true'"):
+    with pytest.raises(
+        ValueError,
+        match=r"JOMED_FAST_DISABLE_C: expected 1 \(the Python packer\) or 0 / unset, "
+        r"got 'true'",
+    ):
         packing.backend()
     monkeypatch.setenv("JOMED_FAST_DISABLE_C", "0")
     monkeypatch.setitem(sys.modules, "jomed_fast._build_info", None)
@@ -711,8 +812,7 @@ def _other_release(minor_step: int) -> str:
 
 @pytest.mark.parametrize("recorded_by", ["build_info", "extension"])
 @pytest.mark.parametrize("built", [_other_release(1), _other_release(-1) + "+cu117"])
-def test_extension_for_another_torch_falls_back_with_a_warning_naming_both(undecided, monkeypatch, recorded_by,
-                                                                           built):
+def test_extension_for_another_torch_falls_back_with_a_warning_naming_both(undecided, monkeypatch, recorded_by, built):
     """The torch _C was built against is read from _build_info.py before loading _C, or from _C itself."""
     if recorded_by == "build_info":
         monkeypatch.setitem(sys.modules, "jomed_fast._build_info", build_info(built))
@@ -722,10 +822,12 @@ def test_extension_for_another_torch_falls_back_with_a_warning_naming_both(undec
     caught = pack_everything_and_record_warnings()
     assert len(caught) == 1, [str(w.message) for w in caught]
     message = str(caught[0].message)
-    assert message.startswith(f"jomed_fast._C was built against torch {built}, this is torch {torch.__version__}: "
-                              "using the Python packer"), message
-    assert packing.backend() == Backend("python", f"jomed_fast._C was built against torch {built}, this is torch "
-                                                  f"{torch.__version__}")
+    assert message.startswith(
+        f"jomed_fast._C was built against torch {built}, this is torch {torch.__version__}: using the Python packer"
+    ), message
+    assert packing.backend() == Backend(
+        "python", f"jomed_fast._C was built against torch {built}, this is torch {torch.__version__}"
+    )
 
 
 def test_extension_for_this_torch_is_used(undecided, monkeypatch):

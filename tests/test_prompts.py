@@ -57,28 +57,34 @@ def test_rendered_text_qwen2_vl(procs):
     img = "<|vision_start|><|image_pad|><|vision_end|>"
     cue = "<|im_end|>\n<|im_start|>assistant\n"
     assert render_prompt(procs["qwen2_vl"], "paper", TASK, q, None, c) == (
-        f"{sys_user}{img}background: a cyst\n\n{img}{legend_question}{cue}")
+        f"{sys_user}{img}background: a cyst\n\n{img}{legend_question}{cue}"
+    )
     assert render_prompt(procs["qwen2_vl"], "shared_query", TASK, q, None, c) == (
-        f"{sys_user}{img}{legend_question}\n\n{img}background: a cyst{cue}")
+        f"{sys_user}{img}{legend_question}\n\n{img}background: a cyst{cue}"
+    )
 
 
 def test_rendered_text_pixtral(procs):
     q, c = _image(seed=1), Candidate(_image(seed=2), "a cyst")
     legend_question = TASK.prompt()
     assert render_prompt(procs["pixtral"], "paper", TASK, q, None, c) == (
-        f"<s>[INST][IMG]background: a cyst\n\n[IMG]{legend_question}[/INST]")
+        f"<s>[INST][IMG]background: a cyst\n\n[IMG]{legend_question}[/INST]"
+    )
     assert render_prompt(procs["pixtral"], "shared_query", TASK, q, None, c) == (
-        f"<s>[INST][IMG]{legend_question}\n\n[IMG]background: a cyst[/INST]")
+        f"<s>[INST][IMG]{legend_question}\n\n[IMG]background: a cyst[/INST]"
+    )
 
 
 def test_variants_without_query_image_candidate_image_or_candidate(procs):
     p = procs["pixtral"]
     q = _image(seed=1)
     assert render_prompt(p, "paper", TASK, None, None, Candidate(None, "x")) == (
-        f"<s>[INST]background: x\n\n{TASK.prompt()}[/INST]")
+        f"<s>[INST]background: x\n\n{TASK.prompt()}[/INST]"
+    )
     assert render_prompt(p, "shared_query", TASK, q, None, None) == f"<s>[INST][IMG]{TASK.prompt()}[/INST]"
     assert render_prompt(p, "paper", TASK, q, "Is it benign?", None) == (
-        f"<s>[INST][IMG]{TASK.instructions}Is it benign?[/INST]")
+        f"<s>[INST][IMG]{TASK.instructions}Is it benign?[/INST]"
+    )
     messages, images = build_messages("shared_query", TASK, None, None, Candidate(_image(seed=3), "y"))
     assert len(images) == 1 and [part["type"] for part in messages[0]["content"]] == ["text", "image", "text"]
 
@@ -91,8 +97,13 @@ def test_layout_is_checked(procs):
 
 
 # ---------------------------------------------------------------------------------- splitting
-CAPTIONS = ["a small round cyst", "", "irregular spiculated mass, posterior shadowing; 10 mm!",
-            "normal tissue\n\nbands", "calcifications"]
+CAPTIONS = [
+    "a small round cyst",
+    "",
+    "irregular spiculated mass, posterior shadowing; 10 mm!",
+    "normal tissue\n\nbands",
+    "calcifications",
+]
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)
@@ -153,7 +164,8 @@ def test_a_template_that_rewrites_text_falls_back_to_direct_rendering(procs):
     split = split_query(Upper(), "shared_query", TASK, q, None, cands)
     for k, cand in enumerate(cands):
         assert split.prefix_ids + split.segments[k] == base.tokenize(
-            Upper().apply_chat_template(build_messages("shared_query", TASK, q, None, cand)[0]))
+            Upper().apply_chat_template(build_messages("shared_query", TASK, q, None, cand)[0])
+        )
 
 
 def test_image_token_in_a_caption_or_question_is_refused(procs):

@@ -51,7 +51,10 @@ def ckpt(tmp_path_factory):
 
 
 # Vision towers 32 wide: the widths of the tiny readers before they were made to fit the kernel.
-_NARROW_VISION = {"qwen2_vl": {"embed_dim": 32}, "pixtral": {"hidden_size": 32, "intermediate_size": 64, "head_dim": 16}}
+_NARROW_VISION = {
+    "qwen2_vl": {"embed_dim": 32},
+    "pixtral": {"hidden_size": 32, "intermediate_size": 64, "head_dim": 16},
+}
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +114,11 @@ def test_layers_the_kernel_cannot_take_stay_in_the_compute_dtype_and_are_named(c
     kernels = ["dequantize"] + (["packed"] if HAS_PACKED else [])
     outs = {}
     for kernel in kernels:  # the packed kernel crashed on these layers at the first forward
-        r = reader if kernel == "dequantize" else load_reader(narrow[arch], quantization="nf4", device="cpu",
-                                                              cpu_kernel=kernel)
+        r = (
+            reader
+            if kernel == "dequantize"
+            else load_reader(narrow[arch], quantization="nf4", device="cpu", cpu_kernel=kernel)
+        )
         with torch.no_grad():
             outs[kernel] = r.hidden_states(r.encode([_image()], QUESTION))
         assert torch.isfinite(outs[kernel]).all()
@@ -130,7 +136,9 @@ def test_quantize_vision_false_keeps_vision_tower_and_projector_unquantized(ckpt
     import bitsandbytes as bnb
 
     def quantized(reader):
-        return [n for n, m in reader.hf_model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+        return [
+            n for n, m in reader.hf_model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        ]
 
     vision = ("visual",) if arch == "qwen2_vl" else ("vision_tower", "multi_modal_projector")
     everywhere = quantized(load_reader(ckpt[arch], quantization=quant, device="cpu"))
@@ -181,8 +189,9 @@ def test_nf4_lora_gradients_after_an_eval_pass_equal_the_dequantized_model(ckpt,
     reader(**enc).loss.backward()
     got = {n: p.grad.clone() for n, p in reader.lora_parameters().items()}
 
-    ref = _dequantized_copy(load_reader(ckpt[arch], quantization="nf4", lora=adapter, lora_trainable=True,
-                                        device="cpu")).train()
+    ref = _dequantized_copy(
+        load_reader(ckpt[arch], quantization="nf4", lora=adapter, lora_trainable=True, device="cpu")
+    ).train()
     assert _nf4_names(ref.hf_model) == []
     ref.model.zero_grad()
     ref(**enc).loss.backward()

@@ -55,17 +55,21 @@ def fp32_readers(ckpt):
 
 @pytest.fixture(scope="module")
 def hf_models(ckpt):
-    return {
-        arch: tiny.model_class(arch).from_pretrained(ckpt[arch], local_files_only=True).eval() for arch in ARCHS
-    }
+    return {arch: tiny.model_class(arch).from_pretrained(ckpt[arch], local_files_only=True).eval() for arch in ARCHS}
 
 
 # ---------------------------------------------------------------------------------- build
 @pytest.mark.parametrize("arch", ARCHS)
 def test_build_writes_a_complete_checkpoint(ckpt, arch, tmp_path):
     path = ckpt[arch]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "preprocessor_config.json", tiny.BUILD_STAMP):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        tiny.BUILD_STAMP,
+    ):
         assert (path / name).is_file(), name
     assert not list(path.glob("*.bin"))
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
@@ -86,7 +90,10 @@ def test_build_writes_a_complete_checkpoint(ckpt, arch, tmp_path):
 
 def test_tokenizers_hold_the_family_special_tokens(fp32_readers):
     tok = fp32_readers["pixtral"].tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    }
     assert ids == {"<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "[IMG_BREAK]": 12, "[IMG_END]": 13}
     qtok = fp32_readers["qwen2_vl"].tokenizer
     q_ids = [qtok.convert_tokens_to_ids(t) for t in tiny.QWEN2_VL_SPECIAL_TOKENS]
@@ -126,7 +133,7 @@ def test_pixtral_processor_expands_rows(fp32_readers):
     expected[-1] = end
     start = ids.index(img)
     assert ids[:start] == [1, 3]  # <s>[INST]
-    assert ids[start:start + len(expected)] == expected
+    assert ids[start : start + len(expected)] == expected
     assert ids[-1] == 4  # [/INST]
     assert "mm_token_type_ids" not in enc
     with pytest.raises(ValueError, match="placeholder"):

@@ -49,7 +49,9 @@ def test_matches_float64(backend, dtype, B, K, reduction):
     _check(scores, reader, reduction=reduction)
 
 
-@pytest.mark.parametrize("tau_retriever,tau_reader", [(0.01, 1.0), (100.0, 1.0), (1.0, 0.01), (1.0, 100.0), (0.05, 0.1)])
+@pytest.mark.parametrize(
+    "tau_retriever,tau_reader", [(0.01, 1.0), (100.0, 1.0), (1.0, 0.01), (1.0, 100.0), (0.05, 0.1)]
+)
 def test_temperatures_far_from_one(backend, tau_retriever, tau_reader):
     scores, reader = _inputs(6, 50)
     _check(scores, reader, tau_retriever, tau_reader, reduction="none")
@@ -225,14 +227,49 @@ _S = torch.randn(3, 5)
         ((_S, torch.randn(2, 5)), {}, ValueError, r"reader_log_likelihoods: expected shape \[B, K\] = \(3, 5\)"),
         ((_S, torch.randn(3, 5, 1)), {}, ValueError, r"reader_log_likelihoods: expected 2-D \[B, K\]"),
         ((torch.randn(15), torch.randn(3, 5)), {}, ValueError, r"retriever_scores: expected 2-D \[B, K\]"),
-        ((torch.randn(3, 0), torch.randn(3, 0)), {}, ValueError, r"retriever_scores: expected shape \[B, K\] with K >= 1"),
-        ((_S, torch.randn(3, 5)), {"tau_retriever": 0.0}, ValueError, "tau_retriever: expected a finite number > 0, got 0.0"),
-        ((_S, torch.randn(3, 5)), {"tau_reader": -1.0}, ValueError, "tau_reader: expected a finite number > 0, got -1.0"),
+        (
+            (torch.randn(3, 0), torch.randn(3, 0)),
+            {},
+            ValueError,
+            r"retriever_scores: expected shape \[B, K\] with K >= 1",
+        ),
+        (
+            (_S, torch.randn(3, 5)),
+            {"tau_retriever": 0.0},
+            ValueError,
+            "tau_retriever: expected a finite number > 0, got 0.0",
+        ),
+        (
+            (_S, torch.randn(3, 5)),
+            {"tau_reader": -1.0},
+            ValueError,
+            "tau_reader: expected a finite number > 0, got -1.0",
+        ),
         ((_S, torch.randn(3, 5)), {"tau_reader": math.inf}, ValueError, "tau_reader: expected a finite number > 0"),
-        ((_S, torch.randn(3, 5)), {"tau_retriever": math.nan}, ValueError, "tau_retriever: expected a finite number > 0"),
-        ((_S, torch.randn(3, 5)), {"tau_retriever": "1"}, TypeError, "tau_retriever: expected a positive number, got str"),
-        ((_S, torch.randn(3, 5)), {"reduction": "mean"}, ValueError, r"reduction: expected one of \('batchmean', 'sum', 'none'\), got 'mean'"),
-        ((torch.randint(0, 5, (3, 5)), torch.randn(3, 5)), {}, TypeError, "retriever_scores: expected a floating tensor"),
+        (
+            (_S, torch.randn(3, 5)),
+            {"tau_retriever": math.nan},
+            ValueError,
+            "tau_retriever: expected a finite number > 0",
+        ),
+        (
+            (_S, torch.randn(3, 5)),
+            {"tau_retriever": "1"},
+            TypeError,
+            "tau_retriever: expected a positive number, got str",
+        ),
+        (
+            (_S, torch.randn(3, 5)),
+            {"reduction": "mean"},
+            ValueError,
+            r"reduction: expected one of \('batchmean', 'sum', 'none'\), got 'mean'",
+        ),
+        (
+            (torch.randint(0, 5, (3, 5)), torch.randn(3, 5)),
+            {},
+            TypeError,
+            "retriever_scores: expected a floating tensor",
+        ),
         ((_S, torch.randint(0, 5, (3, 5))), {}, TypeError, "reader_log_likelihoods: expected a floating tensor"),
         ((_S, torch.randn(3, 5).double()), {}, TypeError, "reader_log_likelihoods: expected a floating tensor"),
         ((_S.tolist(), torch.randn(3, 5)), {}, TypeError, "retriever_scores: expected a torch.Tensor, got list"),

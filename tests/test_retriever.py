@@ -95,11 +95,25 @@ def _tiny_hf_clip(path):
         PreTrainedTokenizerFast,
     )
 
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, vocab_size=50, max_position_embeddings=16),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
+    cfg = CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=50,
+            max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(path)
     vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["a", "lesion", "breast", "normal", "mass"])}}

@@ -136,8 +136,15 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 
 
 def _fake_reader(path, lora=None):
-    r = SimpleNamespace(path=path, family="qwen2_vl", quantization=None, compute_dtype=torch.float32, model=None,
-                        has_lora=lora is not None, lora={"r": 8} if lora is not None else None)
+    r = SimpleNamespace(
+        path=path,
+        family="qwen2_vl",
+        quantization=None,
+        compute_dtype=torch.float32,
+        model=None,
+        has_lora=lora is not None,
+        lora={"r": 8} if lora is not None else None,
+    )
     r.lora_parameters = lambda: lora or {}
     return r
 

@@ -30,11 +30,23 @@ ATOL = 1e-4
 # layout or position moves scores by O(1))
 PACKED_ATOL = 0.1
 SINGLE = get_task("synthetic")  # labels "0".."4": one token each
-MULTI = Task(name="multi_token", kind="multiclass", labels=("benign", "malignant", "10", "1", "normal"),
-             question="What is the finding?", instructions="Answer benign, malignant, normal, 1 or 10.\n")
-CAPTIONS = ["a small round anechoic cyst", "irregular spiculated hypoechoic mass with posterior shadowing",
-            "normal", "oval circumscribed mass, wider than tall", "punctate echogenic foci",
-            "", "fat lobule", "breast ultrasound showing a simple cyst with enhancement"]
+MULTI = Task(
+    name="multi_token",
+    kind="multiclass",
+    labels=("benign", "malignant", "10", "1", "normal"),
+    question="What is the finding?",
+    instructions="Answer benign, malignant, normal, 1 or 10.\n",
+)
+CAPTIONS = [
+    "a small round anechoic cyst",
+    "irregular spiculated hypoechoic mass with posterior shadowing",
+    "normal",
+    "oval circumscribed mass, wider than tall",
+    "punctate echogenic foci",
+    "",
+    "fat lobule",
+    "breast ultrasound showing a simple cyst with enhancement",
+]
 
 
 def _image(h, w, seed):
@@ -70,8 +82,13 @@ def ckpt(tmp_path_factory):
 def _nf4_config():
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["lm_head"],
+    )
 
 
 class _Models:
@@ -131,7 +148,7 @@ def reference(hf, processor, task, layout, qimgs, questions, cands, verbalizer, 
                 if "mm_token_type_ids" in enc:
                     zeros = torch.zeros(1, len(seq), dtype=enc["mm_token_type_ids"].dtype)
                     e["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], zeros], 1)
-                logits = hf(**e, use_cache=False).logits[0, P - 1: P - 1 + len(seq)].double()
+                logits = hf(**e, use_cache=False).logits[0, P - 1 : P - 1 + len(seq)].double()
                 lp = torch.log_softmax(logits[:, allowed], -1)
                 out[b, k, c] = sum(lp[t, allowed.index(tok)] for t, tok in enumerate(seq))
     return torch.log_softmax(out, -1) if normalize else out
@@ -157,8 +174,10 @@ def test_single_token_scores_equal_separate_hf_forwards(models, arch, layout, K,
     assert padded == pad  # padded: the suffixes differ in length (within or across queries)
 
 
-@pytest.mark.skipif(not quantization.cpu_has_packed_kernel(), reason="this CPU has no AVX512-BF16: "
-                    "bitsandbytes' packed NF4 kernel does not run here")
+@pytest.mark.skipif(
+    not quantization.cpu_has_packed_kernel(),
+    reason="this CPU has no AVX512-BF16: bitsandbytes' packed NF4 kernel does not run here",
+)
 @pytest.mark.parametrize("task", [SINGLE, MULTI], ids=["single_token", "multi_token"])
 @pytest.mark.parametrize("layout", prompts.LAYOUTS)
 @pytest.mark.parametrize("arch", tiny.ARCHS)
@@ -171,8 +190,9 @@ def test_packed_nf4_kernel_scores_equal_the_dequantized_reference_to_bf16(models
     nf4_layers = [n for n, m in reader.hf_model.named_modules() if type(m).__name__ == "Linear4bit"]
     assert nf4_layers and quantization.packed_layers(reader.hf_model) == nf4_layers  # the packed kernel ran
     multi = scorer.head.mode == "sequence"
-    want = reference(models.hf(arch, "nf4"), reader.processor, task, layout, qimgs, None, cands, scorer.verbalizer,
-                     multi=multi)
+    want = reference(
+        models.hf(arch, "nf4"), reader.processor, task, layout, qimgs, None, cands, scorer.verbalizer, multi=multi
+    )
     assert quantization.packed_layers(models.hf(arch, "nf4")) == []  # and the reference did not
     torch.testing.assert_close(got.double(), want, atol=PACKED_ATOL, rtol=0)
     assert (got.double() - want).abs().max() > 0  # bf16 rounding shows: the kernels really differ
@@ -207,8 +227,12 @@ def test_mixed_candidate_kinds_and_query_variants(models, arch, layout):
     qimgs = [_image(40, 40, 1), np.asarray(_image(56, 28, 2)), None]
     raw = [
         [Candidate(arr, "from an array"), {"image": shared, "text": "a dict"}, (shared, "a tuple"), None],
-        [IndexRecord(id="r", image_path=None, text="an index record", image=arr), Candidate(None, "caption only"),
-         Candidate(_image(42, 28, 3), ""), Candidate(arr / 255.0, "floats")],
+        [
+            IndexRecord(id="r", image_path=None, text="an index record", image=arr),
+            Candidate(None, "caption only"),
+            Candidate(_image(42, 28, 3), ""),
+            Candidate(arr / 255.0, "floats"),
+        ],
         [Candidate(shared, "no query image"), None, Candidate(None, "text"), Candidate(arr, "x")],
     ]
     questions = [None, "Which class is it?", None]
@@ -216,8 +240,10 @@ def test_mixed_candidate_kinds_and_query_variants(models, arch, layout):
     got = scorer.score(qimgs, questions, raw)
     # the reference sees the same prompts with the inputs converted the way the scorer documents
     conv = [[None if c is None else prompts.as_candidate(c) for c in row] for row in raw]
-    conv = [[c if c is None or c.image is None else Candidate(prompts.as_image(c.image), c.text) for c in row]
-            for row in conv]
+    conv = [
+        [c if c is None or c.image is None else Candidate(prompts.as_image(c.image), c.text) for c in row]
+        for row in conv
+    ]
     q_conv = [None if q is None else prompts.as_image(q) for q in qimgs]
     want = reference(hf, reader.processor, SINGLE, layout, q_conv, questions, conv, scorer.verbalizer, multi=False)
     torch.testing.assert_close(got.double(), want, atol=ATOL, rtol=0)
@@ -252,16 +278,20 @@ def _count_vision_images(reader):
     counter = {"images": 0, "calls": 0}
     model = reader.hf_model.model
     if reader.family == "qwen2_vl":
+
         def hook(module, args, kwargs):
             grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
             counter["images"] += int(grid.shape[0])
             counter["calls"] += 1
+
         handle = model.visual.register_forward_pre_hook(hook, with_kwargs=True)
     else:
+
         def hook(module, args, kwargs):
             pv = args[0] if args else kwargs["pixel_values"]
             counter["images"] += int(pv.shape[0])
             counter["calls"] += 1
+
         handle = model.vision_tower.register_forward_pre_hook(hook, with_kwargs=True)
     return counter, handle
 
@@ -273,8 +303,9 @@ def test_each_image_and_prefix_runs_once(models, arch):
     qimgs, cands = _queries(B, K, pad=True, seed=9)
     cands[2][3] = cands[0][1]  # the same index record retrieved for two queries
     decoder_calls = []
-    handle_dec = reader.decoder.register_forward_pre_hook(lambda m, a, kw: decoder_calls.append(kw["inputs_embeds"].shape),
-                                                          with_kwargs=True)
+    handle_dec = reader.decoder.register_forward_pre_hook(
+        lambda m, a, kw: decoder_calls.append(kw["inputs_embeds"].shape), with_kwargs=True
+    )
     counter, handle_vis = _count_vision_images(reader)
     try:
         for layout, prefix_rows in (("shared_query", B), ("paper", 1)):
@@ -307,7 +338,8 @@ def _suffix_shapes(reader):
     """(rows, length) of every decoder forward, by a forward hook (the prefix one included)."""
     calls = []
     handle = reader.decoder.register_forward_pre_hook(
-        lambda m, a, kw: calls.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
+        lambda m, a, kw: calls.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
     return calls, handle
 
 
@@ -319,8 +351,11 @@ def test_chunks_come_from_the_memory_budget(models, arch, layout):
     whole = CandidateScorer(reader, MULTI, layout, forward_overhead=float("inf"))
     want = whole.score(qimgs, None, cands)
     assert whole.last_stats.chunks == 1
-    (rows, longest), = whole.last_stats.chunk_shapes  # one forward, every row padded to the longest
-    assert rows == 6 and whole.last_stats.suffix_slots == 6 * longest > whole.last_stats.suffix_tokens + 6 * whole.head.num_nodes
+    ((rows, longest),) = whole.last_stats.chunk_shapes  # one forward, every row padded to the longest
+    assert (
+        rows == 6
+        and whole.last_stats.suffix_slots == 6 * longest > whole.last_stats.suffix_tokens + 6 * whole.head.num_nodes
+    )
     row_bytes = whole.last_stats.row_bytes  # one row at the longest length
     Pm = whole.last_stats.prefix_slots // max(whole.last_stats.prefix_rows, 1)
     N = whole.head.num_nodes

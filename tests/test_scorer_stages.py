@@ -18,8 +18,13 @@ from jomed_fast.tasks import Task, get_task
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SINGLE = get_task("synthetic")
-MULTI = Task(name="multi_token", kind="multiclass", labels=("benign", "malignant", "10", "1", "normal"),
-             question="What is the finding?", instructions="Answer benign, malignant, normal, 1 or 10.\n")
+MULTI = Task(
+    name="multi_token",
+    kind="multiclass",
+    labels=("benign", "malignant", "10", "1", "normal"),
+    question="What is the finding?",
+    instructions="Answer benign, malignant, normal, 1 or 10.\n",
+)
 
 
 def _image(h, w, seed):
@@ -47,26 +52,31 @@ def _packing(scorer, qimgs, questions, cands):
 def test_pack_numbers_distinct_prefixes_and_images(readers, arch):
     reader = readers[arch]
     q0, q1, shared = _image(40, 40, 1), _image(56, 28, 2), _image(28, 28, 3)
-    cands = [[Candidate(shared, "a"), Candidate(None, "b")],
-             [Candidate(_image(28, 42, 4), "c"), Candidate(shared, "d")],
-             [Candidate(None, "e"), Candidate(shared, "f")],
-             [Candidate(None, "g"), Candidate(None, "h")]]
+    cands = [
+        [Candidate(shared, "a"), Candidate(None, "b")],
+        [Candidate(_image(28, 42, 4), "c"), Candidate(shared, "d")],
+        [Candidate(None, "e"), Candidate(shared, "f")],
+        [Candidate(None, "g"), Candidate(None, "h")],
+    ]
     # queries 0 and 2: the same image object and question; query 3: another image of q0's size (same tokens)
     qimgs = [q0, q1, q0, _image(40, 40, 9)]
     for layout, prefix_of, first in (("shared_query", [0, 1, 0, 2], [0, 1, 3]), ("paper", [0, 0, 0, 0], [0])):
         p = _packing(CandidateScorer(reader, SINGLE, layout), qimgs, None, cands)
         assert p.prefix_of.tolist() == prefix_of and p.first_query == first
         assert len(p.table) == 5  # 3 query images, shared, the one other candidate image
-        assert [len(u) for u in p.row_uids] == ([1, 0, 1, 1, 0, 1, 0, 0] if layout == "shared_query"
-                                                else [2, 1, 2, 2, 1, 2, 1, 1])
+        assert [len(u) for u in p.row_uids] == (
+            [1, 0, 1, 1, 0, 1, 0, 0] if layout == "shared_query" else [2, 1, 2, 2, 1, 2, 1, 1]
+        )
         assert all(p.table.uid(shared) in p.row_uids[r] for r in (0, 3, 5))  # the shared record: one uid
 
 
 def _trie_paths(head):
     """Each node's token path from the trie's root: its ancestors' tokens by depth."""
     anc, tokens, depths = head.node_ancestors.cpu(), head.node_tokens.cpu(), head.node_depths.cpu()
-    return [[int(tokens[i]) for i in sorted(torch.nonzero(anc[j]).flatten().tolist(), key=lambda i: int(depths[i]))]
-            for j in range(anc.shape[0])]
+    return [
+        [int(tokens[i]) for i in sorted(torch.nonzero(anc[j]).flatten().tolist(), key=lambda i: int(depths[i]))]
+        for j in range(anc.shape[0])
+    ]
 
 
 def _positions(reader, table, ids, uids):
@@ -75,9 +85,12 @@ def _positions(reader, table, ids, uids):
         return torch.arange(len(ids))
     seq = torch.tensor([ids])
     grids = table.grids(uids)
-    pos, _ = reader.hf_model.model.get_rope_index(seq, reader.processor.mm_token_type_ids(seq),
-                                                  image_grid_thw=grids if len(uids) else None,
-                                                  attention_mask=torch.ones_like(seq))
+    pos, _ = reader.hf_model.model.get_rope_index(
+        seq,
+        reader.processor.mm_token_type_ids(seq),
+        image_grid_thw=grids if len(uids) else None,
+        attention_mask=torch.ones_like(seq),
+    )
     return pos[:, 0]
 
 
@@ -88,8 +101,10 @@ def test_chunk_positions_are_the_full_prompts_positions(readers, arch, layout):
     scorer = CandidateScorer(reader, MULTI, layout)
     assert scorer.head.num_nodes > 1
     qimgs = [_image(56, 56, 5), None]  # square images (2x2 tokens): M-RoPE positions run short of 1-D ones
-    cands = [[Candidate(_image(56, 56, 6), "a small round cyst"), Candidate(None, "")],
-             [Candidate(_image(56, 112, 7), "x"), None]]
+    cands = [
+        [Candidate(_image(56, 56, 6), "a small round cyst"), Candidate(None, "")],
+        [Candidate(_image(56, 112, 7), "x"), None],
+    ]
     packing = _packing(scorer, qimgs, None, cands)
     rows = SuffixRows.from_packing(packing)
     assert rows.rope_deltas is None if arch == "pixtral" else (rows.rope_deltas < 0).sum() >= 2
@@ -105,7 +120,7 @@ def test_chunk_positions_are_the_full_prompts_positions(readers, arch, layout):
             want = _positions(reader, packing.table, prompt + path, uids)  # [3, T] or [T]
             if j == 0:  # the prompt: the prefix's positions, then the row's own suffix slots
                 assert torch.equal(packing.prefix_positions([b], "cpu")[..., 0, :P], want[..., :P])
-                assert torch.equal(got[..., r, :n], want[..., P:P + n])
+                assert torch.equal(got[..., r, :n], want[..., P : P + n])
             assert torch.equal(got[..., r, L + j], want[..., -1]), (r, j)  # the node: its token's position
 
 

@@ -368,7 +368,7 @@ def test_verbalizer_multilabel_multi_token_classes(hf_tok):
     assert len(v.sequences[10]) == 2  # digits are split: "10" = "1", "0"
     assert not v.single_token and not v.first_tokens_unique
     with pytest.raises(ValueError, match="share their first token"):
-        v.class_token_ids
+        _ = v.class_token_ids
     comma = hf_tok.convert_tokens_to_ids(",")
     space = hf_tok.convert_tokens_to_ids("Ġ")
     assert v.separator_ids == (comma, space)

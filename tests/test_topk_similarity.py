@@ -46,8 +46,8 @@ def _check(queries, index, k):
     full = torch.sort(q64 @ x64.T, dim=1, descending=True, stable=True).values
     padded = torch.cat([full, full[:, -1:] - 1], dim=1)
     gap = 4 * SCORE_ATOL
-    separated = (padded[:, :k] - padded[:, 1:k + 1] > gap)
-    separated[:, 1:] &= padded[:, :k - 1] - padded[:, 1:k] > gap
+    separated = padded[:, :k] - padded[:, 1 : k + 1] > gap
+    separated[:, 1:] &= padded[:, : k - 1] - padded[:, 1:k] > gap
     assert torch.equal(ids[separated], ref_ids[separated])
     return scores, ids
 

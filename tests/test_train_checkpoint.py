@@ -55,8 +55,17 @@ def test_resume_is_bitwise_identical(tmp_path):
     model, params, opt, sched, gen = make_run()
     for i in range(STOP):
         step(model, opt, sched, gen)
-        save_checkpoint(tmp_path, i + 1, params=params, optimizer=opt, scheduler=sched, generators={"data": gen},
-                        data={"position": i + 1}, extra={"best": 0.5}, keep=2)
+        save_checkpoint(
+            tmp_path,
+            i + 1,
+            params=params,
+            optimizer=opt,
+            scheduler=sched,
+            generators={"data": gen},
+            data={"position": i + 1},
+            extra={"best": 0.5},
+            keep=2,
+        )
     # a fresh process: other seeds, other initial weights
     random.seed(99), np.random.seed(99)
     model, params, opt, sched, gen = make_run(seed=7)

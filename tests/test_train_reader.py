@@ -14,14 +14,14 @@ import torch
 from jomed_fast import prompts
 from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.data.synthetic import generate
+from jomed_fast.identity import IdentityMismatch
 from jomed_fast.index import Index
 from jomed_fast.readers import IGNORE_INDEX, load_reader, tiny
 from jomed_fast.retriever import TinyCLIP
 from jomed_fast.train import NonFiniteLossError, latest_checkpoint, reader_loss
 from jomed_fast.train.checkpoint import load_weights
-from jomed_fast.train.reader import ReaderTrainConfig, train_reader, validation_loss
-from jomed_fast.identity import IdentityMismatch
 from jomed_fast.train.data_order import DataOrder, epoch_order, steps_per_epoch
+from jomed_fast.train.reader import ReaderTrainConfig, train_reader, validation_loss
 from jomed_fast.train.reader_data import (
     ExampleSet,
     balanced_indices,
@@ -146,10 +146,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(ckpt, data, arch):
 def test_validation_loss_falls_and_best_checkpoint_is_the_lowest(ckpt, data, arch, tmp_path):
     ds, retrieval, enc = data
     reader = _reader(ckpt[arch], random_b=False)
-    cfg = ReaderTrainConfig(lr=5e-3, epochs=2, batch_size=4, grad_accum=2, max_steps=6, eval_every=2,
-                            save_every=3, k_text=1, k_image=1, seed=0)
-    res = train_reader(cfg, reader, ds.task, ds.train, ds.val, tmp_path / "run", retrieval=retrieval,
-                       retriever=enc, progress=False)
+    cfg = ReaderTrainConfig(
+        lr=5e-3,
+        epochs=2,
+        batch_size=4,
+        grad_accum=2,
+        max_steps=6,
+        eval_every=2,
+        save_every=3,
+        k_text=1,
+        k_image=1,
+        seed=0,
+    )
+    res = train_reader(
+        cfg, reader, ds.task, ds.train, ds.val, tmp_path / "run", retrieval=retrieval, retriever=enc, progress=False
+    )
     steps = [s for s, _ in res.val_loss]
     losses = [v for _, v in res.val_loss]
     assert steps == [0, 2, 4, 6] and res.steps == 6 and len(res.train_loss) == 6
@@ -205,10 +216,15 @@ def test_reader_only_mode_runs(ckpt, data, tmp_path):
         train_reader(cfg, fresh, ds.task, ds.train, ds.val, tmp_path / "run", resume=False, progress=False)
     fresh = _reader(ckpt["pixtral"], random_b=False)
     with pytest.raises(IdentityMismatch, match=r"\(config.eval_every, config.lr changed\)"):
-        train_reader(cfg.replace(lr=1e-3, eval_every=1), fresh, ds.task, ds.train, ds.val, tmp_path / "run",
-                     progress=False)
-    assert train_reader(cfg.replace(save_every=1, keep=3), fresh, ds.task, ds.train, ds.val, tmp_path / "run",
-                        progress=False).val_loss == res.val_loss
+        train_reader(
+            cfg.replace(lr=1e-3, eval_every=1), fresh, ds.task, ds.train, ds.val, tmp_path / "run", progress=False
+        )
+    assert (
+        train_reader(
+            cfg.replace(save_every=1, keep=3), fresh, ds.task, ds.train, ds.val, tmp_path / "run", progress=False
+        ).val_loss
+        == res.val_loss
+    )
 
 
 def test_class_balanced_truncates_every_class_to_the_minority(data, ckpt, tmp_path):
@@ -287,11 +303,15 @@ def test_config_is_checked_and_round_trips():
     cfg = ReaderTrainConfig()
     assert cfg.lr == 1e-4 and cfg.warmup_ratio == 0.1 and cfg.layout == "paper" and (cfg.k_text, cfg.k_image) == (2, 2)
     assert ReaderTrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
-    for bad, match in [({"lr": 0}, r"config\.lr: expected a finite float > 0.0, got 0"),
-                       ({"batch_size": 0}, r"config\.batch_size: expected an int >= 1"),
-                       ({"warmup_ratio": 1.0}, r"config\.warmup_ratio: expected a finite float >= 0.0 and < 1.0"), ({"layout": "x"}, r"layout: expected one of"),
-                       ({"k_text": 0, "k_image": 0}, r"k_text \+ k_image"), ({"class_balanced": 1}, r"class_balanced"),
-                       ({"max_steps": 0}, r"max_steps")]:
+    for bad, match in [
+        ({"lr": 0}, r"config\.lr: expected a finite float > 0.0, got 0"),
+        ({"batch_size": 0}, r"config\.batch_size: expected an int >= 1"),
+        ({"warmup_ratio": 1.0}, r"config\.warmup_ratio: expected a finite float >= 0.0 and < 1.0"),
+        ({"layout": "x"}, r"layout: expected one of"),
+        ({"k_text": 0, "k_image": 0}, r"k_text \+ k_image"),
+        ({"class_balanced": 1}, r"class_balanced"),
+        ({"max_steps": 0}, r"max_steps"),
+    ]:
         with pytest.raises(ValueError, match=match):
             ReaderTrainConfig(**bad)
     with pytest.raises(ValueError, match="unknown options"):

@@ -30,13 +30,30 @@ from jomed_fast.train.checkpoint import latest_checkpoint
 DATA = {"n_train": 12, "n_val": 4, "n_test": 0, "index_size": 40}
 # 12 samples x (1 text + 1 image candidate) = 24 examples; 3 micro-batches of 4 per step -> 2 steps
 # per epoch, 3 epochs = 6 steps; a checkpoint every 1 step, validation every 2
-CONFIG = {"lr": 2e-3, "epochs": 3, "batch_size": 4, "grad_accum": 3, "eval_every": 2, "save_every": 1,
-          "keep": 2, "k_text": 1, "k_image": 1, "seed": 3}
+CONFIG = {
+    "lr": 2e-3,
+    "epochs": 3,
+    "batch_size": 4,
+    "grad_accum": 3,
+    "eval_every": 2,
+    "save_every": 1,
+    "keep": 2,
+    "k_text": 1,
+    "k_image": 1,
+    "seed": 3,
+}
 
 
 def _spec(tmp: Path, name: str, reader: Path, retr: Path, index: Path, sleep_s: float) -> Path:
-    spec = {"reader": str(reader), "retriever": str(retr), "index": str(index), "run_dir": str(tmp / name),
-            "config": CONFIG, "data": DATA, "sleep_s": sleep_s}
+    spec = {
+        "reader": str(reader),
+        "retriever": str(retr),
+        "index": str(index),
+        "run_dir": str(tmp / name),
+        "config": CONFIG,
+        "data": DATA,
+        "sleep_s": sleep_s,
+    }
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec))
     return path
@@ -81,7 +98,10 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
     _finish(ref)
 
     a, b = tmp_path / "ref", tmp_path / "victim"
-    wa, wb = load_file(str(latest_checkpoint(a) / "weights.safetensors")), load_file(str(latest_checkpoint(b) / "weights.safetensors"))
+    wa, wb = (
+        load_file(str(latest_checkpoint(a) / "weights.safetensors")),
+        load_file(str(latest_checkpoint(b) / "weights.safetensors")),
+    )
     assert latest_checkpoint(a).name == latest_checkpoint(b).name == "step-00000006"
     assert set(wa) == set(wb) and len(wa) > 0
     for name in wa:

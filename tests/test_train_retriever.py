@@ -35,8 +35,18 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning"),
 ]
 
-FAST = {"k": 8, "batch_size": 4, "refresh_every": None, "alpha": None, "lr": 1e-2, "weight_decay": 0.0,
-        "warmup_steps": 0, "tau_reader": 0.1, "tau_retriever": 0.1, "checkpoint_every": 100}
+FAST = {
+    "k": 8,
+    "batch_size": 4,
+    "refresh_every": None,
+    "alpha": None,
+    "lr": 1e-2,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "tau_reader": 0.1,
+    "tau_retriever": 0.1,
+    "checkpoint_every": 100,
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +75,11 @@ def test_loss_matches_float64_formula_and_grads_only_s(target):
     r = torch.randn(3, 6, generator=g) * 3
     cfg = RetrieverTrainConfig(target=target, tau_retriever=0.7, tau_reader=0.3)
     got = distillation_loss(s, r, cfg)
-    t = r.double() if target == "gold" else (torch.log_softmax(r.double(), -1) + torch.log_softmax(s.detach().double(), -1))
+    t = (
+        r.double()
+        if target == "gold"
+        else (torch.log_softmax(r.double(), -1) + torch.log_softmax(s.detach().double(), -1))
+    )
     assert float(got) == pytest.approx(float(_kl64(s.detach(), t, 0.7, 0.3)), rel=1e-5, abs=1e-7)
     got.backward()
     s64 = s.detach().double().requires_grad_(True)
@@ -85,8 +99,15 @@ def test_config_validation_names_the_option():
     cfg = RetrieverTrainConfig()
     assert RetrieverTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     # the reference's values
-    assert (cfg.k, cfg.lr, cfg.refresh_every, cfg.alpha, cfg.n_trainable, cfg.tau_reader, cfg.tau_retriever) == \
-        (50, 1e-4, 10, 0.15, 10, 1.0, 1.0)
+    assert (cfg.k, cfg.lr, cfg.refresh_every, cfg.alpha, cfg.n_trainable, cfg.tau_reader, cfg.tau_retriever) == (
+        50,
+        1e-4,
+        10,
+        0.15,
+        10,
+        1.0,
+        1.0,
+    )
 
 
 # --------------------------------------------------------------------------------------- scores
@@ -117,8 +138,9 @@ def test_distillation_lowers_kl_and_raises_agreement(setup, tmp_path):
     # queries trained on (metrics on the training queries: val=None)
     reader, enc, retrieval, train, _val = setup
     cfg = RetrieverTrainConfig(**FAST, epochs=10)
-    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run",
-                          progress=False)
+    res = train_retriever(
+        cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run", progress=False
+    )
     first, last = res.initial_eval, res.final_eval
     assert last["kl"] < 0.8 * first["kl"], (first, last)
     assert last["agreement"] > first["agreement"], (first, last)
@@ -135,8 +157,9 @@ def test_epochs_after_the_first_never_call_the_reader(setup, tmp_path, monkeypat
     real = CandidateScorer.score
     monkeypatch.setattr(CandidateScorer, "score", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     cfg = RetrieverTrainConfig(**{**FAST, "k": 16}, epochs=3, eval_each_epoch=False)
-    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run",
-                          progress=False)
+    res = train_retriever(
+        cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run", progress=False
+    )
     e1, later = res.epochs[0], res.epochs[1:]
     pairs = len(train) * 16
     assert e1["misses"] == pairs and e1["hits"] == 0 and e1["reader_calls"] == len(calls) > 0
@@ -145,15 +168,18 @@ def test_epochs_after_the_first_never_call_the_reader(setup, tmp_path, monkeypat
         assert 3 * e["seconds"] < e1["seconds"]  # ~20x measured; a loose bound, timings are not the test
     assert res.cache["records"] == pairs and res.cache["scored_pairs"] == pairs
     assert res.cache["saved_seconds"] == pytest.approx(2 * res.cache["reader_seconds"], rel=1e-4)
-    print(f"\nepoch seconds {[round(e['seconds'], 3) for e in res.epochs]}, "
-          f"ratio epoch1/epoch2 {e1['seconds'] / later[0]['seconds']:.1f}x")
+    print(
+        f"\nepoch seconds {[round(e['seconds'], 3) for e in res.epochs]}, "
+        f"ratio epoch1/epoch2 {e1['seconds'] / later[0]['seconds']:.1f}x"
+    )
 
 
 def test_refresh_brings_new_candidates_and_reports_hit_rate(setup, tmp_path):
     reader, enc, retrieval, train, _val = setup
     cfg = RetrieverTrainConfig(**{**FAST, "refresh_every": 1, "lr": 5e-2}, epochs=3, eval_each_epoch=False)
-    res = train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run",
-                          progress=False)
+    res = train_retriever(
+        cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run", progress=False
+    )
     for e in res.epochs[1:]:
         assert 0 < e["hit_rate"] <= 1 and e["hit_rate"] == e["hits"] / (e["hits"] + e["misses"])
     misses = sum(e["misses"] for e in res.epochs)
@@ -200,8 +226,9 @@ def test_a_run_resumed_in_a_later_epoch_ends_bitwise_equal(setup, tmp_path, monk
 
     monkeypatch.setattr(stage2, "distillation_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"at step 7.*step-00000006"):
-        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "cut",
-                        progress=False)
+        train_retriever(
+            cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "cut", progress=False
+        )
     monkeypatch.setattr(stage2, "distillation_loss", real)
     qb = _encoder(enc, cfg)
     resumed = train_retriever(cfg, reader, "synthetic", qb, retrieval, train, None, tmp_path / "cut", progress=False)
@@ -217,24 +244,62 @@ def test_resume_refuses_other_options_and_a_used_run_dir(setup, tmp_path):
     cfg = RetrieverTrainConfig(**FAST, epochs=1, eval_each_epoch=False)
     train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path, progress=False)
     with pytest.raises(ValueError, match="run_dir: .* already holds a run"):
-        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path,
-                        resume=False, progress=False)
+        train_retriever(
+            cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path, resume=False, progress=False
+        )
     with pytest.raises(IdentityMismatch, match=r"\(config.lr changed\)"):
-        train_retriever(cfg.replace(lr=1.0), reader, "synthetic", _encoder(enc, cfg), retrieval, train, None,
-                        tmp_path, progress=False)
+        train_retriever(
+            cfg.replace(lr=1.0),
+            reader,
+            "synthetic",
+            _encoder(enc, cfg),
+            retrieval,
+            train,
+            None,
+            tmp_path,
+            progress=False,
+        )
     with pytest.raises(IdentityMismatch, match=r"\(train changed\)"):
-        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train[:8], None, tmp_path,
-                        progress=False)
+        train_retriever(
+            cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train[:8], None, tmp_path, progress=False
+        )
     with pytest.raises(IdentityMismatch, match=r"\(encoder changed\)"):
-        train_retriever(cfg, reader, "synthetic", _encoder(enc, cfg.replace(alpha=0.5)), retrieval, train, None,
-                        tmp_path, progress=False)
+        train_retriever(
+            cfg,
+            reader,
+            "synthetic",
+            _encoder(enc, cfg.replace(alpha=0.5)),
+            retrieval,
+            train,
+            None,
+            tmp_path,
+            progress=False,
+        )
     # the checkpoint cadence and the cache's place cannot change the result: the run resumes
-    again = train_retriever(cfg.replace(checkpoint_every=3, keep_checkpoints=1), reader, "synthetic",
-                            _encoder(enc, cfg), retrieval, train, None, tmp_path, progress=False)
+    again = train_retriever(
+        cfg.replace(checkpoint_every=3, keep_checkpoints=1),
+        reader,
+        "synthetic",
+        _encoder(enc, cfg),
+        retrieval,
+        train,
+        None,
+        tmp_path,
+        progress=False,
+    )
     assert again.steps == again.total_steps
     with pytest.raises(ValueError, match=r"config\.k: expected at most the index size"):
-        train_retriever(cfg.replace(k=10_000), reader, "synthetic", _encoder(enc, cfg), retrieval, train, None,
-                        tmp_path / "other", progress=False)
+        train_retriever(
+            cfg.replace(k=10_000),
+            reader,
+            "synthetic",
+            _encoder(enc, cfg),
+            retrieval,
+            train,
+            None,
+            tmp_path / "other",
+            progress=False,
+        )
 
 
 def test_each_head_trains_its_own_encoder_from_the_base(setup, tmp_path, monkeypatch):
@@ -262,7 +327,7 @@ def test_each_head_trains_its_own_encoder_from_the_base(setup, tmp_path, monkeyp
         learned = dict(getattr(out.encoders, head).learned.named_parameters())
         for name, t in final.items():
             if name.startswith("learned."):
-                assert torch.equal(learned[name[len("learned."):]], t), name
+                assert torch.equal(learned[name[len("learned.") :]], t), name
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
     name = "vision.layers.1.conv.weight"
     assert not torch.equal(out.encoders.text.learned.state_dict()[name], out.encoders.image.learned.state_dict()[name])
@@ -302,11 +367,16 @@ def test_selection_keeps_the_best_validation_epoch(setup, tmp_path):
     assert res.selected == {"epoch": best, "metric": "accuracy", "accuracy": accs[best]}
     kept = load_weights(tmp_path / "run" / "checkpoints" / "best")
     learned = dict(qe.learned.named_parameters())
-    assert all(torch.equal(learned[n[len("learned."):]], t) for n, t in kept.items() if n.startswith("learned."))
+    assert all(torch.equal(learned[n[len("learned.") :]], t) for n, t in kept.items() if n.startswith("learned."))
     # the head-only accuracy the selection used is the inference pipeline's, on the text head alone
-    recs = predict(CandidateScorer(reader, "synthetic", "paper"), val, retrieval=retrieval,
-                   encoder=HeadEncoders(qe.eval(), HeadEncoders.untrained(enc, None).image),
-                   config=InferConfig(k_text=2, k_image=0, layout="paper"), progress=False)
+    recs = predict(
+        CandidateScorer(reader, "synthetic", "paper"),
+        val,
+        retrieval=retrieval,
+        encoder=HeadEncoders(qe.eval(), HeadEncoders.untrained(enc, None).image),
+        config=InferConfig(k_text=2, k_image=0, layout="paper"),
+        progress=False,
+    )
     assert np.mean([r.fused == r.gold for r in recs]) == pytest.approx(accs[best], abs=1e-9)
     with pytest.raises(ValueError, match=r"config\.select: expected 'last' when eval_each_epoch is False"):
         RetrieverTrainConfig(select="best_val_accuracy", eval_each_epoch=False)
@@ -319,22 +389,41 @@ def test_selection_with_a_partner_uses_the_whole_systems_accuracy(setup, tmp_pat
     from jomed_fast.retriever import HeadEncoders
 
     reader, enc, retrieval, train, val = setup
-    cfg = RetrieverTrainConfig(**FAST, epochs=3, select="best_val_accuracy", select_k=2, layout="paper",
-                               head="image")
+    cfg = RetrieverTrainConfig(**FAST, epochs=3, select="best_val_accuracy", select_k=2, layout="paper", head="image")
     qe = _encoder(enc, cfg)
-    res = train_retriever(cfg, reader, "synthetic", qe, retrieval, train, val, tmp_path / "run", progress=False,
-                          partner=stage2.Partner(enc, 1))
+    res = train_retriever(
+        cfg,
+        reader,
+        "synthetic",
+        qe,
+        retrieval,
+        train,
+        val,
+        tmp_path / "run",
+        progress=False,
+        partner=stage2.Partner(enc, 1),
+    )
     evals = [res.initial_eval] + [e["eval"] for e in res.epochs]
     system = [ev["system_accuracy"] for ev in evals]
     best = max(range(len(system)), key=lambda i: (system[i], -i))
     assert res.selected == {"epoch": best, "metric": "system_accuracy", "accuracy": system[best]}
-    recs = predict(CandidateScorer(reader, "synthetic", "paper"), val, retrieval=retrieval,
-                   encoder=HeadEncoders(HeadEncoders.untrained(enc, None).text, qe.eval()),
-                   config=InferConfig(k_text=1, k_image=2, layout="paper"), progress=False)
+    recs = predict(
+        CandidateScorer(reader, "synthetic", "paper"),
+        val,
+        retrieval=retrieval,
+        encoder=HeadEncoders(HeadEncoders.untrained(enc, None).text, qe.eval()),
+        config=InferConfig(k_text=1, k_image=2, layout="paper"),
+        progress=False,
+    )
     assert np.mean([r.fused == r.gold for r in recs]) == pytest.approx(system[best], abs=1e-9)
-    head_only = predict(CandidateScorer(reader, "synthetic", "paper"), val, retrieval=retrieval,
-                        encoder=HeadEncoders(HeadEncoders.untrained(enc, None).text, qe.eval()),
-                        config=InferConfig(k_text=0, k_image=2, layout="paper"), progress=False)
+    head_only = predict(
+        CandidateScorer(reader, "synthetic", "paper"),
+        val,
+        retrieval=retrieval,
+        encoder=HeadEncoders(HeadEncoders.untrained(enc, None).text, qe.eval()),
+        config=InferConfig(k_text=0, k_image=2, layout="paper"),
+        progress=False,
+    )
     assert np.mean([r.fused == r.gold for r in head_only]) == pytest.approx(evals[best]["accuracy"], abs=1e-9)
     for bad, err in ((0, ValueError), (True, ValueError)):
         with pytest.raises(err, match="partner.k"):

@@ -23,9 +23,20 @@ from jomed_fast.train import latest_checkpoint
 from jomed_fast.train.retriever import RetrieverTrainConfig
 from jomed_fast.train.score_cache import ScoreCache
 
-CONFIG = RetrieverTrainConfig(k=8, batch_size=4, epochs=2, refresh_every=2, alpha=0.15, lr=1e-2, weight_decay=0.01,
-                              warmup_steps=2, tau_reader=0.1, tau_retriever=0.1, checkpoint_every=3,
-                              eval_each_epoch=False)
+CONFIG = RetrieverTrainConfig(
+    k=8,
+    batch_size=4,
+    epochs=2,
+    refresh_every=2,
+    alpha=0.15,
+    lr=1e-2,
+    weight_decay=0.01,
+    warmup_steps=2,
+    tau_reader=0.1,
+    tau_retriever=0.1,
+    checkpoint_every=3,
+    eval_each_epoch=False,
+)
 WORKER = Path(__file__).with_name("_stage2_worker.py")
 
 
@@ -37,8 +48,9 @@ def _start(root, run_dir, out, resume):
     args = Path(str(out) + ".args.json")
     args.write_text(json.dumps(_args(root, run_dir, out, resume)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, str(WORKER), str(args)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(args)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def _cache(path):

@@ -28,16 +28,24 @@ def _modules():
 # prompt layouts
 # ---------------------------------------------------------------------------------------------
 def _is_layout_literal(node) -> bool:
-    return (isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) == 2
-            and {getattr(e, "value", None) for e in node.elts} == {"paper", "shared_query"})
+    return (
+        isinstance(node, (ast.Tuple, ast.List, ast.Set))
+        and len(node.elts) == 2
+        and {getattr(e, "value", None) for e in node.elts} == {"paper", "shared_query"}
+    )
 
 
 def test_only_prompts_defines_the_layouts():
     defined, literals = [], []
     for rel, tree in _modules():
         for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else \
-                [node.target] if isinstance(node, ast.AnnAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AnnAssign)
+                else []
+            )
             defined += [rel for t in targets if isinstance(t, ast.Name) and t.id == "LAYOUTS"]
             literals += [f"{rel}:{node.lineno}" for node in [node] if _is_layout_literal(node)]
     assert defined == ["prompts.py"]
@@ -55,8 +63,9 @@ def test_every_layout_choice_is_the_prompts_tuple():
     assert memory_layouts is scoring_layouts is retriever_config.LAYOUTS is prompts.LAYOUTS
     layout_opts = {name: o.choices for name, c in commands().items() for o in c.options if o.name == "layout"}
     assert {"predict", "train-reader", "train-retriever", "plan-memory"} <= set(layout_opts)
-    assert {name: choices for name, choices in layout_opts.items() if choices is not None} == \
-        {name: prompts.LAYOUTS for name, choices in layout_opts.items() if choices is not None}
+    assert {name: choices for name, choices in layout_opts.items() if choices is not None} == {
+        name: prompts.LAYOUTS for name, choices in layout_opts.items() if choices is not None
+    }
     # stage 2's default stays "shared_query" (it never came from the order of its own tuple)
     assert RetrieverTrainConfig().layout == "shared_query" and Run().layout == "paper"
     with pytest.raises(ValueError, match=r"config\.layout: expected one of \('paper', 'shared_query'\), got 'x'"):
@@ -69,24 +78,41 @@ def test_every_layout_choice_is_the_prompts_tuple():
 def test_the_int_predicates():
     from jomed_fast._checks import is_int, is_number
 
-    assert [is_int(v) for v in (0, -3, True, False, 1.0, "1", None, np.int64(1))] == \
-        [True, True, False, False, False, False, False, False]
+    assert [is_int(v) for v in (0, -3, True, False, 1.0, "1", None, np.int64(1))] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
     assert [is_number(v) for v in (0, 1.5, float("inf"), True, "1", None)] == [True, True, True, False, False, False]
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda c: c.check_int("partner.k", 0, 1), "partner.k: expected an int >= 1, got 0"),
-    (lambda c: c.check_int("partner.k", True, 1), "partner.k: expected an int >= 1, got True"),
-    (lambda c: c.check_int("k", 2.0, 1), "k: expected an int >= 1, got 2.0"),
-    (lambda c: c.check_int("tokens", -1, 0), "tokens: expected an int >= 0, got -1"),
-    (lambda c: c.check_int("i", 5, 0, 4), "i: expected an int in 0..4, got 5"),
-    (lambda c: c.check_int("i", 5, hi=4), "i: expected an int <= 4, got 5"),
-    (lambda c: c.check_int("i", "5"), "i: expected an int, got '5'"),
-    (lambda c: c.check_int("config.max_steps", 0, 1, optional=True), "config.max_steps: expected an int >= 1 or None, got 0"),
-    (lambda c: c.check_int("k", 9, 1, 8, expected="an int with 1 <= k <= 8"), "k: expected an int with 1 <= k <= 8, got 9"),
-    (lambda c: c.positive_int("lora.r", 0), "lora.r: expected a positive int, got 0"),
-    (lambda c: c.positive_int("limit", False, optional=True), "limit: expected a positive int or None, got False"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.check_int("partner.k", 0, 1), "partner.k: expected an int >= 1, got 0"),
+        (lambda c: c.check_int("partner.k", True, 1), "partner.k: expected an int >= 1, got True"),
+        (lambda c: c.check_int("k", 2.0, 1), "k: expected an int >= 1, got 2.0"),
+        (lambda c: c.check_int("tokens", -1, 0), "tokens: expected an int >= 0, got -1"),
+        (lambda c: c.check_int("i", 5, 0, 4), "i: expected an int in 0..4, got 5"),
+        (lambda c: c.check_int("i", 5, hi=4), "i: expected an int <= 4, got 5"),
+        (lambda c: c.check_int("i", "5"), "i: expected an int, got '5'"),
+        (
+            lambda c: c.check_int("config.max_steps", 0, 1, optional=True),
+            "config.max_steps: expected an int >= 1 or None, got 0",
+        ),
+        (
+            lambda c: c.check_int("k", 9, 1, 8, expected="an int with 1 <= k <= 8"),
+            "k: expected an int with 1 <= k <= 8, got 9",
+        ),
+        (lambda c: c.positive_int("lora.r", 0), "lora.r: expected a positive int, got 0"),
+        (lambda c: c.positive_int("limit", False, optional=True), "limit: expected a positive int or None, got False"),
+    ],
+)
 def test_the_int_checks_read_as_the_house_error(call, message):
     import jomed_fast._checks as checks
 
@@ -145,9 +171,14 @@ def test_the_package_checks_read_as_before():
 def _hand_rolled_int_checks(tree) -> list[int]:
     """Lines of a boolean expression that tests ``isinstance(x, bool)`` beside another call
     ``isinstance(x, int)`` (one ``isinstance(v, (bool, int, str))`` is a type filter, not a count check)."""
+
     def isinstance_of(node, name):
-        return (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2
-                and name in {getattr(e, "id", None) for e in getattr(node.args[1], "elts", [node.args[1]])})
+        return (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "isinstance"
+            and len(node.args) == 2
+            and name in {getattr(e, "id", None) for e in getattr(node.args[1], "elts", [node.args[1]])}
+        )
 
     lines = []
     for node in ast.walk(tree):
@@ -162,8 +193,13 @@ def _hand_rolled_int_checks(tree) -> list[int]:
 def test_no_hand_rolled_int_checks_outside_the_helper():
     # the ops, the packer and the CLI keep theirs (their own argument checks)
     kept = ("ops/", "packing.py", "cli/", "_checks.py")
-    found = {rel: lines for rel, tree in _modules() if not rel.startswith(kept)
-             for lines in [_hand_rolled_int_checks(tree)] if lines}
+    found = {
+        rel: lines
+        for rel, tree in _modules()
+        if not rel.startswith(kept)
+        for lines in [_hand_rolled_int_checks(tree)]
+        if lines
+    }
     assert found == {}
     # the scan finds the pattern where it is written
     assert _hand_rolled_int_checks(ast.parse("ok = isinstance(v, bool) or not isinstance(v, (int, float))")) == [1]
@@ -175,13 +211,16 @@ def test_no_hand_rolled_int_checks_outside_the_helper():
 # tasks -> verbalizer, one way
 # ---------------------------------------------------------------------------------------------
 def test_the_task_spec_does_not_import_the_verbalizer():
-    code = ("import sys, jomed_fast.tasks.spec, jomed_fast.tasks as t; t.get_task('breast');"
-            "print('jomed_fast.tasks.verbalizer' in sys.modules)")
+    code = (
+        "import sys, jomed_fast.tasks.spec, jomed_fast.tasks as t; t.get_task('breast');"
+        "print('jomed_fast.tasks.verbalizer' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"]
     spec = ast.parse((PACKAGE / "tasks" / "spec.py").read_text())
-    imported = [n.module for n in ast.walk(spec) if isinstance(n, ast.ImportFrom)] + \
-        [a.name for n in ast.walk(spec) if isinstance(n, ast.Import) for a in n.names]
+    imported = [n.module for n in ast.walk(spec) if isinstance(n, ast.ImportFrom)] + [
+        a.name for n in ast.walk(spec) if isinstance(n, ast.Import) for a in n.names
+    ]
     assert not [m for m in imported if m and "verbalizer" in m]
 
 
@@ -201,22 +240,71 @@ def test_the_verbalizer_is_reached_through_its_module():
 # ---------------------------------------------------------------------------------------------
 # The flat presets as ``git show ac0d279:jomed_fast/demo/config.py`` defines them.
 OLD_FULL = {
-    "seed": 0, "arch": "qwen2_vl", "layout": "paper", "n_train": 400, "n_val": 200, "n_test": 250,
-    "index_size": 1500, "image_size": 32, "misleading_fraction": 0.25, "hedged_rate": 0.3, "atypical_cue": 0.6,
-    "retriever_width": 16, "retriever_depth": 4, "retriever_dim": 64, "retriever_epochs": 8, "lora_r": 8,
-    "reader_lr": 3e-3, "reader_batch_size": 8, "reader_epochs": 2, "reader_only_epochs": 6, "reader_eval_every": 50,
-    "stage2_queries": 400, "stage2_k": 20, "stage2_epochs": 6, "stage2_lr": 3e-3, "stage2_batch_size": 4,
-    "stage2_alpha": None, "stage2_tau_reader": 1.0, "stage2_tau_retriever": 0.1, "stage2_n_trainable": 1,
-    "stage2_weight_decay": 0.0, "stage2_select": "best_val_accuracy", "k_text": 2, "k_image": 2, "batch_size": 8,
+    "seed": 0,
+    "arch": "qwen2_vl",
+    "layout": "paper",
+    "n_train": 400,
+    "n_val": 200,
+    "n_test": 250,
+    "index_size": 1500,
+    "image_size": 32,
+    "misleading_fraction": 0.25,
+    "hedged_rate": 0.3,
+    "atypical_cue": 0.6,
+    "retriever_width": 16,
+    "retriever_depth": 4,
+    "retriever_dim": 64,
+    "retriever_epochs": 8,
+    "lora_r": 8,
+    "reader_lr": 3e-3,
+    "reader_batch_size": 8,
+    "reader_epochs": 2,
+    "reader_only_epochs": 6,
+    "reader_eval_every": 50,
+    "stage2_queries": 400,
+    "stage2_k": 20,
+    "stage2_epochs": 6,
+    "stage2_lr": 3e-3,
+    "stage2_batch_size": 4,
+    "stage2_alpha": None,
+    "stage2_tau_reader": 1.0,
+    "stage2_tau_retriever": 0.1,
+    "stage2_n_trainable": 1,
+    "stage2_weight_decay": 0.0,
+    "stage2_select": "best_val_accuracy",
+    "k_text": 2,
+    "k_image": 2,
+    "batch_size": 8,
 }
 OLD_PRESETS = {
-    "smoke": {**OLD_FULL, "n_train": 24, "n_val": 8, "n_test": 12, "index_size": 120, "retriever_epochs": 1,
-              "retriever_width": 8, "retriever_depth": 1, "retriever_dim": 32, "reader_epochs": 1,
-              "reader_only_epochs": 1, "reader_eval_every": 1000, "stage2_queries": 8, "stage2_k": 4,
-              "stage2_epochs": 1, "batch_size": 6},
+    "smoke": {
+        **OLD_FULL,
+        "n_train": 24,
+        "n_val": 8,
+        "n_test": 12,
+        "index_size": 120,
+        "retriever_epochs": 1,
+        "retriever_width": 8,
+        "retriever_depth": 1,
+        "retriever_dim": 32,
+        "reader_epochs": 1,
+        "reader_only_epochs": 1,
+        "reader_eval_every": 1000,
+        "stage2_queries": 8,
+        "stage2_k": 4,
+        "stage2_epochs": 1,
+        "batch_size": 6,
+    },
     "full": OLD_FULL,
-    "ci": {**OLD_FULL, "n_train": 240, "n_val": 40, "n_test": 160, "index_size": 800, "retriever_epochs": 6,
-           "stage2_queries": 240},
+    "ci": {
+        **OLD_FULL,
+        "n_train": 240,
+        "n_val": 40,
+        "n_test": 160,
+        "index_size": 800,
+        "retriever_epochs": 6,
+        "stage2_queries": 240,
+    },
 }
 
 
@@ -250,7 +338,9 @@ def test_the_demo_command_sets_the_nested_settings_by_their_flags(tmp_path, monk
     assert not seen[-1].asserts_findings
     config = tmp_path / "demo.yaml"
     config.write_text("stage2_alpha: 0.3\nstage2-k: 6\n")
-    assert main(["demo", "--config", str(config), "--out", str(tmp_path), "--no-progress", "--stage2-alpha", "none"]) == 0
+    assert (
+        main(["demo", "--config", str(config), "--out", str(tmp_path), "--no-progress", "--stage2-alpha", "none"]) == 0
+    )
     assert seen[-1] == PRESETS["full"].replace(stage2_k=6) and seen[-1].stage2.alpha is None
     capsys.readouterr()
 
@@ -260,10 +350,22 @@ def test_settings_by_option_name():
 
     full = PRESETS["full"]
     changed = full.replace(n_test=7, stage2_lr=1e-3, reader_lr=2e-3, lora_r=4, seed=3, k_image=1)
-    assert (changed.data.n_test, changed.stage2.lr, changed.stage1.lr, changed.stage1.lora_r, changed.seed,
-            changed.inference.k_image) == (7, 1e-3, 2e-3, 4, 3, 1)
-    assert {k for k in OLD_FULL if changed.to_dict()[k] != OLD_FULL[k]} == \
-        {"n_test", "stage2_lr", "reader_lr", "lora_r", "seed", "k_image"}
+    assert (
+        changed.data.n_test,
+        changed.stage2.lr,
+        changed.stage1.lr,
+        changed.stage1.lora_r,
+        changed.seed,
+        changed.inference.k_image,
+    ) == (7, 1e-3, 2e-3, 4, 3, 1)
+    assert {k for k in OLD_FULL if changed.to_dict()[k] != OLD_FULL[k]} == {
+        "n_test",
+        "stage2_lr",
+        "reader_lr",
+        "lora_r",
+        "seed",
+        "k_image",
+    }
     assert DemoConfig.from_dict(changed.to_dict()) == changed
     with pytest.raises(ValueError, match=r"DemoConfig: unknown settings \['stage2\.lr'\]; expected some of \["):
         full.replace(**{"stage2.lr": 1e-3})
@@ -279,16 +381,35 @@ def test_the_stage_configs_are_the_ones_the_flat_settings_made():
     config = PRESETS["smoke"].replace(layout="shared_query", seed=5, k_text=3)
     c = {**OLD_PRESETS["smoke"], "layout": "shared_query", "seed": 5, "k_text": 3}
     # written out as the flat demo's pipeline built them
-    rag = ReaderTrainConfig(lr=c["reader_lr"], epochs=c["reader_epochs"], batch_size=c["reader_batch_size"],
-                            eval_every=c["reader_eval_every"], save_every=c["reader_eval_every"],
-                            gradient_checkpointing=False, seed=5, layout="shared_query", k_text=3, k_image=2)
+    rag = ReaderTrainConfig(
+        lr=c["reader_lr"],
+        epochs=c["reader_epochs"],
+        batch_size=c["reader_batch_size"],
+        eval_every=c["reader_eval_every"],
+        save_every=c["reader_eval_every"],
+        gradient_checkpointing=False,
+        seed=5,
+        layout="shared_query",
+        k_text=3,
+        k_image=2,
+    )
     assert config.reader_config(retrieval=True) == rag
     assert config.reader_config(retrieval=False) == rag.replace(epochs=c["reader_only_epochs"])
-    text = RetrieverTrainConfig(k=c["stage2_k"], lr=c["stage2_lr"], epochs=c["stage2_epochs"],
-                                batch_size=c["stage2_batch_size"], alpha=c["stage2_alpha"],
-                                tau_reader=c["stage2_tau_reader"], tau_retriever=c["stage2_tau_retriever"],
-                                n_trainable=c["stage2_n_trainable"], weight_decay=c["stage2_weight_decay"],
-                                select=c["stage2_select"], select_k=3, layout="shared_query", seed=5)
+    text = RetrieverTrainConfig(
+        k=c["stage2_k"],
+        lr=c["stage2_lr"],
+        epochs=c["stage2_epochs"],
+        batch_size=c["stage2_batch_size"],
+        alpha=c["stage2_alpha"],
+        tau_reader=c["stage2_tau_reader"],
+        tau_retriever=c["stage2_tau_retriever"],
+        n_trainable=c["stage2_n_trainable"],
+        weight_decay=c["stage2_weight_decay"],
+        select=c["stage2_select"],
+        select_k=3,
+        layout="shared_query",
+        seed=5,
+    )
     assert config.retriever_config("text") == text
     assert config.retriever_config("image") == text.replace(head="image", select_k=2)
     common = {"k_text": 3, "k_image": 2, "layout": "shared_query", "batch_size": c["batch_size"], "seed": 5}
@@ -309,8 +430,11 @@ def test_a_run_directory_resumes_only_the_same_settings(tmp_path):
     # settings of another form (nested, renamed) or a damaged file: refused naming the file
     nested = {"seed": 0, "data": {"n_test": 12}}
     (tmp_path / "demo_config.json").write_text(json.dumps(nested))
-    with pytest.raises(ValueError, match=r"demo_config\.json holds other setting names than this demo's \(not here: "
-                                         r"\['data'\], missing: \['arch', "):
+    with pytest.raises(
+        ValueError,
+        match=r"demo_config\.json holds other setting names than this demo's \(not here: "
+        r"\['data'\], missing: \['arch', ",
+    ):
         run_demo(tmp_path, smoke, progress=False)
     for damaged in ("{not json", "[1, 2]", "\xff\xfe"):
         (tmp_path / "demo_config.json").write_text(damaged, encoding="latin-1")

@@ -1,4 +1,5 @@
 """Inconsistent/consistent split, oracle, reranking baselines, and writing results."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from jomed_fast.eval.metrics import normalize_answer
 
 from .prediction_records import PredictionRecord
 
-Reranker = Callable[[PredictionRecord], int]   # returns the index of the chosen candidate
+Reranker = Callable[[PredictionRecord], int]  # returns the index of the chosen candidate
 
 
 def _key(pred, kind):
@@ -57,9 +58,11 @@ def check_same_queries(systems: Mapping[str, Sequence[PredictionRecord]], split:
     for name, got in sets.items():
         if got != want:
             lacks, extra = sorted(want - got), sorted(got - want)
-            raise ValueError(f"systems: {name!r} covers other queries than {ref!r} ({len(lacks)} missing, e.g. "
-                             f"{lacks[:3]}; {len(extra)} extra, e.g. {extra[:3]}); predict every system on the "
-                             "same samples (a rerun of predict resumes and fills in what is missing)")
+            raise ValueError(
+                f"systems: {name!r} covers other queries than {ref!r} ({len(lacks)} missing, e.g. "
+                f"{lacks[:3]}; {len(extra)} extra, e.g. {extra[:3]}); predict every system on the "
+                "same samples (a rerun of predict resumes and fills in what is missing)"
+            )
     return want
 
 
@@ -69,8 +72,12 @@ def split_consistency(records: Sequence[PredictionRecord]) -> dict[str, set]:
     return {"inconsistent": inc, "consistent": {r.query_id for r in records} - inc}
 
 
-def split_metrics(systems: Mapping[str, Sequence[PredictionRecord]], split: dict[str, set],
-                  metric: str = "accuracy", num_classes: int | None = None) -> dict:
+def split_metrics(
+    systems: Mapping[str, Sequence[PredictionRecord]],
+    split: dict[str, set],
+    metric: str = "accuracy",
+    num_classes: int | None = None,
+) -> dict:
     """A fused-prediction metric per system and split, plus the share of inconsistent queries.
 
     ``metric``: ``"accuracy"`` (exact match of the fused answer; subset accuracy for multi-label)
@@ -133,14 +140,21 @@ def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str,
                 continue
             k = fn(r)
             if not isinstance(k, (int, np.integer)) or not 0 <= k < len(r.candidates):
-                raise ValueError(f"rerankers[{name!r}]: expected a candidate index in 0..{len(r.candidates) - 1}, got {k!r}")
+                raise ValueError(
+                    f"rerankers[{name!r}]: expected a candidate index in 0..{len(r.candidates) - 1}, got {k!r}"
+                )
             hits.append(_correct(r.candidates[k].prediction, r))
         out[name] = float(np.mean(hits)) if hits else None
     return out
 
 
-def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, float | None]],
-                   extra: dict | None = None, plot: bool = True) -> dict[str, str]:
+def write_analysis(
+    out_dir: str,
+    name: str,
+    table: Mapping[str, Mapping[str, float | None]],
+    extra: dict | None = None,
+    plot: bool = True,
+) -> dict[str, str]:
     """Write ``name.json`` (atomic), ``name.md`` (rows x columns table) and optionally ``name.png``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, name + ".json"), "md": os.path.join(out_dir, name + ".md")}
@@ -148,36 +162,55 @@ def write_analysis(out_dir: str, name: str, table: Mapping[str, Mapping[str, flo
     cols = list(next(iter(table.values())).keys()) if table else []
     lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row, vals in table.items():
-        lines.append(f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |")
+        lines.append(
+            f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |"
+        )
     atomic_write_text(paths["md"], "\n".join(lines) + "\n")
     if plot and table:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 3.5))
         w = 0.8 / max(len(table), 1)
         for i, (row, vals) in enumerate(table.items()):
             ax.bar(np.arange(len(cols)) + i * w, [vals[c] or 0 for c in cols], w, label=row)
         ax.set_xticks(np.arange(len(cols)) + w * (len(table) - 1) / 2, cols)
-        ax.set_ylabel("accuracy"); ax.legend(fontsize=7); fig.tight_layout()
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
         paths["png"] = os.path.join(out_dir, name + ".png")
-        fig.savefig(paths["png"], dpi=100); plt.close(fig)
+        fig.savefig(paths["png"], dpi=100)
+        plt.close(fig)
     return paths
 
 
 # The paper's Table 8 rerankers (an external one is any ``Reranker`` added to this mapping).
-PAPER_RERANKERS: dict[str, Reranker] = {"top1_retrieval": rerank_top_retrieval,
-                                        "top1_confidence": rerank_top_confidence, "fusion": rerank_fusion}
+PAPER_RERANKERS: dict[str, Reranker] = {
+    "top1_retrieval": rerank_top_retrieval,
+    "top1_confidence": rerank_top_confidence,
+    "fusion": rerank_fusion,
+}
 
 
-def write_consistency_tables(out_dir: str, systems: Mapping[str, Sequence[PredictionRecord]], split: dict[str, set],
-                             num_classes: int | None = None, extra: dict | None = None) -> dict:
+def write_consistency_tables(
+    out_dir: str,
+    systems: Mapping[str, Sequence[PredictionRecord]],
+    split: dict[str, set],
+    num_classes: int | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Tables 5-6: accuracy and macro-F1 per split for every system, each written by
     :func:`write_analysis` as ``consistency_<metric>``; returns ``{metric: split_metrics(...)}``."""
     out = {}
     for metric in ("accuracy", "macro_f1"):
         res = split_metrics(systems, split, metric, num_classes)
-        write_analysis(out_dir, f"consistency_{metric}", res["systems"],
-                       extra={"share_inconsistent": res["share_inconsistent"], **(extra or {})})
+        write_analysis(
+            out_dir,
+            f"consistency_{metric}",
+            res["systems"],
+            extra={"share_inconsistent": res["share_inconsistent"], **(extra or {})},
+        )
         out[metric] = res
     return out

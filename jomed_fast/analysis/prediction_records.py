@@ -1,4 +1,5 @@
 """Prediction record format: one JSON object per query (JSONL)."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,20 @@ from jomed_fast.tasks import KINDS
 @dataclass
 class Candidate:
     id: str
-    head: str                      # "text" / "image" / ...
-    score: float                   # retrieval score s_k
-    probs: list[float] = field(default_factory=list)   # per-candidate class probabilities [C]
-    prediction: Any = None         # int class, list of ints (multilabel) or str (open)
+    head: str  # "text" / "image" / ...
+    score: float  # retrieval score s_k
+    probs: list[float] = field(default_factory=list)  # per-candidate class probabilities [C]
+    prediction: Any = None  # int class, list of ints (multilabel) or str (open)
 
 
 @dataclass
 class PredictionRecord:
     query_id: str
-    gold: Any                      # int, list of ints, or str
+    gold: Any  # int, list of ints, or str
     kind: str
     candidates: list[Candidate]
     fused: Any = None
-    fused_probs: list[float] | None = None   # the fused class distribution [C], when there is one
+    fused_probs: list[float] | None = None  # the fused class distribution [C], when there is one
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -43,6 +44,7 @@ class PredictionRecord:
 
 def write_jsonl(path: str, records: Iterable[PredictionRecord]) -> None:
     """Atomic write (temp file + rename; the mode a plain ``open(path, "w")`` would give)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             for r in records:
@@ -53,4 +55,4 @@ def write_jsonl(path: str, records: Iterable[PredictionRecord]) -> None:
 
 def read_jsonl(path: str) -> list[PredictionRecord]:
     with open(path) as f:
-        return [PredictionRecord.from_dict(json.loads(l)) for l in f if l.strip()]
+        return [PredictionRecord.from_dict(json.loads(line)) for line in f if line.strip()]

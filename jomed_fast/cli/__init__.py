@@ -66,8 +66,9 @@ def version() -> str:
 
 def _parser(table: dict, prog: str, description: str) -> argparse.ArgumentParser:
     """``prog COMMAND [options]`` for each ``name: command`` of ``table``, and ``--debug``."""
-    ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for name, c in table.items():

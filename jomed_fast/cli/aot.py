@@ -13,8 +13,14 @@ from .options import Command, Opt
 
 AOT_OPTS = (
     Opt("arch", list, None, "SM versions to compile for", default_doc=" ".join(map(str, ARCHS))),
-    Opt("modules", list, None, f"kernel modules, among {', '.join(KERNEL_MODULES)}", choices=KERNEL_MODULES,
-        default_doc="all"),
+    Opt(
+        "modules",
+        list,
+        None,
+        f"kernel modules, among {', '.join(KERNEL_MODULES)}",
+        choices=KERNEL_MODULES,
+        default_doc="all",
+    ),
     Opt("json", str, None, "also write the reports as JSON to this file", default_doc="printed only"),
 )
 
@@ -41,8 +47,13 @@ def run_aot(v: dict) -> int:
 
 
 COMMANDS = (
-    Command("aot", "GPU readiness without a GPU: compile every Triton kernel configuration for sm_89 / sm_90",
-            "Triton compiles each configuration the launchers ship for the target GPUs (no GPU needed); "
-            "the table gives registers, shared memory and spill bytes read from the cubin. Exit code 1 when "
-            "a configuration fails to compile or spills. Run it without TRITON_INTERPRET.", AOT_OPTS, run_aot),
+    Command(
+        "aot",
+        "GPU readiness without a GPU: compile every Triton kernel configuration for sm_89 / sm_90",
+        "Triton compiles each configuration the launchers ship for the target GPUs (no GPU needed); "
+        "the table gives registers, shared memory and spill bytes read from the cubin. Exit code 1 when "
+        "a configuration fails to compile or spills. Run it without TRITON_INTERPRET.",
+        AOT_OPTS,
+        run_aot,
+    ),
 )

@@ -26,15 +26,36 @@ VQA_ONLY = {"kinds": None, "skip_bad": False, "image_dir": None}
 
 CONVERT_OPTS = (
     Opt("format", str, None, "the dataset's release", choices=FORMATS, required=True),
-    Opt("src", str, None, "the release: a MedMNIST .npz file, or the VQA dataset's folder (or its JSON file)",
-        required=True),
+    Opt(
+        "src",
+        str,
+        None,
+        "the release: a MedMNIST .npz file, or the VQA dataset's folder (or its JSON file)",
+        required=True,
+    ),
     Opt("out", str, None, "folder for the JSONL files (created)", required=True),
-    Opt("task", str, None, "the task whose labels the MedMNIST file holds (breast, derma, retina, ...; "
-        "--format medmnist only, and required there)"),
-    Opt("splits", list, None, "splits to convert (" + "; ".join(f"{f}: {' '.join(s)}" for f, s in SPLITS.items()) + ")",
-        default_doc="all of the format's"),
-    Opt("kinds", list, None, f"VQA: the question kinds, one file each, among {', '.join(vqa.KINDS)}", choices=vqa.KINDS,
-        default_doc=" ".join(VQA_KINDS)),
+    Opt(
+        "task",
+        str,
+        None,
+        "the task whose labels the MedMNIST file holds (breast, derma, retina, ...; "
+        "--format medmnist only, and required there)",
+    ),
+    Opt(
+        "splits",
+        list,
+        None,
+        "splits to convert (" + "; ".join(f"{f}: {' '.join(s)}" for f, s in SPLITS.items()) + ")",
+        default_doc="all of the format's",
+    ),
+    Opt(
+        "kinds",
+        list,
+        None,
+        f"VQA: the question kinds, one file each, among {', '.join(vqa.KINDS)}",
+        choices=vqa.KINDS,
+        default_doc=" ".join(VQA_KINDS),
+    ),
     Opt("limit", int, None, "keep the first N samples of each file", default_doc="all"),
     Opt("skip_bad", bool, False, "VQA: skip and count bad records instead of stopping"),
     Opt("image_dir", str, None, "VQA: the images' folder", default_doc="found beside the JSON files"),
@@ -53,8 +74,9 @@ def check_convert_options(v: dict) -> None:
     known = SPLITS[v["format"]]
     for split in v["splits"] or ():
         if split not in known:
-            raise ValueError(f"--splits: expected values among {', '.join(known)} for --format {v['format']}, "
-                             f"got {split!r}")
+            raise ValueError(
+                f"--splits: expected values among {', '.join(known)} for --format {v['format']}, got {split!r}"
+            )
     if v["limit"] is not None:
         check_int("--limit", v["limit"], 1)
 
@@ -65,8 +87,16 @@ def run_convert(v: dict) -> int:
     if v["format"] == "medmnist":
         written = medmnist.medmnist_to_jsonl(v["src"], v["out"], v["task"], splits, limit=v["limit"])
     else:
-        written = vqa.vqa_to_jsonl(v["format"], v["src"], v["out"], splits, tuple(v["kinds"] or VQA_KINDS),
-                                   limit=v["limit"], skip_bad=v["skip_bad"], image_dir=v["image_dir"])
+        written = vqa.vqa_to_jsonl(
+            v["format"],
+            v["src"],
+            v["out"],
+            splits,
+            tuple(v["kinds"] or VQA_KINDS),
+            limit=v["limit"],
+            skip_bad=v["skip_bad"],
+            image_dir=v["image_dir"],
+        )
     print(json.dumps({name: {"path": str(path), "samples": _count_lines(path)} for name, path in written.items()}))
     return 0
 
@@ -77,9 +107,13 @@ def _count_lines(path: Path) -> int:
 
 
 COMMANDS = (
-    Command("convert", "a public dataset's release to sample JSONL (MedMNIST, VQA-RAD, SLAKE, PathVQA)",
-            "medmnist: a MedMNIST .npz to OUT/<split>.jsonl and PNGs under OUT/images (--task names the "
-            "task of its labels). vqa_rad, slake, pathvqa: the JSON release to OUT/<split>_<kind>.jsonl "
-            "pointing at the release's own images. An option the format does not take is an error, not ignored.",
-            CONVERT_OPTS, run_convert),
+    Command(
+        "convert",
+        "a public dataset's release to sample JSONL (MedMNIST, VQA-RAD, SLAKE, PathVQA)",
+        "medmnist: a MedMNIST .npz to OUT/<split>.jsonl and PNGs under OUT/images (--task names the "
+        "task of its labels). vqa_rad, slake, pathvqa: the JSON release to OUT/<split>_<kind>.jsonl "
+        "pointing at the release's own images. An option the format does not take is an error, not ignored.",
+        CONVERT_OPTS,
+        run_convert,
+    ),
 )

@@ -24,24 +24,43 @@ def _presets() -> dict:
 def _findings_doc(presets: dict) -> str:
     asserted = [name for name, c in presets.items() if c.asserts_findings]
     informational = [name for name, c in presets.items() if not c.asserts_findings]
-    return (f"{' and '.join(asserted)} asserts them (exit code 1 when one fails); "
-            f"{' and '.join(informational)} are too small for them and report them as informational")
+    return (
+        f"{' and '.join(asserted)} asserts them (exit code 1 when one fails); "
+        f"{' and '.join(informational)} are too small for them and report them as informational"
+    )
 
 
 def _setting_opts(presets: dict) -> tuple:
     """One option per setting, under its flat name (default :data:`UNSET`: the preset's value)."""
     from ..demo.config import settings
 
-    return tuple(Opt(s.name, s.type, UNSET, f"DemoConfig.{s.path}", nullable=s.nullable,
-                     default_doc=preset_default_doc(presets, s.get)) for s in settings())
+    return tuple(
+        Opt(
+            s.name,
+            s.type,
+            UNSET,
+            f"DemoConfig.{s.path}",
+            nullable=s.nullable,
+            default_doc=preset_default_doc(presets, s.get),
+        )
+        for s in settings()
+    )
 
 
 def _demo_opts() -> tuple:
     presets = _presets()
-    return (Opt("out", str, "runs/demo", "output directory (a rerun resumes)"),
-            Opt("preset", str, "full", f"settings to start from; the paper's findings: {_findings_doc(presets)}", choices=tuple(presets)),
-            Opt("progress", bool, True, "progress on stderr"),
-            *_setting_opts(presets))
+    return (
+        Opt("out", str, "runs/demo", "output directory (a rerun resumes)"),
+        Opt(
+            "preset",
+            str,
+            "full",
+            f"settings to start from; the paper's findings: {_findings_doc(presets)}",
+            choices=tuple(presets),
+        ),
+        Opt("progress", bool, True, "progress on stderr"),
+        *_setting_opts(presets),
+    )
 
 
 def findings_line(checks: dict, preset: str, asserted: bool) -> str:
@@ -50,8 +69,9 @@ def findings_line(checks: dict, preset: str, asserted: bool) -> str:
     if not asserted:
         return f"findings (informational: the {preset} preset is too small for them): {held} of {len(checks)} hold"
     failed = [name for name, ok in checks.items() if not ok]
-    return (f"findings (asserted by the {preset} preset): {held} of {len(checks)} hold"
-            + (f"; failed: {'; '.join(failed)}" if failed else ""))
+    return f"findings (asserted by the {preset} preset): {held} of {len(checks)} hold" + (
+        f"; failed: {'; '.join(failed)}" if failed else ""
+    )
 
 
 def exit_code(checks: dict, asserted: bool) -> int:
@@ -66,21 +86,36 @@ def run_demo_command(v: dict) -> int:
     config = _presets()[v["preset"]].replace(**{s.name: v[s.name] for s in settings() if v[s.name] is not UNSET})
     summary = run_demo(v["out"], config, progress=v["progress"])
     checks, asserted = summary["checks"], config.asserts_findings
-    print(json.dumps({"main": summary["main"], "checks": checks,
-                      "findings": "asserted" if asserted else "informational", "seconds": summary["seconds"]},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "main": summary["main"],
+                "checks": checks,
+                "findings": "asserted" if asserted else "informational",
+                "seconds": summary["seconds"],
+            },
+            indent=1,
+        )
+    )
     print(findings_line(checks, v["preset"], asserted))
     print(f"report: {v['out']}/report/report.md")
     return exit_code(checks, asserted)
 
 
 def _description() -> str:
-    return ("Pre-trains the tiny retriever, builds the index, runs stage 1 (reader-only and fine-tuned RAG), "
-            "stage 2, inference and every analysis; writes OUT/report/report.md and PNGs, and checks the "
-            f"paper's qualitative findings: {_findings_doc(_presets())}.")
+    return (
+        "Pre-trains the tiny retriever, builds the index, runs stage 1 (reader-only and fine-tuned RAG), "
+        "stage 2, inference and every analysis; writes OUT/report/report.md and PNGs, and checks the "
+        f"paper's qualitative findings: {_findings_doc(_presets())}."
+    )
 
 
 COMMANDS = (
-    Command("demo", "the whole method on the synthetic task (tiny models, CPU) with the paper's tables",
-            _description(), _demo_opts(), run_demo_command),
+    Command(
+        "demo",
+        "the whole method on the synthetic task (tiny models, CPU) with the paper's tables",
+        _description(),
+        _demo_opts(),
+        run_demo_command,
+    ),
 )

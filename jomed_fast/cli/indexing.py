@@ -25,9 +25,14 @@ BUILD_INDEX_OPTS = (
     Opt("chunk_size", int, 1024, "records per resumable chunk"),
     Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
     Opt("skip_bad", bool, False, "skip and count bad records instead of stopping"),
-    Opt("verify_images", str, "decode", "how far each image is checked before the build starts (decode: a "
+    Opt(
+        "verify_images",
+        str,
+        "decode",
+        "how far each image is checked before the build starts (decode: a "
         "truncated or half-written file is a bad record, which --skip-bad skips; open reads headers only)",
-        choices=("none", "exists", "open", "decode")),
+        choices=("none", "exists", "open", "decode"),
+    ),
     Opt("progress", bool, True, "progress bar on stderr"),
 )
 
@@ -42,10 +47,10 @@ def run_build_index(v: dict) -> int:
     if not records:
         skipped = f" ({records.n_skipped} bad record(s) skipped)" if records.n_skipped else ""
         raise ValueError(f"--records: {v['records']} holds no index record to embed{skipped}")
-    index = Index.build(records, encoder, v["out"], batch_size=v["batch_size"], chunk_size=v["chunk_size"],
-                        progress=v["progress"])
-    print(json.dumps({"index": str(index.path), "count": index.count, "dim": index.dim,
-                      "skipped": records.n_skipped}))
+    index = Index.build(
+        records, encoder, v["out"], batch_size=v["batch_size"], chunk_size=v["chunk_size"], progress=v["progress"]
+    )
+    print(json.dumps({"index": str(index.path), "count": index.count, "dim": index.dim, "skipped": records.n_skipped}))
     return 0
 
 
@@ -55,8 +60,13 @@ SYNTHETIC_OPTS = (
     Opt("chunk_size", int, 8192, "records per resumable chunk"),
     Opt("batch_size", int, 512, "records per encoder call"),
     Opt("seed", int, 0, "seed of the synthetic records and of the built-in encoder"),
-    Opt("encoder", str, None, "a saved encoder directory",
-        default_doc="a deterministic untrained TinyCLIP, the same on every rank, saved to OUT/encoder"),
+    Opt(
+        "encoder",
+        str,
+        None,
+        "a saved encoder directory",
+        default_doc="a deterministic untrained TinyCLIP, the same on every rank, saved to OUT/encoder",
+    ),
     Opt("width", int, 32, "the built-in encoder's conv width"),
     Opt("depth", int, 4, "the built-in encoder's residual blocks"),
     Opt("dim", int, 64, "the built-in encoder's embedding dim D"),
@@ -110,16 +120,34 @@ def run_index_synthetic(v: dict) -> int:
         else:
             encoder = synthetic_encoder(seed=v["seed"], width=v["width"], depth=v["depth"], dim=v["dim"])
         t0 = time.perf_counter()
-        ix = build_synthetic_index(v["records"], encoder, v["out"], seed=v["seed"], batch_size=v["batch_size"],
-                                   chunk_size=v["chunk_size"], progress=v["progress"])
+        ix = build_synthetic_index(
+            v["records"],
+            encoder,
+            v["out"],
+            seed=v["seed"],
+            batch_size=v["batch_size"],
+            chunk_size=v["chunk_size"],
+            progress=v["progress"],
+        )
         seconds = time.perf_counter() - t0
         up = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if up else (0, 1)
     if rank == 0:
         if v["encoder"] is None:
             encoder.save(Path(v["out"]) / "encoder")
-        print(json.dumps({"out": str(v["out"]), "count": ix.count, "dim": ix.dim, "seconds": round(seconds, 3),
-                          "world": world, "rank": rank, "sha256": ix.manifest["sha256"]}))
+        print(
+            json.dumps(
+                {
+                    "out": str(v["out"]),
+                    "count": ix.count,
+                    "dim": ix.dim,
+                    "seconds": round(seconds, 3),
+                    "world": world,
+                    "rank": rank,
+                    "sha256": ix.manifest["sha256"],
+                }
+            )
+        )
     return 0
 
 
@@ -128,8 +156,12 @@ VERIFY_OPTS = (
     Opt("encoder", str, None, "encoder directory whose fingerprint must be the index's", default_doc="not checked"),
     Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
     Opt("image_root", str, None, "where the record images are now", default_doc="the folder recorded at build time"),
-    Opt("images", bool, True, "read every image file against its recorded sha256 (--no-images: the index's "
-        "own files only)"),
+    Opt(
+        "images",
+        bool,
+        True,
+        "read every image file against its recorded sha256 (--no-images: the index's own files only)",
+    ),
 )
 
 
@@ -141,8 +173,18 @@ def run_verify_index(v: dict) -> int:
     encoder = load_encoder(v["encoder"], trust_remote_code=v["trust_remote_code"]) if v["encoder"] else None
     ix = Index.open(v["index"], encoder=encoder)
     images = ix.check_images(v["image_root"]) if v["images"] else None
-    print(json.dumps({"path": str(v["index"]), "count": ix.count, "dim": ix.dim, "ok": True, "images": images,
-                      "seconds": round(time.perf_counter() - t0, 3)}))
+    print(
+        json.dumps(
+            {
+                "path": str(v["index"]),
+                "count": ix.count,
+                "dim": ix.dim,
+                "ok": True,
+                "images": images,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+    )
     return 0
 
 
@@ -168,22 +210,41 @@ def run_index_cost(v: dict) -> int:
 
 
 COMMANDS = (
-    Command("build-index", "embed index records into an fp16 two-head index",
-            "Embeds every record's image (image tower) and caption (text tower), L2-normalised, stored "
-            "fp16 with a manifest of checksums; image paths are stored relative to the records file's "
-            "folder, with each image's sha256. A rerun resumes an interrupted build, embedding again "
-            "the chunks whose records changed; another encoder or chunk size is refused.",
-            BUILD_INDEX_OPTS, run_build_index),
-    Command("index-synthetic", "build an index of N synthetic records (resumable; sharded under torchrun)",
-            "The index build at scale without data: N synthetic records embedded in resumable chunks. Under "
-            "torchrun (WORLD_SIZE > 1) the default process group is initialised and rank r embeds the "
-            "chunks c with c mod W = r; the files do not depend on the number of ranks. Rerunning the same "
-            "command after a kill resumes.", SYNTHETIC_OPTS, run_index_synthetic),
-    Command("verify-index", "check every checksum of an index, the images it names and its encoder",
-            "Opens the index (the sha256 of every file, the arrays' shapes, the encoder's fingerprint with "
-            "--encoder) and rehashes every record's image against the sha256 recorded at build time, naming "
-            "the first missing or changed one.", VERIFY_OPTS, run_verify_index),
-    Command("index-cost", "memory and search-cost floors of an index (default: the paper's)",
-            "The analytic cost model of jomed_fast.index.cost: memory per head and device, exact and IVF "
-            "search floors on an L40 and an H100.", COST_OPTS, run_index_cost),
+    Command(
+        "build-index",
+        "embed index records into an fp16 two-head index",
+        "Embeds every record's image (image tower) and caption (text tower), L2-normalised, stored "
+        "fp16 with a manifest of checksums; image paths are stored relative to the records file's "
+        "folder, with each image's sha256. A rerun resumes an interrupted build, embedding again "
+        "the chunks whose records changed; another encoder or chunk size is refused.",
+        BUILD_INDEX_OPTS,
+        run_build_index,
+    ),
+    Command(
+        "index-synthetic",
+        "build an index of N synthetic records (resumable; sharded under torchrun)",
+        "The index build at scale without data: N synthetic records embedded in resumable chunks. Under "
+        "torchrun (WORLD_SIZE > 1) the default process group is initialised and rank r embeds the "
+        "chunks c with c mod W = r; the files do not depend on the number of ranks. Rerunning the same "
+        "command after a kill resumes.",
+        SYNTHETIC_OPTS,
+        run_index_synthetic,
+    ),
+    Command(
+        "verify-index",
+        "check every checksum of an index, the images it names and its encoder",
+        "Opens the index (the sha256 of every file, the arrays' shapes, the encoder's fingerprint with "
+        "--encoder) and rehashes every record's image against the sha256 recorded at build time, naming "
+        "the first missing or changed one.",
+        VERIFY_OPTS,
+        run_verify_index,
+    ),
+    Command(
+        "index-cost",
+        "memory and search-cost floors of an index (default: the paper's)",
+        "The analytic cost model of jomed_fast.index.cost: memory per head and device, exact and IVF "
+        "search floors on an L40 and an H100.",
+        COST_OPTS,
+        run_index_cost,
+    ),
 )

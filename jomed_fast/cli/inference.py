@@ -15,28 +15,39 @@ from .common import (
 )
 from .options import Command, Opt
 
-PREDICT_OPTS = (*READER_OPTS, *DATA_OPTS, *INDEX_OPTS,
-                Opt("out", str, None, "predictions JSONL (appended; a rerun from the same inputs resumes)",
-                    required=True),
-                Opt("query_encoder", str, None, "stage-2 query encoders (train-retriever's RUN_DIR/query_encoder)",
-                    default_doc="the index's --encoder embeds the queries"),
-                Opt("k_text", int, 2, "candidates from the text head"),
-                Opt("k_image", int, 2, "candidates from the image head"),
-                Opt("fusion", str, "paper", "fusion rule", choices=("paper", "reference")),
-                Opt("tau", float, 1.0, "retrieval-score temperature of the paper fusion"),
-                Opt("threshold", float, 0.5, "multi-label decision threshold"),
-                Opt("batch_size", int, 4, "queries per scorer call"),
-                Opt("retrieval", str, "retrieved", "robustness mode", choices=("retrieved", "none", "random")),
-                Opt("query_image", bool, True, "put the query image in the prompt"),
-                Opt("seed", int, 0, "seed of the random-retrieval mode"),
-                Opt("max_new_tokens", int, 16, "greedy answer length limit (open VQA tasks)"),
-                Opt("progress", bool, True, "progress bar on stderr"))
+PREDICT_OPTS = (
+    *READER_OPTS,
+    *DATA_OPTS,
+    *INDEX_OPTS,
+    Opt("out", str, None, "predictions JSONL (appended; a rerun from the same inputs resumes)", required=True),
+    Opt(
+        "query_encoder",
+        str,
+        None,
+        "stage-2 query encoders (train-retriever's RUN_DIR/query_encoder)",
+        default_doc="the index's --encoder embeds the queries",
+    ),
+    Opt("k_text", int, 2, "candidates from the text head"),
+    Opt("k_image", int, 2, "candidates from the image head"),
+    Opt("fusion", str, "paper", "fusion rule", choices=("paper", "reference")),
+    Opt("tau", float, 1.0, "retrieval-score temperature of the paper fusion"),
+    Opt("threshold", float, 0.5, "multi-label decision threshold"),
+    Opt("batch_size", int, 4, "queries per scorer call"),
+    Opt("retrieval", str, "retrieved", "robustness mode", choices=("retrieved", "none", "random")),
+    Opt("query_image", bool, True, "put the query image in the prompt"),
+    Opt("seed", int, 0, "seed of the random-retrieval mode"),
+    Opt("max_new_tokens", int, 16, "greedy answer length limit (open VQA tasks)"),
+    Opt("progress", bool, True, "progress bar on stderr"),
+)
 
 
 def _predict_inputs(v: dict) -> dict:
     """The files and folders a predict run reads, by flag (an output must never be one of them)."""
-    return {o.flag: v[o.name] for o in PREDICT_OPTS
-            if o.name in ("samples", "index_records", "index", "reader", "adapter", "encoder", "query_encoder")}
+    return {
+        o.flag: v[o.name]
+        for o in PREDICT_OPTS
+        if o.name in ("samples", "index_records", "index", "reader", "adapter", "encoder", "query_encoder")
+    }
 
 
 def run_predict(v: dict) -> int:
@@ -47,13 +58,23 @@ def run_predict(v: dict) -> int:
     from ..tasks import get_task
 
     task = get_task(v["task"])
-    config = InferConfig(k_text=v["k_text"], k_image=v["k_image"], layout=v["layout"], fusion=v["fusion"],
-                         tau=v["tau"], threshold=v["threshold"], batch_size=v["batch_size"],
-                         retrieval=v["retrieval"], query_image=v["query_image"], seed=v["seed"],
-                         max_new_tokens=v["max_new_tokens"])
+    config = InferConfig(
+        k_text=v["k_text"],
+        k_image=v["k_image"],
+        layout=v["layout"],
+        fusion=v["fusion"],
+        tau=v["tau"],
+        threshold=v["threshold"],
+        batch_size=v["batch_size"],
+        retrieval=v["retrieval"],
+        query_image=v["query_image"],
+        seed=v["seed"],
+        max_new_tokens=v["max_new_tokens"],
+    )
     out = v["out"]
-    refuse_inputs_as_outputs({"--out": out, "--out's sidecar": meta_path(out), "--out's lock": lock_path(out)},
-                             _predict_inputs(v))
+    refuse_inputs_as_outputs(
+        {"--out": out, "--out's sidecar": meta_path(out), "--out's lock": lock_path(out)}, _predict_inputs(v)
+    )
     check_output_free(out, "--out")
     # everything that can be refused is refused before the reader loads (it is the slow part)
     samples = load_samples_from(v, task)
@@ -74,17 +95,28 @@ def run_predict(v: dict) -> int:
         scorer = OpenAnswerer(load_reader_from(v), task, v["layout"])
     else:
         scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
-    records = predict(scorer, samples, retrieval=retrieval, encoder=encoder, config=config, out_path=out,
-                      progress=v["progress"], inputs=inputs)
+    records = predict(
+        scorer,
+        samples,
+        retrieval=retrieval,
+        encoder=encoder,
+        config=config,
+        out_path=out,
+        progress=v["progress"],
+        inputs=inputs,
+    )
     from ..eval import prediction_metrics
 
     print(json.dumps({"predictions": out, **prediction_metrics(records)}, indent=1))
     return 0
 
 
-EVALUATE_OPTS = (Opt("predictions", str, None, "predictions JSONL (jomed-fast predict)", required=True),
-                 Opt("out", str, None, "write the metrics as JSON here (atomic; never one of the inputs)",
-                     default_doc="printed only"))
+EVALUATE_OPTS = (
+    Opt("predictions", str, None, "predictions JSONL (jomed-fast predict)", required=True),
+    Opt(
+        "out", str, None, "write the metrics as JSON here (atomic; never one of the inputs)", default_doc="printed only"
+    ),
+)
 
 
 def _predictions_inputs(flag: str, path: str) -> dict:
@@ -102,8 +134,10 @@ def run_evaluate(v: dict) -> int:
     if v["out"]:
         refuse_inputs_as_outputs({"--out": v["out"]}, _predictions_inputs("--predictions", v["predictions"]))
     records = read_predictions(v["predictions"])
-    result = {"fused": prediction_metrics(records),
-              "top1_candidate": prediction_metrics(records, which="candidate", candidate=0)}
+    result = {
+        "fused": prediction_metrics(records),
+        "top1_candidate": prediction_metrics(records, which="candidate", candidate=0),
+    }
     if v["out"]:
         atomic_write_json(v["out"], result)
     print(json.dumps(result, indent=1))
@@ -111,10 +145,21 @@ def run_evaluate(v: dict) -> int:
 
 
 ANALYZE_OPTS = (
-    Opt("system", list, None, "NAME=PREDICTIONS.jsonl, one per system, each name once, all over the same "
-        "queries (first: the split's reference, e.g. fine-tuned RAG after stage 1)", required=True),
-    Opt("split_from", str, None, "the system whose candidates fix the inconsistent split",
-        default_doc="the first --system"),
+    Opt(
+        "system",
+        list,
+        None,
+        "NAME=PREDICTIONS.jsonl, one per system, each name once, all over the same "
+        "queries (first: the split's reference, e.g. fine-tuned RAG after stage 1)",
+        required=True,
+    ),
+    Opt(
+        "split_from",
+        str,
+        None,
+        "the system whose candidates fix the inconsistent split",
+        default_doc="the first --system",
+    ),
     Opt("out", str, None, "output directory for JSON, markdown and PNG", required=True),
 )
 ANALYSIS_TABLES = ("consistency_accuracy", "consistency_macro_f1", "rerank_oracle")
@@ -128,8 +173,9 @@ def _system_paths(specs: list[str]) -> dict:
         if not sep or not name or not path:
             raise ValueError(f"--system: expected NAME=PATH, got {spec!r}")
         if name in out:
-            raise ValueError(f"--system: the name {name!r} is given twice ({out[name]} and {path}); "
-                             "give each system its own name")
+            raise ValueError(
+                f"--system: the name {name!r} is given twice ({out[name]} and {path}); give each system its own name"
+            )
         if not Path(path).is_file():
             raise ValueError(f"--system: {path} not found (for system {name!r})")
         out[name] = path
@@ -174,20 +220,36 @@ def run_analyze(v: dict) -> int:
         print(f"{metric} by split (inconsistent share {100 * m['share_inconsistent']:.1f}%, split from {ref}):")
         for name, row in m["systems"].items():
             print(f"  {name:<24}" + "  ".join(f"{k} {'-' if x is None else f'{100 * x:.1f}'}" for k, x in row.items()))
-    table = {name: {**rerank_accuracy(recs, PAPER_RERANKERS), "oracle": oracle_accuracy(recs)}
-             for name, recs in systems.items()}
+    table = {
+        name: {**rerank_accuracy(recs, PAPER_RERANKERS), "oracle": oracle_accuracy(recs)}
+        for name, recs in systems.items()
+    }
     write_analysis(str(out), "rerank_oracle", table)
     print(f"reranking and oracle accuracy written to {out}")
     return 0
 
 
 COMMANDS = (
-    Command("predict", "retrieve, score, fuse and write predictions (JSONL)",
-            "Inference: top-k per head, every candidate scored by the reader, fused; resumable.", PREDICT_OPTS,
-            run_predict),
-    Command("evaluate", "metrics of a predictions file", "Accuracy / macro-F1 (or the kind's metrics) of "
-            "the fused predictions and of the top-1 candidate alone.", EVALUATE_OPTS, run_evaluate),
-    Command("analyze", "the paper's analyses over several systems' predictions",
-            "Inconsistent vs consistent split (Tables 5-6, accuracy and macro-F1), oracle (Table 1) and "
-            "rerankers (Table 8); JSON, markdown and PNG per table.", ANALYZE_OPTS, run_analyze),
+    Command(
+        "predict",
+        "retrieve, score, fuse and write predictions (JSONL)",
+        "Inference: top-k per head, every candidate scored by the reader, fused; resumable.",
+        PREDICT_OPTS,
+        run_predict,
+    ),
+    Command(
+        "evaluate",
+        "metrics of a predictions file",
+        "Accuracy / macro-F1 (or the kind's metrics) of the fused predictions and of the top-1 candidate alone.",
+        EVALUATE_OPTS,
+        run_evaluate,
+    ),
+    Command(
+        "analyze",
+        "the paper's analyses over several systems' predictions",
+        "Inconsistent vs consistent split (Tables 5-6, accuracy and macro-F1), oracle (Table 1) and "
+        "rerankers (Table 8); JSON, markdown and PNG per table.",
+        ANALYZE_OPTS,
+        run_analyze,
+    ),
 )

@@ -15,8 +15,18 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UNSET", "Command", "Opt", "add_options", "config_from", "config_options", "option_type",
-           "preset_default_doc", "resolve", "show"]
+__all__ = [
+    "UNSET",
+    "Command",
+    "Opt",
+    "add_options",
+    "config_from",
+    "config_options",
+    "option_type",
+    "preset_default_doc",
+    "resolve",
+    "show",
+]
 
 
 class _Unset:
@@ -91,8 +101,9 @@ class Opt:
         if not isinstance(value, self.type) or isinstance(value, bool) and self.type is not bool:
             raise ValueError(f"{self.flag}: expected {self._expected()} ({where}), got {value!r}")
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{self.flag}: expected one of {', '.join(map(str, self.choices))} ({where}), "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{self.flag}: expected one of {', '.join(map(str, self.choices))} ({where}), got {value!r}"
+            )
         return value
 
     def _expected(self) -> str:
@@ -105,8 +116,9 @@ class Opt:
         value = [str(v) for v in value]
         bad = [v for v in value if self.choices is not None and v not in self.choices]
         if bad:
-            raise ValueError(f"{self.flag}: expected values among {', '.join(map(str, self.choices))} ({where}), "
-                             f"got {bad[0]!r}")
+            raise ValueError(
+                f"{self.flag}: expected values among {', '.join(map(str, self.choices))} ({where}), got {bad[0]!r}"
+            )
         return value
 
 
@@ -142,17 +154,23 @@ def add_options(parser: argparse.ArgumentParser, options) -> None:
         doc = o.help + (" (required)" if o.required else f" (default: {shown})")
         doc = doc.replace("%", "%%")  # argparse %-formats help strings
         if o.positional:
-            parser.add_argument(o.name + _POSITIONAL, nargs="?", default=argparse.SUPPRESS,
-                                metavar=o.name.upper(), help=f"{doc}; or give it with {o.flag}")
+            parser.add_argument(
+                o.name + _POSITIONAL,
+                nargs="?",
+                default=argparse.SUPPRESS,
+                metavar=o.name.upper(),
+                help=f"{doc}; or give it with {o.flag}",
+            )
         if o.type is bool:
-            parser.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=doc)
+            parser.add_argument(
+                o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc
+            )
         elif o.type is list:
-            parser.add_argument(o.flag, dest=o.name, nargs="+", action="extend", default=argparse.SUPPRESS,
-                                help=doc, metavar="VALUE")
+            parser.add_argument(
+                o.flag, dest=o.name, nargs="+", action="extend", default=argparse.SUPPRESS, help=doc, metavar="VALUE"
+            )
         else:
-            parser.add_argument(o.flag, dest=o.name, type=str, default=argparse.SUPPRESS, help=doc,
-                                metavar=o.metavar)
+            parser.add_argument(o.flag, dest=o.name, type=str, default=argparse.SUPPRESS, help=doc, metavar=o.metavar)
 
 
 class _DuplicateKey(ValueError):
@@ -240,8 +258,9 @@ def option_type(cls, name: str) -> tuple[type, bool]:
     args = typing.get_args(hint) if union else (hint,)
     base = tuple(a for a in args if a is not type(None))
     if len(base) != 1 or base[0] not in _FIELD_TYPES:
-        raise TypeError(f"{cls.__name__}.{name}: option type {hint!r} is not int/float/str/bool "
-                        "(or one of them | None)")
+        raise TypeError(
+            f"{cls.__name__}.{name}: option type {hint!r} is not int/float/str/bool (or one of them | None)"
+        )
     return base[0], len(base) < len(args)
 
 
@@ -280,8 +299,16 @@ def config_options(cls, *, skip: tuple = (), prefix: str = "", presets: dict | N
         if f.name in skip or f.metadata.get("setting", True) is False:
             continue
         kind, nullable = option_type(cls, f.name)
-        opts.append(Opt(prefix + f.name, kind, UNSET, f"{cls.__name__}.{f.name}",
-                        default_doc=_shown_default(f, presets), nullable=nullable))
+        opts.append(
+            Opt(
+                prefix + f.name,
+                kind,
+                UNSET,
+                f"{cls.__name__}.{f.name}",
+                default_doc=_shown_default(f, presets),
+                nullable=nullable,
+            )
+        )
     return tuple(opts)
 
 
@@ -289,7 +316,10 @@ def config_from(cls, values: dict, *, prefix: str = "", base=None, **fixed):
     """Build ``cls`` from ``base`` (default ``cls()``) with the options given (:data:`UNSET` or absent:
     the field keeps its value; None is a value), plus ``fixed`` fields."""
     start = base if base is not None else cls()
-    changes = {f.name: values[prefix + f.name] for f in dataclasses.fields(cls)
-               if values.get(prefix + f.name, UNSET) is not UNSET}
+    changes = {
+        f.name: values[prefix + f.name]
+        for f in dataclasses.fields(cls)
+        if values.get(prefix + f.name, UNSET) is not UNSET
+    }
     changes.update(fixed)
     return dataclasses.replace(start, **changes)

@@ -21,20 +21,27 @@ def _samples(path: str, task, skip_bad: bool):
     return load_samples(path, task, skip_bad=skip_bad, verify_images="decode")
 
 
-SPLIT_OPTS = (Opt("train", str, None, "training samples JSONL", required=True),
-              Opt("val", str, None, "validation samples JSONL"),
-              Opt("skip_bad", bool, False, "skip and count bad records instead of stopping"),
-              Opt("run_dir", str, None, "checkpoints, config and results (a rerun resumes)", required=True),
-              Opt("resume", bool, True, "continue the run in --run-dir when it has a checkpoint"),
-              Opt("progress", bool, True, "progress bar on stderr"))
+SPLIT_OPTS = (
+    Opt("train", str, None, "training samples JSONL", required=True),
+    Opt("val", str, None, "validation samples JSONL"),
+    Opt("skip_bad", bool, False, "skip and count bad records instead of stopping"),
+    Opt("run_dir", str, None, "checkpoints, config and results (a rerun resumes)", required=True),
+    Opt("resume", bool, True, "continue the run in --run-dir when it has a checkpoint"),
+    Opt("progress", bool, True, "progress bar on stderr"),
+)
 
 
 def _reader_opts() -> tuple:
     from ..train import ReaderTrainConfig
 
-    return (*READER_OPTS, *SPLIT_OPTS, *INDEX_OPTS, Opt("lora_r", int, 8, "LoRA rank (alpha = 2 r)"),
-            Opt("seed_lora", int, 0, "seed of the fresh LoRA adapter's initialisation"),
-            *config_options(ReaderTrainConfig, skip=("layout",)))
+    return (
+        *READER_OPTS,
+        *SPLIT_OPTS,
+        *INDEX_OPTS,
+        Opt("lora_r", int, 8, "LoRA rank (alpha = 2 r)"),
+        Opt("seed_lora", int, 0, "seed of the fresh LoRA adapter's initialisation"),
+        *config_options(ReaderTrainConfig, skip=("layout",)),
+    )
 
 
 def run_train_reader(v: dict) -> int:
@@ -54,20 +61,47 @@ def run_train_reader(v: dict) -> int:
     torch.manual_seed(v["seed_lora"])
     lora = v["adapter"] or {"r": v["lora_r"], "alpha": 2 * v["lora_r"]}
     reader = load_reader(v["reader"], quantization=quant, lora=lora, device=v["device"], lora_trainable=True)
-    result = train_reader(config, reader, task, train, val, v["run_dir"], retrieval=retrieval, retriever=encoder,
-                          resume=v["resume"], progress=v["progress"])
-    print(json.dumps({"adapter": str(result.adapter_dir), "best_val_loss": result.best_val_loss,
-                      "best_step": result.best_step, "steps": result.steps}))
+    result = train_reader(
+        config,
+        reader,
+        task,
+        train,
+        val,
+        v["run_dir"],
+        retrieval=retrieval,
+        retriever=encoder,
+        resume=v["resume"],
+        progress=v["progress"],
+    )
+    print(
+        json.dumps(
+            {
+                "adapter": str(result.adapter_dir),
+                "best_val_loss": result.best_val_loss,
+                "best_step": result.best_step,
+                "steps": result.steps,
+            }
+        )
+    )
     return 0
 
 
 def _retriever_opts() -> tuple:
     from ..train import RetrieverTrainConfig
 
-    return (*READER_OPTS, *SPLIT_OPTS, *INDEX_OPTS,
-            Opt("heads", str, "both", "train the text head, the image head, or both in sequence",
-                choices=("both", "text", "image")),
-            *config_options(RetrieverTrainConfig, skip=("head", "layout")))
+    return (
+        *READER_OPTS,
+        *SPLIT_OPTS,
+        *INDEX_OPTS,
+        Opt(
+            "heads",
+            str,
+            "both",
+            "train the text head, the image head, or both in sequence",
+            choices=("both", "text", "image"),
+        ),
+        *config_options(RetrieverTrainConfig, skip=("head", "layout")),
+    )
 
 
 def run_train_retriever(v: dict) -> int:
@@ -88,28 +122,58 @@ def run_train_retriever(v: dict) -> int:
     reader.model.requires_grad_(False)
     run = Path(v["run_dir"])
     if v["heads"] == "both":
-        trained = train_retriever_heads(config, reader, task, encoder, retrieval, train, val, run,
-                                        resume=v["resume"], progress=v["progress"])
+        trained = train_retriever_heads(
+            config, reader, task, encoder, retrieval, train, val, run, resume=v["resume"], progress=v["progress"]
+        )
         results, encoders = trained.results(), trained.encoders
     else:  # one head trained; the other stays the base encoder
         encoders = HeadEncoders.untrained(encoder, config.alpha)
         query = QueryEncoder(copy.deepcopy(encoder), config.n_trainable, config.alpha)
-        results = {v["heads"]: train_retriever(config.replace(head=v["heads"]), reader, task, query, retrieval,
-                                               train, val, run / v["heads"], resume=v["resume"],
-                                               progress=v["progress"])}
+        results = {
+            v["heads"]: train_retriever(
+                config.replace(head=v["heads"]),
+                reader,
+                task,
+                query,
+                retrieval,
+                train,
+                val,
+                run / v["heads"],
+                resume=v["resume"],
+                progress=v["progress"],
+            )
+        }
         setattr(encoders, v["heads"], query.eval())
     encoders.save(run / "query_encoder")
-    print(json.dumps({"query_encoder": str(run / "query_encoder"),
-                      **{h: {"final_eval": r.final_eval, "selected": r.selected, "cache": r.cache}
-                         for h, r in results.items()}}))
+    print(
+        json.dumps(
+            {
+                "query_encoder": str(run / "query_encoder"),
+                **{
+                    h: {"final_eval": r.final_eval, "selected": r.selected, "cache": r.cache}
+                    for h, r in results.items()
+                },
+            }
+        )
+    )
     return 0
 
 
 COMMANDS = (
-    Command("train-reader", "stage 1: LoRA fine-tuning of the reader with retrieval in context",
-            "Each (sample, retrieved candidate) is one example; without --index the reader-only baseline. "
-            "Writes RUN_DIR/adapter (load it with --adapter).", _reader_opts(), run_train_reader),
-    Command("train-retriever", "stage 2: the retriever distilled from the frozen reader",
-            "Text head, then image head (--heads both), each its own query encoder, with the exact "
-            "reader-score cache in RUN_DIR; writes RUN_DIR/query_encoder (predict --query-encoder).", _retriever_opts(), run_train_retriever),
+    Command(
+        "train-reader",
+        "stage 1: LoRA fine-tuning of the reader with retrieval in context",
+        "Each (sample, retrieved candidate) is one example; without --index the reader-only baseline. "
+        "Writes RUN_DIR/adapter (load it with --adapter).",
+        _reader_opts(),
+        run_train_reader,
+    ),
+    Command(
+        "train-retriever",
+        "stage 2: the retriever distilled from the frozen reader",
+        "Text head, then image head (--heads both), each its own query encoder, with the exact "
+        "reader-score cache in RUN_DIR; writes RUN_DIR/query_encoder (predict --query-encoder).",
+        _retriever_opts(),
+        run_train_retriever,
+    ),
 )

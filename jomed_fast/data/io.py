@@ -10,8 +10,10 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 
-from jomed_fast._files import make_temp_file
-from jomed_fast._files import sha256_file  # noqa: F401  (re-exported: data.io.sha256_file)
+from jomed_fast._files import (
+    make_temp_file,
+    sha256_file,  # noqa: F401  (re-exported: data.io.sha256_file)
+)
 
 PathLike = Union[str, os.PathLike]
 
@@ -109,8 +111,10 @@ def _pil_to_rgb(im, window: tuple[float, float] | None = None) -> np.ndarray:
         grey = high_bit_to_uint8(np.asarray(im), window)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if window is not None:
-        raise ValueError(f"window: applies to high-bit-depth images (modes {', '.join(HIGH_BIT_MODES)}), "
-                         f"got an image of mode {im.mode!r}")
+        raise ValueError(
+            f"window: applies to high-bit-depth images (modes {', '.join(HIGH_BIT_MODES)}), "
+            f"got an image of mode {im.mode!r}"
+        )
     if im.mode == "La":  # premultiplied alpha: PIL converts it to RGB only through LA
         im = im.convert("LA")
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))

@@ -119,7 +119,11 @@ def load_medmnist(
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise DataError(path, f"{ik!r}: expected [n, H, W] or [n, H, W, 3], got shape {images.shape}")
     if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
-        if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+        if (
+            np.issubdtype(labels.dtype, np.floating)
+            and np.all(np.isfinite(labels))
+            and np.all(labels == np.round(labels))
+        ):
             pass
         else:
             raise DataError(path, f"{lk!r}: expected integer labels, got {labels.dtype}")

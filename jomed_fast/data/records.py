@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 VERIFY_MODES = ("none", "exists", "open", "decode")
 
 
-
 def _image_of(record, what: str) -> np.ndarray:
     """The record's in-memory image, else the decoded file at ``image_path``; a file that is gone or
     does not decode is a :class:`DataError` naming it and the record (one line, never a traceback)."""
@@ -58,6 +57,7 @@ def _image_of(record, what: str) -> np.ndarray:
         raise DataError(record.image_path, "image file not found", record=record.id) from None
     except Exception as e:  # noqa: BLE001  (PIL.UnidentifiedImageError, truncated files, permissions)
         raise DataError(record.image_path, f"unreadable image ({type(e).__name__}: {e})", record=record.id) from None
+
 
 @dataclass(eq=False)
 class Sample:
@@ -102,8 +102,14 @@ class Loaded(list):
     against (what an index stores its image paths relative to), or ``None``.
     """
 
-    def __init__(self, records: Iterable = (), *, path: str = "", skipped: Sequence[DataError] = (),
-                 image_root: str | None = None):
+    def __init__(
+        self,
+        records: Iterable = (),
+        *,
+        path: str = "",
+        skipped: Sequence[DataError] = (),
+        image_root: str | None = None,
+    ):
         super().__init__(records)
         self.path = path
         self.image_root = image_root
@@ -200,8 +206,14 @@ def log_skipped(path, skipped: Sequence[DataError], what: str, total: int | None
         return
     reasons = Counter(re.sub(r"\s*\(.*", "", e.reason) for e in skipped)
     of = f" of {total}" if total is not None else ""
-    logger.warning("%s: skipped %d bad %s%s: %s", path, len(skipped), what, of,
-                   ", ".join(f"{n} x {r}" for r, n in reasons.most_common()))
+    logger.warning(
+        "%s: skipped %d bad %s%s: %s",
+        path,
+        len(skipped),
+        what,
+        of,
+        ", ".join(f"{n} x {r}" for r, n in reasons.most_common()),
+    )
 
 
 def _get_str(path: Path, lineno: int, row: dict, key: str, rid: str | None, *, required: bool = True):

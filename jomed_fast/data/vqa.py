@@ -248,10 +248,18 @@ def _build(
             if closed:
                 label = closed_task.label_index(answer)
                 answer = closed_task.format_answer(label)
-            extra = {"dataset": dataset, "split": split, "kind": "closed" if closed else "open",
-                     "source_index": i, **extra}
-            out.append(Sample(id=rid, image_path=resolved, answer=answer, label=label, question=question,
-                              image=image, extra=extra))
+            extra = {
+                "dataset": dataset,
+                "split": split,
+                "kind": "closed" if closed else "open",
+                "source_index": i,
+                **extra,
+            }
+            out.append(
+                Sample(
+                    id=rid, image_path=resolved, answer=answer, label=label, question=question, image=image, extra=extra
+                )
+            )
         except DataError as e:
             if not skip_bad:
                 raise
@@ -317,8 +325,19 @@ def load_vqa_rad(
         extra = {"phrase_type": phrase, "answer_type": _opt_str(row, "answer_type"), "qid": row.get("qid")}
         return rid, image, question, answer, extra
 
-    return _build(path, rows, parse_row, dataset="vqa_rad", split=split, kind=kind, image_dirs=dirs,
-                  skip_bad=skip_bad, verify_images=verify_images, load_images=load_images, id_of_index=rid_of)
+    return _build(
+        path,
+        rows,
+        parse_row,
+        dataset="vqa_rad",
+        split=split,
+        kind=kind,
+        image_dirs=dirs,
+        skip_bad=skip_bad,
+        verify_images=verify_images,
+        load_images=load_images,
+        id_of_index=rid_of,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,9 +382,19 @@ def load_slake(
         extra = {"answer_type": _opt_str(row, "answer_type"), "qid": qid}
         return rid, image, question, answer, extra
 
-    return _build(path, rows, parse_row, dataset="slake", split=split, kind=kind, image_dirs=dirs,
-                  skip_bad=skip_bad, verify_images=verify_images, load_images=load_images,
-                  id_of_index=lambda i: f"slake-{split}-{i}")
+    return _build(
+        path,
+        rows,
+        parse_row,
+        dataset="slake",
+        split=split,
+        kind=kind,
+        image_dirs=dirs,
+        skip_bad=skip_bad,
+        verify_images=verify_images,
+        load_images=load_images,
+        id_of_index=lambda i: f"slake-{split}-{i}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,8 +475,19 @@ def load_pathvqa(
         answer = _field(path, row, "answer", rid, numbers=True)
         return rid, image, question, answer, {"answer_type": _opt_str(row, "answer_type")}
 
-    return _build(path, rows, parse_row, dataset="pathvqa", split=split, kind=kind, image_dirs=dirs,
-                  skip_bad=skip_bad, verify_images=verify_images, load_images=load_images, id_of_index=rid_of)
+    return _build(
+        path,
+        rows,
+        parse_row,
+        dataset="pathvqa",
+        split=split,
+        kind=kind,
+        image_dirs=dirs,
+        skip_bad=skip_bad,
+        verify_images=verify_images,
+        load_images=load_images,
+        id_of_index=rid_of,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

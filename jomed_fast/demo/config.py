@@ -46,8 +46,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["PRESETS", "DataSettings", "DemoConfig", "InferenceSettings", "RetrieverSettings", "Setting",
-           "Stage1Settings", "Stage2Settings", "settings"]
+__all__ = [
+    "PRESETS",
+    "DataSettings",
+    "DemoConfig",
+    "InferenceSettings",
+    "RetrieverSettings",
+    "Setting",
+    "Stage1Settings",
+    "Stage2Settings",
+    "settings",
+]
 
 
 def _named(default: Any, option: str) -> Any:
@@ -206,18 +215,27 @@ class DemoConfig:
         from ..train.reader import ReaderTrainConfig
 
         s = self.stage1
-        return ReaderTrainConfig(lr=s.lr, epochs=s.epochs if retrieval else s.reader_only_epochs,
-                                 batch_size=s.batch_size, eval_every=s.eval_every, save_every=s.eval_every,
-                                 gradient_checkpointing=False, seed=self.seed, layout=self.layout,
-                                 k_text=self.inference.k_text, k_image=self.inference.k_image)
+        return ReaderTrainConfig(
+            lr=s.lr,
+            epochs=s.epochs if retrieval else s.reader_only_epochs,
+            batch_size=s.batch_size,
+            eval_every=s.eval_every,
+            save_every=s.eval_every,
+            gradient_checkpointing=False,
+            seed=self.seed,
+            layout=self.layout,
+            k_text=self.inference.k_text,
+            k_image=self.inference.k_image,
+        )
 
     def retriever_config(self, head: str):
         """Stage 2's ``RetrieverTrainConfig`` of ``head`` (``"text"`` or ``"image"``): the head is
         selected on the fused accuracy of its own inference ``k``."""
         from ..train.retriever import RetrieverTrainConfig
 
-        options = {f.name: getattr(self.stage2, f.name) for f in dataclasses.fields(Stage2Settings)
-                   if f.name != "queries"}
+        options = {
+            f.name: getattr(self.stage2, f.name) for f in dataclasses.fields(Stage2Settings) if f.name != "queries"
+        }
         k = {"text": self.inference.k_text, "image": self.inference.k_image}[head]
         return RetrieverTrainConfig(**options, head=head, select_k=k, layout=self.layout, seed=self.seed)
 
@@ -226,8 +244,9 @@ class DemoConfig:
         from ..infer import InferConfig
 
         i = self.inference
-        return InferConfig(k_text=i.k_text, k_image=i.k_image, batch_size=i.batch_size, layout=self.layout,
-                           seed=self.seed, **changes)
+        return InferConfig(
+            k_text=i.k_text, k_image=i.k_image, batch_size=i.batch_size, layout=self.layout, seed=self.seed, **changes
+        )
 
 
 def settings() -> tuple[Setting, ...]:
@@ -241,17 +260,23 @@ def settings() -> tuple[Setting, ...]:
     return tuple(out)
 
 
-_SMOKE = DemoConfig(data=DataSettings(n_train=24, n_val=8, n_test=12, index_size=120),
-                    retriever=RetrieverSettings(width=8, depth=1, dim=32, epochs=1),
-                    stage1=Stage1Settings(epochs=1, reader_only_epochs=1, eval_every=1000),
-                    stage2=Stage2Settings(queries=8, k=4, epochs=1), inference=InferenceSettings(batch_size=6),
-                    asserts_findings=False)
+_SMOKE = DemoConfig(
+    data=DataSettings(n_train=24, n_val=8, n_test=12, index_size=120),
+    retriever=RetrieverSettings(width=8, depth=1, dim=32, epochs=1),
+    stage1=Stage1Settings(epochs=1, reader_only_epochs=1, eval_every=1000),
+    stage2=Stage2Settings(queries=8, k=4, epochs=1),
+    inference=InferenceSettings(batch_size=6),
+    asserts_findings=False,
+)
 PRESETS = {
     # the plumbing in a minute or two (the end-to-end test); too small for the paper's findings
     "smoke": _SMOKE,
     "full": DemoConfig(),
     # a quicker check of the pipeline; its gain over fine-tuned RAG is noise-sized (module docstring)
-    "ci": DemoConfig(data=DataSettings(n_train=240, n_val=40, n_test=160, index_size=800),
-                     retriever=RetrieverSettings(epochs=6), stage2=Stage2Settings(queries=240),
-                     asserts_findings=False),
+    "ci": DemoConfig(
+        data=DataSettings(n_train=240, n_val=40, n_test=160, index_size=800),
+        retriever=RetrieverSettings(epochs=6),
+        stage2=Stage2Settings(queries=240),
+        asserts_findings=False,
+    ),
 }

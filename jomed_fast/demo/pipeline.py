@@ -57,9 +57,11 @@ def _check_settings(out: Path, config: DemoConfig) -> None:
         return
     old = _stored_settings(path)
     if set(old) != set(new):
-        raise ValueError(f"out_dir: {path} holds other setting names than this demo's (not here: "
-                         f"{sorted(set(old) - set(new))}, missing: {sorted(set(new) - set(old))}); "
-                         "use another directory")
+        raise ValueError(
+            f"out_dir: {path} holds other setting names than this demo's (not here: "
+            f"{sorted(set(old) - set(new))}, missing: {sorted(set(new) - set(old))}); "
+            "use another directory"
+        )
     changed = [k for k in new if old[k] != new[k]]
     if changed:
         raise ValueError(f"out_dir: {out} holds a demo run with other settings ({changed}); use another directory")
@@ -83,10 +85,22 @@ def _retriever(out: Path, config: DemoConfig, ds, progress: bool):
         _log("pre-training the tiny retriever (contrastive)", progress)
         captions = [r.text for r in ds.index]
         settings = config.retriever
-        model = TinyCLIP.from_captions(captions, seed=config.seed, image_size=config.data.image_size,
-                                       width=settings.width, depth=settings.depth, dim=settings.dim)
-        losses = pretrain(model, [r.load_image() for r in ds.index], captions, epochs=settings.epochs,
-                          seed=config.seed, progress=progress)
+        model = TinyCLIP.from_captions(
+            captions,
+            seed=config.seed,
+            image_size=config.data.image_size,
+            width=settings.width,
+            depth=settings.depth,
+            dim=settings.dim,
+        )
+        losses = pretrain(
+            model,
+            [r.load_image() for r in ds.index],
+            captions,
+            epochs=settings.epochs,
+            seed=config.seed,
+            progress=progress,
+        )
         model.save(d)
         atomic_write_json(d / "done.json", {"first_loss": losses[0], "last_loss": losses[-1]})
     return TinyCLIP.load(d)
@@ -97,8 +111,11 @@ def _index(out: Path, ds, encoder, progress: bool):
     from ..index import Index
 
     d = out / "index"
-    index = Index.open(d, encoder) if (d / "manifest.json").exists() else \
-        Index.build(ds.index, encoder, d, batch_size=256, chunk_size=512, progress=progress)
+    index = (
+        Index.open(d, encoder)
+        if (d / "manifest.json").exists()
+        else Index.build(ds.index, encoder, d, batch_size=256, chunk_size=512, progress=progress)
+    )
     return Retrieval(index, ds.index)
 
 
@@ -123,8 +140,9 @@ def _stage1(out: Path, name: str, config: DemoConfig, ckpt: Path, ds, retrieval,
         r = config.stage1.lora_r
         reader = load_reader(ckpt, lora={"r": r, "alpha": 2 * r}, device="cpu")
         rc = config.reader_config(retrieval=retrieval is not None)
-        train_reader(rc, reader, ds.task, ds.train, ds.val, run, retrieval=retrieval, retriever=encoder,
-                     progress=progress)
+        train_reader(
+            rc, reader, ds.task, ds.train, ds.val, run, retrieval=retrieval, retriever=encoder, progress=progress
+        )
     return run / "adapter"
 
 
@@ -145,9 +163,18 @@ def _stage2(out: Path, config: DemoConfig, reader, ds, retrieval, base, progress
     d = out / "stage2"
     if not (d / "query_encoder" / "done.json").exists():
         _log("stage 2: retriever distillation (text head, then image head)", progress)
-        trained = train_retriever_heads(config.retriever_config("text"), reader, ds.task, base, retrieval,
-                                        ds.train[:config.stage2.queries], ds.val, d, progress=progress,
-                                        image_config=config.retriever_config("image"))
+        trained = train_retriever_heads(
+            config.retriever_config("text"),
+            reader,
+            ds.task,
+            base,
+            retrieval,
+            ds.train[: config.stage2.queries],
+            ds.val,
+            d,
+            progress=progress,
+            image_config=config.retriever_config("image"),
+        )
         trained.encoders.save(d / "query_encoder")
         atomic_write_json(d / "query_encoder" / "done.json", {h: r.to_dict() for h, r in trained.results().items()})
     return load_head_encoders(d / "query_encoder", base)
@@ -176,8 +203,15 @@ def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encod
         if not done:
             _log(f"inference: {name}", progress)
         scorer = CandidateScorer(reader, ds.task, config.layout)
-        out_records[name] = predict(scorer, ds.test, retrieval=retrieval, encoder=encoder, config=ic, out_path=path,
-                                    progress=progress and not done)
+        out_records[name] = predict(
+            scorer,
+            ds.test,
+            retrieval=retrieval,
+            encoder=encoder,
+            config=ic,
+            out_path=path,
+            progress=progress and not done,
+        )
     return out_records
 
 
@@ -194,13 +228,16 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True
     base = _retriever(out, config, ds, progress)
     retrieval = _index(out, ds, base, progress)
     ckpt = _reader_checkpoint(out, config)
-    adapters = {"reader_only": _stage1(out, "stage1_reader_only", config, ckpt, ds, None, None, progress),
-                "rag": _stage1(out, "stage1_rag", config, ckpt, ds, retrieval, base, progress)}
+    adapters = {
+        "reader_only": _stage1(out, "stage1_reader_only", config, ckpt, ds, None, None, progress),
+        "rag": _stage1(out, "stage1_rag", config, ckpt, ds, retrieval, base, progress),
+    }
     readers = {name: _frozen_reader(ckpt, path) for name, path in adapters.items()}
     jomed_encoder = _stage2(out, config, readers["rag"], ds, retrieval, base, progress)
     records = _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
-    summary = write_report(out / "report", records, ds.task.num_classes, seed=config.seed,
-                           findings_asserted=config.asserts_findings)
+    summary = write_report(
+        out / "report", records, ds.task.num_classes, seed=config.seed, findings_asserted=config.asserts_findings
+    )
     summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(out / "report" / "summary.json", summary)
     _log(f"done in {summary['seconds']:.0f} s; report: {out / 'report' / 'report.md'}", progress)

@@ -40,8 +40,11 @@ def check_findings(main: dict, consistency: dict, oracle: dict) -> dict:
     """The paper's qualitative findings as named booleans (with the numbers they compare)."""
     ro, rag, jomed = main["reader_only"], main["ft_rag"], main["jomed"]
     acc = consistency["accuracy"]["systems"]
-    gain = {s: acc["jomed"][s] - acc["ft_rag"][s] for s in ("inconsistent", "consistent")
-            if acc["jomed"][s] is not None and acc["ft_rag"][s] is not None}
+    gain = {
+        s: acc["jomed"][s] - acc["ft_rag"][s]
+        for s in ("inconsistent", "consistent")
+        if acc["jomed"][s] is not None and acc["ft_rag"][s] is not None
+    }
     return {
         "reader_only<ft_rag<jomed (accuracy)": ro["accuracy"] < rag["accuracy"] < jomed["accuracy"],
         "reader_only<ft_rag<jomed (macro_f1)": ro["macro_f1"] < rag["macro_f1"] < jomed["macro_f1"],
@@ -56,7 +59,9 @@ def _md_table(title: str, table: dict) -> str:
     cols = list(next(iter(table.values())).keys())
     lines = [f"### {title}", "", "| system | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for row, vals in table.items():
-        lines.append(f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |")
+        lines.append(
+            f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -71,32 +76,52 @@ def write_report(out_dir, records: dict, num_classes: int, seed: int = 0, *, fin
     main = metrics_table({k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, num_classes)
     write_analysis(str(out), "main", main)
     split = split_consistency(records["ft_rag"])
-    consistency = write_consistency_tables(str(out), {k: records[k] for k in ("reader_only", "ft_rag", "jomed")},
-                                           split, num_classes)
+    consistency = write_consistency_tables(
+        str(out), {k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, split, num_classes
+    )
     oracle = {k: oracle_accuracy(records[k]) for k in ("ft_rag", "jomed")}
     oracle_table = {k: {"fused": main[k]["accuracy"], "oracle": v} for k, v in oracle.items()}
     write_analysis(str(out), "oracle", oracle_table)
-    robustness = metrics_table({"jomed": records["jomed"], "no retrieval": records["jomed_no_retrieval"],
-                                "random retrieval": records["jomed_random_retrieval"],
-                                "no query image": records["jomed_no_query_image"],
-                                "uniform random": uniform_random_records(records["jomed"], num_classes, seed)},
-                               num_classes)
+    robustness = metrics_table(
+        {
+            "jomed": records["jomed"],
+            "no retrieval": records["jomed_no_retrieval"],
+            "random retrieval": records["jomed_random_retrieval"],
+            "no query image": records["jomed_no_query_image"],
+            "uniform random": uniform_random_records(records["jomed"], num_classes, seed),
+        },
+        num_classes,
+    )
     write_analysis(str(out), "robustness", robustness)
     rerank = {"jomed": rerank_accuracy(records["jomed"], PAPER_RERANKERS)}
     write_analysis(str(out), "rerank", rerank)
     checks = check_findings(main, consistency, oracle)
     share = consistency["accuracy"]["share_inconsistent"]
-    md = ["# JOMED on the synthetic task: report", "",
-          (f"Test queries: {len(records['jomed'])}; inconsistent share (fine-tuned RAG's candidates): "
-          f"{100 * share:.1f}%. All figures in percent."), "",
-          _md_table("Main (accuracy, macro-F1)", main),
-          _md_table("Accuracy by split (Tables 5-6)", consistency["accuracy"]["systems"]),
-          _md_table("Macro-F1 by split (Tables 5-6)", consistency["macro_f1"]["systems"]),
-          _md_table("Oracle (Table 1)", oracle_table), _md_table("Robustness (Table 7)", robustness),
-          _md_table("Reranking (Table 8)", rerank),
-          "### Checks" if findings_asserted else "### Checks (informational: this preset is too small for them)", ""]
+    md = [
+        "# JOMED on the synthetic task: report",
+        "",
+        (
+            f"Test queries: {len(records['jomed'])}; inconsistent share (fine-tuned RAG's candidates): "
+            f"{100 * share:.1f}%. All figures in percent."
+        ),
+        "",
+        _md_table("Main (accuracy, macro-F1)", main),
+        _md_table("Accuracy by split (Tables 5-6)", consistency["accuracy"]["systems"]),
+        _md_table("Macro-F1 by split (Tables 5-6)", consistency["macro_f1"]["systems"]),
+        _md_table("Oracle (Table 1)", oracle_table),
+        _md_table("Robustness (Table 7)", robustness),
+        _md_table("Reranking (Table 8)", rerank),
+        "### Checks" if findings_asserted else "### Checks (informational: this preset is too small for them)",
+        "",
+    ]
     md += [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    return {"main": main, "consistency": {m: r["systems"] for m, r in consistency.items()},
-            "share_inconsistent": share, "oracle": oracle, "robustness": robustness, "rerank": rerank,
-            "checks": checks}
+    return {
+        "main": main,
+        "consistency": {m: r["systems"] for m, r in consistency.items()},
+        "share_inconsistent": share,
+        "oracle": oracle,
+        "robustness": robustness,
+        "rerank": rerank,
+        "checks": checks,
+    }

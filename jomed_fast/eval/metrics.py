@@ -1,4 +1,5 @@
 """Metric functions. Inputs are plain Python sequences; errors name the argument."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -61,7 +62,7 @@ def multilabel_macro_f1(preds: Sequence[Iterable[int]], targets: Sequence[Iterab
     _check_lengths(preds, targets)
     p = _indicator("preds", preds, num_classes)
     t = _indicator("targets", targets, num_classes)
-    tp = (p & t).sum(0); fp = (p & ~t).sum(0); fn = (~p & t).sum(0)
+    tp, fp, fn = (p & t).sum(0), (p & ~t).sum(0), (~p & t).sum(0)
     return float(_f1_from_counts(tp, fp, fn).mean())
 
 

@@ -35,8 +35,9 @@ def _num_classes(records) -> int:
     raise ValueError("num_classes: the records carry no class distribution; pass num_classes")
 
 
-def prediction_metrics(records: Sequence, num_classes: int | None = None, *, which: str = "fused",
-                       candidate: int = 0) -> dict:
+def prediction_metrics(
+    records: Sequence, num_classes: int | None = None, *, which: str = "fused", candidate: int = 0
+) -> dict:
     """Metrics of the records' ``fused`` predictions (or of candidate ``candidate``'s: ``which="candidate"``)."""
     if not records:
         raise ValueError("records: expected at least one prediction record, got 0")

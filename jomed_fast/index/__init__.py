@@ -19,6 +19,7 @@ Modules, by responsibility:
 * ``python -m jomed_fast.index`` — ``build-synthetic``, ``verify`` (index files and every image's
   sha256), ``cost`` (also under torchrun).
 """
+
 from __future__ import annotations
 
 from .build import FILES, HEADS, build_index, synthetic_encoder, synthetic_records
@@ -26,11 +27,27 @@ from .cost import PAPER_INDEX, index_cost
 from .opened import Index
 
 
-def build_synthetic_index(n: int, encoder, out_dir, *, seed: int = 0, batch_size: int = 512,
-                          chunk_size: int = 8192, progress: bool = True, distributed=None) -> Index:
+def build_synthetic_index(
+    n: int,
+    encoder,
+    out_dir,
+    *,
+    seed: int = 0,
+    batch_size: int = 512,
+    chunk_size: int = 8192,
+    progress: bool = True,
+    distributed=None,
+) -> Index:
     """CLI-scale check: build an index of ``n`` synthetic records (records rendered lazily per access)."""
-    return Index.build(synthetic_records(n, seed=seed), encoder, out_dir, batch_size=batch_size,
-                       chunk_size=chunk_size, progress=progress, distributed=distributed)
+    return Index.build(
+        synthetic_records(n, seed=seed),
+        encoder,
+        out_dir,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        progress=progress,
+        distributed=distributed,
+    )
 
 
 __all__ = [

@@ -6,6 +6,7 @@ under the names ``build-synthetic``, ``verify`` and ``cost``, with the same opti
     python -m jomed_fast.index verify runs/ix100k --encoder runs/ix100k/encoder
     python -m jomed_fast.index cost
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jomed_fast.cli import commands, run_commands
 
     table = commands()
-    return run_commands({alias: table[name] for alias, name in ALIASES.items()}, argv,
-                        prog="python -m jomed_fast.index", description=__doc__.split("\n\n")[0])
+    return run_commands(
+        {alias: table[name] for alias, name in ALIASES.items()},
+        argv,
+        prog="python -m jomed_fast.index",
+        description=__doc__.split("\n\n")[0],
+    )
 
 
 if __name__ == "__main__":

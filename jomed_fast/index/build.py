@@ -28,6 +28,7 @@ Sharded build (``torch.distributed``, see :mod:`jomed_fast.index.distributed`): 
 embeds the chunks with :math:`c \bmod W = r`; rank 0 then streams the chunks into the final files
 (never more than one chunk in memory) and writes the manifest. The files do not depend on W.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,11 +58,13 @@ BUILD_FORMAT = 3  # chunk layout version, pinned in build_progress.json (3: rows
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
     """``np.save`` to a temporary sibling, fsync, rename."""
+
     def w(tmp):
         with open(tmp, "wb") as f:
             np.save(f, arr)
             f.flush()
             os.fsync(f.fileno())
+
     atomic_write_via(path, w)
 
 
@@ -88,8 +91,9 @@ def _chunk_rows(c: int, n: int, chunk_size: int) -> tuple[int, int]:
 
 
 def _chunk_lines(records, lo: int, hi: int, batch_size: int, root: Path) -> str:
-    return "".join(_record_line(r, root) for s in range(lo, hi, batch_size)
-                   for r in records[s: min(hi, s + batch_size)])
+    return "".join(
+        _record_line(r, root) for s in range(lo, hi, batch_size) for r in records[s : min(hi, s + batch_size)]
+    )
 
 
 def _finished_and_current(records, cdir: Path, c: int, lo: int, hi: int, batch_size: int, root: Path) -> bool | None:
@@ -110,7 +114,7 @@ def _embed_chunk(records, encoder, cdir: Path, c: int, lo: int, hi: int, batch_s
     ims, txs, lines = [], [], []
     with torch.no_grad():
         for s in range(lo, hi, batch_size):
-            batch = records[s: min(hi, s + batch_size)]
+            batch = records[s : min(hi, s + batch_size)]
             lines.extend(_record_line(r, root) for r in batch)  # first: a missing image file is named here
             ims.append(encoder.encode_images([r.load_image() for r in batch]).float().cpu())
             txs.append(encoder.encode_texts([r.text for r in batch]).float().cpu())
@@ -133,9 +137,11 @@ def _concat_npy(parts: list[Path], dest: Path, n: int, bar) -> int:
         for p in parts:
             a = np.load(p, mmap_mode="r")
             if a.dtype != np.float16 or a.ndim != 2 or a.shape[1] != dim or row + a.shape[0] > n:
-                raise ValueError(f"{p}: expected a float16 chunk [<= {n - row}, {dim}], got {a.dtype} "
-                                 f"{list(a.shape)}; remove it and rerun the build to re-embed it")
-            out[row: row + a.shape[0]] = a
+                raise ValueError(
+                    f"{p}: expected a float16 chunk [<= {n - row}, {dim}], got {a.dtype} "
+                    f"{list(a.shape)}; remove it and rerun the build to re-embed it"
+                )
+            out[row : row + a.shape[0]] = a
             row += a.shape[0]
             bar.update(a.shape[0])
         if row != n:
@@ -144,6 +150,7 @@ def _concat_npy(parts: list[Path], dest: Path, n: int, bar) -> int:
         del out
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+
     atomic_write_via(dest, w)
     return dim
 
@@ -151,8 +158,10 @@ def _concat_npy(parts: list[Path], dest: Path, n: int, bar) -> int:
 def _assemble(out: Path, cdir: Path, n: int, n_chunks: int, fingerprint: str, root: Path, progress: bool) -> dict:
     """Rank 0: chunks -> final files + manifest, then remove the chunks and the progress file."""
     with tqdm(total=2 * n, desc="index assemble", disable=not progress) as bar:
-        dims = {h: _concat_npy([cdir / f"{c:06d}.{h}.npy" for c in range(n_chunks)], out / f, n, bar)
-                for h, f in HEADS.items()}
+        dims = {
+            h: _concat_npy([cdir / f"{c:06d}.{h}.npy" for c in range(n_chunks)], out / f, n, bar)
+            for h, f in HEADS.items()
+        }
     if dims["image"] != dims["text"]:
         raise ValueError(f"encoder: expected image and text towers of the same dim D, got {dims}")
 
@@ -163,9 +172,16 @@ def _assemble(out: Path, cdir: Path, n: int, n_chunks: int, fingerprint: str, ro
                     shutil.copyfileobj(src, f)
             f.flush()
             os.fsync(f.fileno())
+
     atomic_write_via(out / "records.jsonl", wrec)
-    manifest = {"count": n, "dim": dims["image"], "dtype": "float16", "encoder_fingerprint": fingerprint,
-                "image_root": relative_posix(root, out), "sha256": {f: sha256_file(out / f) for f in FILES}}
+    manifest = {
+        "count": n,
+        "dim": dims["image"],
+        "dtype": "float16",
+        "encoder_fingerprint": fingerprint,
+        "image_root": relative_posix(root, out),
+        "sha256": {f: sha256_file(out / f) for f in FILES},
+    }
     atomic_write_via(out / "manifest.json", lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
     shutil.rmtree(cdir)
     (out / "build_progress.json").unlink()
@@ -184,8 +200,9 @@ def _prepare(out: Path, cdir: Path, state: dict, g: Group) -> None:
         atomic_write_via(prog, lambda p: Path(p).write_text(json.dumps(state)))
 
 
-def _embed_mine(records, encoder, out: Path, chunks: list[int], n: int, chunk_size: int, batch_size: int,
-                root: Path, bar) -> list[int]:
+def _embed_mine(
+    records, encoder, out: Path, chunks: list[int], n: int, chunk_size: int, batch_size: int, root: Path, bar
+) -> list[int]:
     """Embed this rank's chunks that are not finished from these records; returns the chunks that
     had been embedded from other records."""
     cdir = out / "chunks"
@@ -200,13 +217,26 @@ def _embed_mine(records, encoder, out: Path, chunks: list[int], n: int, chunk_si
             redone.append(c)
         _embed_chunk(records, encoder, cdir, c, lo, hi, batch_size, bar, root)
     if redone:
-        logger.warning("%s: the records of chunk(s) %s changed (ids, captions, images or paths) since they "
-                       "were embedded; embedded them again", out, redone)
+        logger.warning(
+            "%s: the records of chunk(s) %s changed (ids, captions, images or paths) since they "
+            "were embedded; embedded them again",
+            out,
+            redone,
+        )
     return redone
 
 
-def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, chunk_size: int = 1024,
-                progress: bool = True, distributed: bool | None = None, image_root=None) -> dict:
+def build_index(
+    records: Sequence,
+    encoder,
+    out_dir,
+    *,
+    batch_size: int = 256,
+    chunk_size: int = 1024,
+    progress: bool = True,
+    distributed: bool | None = None,
+    image_root=None,
+) -> dict:
     """Embed and write the index (see the module docstring); returns the manifest.
 
     ``records``: a sequence of N >= 1 records (``.id``, ``.image_path``, ``.text``, ``.image``,
@@ -228,8 +258,10 @@ def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, c
     root = Path(os.path.abspath(image_root if image_root is not None else getattr(records, "image_root", None) or out))
     fp = encoder.fingerprint()
     state = {"format": BUILD_FORMAT, "encoder": fp, "chunk_size": chunk_size}
-    g.check_same("build settings (encoder fingerprint, record count, chunk_size)",
-                 json.dumps({**state, "count": n}, sort_keys=True))
+    g.check_same(
+        "build settings (encoder fingerprint, record count, chunk_size)",
+        json.dumps({**state, "count": n}, sort_keys=True),
+    )
     g.run_all(lambda: _prepare(out, cdir, state, g), "index build: prepare")
 
     n_chunks = (n + chunk_size - 1) // chunk_size
@@ -247,10 +279,12 @@ def build_index(records: Sequence, encoder, out_dir, *, batch_size: int = 256, c
         finally:
             if was_training:
                 encoder.train()
+
     g.run_all(embed, "index build: embedding")  # all-reduce: every rank's chunks are on disk after it
 
-    manifest = g.run_all(lambda: _assemble(out, cdir, n, n_chunks, fp, root, progress) if g.rank == 0 else None,
-                         "index build: assembly")
+    manifest = g.run_all(
+        lambda: _assemble(out, cdir, n, n_chunks, fp, root, progress) if g.rank == 0 else None, "index build: assembly"
+    )
     if manifest is None:
         manifest = json.loads((out / "manifest.json").read_text())
     return manifest
@@ -286,7 +320,12 @@ def synthetic_captions_vocabulary() -> list[str]:
     """Every phrase the synthetic captions are assembled from (covers their whole word vocabulary)."""
     from jomed_fast.data import synthetic as syn
 
-    phrases = [*syn._MODALITY, *syn._VERB, *(d.format("") for d in (*syn._DX, *syn._DX_HEDGED)), "atypical appearance biopsy-proven"]
+    phrases = [
+        *syn._MODALITY,
+        *syn._VERB,
+        *(d.format("") for d in (*syn._DX, *syn._DX_HEDGED)),
+        "atypical appearance biopsy-proven",
+    ]
     phrases += [str(v) for v in syn.DIAGNOSIS.values()]
     phrases += [f for fs in syn.FINDINGS.values() for f in fs]
     phrases += [c for cs in syn._DISTRACTOR_CAPTIONS.values() for c in cs]

@@ -26,6 +26,7 @@ So IVF divides the per-query cost by about :math:`1/f` at small Q, but a large b
 lists anyway: past :math:`Q \approx 1/f` its bytes approach one pass over the index and its gain
 is the FLOP reduction only.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,13 +52,21 @@ def default_nlist(n: int) -> int:
 
 def _floor(bytes_: float, flops: float, dev: dict) -> dict:
     tb, tf = bytes_ / dev["bandwidth"], flops / dev["flops"]
-    return {"seconds": max(tb, tf), "bandwidth_s": tb, "compute_s": tf,
-            "bound": "bandwidth" if tb >= tf else "compute"}
+    return {"seconds": max(tb, tf), "bandwidth_s": tb, "compute_s": tf, "bound": "bandwidth" if tb >= tf else "compute"}
 
 
-def index_cost(n: int | None = None, dim: int = PAPER_DIM, *, dtype_bytes: int = 2, heads: int = 2, k: int = 10,
-               queries: Sequence[int] = (1, 64, 256, 1024), nlist: int | None = None, nprobe: int = 32,
-               devices: dict | None = None) -> dict:
+def index_cost(
+    n: int | None = None,
+    dim: int = PAPER_DIM,
+    *,
+    dtype_bytes: int = 2,
+    heads: int = 2,
+    k: int = 10,
+    queries: Sequence[int] = (1, 64, 256, 1024),
+    nlist: int | None = None,
+    nprobe: int = 32,
+    devices: dict | None = None,
+) -> dict:
     """The cost model of the module docstring for N rows (default: the paper's index) -> a dict.
 
     Keys: ``n``, ``dim``, ``bytes_per_head``, ``bytes_total`` (all heads), ``faiss_fp32_bytes``
@@ -84,19 +93,28 @@ def index_cost(n: int | None = None, dim: int = PAPER_DIM, *, dtype_bytes: int =
 
     def ivf(q, reuse=True):
         touched = (1.0 - (1.0 - frac) ** q) if reuse else q * frac
-        return (heads * (nlist * row + touched * n * row + q * k * 12),
-                heads * 2.0 * q * dim * (nlist + frac * n))
+        return (heads * (nlist * row + touched * n * row + q * k * 12), heads * 2.0 * q * dim * (nlist + frac * n))
 
     out = {
-        "n": n, "dim": dim, "dtype_bytes": dtype_bytes, "heads": heads, "k": k,
-        "bytes_per_head": per_head, "bytes_total": heads * per_head, "faiss_fp32_bytes": heads * n * dim * 4,
+        "n": n,
+        "dim": dim,
+        "dtype_bytes": dtype_bytes,
+        "heads": heads,
+        "k": k,
+        "bytes_per_head": per_head,
+        "bytes_total": heads * per_head,
+        "faiss_fp32_bytes": heads * n * dim * 4,
         "per_query": {"bytes": exact(1)[0], "flops": exact(1)[1]},
         "ivf": {"nlist": nlist, "nprobe": nprobe, "fraction_scanned": frac},
         "devices": {},
     }
     for name, dev in devices.items():
-        d = {"fits": heads * per_head / dev["memory"],
-             "crossover_q": dev["flops"] * dtype_bytes / (2 * dev["bandwidth"]), "exact": {}, "ivf": {}}
+        d = {
+            "fits": heads * per_head / dev["memory"],
+            "crossover_q": dev["flops"] * dtype_bytes / (2 * dev["bandwidth"]),
+            "exact": {},
+            "ivf": {},
+        }
         for q in queries:
             for key, fn in (("exact", exact), ("ivf", ivf)):
                 b, f = fn(q)
@@ -123,21 +141,27 @@ def _t(s: float) -> str:
 def cost_markdown(c: dict) -> str:
     """The README table of :func:`index_cost`'s result."""
     lines = [
-        (f"N = {c['n']:,} rows, D = {c['dim']}, {8 * c['dtype_bytes']}-bit, {c['heads']} heads, k = {c['k']}: "
-        f"{_si(c['bytes_per_head'], 'B')} per head, {_si(c['bytes_total'], 'B')} in all "
-        f"(faiss IndexFlatIP fp32 copy: {_si(c['faiss_fp32_bytes'], 'B')}); exact search reads "
-        f"{_si(c['per_query']['bytes'], 'B')} and does {_si(c['per_query']['flops'], 'FLOP')} per query "
-        f"(all heads). IVF: nlist = {c['ivf']['nlist']}, nprobe = {c['ivf']['nprobe']} "
-        f"({100 * c['ivf']['fraction_scanned']:.2g}% of the rows scanned)."),
+        (
+            f"N = {c['n']:,} rows, D = {c['dim']}, {8 * c['dtype_bytes']}-bit, {c['heads']} heads, k = {c['k']}: "
+            f"{_si(c['bytes_per_head'], 'B')} per head, {_si(c['bytes_total'], 'B')} in all "
+            f"(faiss IndexFlatIP fp32 copy: {_si(c['faiss_fp32_bytes'], 'B')}); exact search reads "
+            f"{_si(c['per_query']['bytes'], 'B')} and does {_si(c['per_query']['flops'], 'FLOP')} per query "
+            f"(all heads). IVF: nlist = {c['ivf']['nlist']}, nprobe = {c['ivf']['nprobe']} "
+            f"({100 * c['ivf']['fraction_scanned']:.2g}% of the rows scanned)."
+        ),
         "",
-        ("| device | index / memory | Q* | Q | exact: floor (bound) | exact: per query | IVF: floor | IVF: per query "
-         "| IVF, no list reuse |"),
+        (
+            "| device | index / memory | Q* | Q | exact: floor (bound) | exact: per query | IVF: floor | IVF: per query "
+            "| IVF, no list reuse |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, d in c["devices"].items():
         for i, (q, e) in enumerate(d["exact"].items()):
             v = d["ivf"][q]
             head = f"{name} | {100 * d['fits']:.1f}% | {d['crossover_q']:.0f}" if i == 0 else " | | "
-            lines.append(f"| {head} | {q} | {_t(e['seconds'])} ({e['bound']}) | {_t(e['per_query_s'])} | "
-                         f"{_t(v['seconds'])} ({v['bound']}) | {_t(v['per_query_s'])} | {_t(v['no_reuse_seconds'])} |")
+            lines.append(
+                f"| {head} | {q} | {_t(e['seconds'])} ({e['bound']}) | {_t(e['per_query_s'])} | "
+                f"{_t(v['seconds'])} ({v['bound']}) | {_t(v['per_query_s'])} | {_t(v['no_reuse_seconds'])} |"
+            )
     return "\n".join(lines)

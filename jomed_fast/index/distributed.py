@@ -8,6 +8,7 @@ Collectives go through :class:`Group`, which also keeps the ranks in step on fai
 runs under :meth:`Group.run_all`, which all-reduces an "ok" flag, so a rank that raises makes every
 other rank raise too instead of leaving them blocked in the next barrier.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,6 +41,7 @@ class Group:
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
+
             dist.barrier()
 
     def all_ok(self, ok: bool) -> bool:
@@ -47,6 +49,7 @@ class Group:
         if not self.enabled:
             return ok
         import torch.distributed as dist
+
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
@@ -63,8 +66,9 @@ class Group:
         if not self.all_ok(err is None):
             if err is not None:
                 raise err
-            raise RankFailed(f"{what}: failed on another rank (its error is in that rank's output); "
-                             f"rank {self.rank} stops too")
+            raise RankFailed(
+                f"{what}: failed on another rank (its error is in that rank's output); rank {self.rank} stops too"
+            )
         return result  # type: ignore[return-value]
 
     def check_same(self, name: str, payload: str) -> None:
@@ -72,14 +76,16 @@ class Group:
         if not self.enabled:
             return
         import torch.distributed as dist
-        digest = torch.tensor(list(hashlib.sha256(payload.encode()).digest()), dtype=torch.uint8,
-                              device=self.device)
+
+        digest = torch.tensor(list(hashlib.sha256(payload.encode()).digest()), dtype=torch.uint8, device=self.device)
         got = [torch.empty_like(digest) for _ in range(self.world)]
         dist.all_gather(got, digest)
         odd = [r for r, d in enumerate(got) if not torch.equal(d, got[0])]
         if odd:
-            raise ValueError(f"{name}: expected the same on all {self.world} ranks, got a different value on "
-                             f"rank(s) {odd} than on rank 0 (this rank: {self.rank}: {payload[:200]})")
+            raise ValueError(
+                f"{name}: expected the same on all {self.world} ranks, got a different value on "
+                f"rank(s) {odd} than on rank 0 (this rank: {self.rank}: {payload[:200]})"
+            )
 
 
 def resolve_group(distributed: bool | None) -> Group:
@@ -88,10 +94,13 @@ def resolve_group(distributed: bool | None) -> Group:
     if distributed not in (None, True, False):
         raise TypeError(f"distributed: expected None, True or False, got {distributed!r}")
     import torch.distributed as dist
+
     ready = dist.is_available() and dist.is_initialized()
     if distributed is True and not ready:
-        raise ValueError("distributed: expected an initialised torch.distributed process group "
-                         "(torch.distributed.init_process_group, or launch with torchrun), got none")
+        raise ValueError(
+            "distributed: expected an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, or launch with torchrun), got none"
+        )
     if distributed is False or not ready:
         return Group(False)
     return Group(dist.get_world_size() > 1 or distributed is True)

@@ -1,4 +1,5 @@
 """The :class:`Index`: open and verify a built index, read its records, search one head."""
+
 from __future__ import annotations
 
 import json
@@ -32,16 +33,33 @@ class Index:
 
     # ---------------------------------------------------------------- build
     @staticmethod
-    def build(records: Sequence, encoder, out_dir, *, batch_size: int = 256, chunk_size: int = 1024,
-              progress: bool = True, distributed: bool | None = None, image_root=None) -> Index:
+    def build(
+        records: Sequence,
+        encoder,
+        out_dir,
+        *,
+        batch_size: int = 256,
+        chunk_size: int = 1024,
+        progress: bool = True,
+        distributed: bool | None = None,
+        image_root=None,
+    ) -> Index:
         """Embed N records (image tower + text tower) in resumable chunks, then assemble.
 
         See :func:`jomed_fast.index.build.build_index`; with a torch.distributed process group of
         W > 1 ranks (or ``distributed=True``) each rank embeds its share of the chunks, rank 0
         assembles, and every rank returns the opened index.
         """
-        manifest = build_index(records, encoder, out_dir, batch_size=batch_size, chunk_size=chunk_size,
-                               progress=progress, distributed=distributed, image_root=image_root)
+        manifest = build_index(
+            records,
+            encoder,
+            out_dir,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            progress=progress,
+            distributed=distributed,
+            image_root=image_root,
+        )
         return Index(Path(out_dir), manifest)
 
     # ---------------------------------------------------------------- open
@@ -70,8 +88,10 @@ class Index:
             if a.shape != (m["count"], m["dim"]) or a.dtype != np.float16:
                 raise ValueError(f"{p / f}: expected float16 [{m['count']}, {m['dim']}], got {a.dtype} {list(a.shape)}")
         if encoder is not None and encoder.fingerprint() != m["encoder_fingerprint"]:
-            raise ValueError(f"encoder: fingerprint {encoder.fingerprint()[:12]}… differs from the index's "
-                             f"{m['encoder_fingerprint'][:12]}… ({mpath}); rebuild the index or use its encoder")
+            raise ValueError(
+                f"encoder: fingerprint {encoder.fingerprint()[:12]}… differs from the index's "
+                f"{m['encoder_fingerprint'][:12]}… ({mpath}); rebuild the index or use its encoder"
+            )
         return Index(p, m)
 
     def digest(self) -> str:
@@ -115,16 +135,28 @@ class Index:
                 missing.append(f"row {n} ({row['id']!r}): {path}")
             elif file_digest(path) != row["image_sha256"]:
                 changed.append(f"row {n} ({row['id']!r}): {path}")
-        problems = [f"{len(lst)} {what} (first: {lst[0]})" for lst, what in
-                    ((missing, "image(s) missing"), (changed, "image(s) changed since the build")) if lst]
+        problems = [
+            f"{len(lst)} {what} (first: {lst[0]})"
+            for lst, what in ((missing, "image(s) missing"), (changed, "image(s) changed since the build"))
+            if lst
+        ]
         if problems:
-            raise ValueError(f"index {self.path}: {'; '.join(problems)}; restore them, give the folder they moved "
-                             "to (image_root), or rebuild the index")
+            raise ValueError(
+                f"index {self.path}: {'; '.join(problems)}; restore them, give the folder they moved "
+                "to (image_root), or rebuild the index"
+            )
         return {"checked": checked, "unchecked": self.count - checked}
 
     # ---------------------------------------------------------------- search
-    def search(self, queries, k: int, head: str = "image", backend: str = "ops", nlist: int | str | None = None,
-               nprobe: int = 8):
+    def search(
+        self,
+        queries,
+        k: int,
+        head: str = "image",
+        backend: str = "ops",
+        nlist: int | str | None = None,
+        nprobe: int = 8,
+    ):
         """Top-k of Q queries ``[Q, D]`` on one head -> (float32 scores ``[Q, k]``, int64 ids ``[Q, k]``).
 
         ``backend="ops"``: ``jomed_fast.ops.topk_similarity`` on the memory-mapped fp16 index (exact).

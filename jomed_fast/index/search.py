@@ -21,6 +21,7 @@ as float32 scores ``[Q, k]`` (descending) and int64 ids ``[Q, k]``.
 faiss is optional (the extras ``[faiss-cpu]`` and ``[faiss-gpu]``, alternatives: both install the
 module ``faiss``); without it the faiss backend raises ``MissingDependency`` naming them.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -77,8 +78,15 @@ class FaissSearcher:
     The fp16 rows are converted to fp32 ``ADD_BLOCK`` rows at a time (no second full copy).
     """
 
-    def __init__(self, emb: np.ndarray, nlist: int | None = None, *, gpus: bool | None = None,
-                 train_per_list: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        emb: np.ndarray,
+        nlist: int | None = None,
+        *,
+        gpus: bool | None = None,
+        train_per_list: int = 256,
+        seed: int = 0,
+    ):
         faiss = _faiss()
 
         if emb.ndim != 2:
@@ -95,7 +103,7 @@ class FaissSearcher:
             rows = np.sort(np.random.default_rng(seed).choice(n, m, replace=False)) if m < n else np.arange(n)
             ix.train(np.ascontiguousarray(emb[rows], dtype=np.float32))
         for lo in range(0, n, ADD_BLOCK):
-            ix.add(np.ascontiguousarray(emb[lo: lo + ADD_BLOCK], dtype=np.float32))
+            ix.add(np.ascontiguousarray(emb[lo : lo + ADD_BLOCK], dtype=np.float32))
         self.on_gpus = False
         if gpus is not False and faiss_gpu_count() > 1:
             ix = _to_all_gpus_sharded(ix)

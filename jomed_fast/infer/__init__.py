@@ -15,7 +15,23 @@ from .predict import (
     result_options,
 )
 
-__all__ = ["FUSIONS", "RETRIEVAL_MODES", "InferConfig", "OpenAnswerer", "PredictionsFile", "check_inputs",
-           "check_output_free", "decide", "encoder_fingerprint", "fuse", "fuse_open_answers", "generate_answers",
-           "head_normalized_scores", "predict", "predict_identity", "read_predictions", "refuse_inputs_as_outputs",
-           "result_options"]
+__all__ = [
+    "FUSIONS",
+    "RETRIEVAL_MODES",
+    "InferConfig",
+    "OpenAnswerer",
+    "PredictionsFile",
+    "check_inputs",
+    "check_output_free",
+    "decide",
+    "encoder_fingerprint",
+    "fuse",
+    "fuse_open_answers",
+    "generate_answers",
+    "head_normalized_scores",
+    "predict",
+    "predict_identity",
+    "read_predictions",
+    "refuse_inputs_as_outputs",
+    "result_options",
+]

@@ -40,28 +40,33 @@ FUSIONS = ("paper", "reference")
 def head_normalized_scores(scores: torch.Tensor, heads: list) -> torch.Tensor:
     """``s_k / max_{j in head(k)} s_j`` per query (the reference's per-head normalisation) ``[B, K]``."""
     if len(heads) != scores.shape[0] or any(len(h) != scores.shape[1] for h in heads):
-        raise ValueError(f"heads: expected {scores.shape[0]} lists of {scores.shape[1]} head names, got "
-                         f"{[len(h) for h in heads]}")
+        raise ValueError(
+            f"heads: expected {scores.shape[0]} lists of {scores.shape[1]} head names, got {[len(h) for h in heads]}"
+        )
     out = scores.clone().float()
     for b, row in enumerate(heads):
         for head in set(row):
             cols = torch.tensor([k for k, h in enumerate(row) if h == head])
             top = out[b, cols].max()
             if top <= 0:
-                raise ValueError(f"scores: the reference fusion divides by each head's maximum, which must be "
-                                 f"positive; query {b} head {head!r} has max {float(top):.4g}")
+                raise ValueError(
+                    f"scores: the reference fusion divides by each head's maximum, which must be "
+                    f"positive; query {b} head {head!r} has max {float(top):.4g}"
+                )
             out[b, cols] = out[b, cols] / top
     return out
 
 
-def fuse(log_probs: torch.Tensor, scores: torch.Tensor, heads: list | None = None, method: str = "paper",
-         tau: float = 1.0) -> torch.Tensor:
+def fuse(
+    log_probs: torch.Tensor, scores: torch.Tensor, heads: list | None = None, method: str = "paper", tau: float = 1.0
+) -> torch.Tensor:
     """Fused class posterior ``[B, C]`` (float32) from ``[B, K, C]`` log-probs and ``[B, K]`` scores."""
     if method not in FUSIONS:
         raise ValueError(f"method: expected one of {FUSIONS}, got {method!r}")
     if log_probs.ndim != 3 or scores.shape != log_probs.shape[:2]:
-        raise ValueError(f"log_probs, scores: expected [B, K, C] and [B, K], got {list(log_probs.shape)} and "
-                         f"{list(scores.shape)}")
+        raise ValueError(
+            f"log_probs, scores: expected [B, K, C] and [B, K], got {list(log_probs.shape)} and {list(scores.shape)}"
+        )
     if method == "paper":
         return ops.fuse_candidates(log_probs, scores.to(log_probs.dtype), tau)
     if heads is None:

@@ -47,8 +47,9 @@ class OpenAnswerer:
 
 
 @torch.no_grad()
-def generate_answers(reader, task, layout: str, query_image, question: str, candidates: Sequence,
-                     max_new_tokens: int = 16) -> tuple[list[str], torch.Tensor]:
+def generate_answers(
+    reader, task, layout: str, query_image, question: str, candidates: Sequence, max_new_tokens: int = 16
+) -> tuple[list[str], torch.Tensor]:
     """Greedy answers of one query's K prompts: (K answer strings, mean token log-probs ``[K]``)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
@@ -59,10 +60,17 @@ def generate_answers(reader, task, layout: str, query_image, question: str, cand
         batch.append(([as_image(i) for i in images], messages))
     inputs = reader.encode_batch(batch, padding_side="left")
     proc = reader.processor
-    out = reader.hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   output_scores=True, return_dict_in_generate=True,
-                                   eos_token_id=proc.end_of_turn_token_id, pad_token_id=proc.pad_token_id)
-    new = out.sequences[:, inputs["input_ids"].shape[1]:]  # [K, T]
+    out = reader.hf_model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        output_scores=True,
+        return_dict_in_generate=True,
+        eos_token_id=proc.end_of_turn_token_id,
+        pad_token_id=proc.pad_token_id,
+    )
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]  # [K, T]
     logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # [K, T, V]
     token_lp = logp.gather(-1, new[..., None])[..., 0]
     # count tokens up to and including the first end-of-turn token
@@ -77,8 +85,10 @@ def generate_answers(reader, task, layout: str, query_image, question: str, cand
 def fuse_open_answers(answers: Sequence[str], mean_log_probs: torch.Tensor, weights: torch.Tensor) -> tuple[str, dict]:
     """(fused answer, {normalised answer: summed weight}) for one query's K answers."""
     if not (len(answers) == mean_log_probs.numel() == weights.numel()):
-        raise ValueError(f"answers, mean_log_probs, weights: expected K entries each, got {len(answers)}, "
-                         f"{mean_log_probs.numel()}, {weights.numel()}")
+        raise ValueError(
+            f"answers, mean_log_probs, weights: expected K entries each, got {len(answers)}, "
+            f"{mean_log_probs.numel()}, {weights.numel()}"
+        )
     votes: dict[str, float] = {}
     first: dict[str, str] = {}
     for a, lp, w in zip(answers, mean_log_probs.tolist(), weights.tolist()):

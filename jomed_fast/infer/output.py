@@ -30,8 +30,14 @@ from pathlib import Path
 from ..analysis.prediction_records import PredictionRecord
 from ..identity import check_identity, read_identity, write_identity
 
-__all__ = ["PredictionsFile", "check_output_free", "lock_path", "meta_path", "read_predictions",
-           "refuse_inputs_as_outputs"]
+__all__ = [
+    "PredictionsFile",
+    "check_output_free",
+    "lock_path",
+    "meta_path",
+    "read_predictions",
+    "refuse_inputs_as_outputs",
+]
 
 
 def meta_path(out: str | os.PathLike) -> Path:
@@ -63,8 +69,10 @@ def _scan(path: Path) -> tuple[list[PredictionRecord], int]:
                 msg = " ".join(str(exc).split())[:160]
                 raise ValueError(f"{path}:{lineno}: not a prediction record ({msg})") from None
             if rec.query_id in first_line:
-                raise ValueError(f"{path}:{lineno}: query id {rec.query_id!r} already on line "
-                                 f"{first_line[rec.query_id]} (one record per query)")
+                raise ValueError(
+                    f"{path}:{lineno}: query id {rec.query_id!r} already on line "
+                    f"{first_line[rec.query_id]} (one record per query)"
+                )
             first_line[rec.query_id] = lineno
             out.append(rec)
     return out, good
@@ -87,8 +95,9 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def refuse_inputs_as_outputs(outputs: Mapping[str, str | os.PathLike],
-                             inputs: Mapping[str, str | os.PathLike | None]) -> None:
+def refuse_inputs_as_outputs(
+    outputs: Mapping[str, str | os.PathLike], inputs: Mapping[str, str | os.PathLike | None]
+) -> None:
     """Raise ``ValueError`` when an output would overwrite an input or land inside an input folder.
 
     ``outputs`` / ``inputs``: ``{name for the message: path}`` (inputs that are None are skipped).
@@ -104,8 +113,10 @@ def refuse_inputs_as_outputs(outputs: Mapping[str, str | os.PathLike],
             same = real_out == real_in or (os.path.exists(out) and os.path.samefile(out, given))
             if same or (os.path.isdir(real_in) and _inside(real_out, real_in)):
                 where = "is" if same else "lies inside"
-                raise ValueError(f"{out_name}: {out} {where} the input {in_name} ({given}); writing it would "
-                                 "destroy an input: choose another output path")
+                raise ValueError(
+                    f"{out_name}: {out} {where} the input {in_name} ({given}); writing it would "
+                    "destroy an input: choose another output path"
+                )
 
 
 def check_output_free(out: str | os.PathLike, name: str = "out") -> None:
@@ -121,9 +132,11 @@ def check_output_free(out: str | os.PathLike, name: str = "out") -> None:
 
 
 def _no_sidecar(out: Path) -> ValueError:
-    return ValueError(f"{out}: exists without its sidecar {meta_path(out).name} (written by another program, or "
-                      "its sidecar was lost), so it cannot be resumed; it was left untouched: move it aside to "
-                      "keep it, remove it to start over, or write to another path")
+    return ValueError(
+        f"{out}: exists without its sidecar {meta_path(out).name} (written by another program, or "
+        "its sidecar was lost), so it cannot be resumed; it was left untouched: move it aside to "
+        "keep it, remove it to start over, or write to another path"
+    )
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -137,8 +150,9 @@ def _take_lock(out: Path) -> int:
         os.close(fd)
         if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
-        raise ValueError(f"{lock}: held by another run writing {out}; wait for it to finish or write to "
-                         "another path") from None
+        raise ValueError(
+            f"{lock}: held by another run writing {out}; wait for it to finish or write to another path"
+        ) from None
     return fd
 
 
@@ -152,8 +166,14 @@ class PredictionsFile:
             pf.append(records)  # flushed and fsynced; a query id already written is refused
     """
 
-    def __init__(self, out: str | os.PathLike, identity: Mapping[str, object], *, name: str = "out_path",
-                 query_ids: Iterable[str] | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        identity: Mapping[str, object],
+        *,
+        name: str = "out_path",
+        query_ids: Iterable[str] | None = None,
+    ):
         self.out, self.identity, self.name = Path(out), dict(identity), name
         self.query_ids = None if query_ids is None else set(query_ids)
         self.done: dict[str, PredictionRecord] = {}

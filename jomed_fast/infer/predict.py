@@ -48,8 +48,16 @@ from .fusion import FUSIONS, decide, fuse
 from .open_vqa import fuse_open_answers, generate_answers
 from .output import PredictionsFile, read_predictions
 
-__all__ = ["RETRIEVAL_MODES", "InferConfig", "check_inputs", "encoder_fingerprint", "predict", "predict_identity",
-           "read_predictions", "result_options"]
+__all__ = [
+    "RETRIEVAL_MODES",
+    "InferConfig",
+    "check_inputs",
+    "encoder_fingerprint",
+    "predict",
+    "predict_identity",
+    "read_predictions",
+    "result_options",
+]
 
 RETRIEVAL_MODES = ("retrieved", "none", "random")
 IDENTITY_FORMAT = "jomed-predictions-v2"
@@ -119,8 +127,10 @@ def check_inputs(config: InferConfig, retrieval=None, encoder=None) -> None:
     if config.retrieval == "none":
         return
     if retrieval is None:
-        raise ValueError(f"retrieval: retrieval={config.retrieval!r} needs an index (a Retrieval over the index "
-                         "and its records); give one, or use retrieval='none'")
+        raise ValueError(
+            f"retrieval: retrieval={config.retrieval!r} needs an index (a Retrieval over the index "
+            "and its records); give one, or use retrieval='none'"
+        )
     n = len(retrieval.records)
     if n == 0:
         raise ValueError("retrieval: the index has no records")
@@ -168,8 +178,11 @@ def encoder_fingerprint(encoder) -> str:
         raise TypeError(f"encoder: expected a fingerprint() method or a torch module, got {type(encoder).__name__}")
     h = hashlib.sha256(f"{type(encoder).__module__}.{type(encoder).__qualname__}".encode())
     for name, module in encoder.named_modules():
-        plain = {k: v for k, v in vars(module).items() if not k.startswith("_")
-                 and (v is None or isinstance(v, (bool, int, float, str)))}
+        plain = {
+            k: v
+            for k, v in vars(module).items()
+            if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))
+        }
         h.update(json.dumps([name, type(module).__qualname__, plain], sort_keys=True).encode())
     for name, t in sorted(encoder.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -178,8 +191,15 @@ def encoder_fingerprint(encoder) -> str:
     return h.hexdigest()
 
 
-def predict_identity(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: InferConfig = InferConfig(),
-                     inputs: Mapping[str, object] | None = None) -> dict:
+def predict_identity(
+    scorer,
+    samples: Sequence,
+    *,
+    retrieval=None,
+    encoder=None,
+    config: InferConfig = InferConfig(),
+    inputs: Mapping[str, object] | None = None,
+) -> dict:
     """The identity a predictions file stores and a resume must match (``jomed_fast.identity``).
 
     Content, never paths: the reader (weights, quantization, CPU kernel, LoRA in memory), the task,
@@ -192,8 +212,13 @@ def predict_identity(scorer, samples: Sequence, *, retrieval=None, encoder=None,
     from ..readers.fingerprint import reader_fingerprint
 
     task = scorer.task
-    identity: dict = {"format": IDENTITY_FORMAT, "reader": reader_fingerprint(scorer.reader), "task": task.name,
-                      "layout": scorer.layout, "samples": records_digest(samples)}
+    identity: dict = {
+        "format": IDENTITY_FORMAT,
+        "reader": reader_fingerprint(scorer.reader),
+        "task": task.name,
+        "layout": scorer.layout,
+        "samples": records_digest(samples),
+    }
     identity.update({f"option.{k}": v for k, v in result_options(config, task).items()})
     if config.retrieval != "none":
         identity["index_records"] = records_digest(retrieval.records)
@@ -240,11 +265,26 @@ def _records(task, batch, log_probs, scores, heads, ids, fused, config) -> list[
     out = []
     for b, sample in enumerate(batch):
         gold = sorted(sample.label) if multilabel else int(sample.label)
-        cands = [CandidateRecord(id=str(ids[b][k]), head=heads[b][k], score=float(scores[b, k]),
-                                 probs=[float(p) for p in log_probs[b, k].exp()], prediction=per_candidate[k][b])
-                 for k in range(log_probs.shape[1])]
-        out.append(PredictionRecord(query_id=str(sample.id), gold=gold, kind=task.kind, candidates=cands,
-                                    fused=fused_pred[b], fused_probs=[float(p) for p in fused[b]]))
+        cands = [
+            CandidateRecord(
+                id=str(ids[b][k]),
+                head=heads[b][k],
+                score=float(scores[b, k]),
+                probs=[float(p) for p in log_probs[b, k].exp()],
+                prediction=per_candidate[k][b],
+            )
+            for k in range(log_probs.shape[1])
+        ]
+        out.append(
+            PredictionRecord(
+                query_id=str(sample.id),
+                gold=gold,
+                kind=task.kind,
+                candidates=cands,
+                fused=fused_pred[b],
+                fused_probs=[float(p) for p in fused[b]],
+            )
+        )
     return out
 
 
@@ -253,16 +293,36 @@ def _open_records(scorer, batch, images, cands, scores, heads, ids, config) -> l
     out = []
     for b, sample in enumerate(batch):
         with stage("jomed.generate"):
-            answers, mean_lp = generate_answers(scorer.reader, scorer.task, scorer.layout,
-                                                images[b] if config.query_image else None, sample.question,
-                                                cands[b], config.max_new_tokens)
+            answers, mean_lp = generate_answers(
+                scorer.reader,
+                scorer.task,
+                scorer.layout,
+                images[b] if config.query_image else None,
+                sample.question,
+                cands[b],
+                config.max_new_tokens,
+            )
         weights = torch.softmax(scores[b].double() / config.tau, 0)
         fused, _ = fuse_open_answers(answers, mean_lp, weights)
-        cand_recs = [CandidateRecord(id=str(ids[b][k]), head=heads[b][k], score=float(scores[b, k]),
-                                     probs=[float(mean_lp[k].exp())], prediction=answers[k])
-                     for k in range(len(answers))]
-        out.append(PredictionRecord(query_id=str(sample.id), gold=str(sample.answer), kind=scorer.task.kind,
-                                    candidates=cand_recs, fused=fused))
+        cand_recs = [
+            CandidateRecord(
+                id=str(ids[b][k]),
+                head=heads[b][k],
+                score=float(scores[b, k]),
+                probs=[float(mean_lp[k].exp())],
+                prediction=answers[k],
+            )
+            for k in range(len(answers))
+        ]
+        out.append(
+            PredictionRecord(
+                query_id=str(sample.id),
+                gold=str(sample.answer),
+                kind=scorer.task.kind,
+                candidates=cand_recs,
+                fused=fused,
+            )
+        )
     return out
 
 
@@ -274,8 +334,9 @@ def _predict_batch(scorer, batch, retrieval, encoder, config: InferConfig) -> li
     if task.is_open:
         return _open_records(scorer, batch, images, cands, scores, heads, rec_ids, config)
     with stage("jomed.score"), torch.no_grad():
-        log_probs = scorer.score(images if config.query_image else [None] * len(batch),
-                                 [s.question for s in batch], cands).float()
+        log_probs = scorer.score(
+            images if config.query_image else [None] * len(batch), [s.question for s in batch], cands
+        ).float()
     with stage("jomed.fuse"):
         method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
         fused = fuse(log_probs, scores, heads, method, config.tau)
@@ -287,7 +348,7 @@ def _run(scorer, samples, retrieval, encoder, config, done: dict, write, progres
     todo = [s for s in samples if str(s.id) not in done]
     with tqdm(total=len(samples), initial=len(samples) - len(todo), desc="predict", disable=not progress) as bar:
         for lo in range(0, len(todo), config.batch_size):
-            batch = todo[lo: lo + config.batch_size]
+            batch = todo[lo : lo + config.batch_size]
             new = _predict_batch(scorer, batch, retrieval, encoder, config)
             if write is not None:
                 write(new)
@@ -295,9 +356,17 @@ def _run(scorer, samples, retrieval, encoder, config, done: dict, write, progres
             bar.update(len(batch))
 
 
-def predict(scorer, samples: Sequence, *, retrieval=None, encoder=None, config: InferConfig = InferConfig(),
-            out_path: str | os.PathLike | None = None, progress: bool = True,
-            inputs: Mapping[str, object] | None = None) -> list[PredictionRecord]:
+def predict(
+    scorer,
+    samples: Sequence,
+    *,
+    retrieval=None,
+    encoder=None,
+    config: InferConfig = InferConfig(),
+    out_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    inputs: Mapping[str, object] | None = None,
+) -> list[PredictionRecord]:
     """Predict every sample; returns the records in sample order (and appends them to ``out_path``).
 
     Args:

@@ -7,5 +7,18 @@ from .arch import SHIPPED, describe, load_config
 from .plan import LAYOUTS, STAGES, MemoryPlan, Run, format_table, plan, suggest, tokens_in_flight
 from .weights import measured_module_bytes, weight_bytes
 
-__all__ = ["Run", "MemoryPlan", "plan", "format_table", "suggest", "describe", "load_config",
-           "weight_bytes", "measured_module_bytes", "tokens_in_flight", "STAGES", "LAYOUTS", "SHIPPED"]
+__all__ = [
+    "Run",
+    "MemoryPlan",
+    "plan",
+    "format_table",
+    "suggest",
+    "describe",
+    "load_config",
+    "weight_bytes",
+    "measured_module_bytes",
+    "tokens_in_flight",
+    "STAGES",
+    "LAYOUTS",
+    "SHIPPED",
+]

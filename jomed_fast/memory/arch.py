@@ -79,7 +79,7 @@ class Arch(DecoderShape):
 
     @property
     def text_linears(self) -> list[Linear]:
-        return [l for l in self.linears if l.part == "text"]
+        return [lin for lin in self.linears if lin.part == "text"]
 
 
 def load_config(config) -> dict:
@@ -102,65 +102,128 @@ def load_config(config) -> dict:
     return json.loads(p.read_text())
 
 
-
 def _add_text_decoder(a: Arch, qkv_bias: bool) -> None:
     """The LLaMA-style decoder both families share: per layer q/k/v/o + gated MLP and two RMSNorms,
     then the final norm, the token embedding and an untied LM head."""
     H, n, nh, kv, hd, I, V = a.hidden, a.layers, a.heads, a.kv_heads, a.head_dim, a.intermediate, a.vocab
     for i in range(n):
         p = f"text.{i}."
-        a.linears.extend([Linear(p + "q", H, nh * hd, qkv_bias, "text"), Linear(p + "k", H, kv * hd, qkv_bias, "text"),
-                      Linear(p + "v", H, kv * hd, qkv_bias, "text"), Linear(p + "o", nh * hd, H, False, "text"),
-                      Linear(p + "gate", H, I, False, "text"), Linear(p + "up", H, I, False, "text"),
-                      Linear(p + "down", I, H, False, "text")])
+        a.linears.extend(
+            [
+                Linear(p + "q", H, nh * hd, qkv_bias, "text"),
+                Linear(p + "k", H, kv * hd, qkv_bias, "text"),
+                Linear(p + "v", H, kv * hd, qkv_bias, "text"),
+                Linear(p + "o", nh * hd, H, False, "text"),
+                Linear(p + "gate", H, I, False, "text"),
+                Linear(p + "up", H, I, False, "text"),
+                Linear(p + "down", I, H, False, "text"),
+            ]
+        )
         a.dense[p + "norms"] = 2 * H
     a.dense["text.final_norm"] = H
     a.dense["embed_tokens"] = V * H
     a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
 
+
 def _qwen2_vl(c: dict) -> Arch:
     t = c.get("text_config") or c
-    g = lambda k: t.get(k, c.get(k))
-    H, I, n, nh, kv, V = (g("hidden_size"), g("intermediate_size"), g("num_hidden_layers"),
-                          g("num_attention_heads"), g("num_key_value_heads"), g("vocab_size"))
+
+    def g(k):
+        return t.get(k, c.get(k))
+
+    H, I, n, nh, kv, V = (
+        g("hidden_size"),
+        g("intermediate_size"),
+        g("num_hidden_layers"),
+        g("num_attention_heads"),
+        g("num_key_value_heads"),
+        g("vocab_size"),
+    )
     hd = H // nh
     v = c["vision_config"]
     E, depth, ratio = v["embed_dim"], v["depth"], v["mlp_ratio"]
     merge, patch, tps = v["spatial_merge_size"], v["patch_size"], v.get("temporal_patch_size", 2)
     out_dim = v.get("hidden_size", H)
     channels = v.get("in_chans", v.get("in_channels", 3))
-    a = Arch(hidden=H, layers=n, heads=nh, kv_heads=kv, head_dim=hd, intermediate=I, vocab=V, family="qwen2_vl",
-             vision_layers=depth, vision_hidden=E, vision_intermediate=int(E * ratio), vision_heads=v["num_heads"],
-             patch=patch, merge=merge, patch_inputs=channels * tps * patch * patch)
+    a = Arch(
+        hidden=H,
+        layers=n,
+        heads=nh,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=I,
+        vocab=V,
+        family="qwen2_vl",
+        vision_layers=depth,
+        vision_hidden=E,
+        vision_intermediate=int(E * ratio),
+        vision_heads=v["num_heads"],
+        patch=patch,
+        merge=merge,
+        patch_inputs=channels * tps * patch * patch,
+    )
     _add_text_decoder(a, qkv_bias=True)  # Qwen2 has q/k/v biases
     mlp = int(E * ratio)
     for i in range(depth):
         p = f"vision.{i}."
-        a.linears.extend([Linear(p + "qkv", E, 3 * E, True, "vision"), Linear(p + "proj", E, E, True, "vision"),
-                      Linear(p + "fc1", E, mlp, True, "vision"), Linear(p + "fc2", mlp, E, True, "vision")])
+        a.linears.extend(
+            [
+                Linear(p + "qkv", E, 3 * E, True, "vision"),
+                Linear(p + "proj", E, E, True, "vision"),
+                Linear(p + "fc1", E, mlp, True, "vision"),
+                Linear(p + "fc2", mlp, E, True, "vision"),
+            ]
+        )
         a.dense[p + "norms"] = 4 * E  # two LayerNorms, weight + bias
     a.dense["vision.patch_embed"] = E * a.patch_inputs
     m = E * merge * merge
     a.dense["vision.merger.ln_q"] = 2 * E
-    a.linears.extend([Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")])
+    a.linears.extend(
+        [Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")]
+    )
     return a
 
 
 def _pixtral(c: dict) -> Arch:
     t, v = c["text_config"], c["vision_config"]
-    H, I, n, nh, kv, V = (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
-                          t["num_attention_heads"], t["num_key_value_heads"], t["vocab_size"])
+    H, I, n, nh, kv, V = (
+        t["hidden_size"],
+        t["intermediate_size"],
+        t["num_hidden_layers"],
+        t["num_attention_heads"],
+        t["num_key_value_heads"],
+        t["vocab_size"],
+    )
     hd = t.get("head_dim") or H // nh
     Hv, Iv, nv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-    a = Arch(hidden=H, layers=n, heads=nh, kv_heads=kv, head_dim=hd, intermediate=I, vocab=V, family="pixtral",
-             vision_layers=nv, vision_hidden=Hv, vision_intermediate=Iv, vision_heads=v["num_attention_heads"],
-             patch=v["patch_size"], merge=1, patch_inputs=v.get("num_channels", 3) * v["patch_size"] ** 2)
+    a = Arch(
+        hidden=H,
+        layers=n,
+        heads=nh,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=I,
+        vocab=V,
+        family="pixtral",
+        vision_layers=nv,
+        vision_hidden=Hv,
+        vision_intermediate=Iv,
+        vision_heads=v["num_attention_heads"],
+        patch=v["patch_size"],
+        merge=1,
+        patch_inputs=v.get("num_channels", 3) * v["patch_size"] ** 2,
+    )
     _add_text_decoder(a, qkv_bias=False)  # Mistral has none
     for i in range(nv):
         p = f"vision.{i}."
         a.linears.extend([Linear(p + n_, Hv, Hv, False, "vision") for n_ in ("q", "k", "v", "o")])
-        a.linears.extend([Linear(p + "gate", Hv, Iv, False, "vision"), Linear(p + "up", Hv, Iv, False, "vision"),
-                      Linear(p + "down", Iv, Hv, False, "vision")])
+        a.linears.extend(
+            [
+                Linear(p + "gate", Hv, Iv, False, "vision"),
+                Linear(p + "up", Hv, Iv, False, "vision"),
+                Linear(p + "down", Iv, Hv, False, "vision"),
+            ]
+        )
         a.dense[p + "norms"] = 2 * Hv
     a.dense["vision.patch_conv"] = Hv * a.patch_inputs
     a.dense["vision.ln_pre"] = Hv

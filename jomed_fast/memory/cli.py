@@ -13,14 +13,24 @@ L40_BYTES = 48 * GB
 MODELS = {"qwen2_vl_7b": 256, "pixtral_12b": 1056}
 
 OPTS = (
-    Opt("model", list, None, "shipped name or config.json path (repeat the flag or give several)",
-        default_doc=f"both shipped ({', '.join(MODELS)})"),
+    Opt(
+        "model",
+        list,
+        None,
+        "shipped name or config.json path (repeat the flag or give several)",
+        default_doc=f"both shipped ({', '.join(MODELS)})",
+    ),
     Opt("budget_gb", float, 40.0, "peak budget for suggest, in GB (the L40 has 48)"),
     Opt("batch", int, 1, "queries per step"),
     Opt("prefix", int, 64, "query text tokens"),
     Opt("suffix", int, 128, "candidate caption/report tokens"),
-    Opt("image_tokens", int, None, "image tokens per image",
-        default_doc="the shipped model's: " + ", ".join(f"{n} for {m}" for m, n in MODELS.items())),
+    Opt(
+        "image_tokens",
+        int,
+        None,
+        "image tokens per image",
+        default_doc="the shipped model's: " + ", ".join(f"{n} for {m}" for m, n in MODELS.items()),
+    ),
     Opt("quantization", str, "nf4", "reader weights", choices=("nf4", "int8", "none")),
     Opt("lora_rank", int, 8, "LoRA rank"),
     Opt("layout", str, "shared_query", "prompt layout", choices=LAYOUTS),
@@ -28,11 +38,19 @@ OPTS = (
 
 
 def default_runs(image_tokens: int, v: dict) -> list[Run]:
-    common = dict(prefix_tokens=v["prefix"], suffix_tokens=v["suffix"], image_tokens=image_tokens,
-                  quantization=v["quantization"], lora_rank=v["lora_rank"], layout=v["layout"])
-    return [Run(stage="stage1", K=4, batch=v["batch"], gradient_checkpointing=True, **common),
-            Run(stage="stage2", K=50, batch=v["batch"], **common),
-            Run(stage="inference", K=4, batch=v["batch"], **common)]
+    common = dict(
+        prefix_tokens=v["prefix"],
+        suffix_tokens=v["suffix"],
+        image_tokens=image_tokens,
+        quantization=v["quantization"],
+        lora_rank=v["lora_rank"],
+        layout=v["layout"],
+    )
+    return [
+        Run(stage="stage1", K=4, batch=v["batch"], gradient_checkpointing=True, **common),
+        Run(stage="stage2", K=50, batch=v["batch"], **common),
+        Run(stage="inference", K=4, batch=v["batch"], **common),
+    ]
 
 
 def run_plan_memory(v: dict) -> int:
@@ -49,17 +67,23 @@ def run_plan_memory(v: dict) -> int:
                     print(f"- suggest: nothing fits {v['budget_gb']:g} GB")
                 else:
                     r, sp = s
-                    print(f"- suggest: batch={r.batch} chunk={r.chunk} checkpointing={r.gradient_checkpointing} "
-                          f"-> {sp.total / GB:.2f} GB")
+                    print(
+                        f"- suggest: batch={r.batch} chunk={r.chunk} checkpointing={r.gradient_checkpointing} "
+                        f"-> {sp.total / GB:.2f} GB"
+                    )
             print()
     return 0
 
 
 COMMANDS = (
-    Command("plan-memory", "predicted peak GPU memory of the three stages",
-            "The peak GPU memory of stage 1, stage 2 and inference for each model, whether it fits the "
-            "budget and an L40's 48 GB, and the fastest-looking settings that fit when it does not.",
-            OPTS, run_plan_memory),
+    Command(
+        "plan-memory",
+        "predicted peak GPU memory of the three stages",
+        "The peak GPU memory of stage 1, stage 2 and inference for each model, whether it fits the "
+        "budget and an L40's 48 GB, and the fastest-looking settings that fit when it does not.",
+        OPTS,
+        run_plan_memory,
+    ),
 )
 
 

@@ -185,14 +185,18 @@ def plan(config, run: Run | dict | None = None, name: str | None = None) -> Memo
         rows["retriever (16-bit, frozen)"] = e * run.retriever_params
     big = largest_linear(a)
     sub = sum(rows.values())
-    rows["workspace: dequantized weight + cuBLAS"] = run.workspace_base + (big.numel * e if run.quantization != "none" else 0)
+    rows["workspace: dequantized weight + cuBLAS"] = run.workspace_base + (
+        big.numel * e if run.quantization != "none" else 0
+    )
     rows["workspace: allocator fragmentation"] = int(run.fragmentation * sub)
     rows["CUDA context"] = run.cuda_context
     comp: OrderedDict[str, int] = OrderedDict()
     comp["HF baseline: full logits [T, V] fp32"] = T * a.vocab * 4
     comp["jomed_fast: class log-probs [B, K, C] fp32"] = run.batch * run.K * run.num_classes * 4
-    notes = [f"T = {T} tokens per forward (layout {run.layout}, chunk {run.chunk} of K={run.K}, batch {run.batch})",
-             f"LoRA r={run.lora_rank}: {n_lora / 1e6:.1f} M trainable params"]
+    notes = [
+        f"T = {T} tokens per forward (layout {run.layout}, chunk {run.chunk} of K={run.K}, batch {run.batch})",
+        f"LoRA r={run.lora_rank}: {n_lora / 1e6:.1f} M trainable params",
+    ]
     return MemoryPlan(name or a.family, run, rows, comp, notes)
 
 
@@ -206,9 +210,13 @@ def _fmt(b: int) -> str:
 def format_table(p: MemoryPlan) -> str:
     """The plan as a Markdown table (GB = 1e9 bytes)."""
     r = p.run
-    lines = [f"**{p.model}**, {r.stage}: K={r.K}, batch={r.batch}, chunk={r.chunk}, layout={r.layout}, "
-             f"{r.quantization}, LoRA r={r.lora_rank}, checkpointing={'on' if r.gradient_checkpointing else 'off'}",
-             "", "| component | GB |", "|---|---:|"]
+    lines = [
+        f"**{p.model}**, {r.stage}: K={r.K}, batch={r.batch}, chunk={r.chunk}, layout={r.layout}, "
+        f"{r.quantization}, LoRA r={r.lora_rank}, checkpointing={'on' if r.gradient_checkpointing else 'off'}",
+        "",
+        "| component | GB |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in p.rows.items()]
     lines.append(f"| **total (peak)** | **{_fmt(p.total)}** |")
     lines += [f"| _comparison: {k}_ | _{_fmt(v)}_ |" for k, v in p.comparison.items()]

@@ -36,11 +36,16 @@ def _cdiv(a: int, b: int) -> int:
 
 def nf4_linear_bytes(n: int) -> dict[str, int]:
     blocks = _cdiv(n, 64)
-    return {"nf4 packed": _cdiv(n, 2), "nf4 absmax (uint8)": blocks,
-            "nf4 absmax2 + maps (fp32)": 4 * _cdiv(blocks, 256) + 4 * 256 + 4 * 16 + 4}
+    return {
+        "nf4 packed": _cdiv(n, 2),
+        "nf4 absmax (uint8)": blocks,
+        "nf4 absmax2 + maps (fp32)": 4 * _cdiv(blocks, 256) + 4 * 256 + 4 * 16 + 4,
+    }
 
 
-def weight_bytes(arch: Arch, quantization: str = "nf4", elem: int = 2, quantize_vision: bool = True) -> "OrderedDict[str, int]":
+def weight_bytes(
+    arch: Arch, quantization: str = "nf4", elem: int = 2, quantize_vision: bool = True
+) -> "OrderedDict[str, int]":
     """Weight bytes by storage kind (ordered dict; values in bytes)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {quantization!r}")
@@ -71,11 +76,11 @@ def weight_bytes(arch: Arch, quantization: str = "nf4", elem: int = 2, quantize_
 
 def lora_params(arch: Arch, rank: int) -> int:
     """Trainable LoRA parameters: A [r, d_in] + B [d_out, r] on every linear of the language model."""
-    return sum(rank * (l.d_in + l.d_out) for l in arch.text_linears) if rank else 0
+    return sum(rank * (lin.d_in + lin.d_out) for lin in arch.text_linears) if rank else 0
 
 
 def largest_linear(arch: Arch) -> Linear:
-    return max((l for l in arch.linears if l.part != "lm_head"), key=lambda l: l.numel)
+    return max((lin for lin in arch.linears if lin.part != "lm_head"), key=lambda lin: lin.numel)
 
 
 def measured_module_bytes(module) -> int:

@@ -7,11 +7,11 @@ the ``jomed_fast`` namespace, so code that calls them compiles with ``torch.comp
 """
 
 from .class_log_softmax import class_log_softmax, class_log_softmax_reference
-from .head_class_log_softmax import head_class_log_softmax, head_class_log_softmax_reference
-from .retrieval_kl_loss import retrieval_kl_loss, retrieval_kl_loss_reference
 from .fuse_candidates import fuse_candidates, fuse_candidates_reference
-from .topk_similarity import topk_similarity, topk_similarity_reference
+from .head_class_log_softmax import head_class_log_softmax, head_class_log_softmax_reference
 from .losses import HeadClassNLLLoss, RetrievalKLLoss
+from .retrieval_kl_loss import retrieval_kl_loss, retrieval_kl_loss_reference
+from .topk_similarity import topk_similarity, topk_similarity_reference
 
 __all__ = [
     "class_log_softmax",

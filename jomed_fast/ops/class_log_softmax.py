@@ -94,7 +94,9 @@ def class_log_softmax(logits: torch.Tensor, class_ids: torch.Tensor) -> torch.Te
     if class_ids.dim() != 1 or class_ids.shape[0] == 0:
         raise ValueError(f"class_ids: expected a non-empty 1-D tensor [C], got shape {tuple(class_ids.shape)}")
     if class_ids.device != logits.device:
-        raise ValueError(f"class_ids: expected a tensor on {logits.device} (the device of logits), got {class_ids.device}")
+        raise ValueError(
+            f"class_ids: expected a tensor on {logits.device} (the device of logits), got {class_ids.device}"
+        )
     lead, vocab_size = logits.shape[:-1], logits.shape[-1]
     out = _forward(logits.reshape(-1, vocab_size), class_ids)
     return out.reshape(*lead, class_ids.shape[0])

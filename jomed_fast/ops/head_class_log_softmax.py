@@ -139,7 +139,9 @@ def head_class_log_softmax(
     N, H = hidden.shape
     V = weight.shape[0]
     if weight.shape[1] != H:
-        raise ValueError(f"weight: expected shape [V, H] with H={H} (the last dim of hidden), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight: expected shape [V, H] with H={H} (the last dim of hidden), got {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (V,):
         raise ValueError(f"bias: expected shape [V] with V={V} (the rows of weight), got {tuple(bias.shape)}")
     if class_ids.dtype != torch.int64:

@@ -89,8 +89,11 @@ def _(retriever_scores, reader_log_likelihoods, tau_retriever, tau_reader):
 
 @torch.library.custom_op("jomed_fast::retrieval_kl_loss_backward", mutates_args=())
 def _backward(
-    grad_loss: torch.Tensor, retriever_scores: torch.Tensor, reader_log_likelihoods: torch.Tensor,
-    tau_retriever: float, tau_reader: float,
+    grad_loss: torch.Tensor,
+    retriever_scores: torch.Tensor,
+    reader_log_likelihoods: torch.Tensor,
+    tau_retriever: float,
+    tau_reader: float,
 ) -> torch.Tensor:
     """grad_loss ``[B]`` -> d s ``[B, K]`` in the dtype of s (the formula: ``jomed_fast.kernels.retrieval_kl_loss``)."""
     if choose_backend(retriever_scores.device) == "triton":

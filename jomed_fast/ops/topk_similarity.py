@@ -90,10 +90,10 @@ def _topk_similarity_cpu(queries: torch.Tensor, index: torch.Tensor, k: int) -> 
     q32 = queries.to(index.dtype).float()
     out_values, out_ids = [], []
     for q0 in range(0, Q, _CPU_QUERY_BLOCK):
-        q_block = q32[q0:q0 + _CPU_QUERY_BLOCK]
+        q_block = q32[q0 : q0 + _CPU_QUERY_BLOCK]
         values, ids = [], []
         for n0 in range(0, N, _CPU_CHUNK_ROWS):
-            chunk = index[n0:n0 + _CPU_CHUNK_ROWS].float()  # no copy for fp32
+            chunk = index[n0 : n0 + _CPU_CHUNK_ROWS].float()  # no copy for fp32
             v, i = _chunk_topk(q_block @ chunk.T, min(k, chunk.shape[0]))
             values.append(v)
             ids.append(i + n0)

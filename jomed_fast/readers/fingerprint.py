@@ -27,6 +27,7 @@ from .._manifest import cached_sha256
 
 __all__ = ["reader_fingerprint"]
 
+
 def _update(h, piece: bytes) -> None:
     h.update(len(piece).to_bytes(8, "little"))
     h.update(piece)
@@ -38,8 +39,14 @@ def reader_fingerprint(reader) -> str:
         if not hasattr(reader, attr):
             raise TypeError(f"reader: expected a jomed_fast.readers.Reader (load_reader), got {type(reader).__name__}")
     h = hashlib.sha256()
-    pieces = ("jomed-reader-fingerprint-v2", reader.family, str(reader.quantization), str(reader.compute_dtype),
-              ",".join(getattr(reader, "unquantized_layers", ())), str(getattr(reader, "cpu_kernel", None)))
+    pieces = (
+        "jomed-reader-fingerprint-v2",
+        reader.family,
+        str(reader.quantization),
+        str(reader.compute_dtype),
+        ",".join(getattr(reader, "unquantized_layers", ())),
+        str(getattr(reader, "cpu_kernel", None)),
+    )
     for piece in pieces:
         _update(h, piece.encode())
     root = Path(reader.path)
@@ -56,5 +63,3 @@ def reader_fingerprint(reader) -> str:
             _update(h, f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             _update(h, t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-

@@ -406,8 +406,11 @@ def load_reader(
     except Exception as exc:  # noqa: BLE001 - one clear error for any unreadable config
         raise ValueError(f"path: cannot read the config of {str(p)!r}: {exc}") from exc
     family, cls = _family_and_class(config)
-    trainable = adapter_dir is not None and bool(lora_trainable) or (
-        isinstance(lora, LoraSettings) and lora_trainable is not False)
+    trainable = (
+        adapter_dir is not None
+        and bool(lora_trainable)
+        or (isinstance(lora, LoraSettings) and lora_trainable is not False)
+    )
     kernel = _quant.resolve_cpu_kernel(cpu_kernel, quantization, dev, trainable)
     processor = ReaderProcessor.from_pretrained(p, family)
 
@@ -479,7 +482,9 @@ def check_adapter_dir(path: str | os.PathLike) -> Path:
     if not p.is_dir():
         raise ValueError(f"lora: no such adapter directory {str(p)!r}")
     if not (p / ADAPTER_CONFIG).is_file() or not (p / ADAPTER_WEIGHTS).is_file():
-        raise ValueError(f"lora: {str(p)!r} is not a LoRA adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise ValueError(
+            f"lora: {str(p)!r} is not a LoRA adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
     verify_dir(p)
     return p
 
@@ -491,10 +496,14 @@ def save_adapter(reader: Reader, out_dir: str | os.PathLike) -> Path:
         raise ValueError("reader: has no LoRA adapter to save (load it with lora=True or call add_lora)")
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+
     def fill(tmp: Path) -> None:
         reader.model.save_pretrained(tmp, safe_serialization=True)
-        meta = {"family": reader.family, "base": str(reader.path), "lora": dataclasses.asdict(reader.lora)
-                if reader.lora else None}
+        meta = {
+            "family": reader.family,
+            "base": str(reader.path),
+            "lora": dataclasses.asdict(reader.lora) if reader.lora else None,
+        }
         (tmp / "jomed_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     return replace_dir_atomically(out, fill)

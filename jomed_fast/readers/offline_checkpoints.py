@@ -92,7 +92,6 @@ PRESERVED: dict[str, dict[str, Any]] = {
 }
 
 
-
 def preserved_table() -> str:
     """``PRESERVED`` as a Markdown table (for the README)."""
     lines = ["| family | kept from the real model | shrunk |", "|---|---|---|"]
@@ -206,23 +205,66 @@ PIXTRAL_CHAT_TEMPLATE = (
 # --------------------------------------------------------------------------------------------
 _DIMS: dict[tuple[str, str], dict[str, Any]] = {
     ("qwen2_vl", "tiny"): dict(
-        layers=2, heads=4, kv_heads=2, hidden=64, intermediate=128, mrope_section=[2, 3, 3],
-        v_depth=2, v_embed=64, v_heads=2, bpe_vocab=768,
-        min_pixels=28 * 28, max_pixels=56 * 56, init=0.1,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        hidden=64,
+        intermediate=128,
+        mrope_section=[2, 3, 3],
+        v_depth=2,
+        v_embed=64,
+        v_heads=2,
+        bpe_vocab=768,
+        min_pixels=28 * 28,
+        max_pixels=56 * 56,
+        init=0.1,
     ),
     ("qwen2_vl", "small"): dict(
-        layers=4, heads=7, kv_heads=1, hidden=896, intermediate=4736, mrope_section=[16, 24, 24],
-        v_depth=2, v_embed=320, v_heads=4, bpe_vocab=4096, vocab=151_936,
-        min_pixels=56 * 56, max_pixels=28 * 28 * 16384, init=0.02,
+        layers=4,
+        heads=7,
+        kv_heads=1,
+        hidden=896,
+        intermediate=4736,
+        mrope_section=[16, 24, 24],
+        v_depth=2,
+        v_embed=320,
+        v_heads=4,
+        bpe_vocab=4096,
+        vocab=151_936,
+        min_pixels=56 * 56,
+        max_pixels=28 * 28 * 16384,
+        init=0.02,
     ),
     ("pixtral", "tiny"): dict(
-        layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128,
-        v_layers=2, v_hidden=64, v_heads=2, v_intermediate=128, longest_edge=64, bpe_vocab=768, init=0.1,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        hidden=64,
+        intermediate=128,
+        v_layers=2,
+        v_hidden=64,
+        v_heads=2,
+        v_intermediate=128,
+        longest_edge=64,
+        bpe_vocab=768,
+        init=0.1,
     ),
     ("pixtral", "small"): dict(
-        layers=4, heads=8, kv_heads=2, head_dim=128, hidden=1280, intermediate=3584,
-        v_layers=2, v_hidden=256, v_heads=4, v_intermediate=1024, longest_edge=1024,
-        bpe_vocab=4096, vocab=131_072, init=0.02,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        hidden=1280,
+        intermediate=3584,
+        v_layers=2,
+        v_hidden=256,
+        v_heads=4,
+        v_intermediate=1024,
+        longest_edge=1024,
+        bpe_vocab=4096,
+        vocab=131_072,
+        init=0.02,
     ),
 }
 
@@ -263,7 +305,7 @@ def _corpus() -> list[str]:
     rng = random.Random(1234)
     lines = [" ".join(_WORDS), " ".join(w.capitalize() for w in _WORDS)]
     punct = list(".,;:!?()[]{}'\"-/%+=*<>#&@_")
-    for i in range(3000):
+    for _i in range(3000):
         n = rng.randint(4, 16)
         words = [rng.choice(_WORDS) for _ in range(n)]
         if rng.random() < 0.5:
@@ -463,9 +505,7 @@ def make_config(arch: str, size: str = "tiny", tokenizer=None):
             image_seq_length=1,
             tie_word_embeddings=False,
         )
-    cfg.architectures = [
-        "Qwen2VLForConditionalGeneration" if arch == "qwen2_vl" else "LlavaForConditionalGeneration"
-    ]
+    cfg.architectures = ["Qwen2VLForConditionalGeneration" if arch == "qwen2_vl" else "LlavaForConditionalGeneration"]
     return cfg
 
 

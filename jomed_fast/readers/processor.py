@@ -139,8 +139,10 @@ class ReaderProcessor:
         sizes = torch.as_tensor(sizes if not isinstance(sizes, torch.Tensor) else sizes.tolist()).long()
         return {"pixel_values": out["pixel_values"], "image_sizes": sizes.reshape(-1, 2)}
 
-    def split_images(self, image_inputs: dict[str, torch.Tensor],
-                     ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+    def split_images(
+        self,
+        image_inputs: dict[str, torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
         """``preprocess_images``' output image by image: ``(pixels, shapes)``, one entry per image.
 
         Qwen2-VL: ``pixels[i]`` the ``[t*h*w, D]`` patch rows of image i, ``shapes[i]`` its patch
@@ -164,20 +166,25 @@ class ReaderProcessor:
         h, w = shape
         return (h // self.patch_size) * (w // self.patch_size)
 
-    def vision_inputs(self, pixels: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]],
-                      device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def vision_inputs(
+        self, pixels: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], device, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         """The keyword arguments of the HF model's ``get_image_features`` for several images of
         ``split_images``, on ``device`` in ``dtype``: Qwen2-VL's patch rows concatenated with their
         ``image_grid_thw``; Pixtral's images zero-padded to the largest with their ``image_sizes``."""
         if self.family == "qwen2_vl":
-            return {"pixel_values": torch.cat(list(pixels)).to(device, dtype),
-                    "image_grid_thw": torch.tensor(list(shapes), dtype=torch.long, device=device)}
+            return {
+                "pixel_values": torch.cat(list(pixels)).to(device, dtype),
+                "image_grid_thw": torch.tensor(list(shapes), dtype=torch.long, device=device),
+            }
         H, W = max(h for h, _ in shapes), max(w for _, w in shapes)
         pixel_values = torch.zeros(len(shapes), 3, H, W, dtype=dtype, device=device)
         for i, (px, (h, w)) in enumerate(zip(pixels, shapes)):
             pixel_values[i, :, :h, :w] = px
-        return {"pixel_values": pixel_values,
-                "image_sizes": torch.tensor(list(shapes), dtype=torch.long, device=device)}
+        return {
+            "pixel_values": pixel_values,
+            "image_sizes": torch.tensor(list(shapes), dtype=torch.long, device=device),
+        }
 
     def image_placeholder_ids(self, image_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
         """The ids that stand for image ``index`` of ``image_inputs`` (from ``preprocess_images``)."""
@@ -192,7 +199,11 @@ class ReaderProcessor:
 
     def expand_image_tokens(self, ids: Sequence[int], image_inputs: dict[str, torch.Tensor]) -> list[int]:
         """Replace the k-th placeholder id of ``ids`` by the expansion of image k."""
-        n_images = 0 if not image_inputs else len(image_inputs["pixel_values" if self.family == "pixtral" else "image_grid_thw"])
+        n_images = (
+            0
+            if not image_inputs
+            else len(image_inputs["pixel_values" if self.family == "pixtral" else "image_grid_thw"])
+        )
         n_slots = sum(1 for i in ids if i == self.image_token_id)
         if n_slots != n_images:
             raise ValueError(
@@ -203,15 +214,17 @@ class ReaderProcessor:
         placeholders = [self.image_placeholder_ids(image_inputs, k) for k in range(n_images)]
         return self.expand_placeholders([int(i) for i in ids], placeholders)[0]
 
-    def expand_placeholders(self, ids: list[int],
-                            placeholders: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    def expand_placeholders(
+        self, ids: list[int], placeholders: Sequence[Sequence[int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """``ids`` with its k-th image placeholder token replaced by ``placeholders[k]`` (from
         ``image_placeholder_ids``), and the ``(start, length)`` of each expansion in the result.
         ``ids`` must hold ``len(placeholders)`` placeholder tokens."""
         found = ids.count(self.image_token_id)
         if found != len(placeholders):
-            raise ValueError(f"ids: expected {len(placeholders)} image placeholder(s) ({self.image_token}), "
-                             f"got {found}")
+            raise ValueError(
+                f"ids: expected {len(placeholders)} image placeholder(s) ({self.image_token}), got {found}"
+            )
         out: list[int] = []
         spans: list[tuple[int, int]] = []
         start = 0
@@ -278,10 +291,12 @@ class ReaderProcessor:
         placeholders of a ready ``text``). ``images=None`` takes them from ``{"type": "image",
         "image": PIL}`` parts. ``answer`` appends the answer and the end-of-turn token and returns
         ``labels`` (``-100`` on the prompt) for teacher forcing."""
-        return self.encode_batch([(images, messages)] if text is None else [(images, None)],
-                                 texts=None if text is None else [text],
-                                 add_generation_prompt=add_generation_prompt,
-                                 answers=None if answer is None else [answer])
+        return self.encode_batch(
+            [(images, messages)] if text is None else [(images, None)],
+            texts=None if text is None else [text],
+            add_generation_prompt=add_generation_prompt,
+            answers=None if answer is None else [answer],
+        )
 
     __call__ = encode
 
@@ -305,7 +320,7 @@ class ReaderProcessor:
             raise ValueError(f"texts: expected {len(samples)} texts, got {len(texts)}")
         if answers is not None and len(answers) != len(samples):
             raise ValueError(f"answers: expected {len(samples)} answers, got {len(answers)}")
-        rows, label_rows, all_images, per_sample = [], [], [], []
+        rows, all_images, per_sample = [], [], []
         for j, (images, messages) in enumerate(samples):
             ids, labels, imgs = self._sample_ids(
                 images,
@@ -329,7 +344,7 @@ class ReaderProcessor:
             if labels is not None:
                 # the answer follows the prompt: labels keep their tail, the (expanded) prompt is ignored
                 n_target = sum(1 for x in labels if x != IGNORE_INDEX)
-                tail = labels[len(labels) - n_target:]
+                tail = labels[len(labels) - n_target :]
                 expanded_labels.append([IGNORE_INDEX] * (len(new_ids) - n_target) + tail)
 
         length = max(len(x) for x in expanded)
@@ -354,9 +369,11 @@ class ReaderProcessor:
         if n == 0 or not image_inputs:
             return {}
         if self.family == "qwen2_vl":
-            return {"image_grid_thw": image_inputs["image_grid_thw"][start:start + n]}
-        return {"pixel_values": image_inputs["pixel_values"][start:start + n],
-                "image_sizes": image_inputs["image_sizes"][start:start + n]}
+            return {"image_grid_thw": image_inputs["image_grid_thw"][start : start + n]}
+        return {
+            "pixel_values": image_inputs["pixel_values"][start : start + n],
+            "image_sizes": image_inputs["image_sizes"][start : start + n],
+        }
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
@@ -364,8 +381,10 @@ class ReaderProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
-        return (f"ReaderProcessor(family={self.family!r}, vocab={len(self.tokenizer)}, "
-                f"image_token_ids={self.image_token_ids}, patch={self.patch_size}, merge={self.merge_size})")
+        return (
+            f"ReaderProcessor(family={self.family!r}, vocab={len(self.tokenizer)}, "
+            f"image_token_ids={self.image_token_ids}, patch={self.patch_size}, merge={self.merge_size})"
+        )
 
 
 __all__ = ["ReaderProcessor", "FAMILIES", "IGNORE_INDEX"]

@@ -85,16 +85,20 @@ def _linear_layers(cls: type, config) -> dict[str, torch.nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def unquantizable_layers(cls: type, config, quantization: str, keep_prefixes: tuple[str, ...] = ()) -> tuple[
-        list[str], list[str]]:
+def unquantizable_layers(
+    cls: type, config, quantization: str, keep_prefixes: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
     """``(kept, misfits)``: the full names of the linear layers of ``cls(config)`` to keep in the
     compute dtype — ``lm_head``, those under ``keep_prefixes`` and the misfits of
     ``LAYOUT_RULES[quantization]`` — and, of them, the misfits alone."""
     rule = LAYOUT_RULES[quantization]
     kept, misfits = [], []
     for name, linear in _linear_layers(cls, config).items():
-        under = name == "lm_head" or name.endswith(".lm_head") or any(
-            f".{name}.".find(f".{p}.") >= 0 for p in keep_prefixes)
+        under = (
+            name == "lm_head"
+            or name.endswith(".lm_head")
+            or any(f".{name}.".find(f".{p}.") >= 0 for p in keep_prefixes)
+        )
         if not rule.takes(linear):
             misfits.append(name)
             kept.append(name)
@@ -137,16 +141,21 @@ def resolve_cpu_kernel(cpu_kernel: str, quantization: str | None, device: torch.
         raise ValueError(f"cpu_kernel: expected one of {CPU_KERNELS}, got {cpu_kernel!r}")
     if quantization != "nf4" or device.type != "cpu":
         if cpu_kernel == "packed":
-            raise ValueError(f"cpu_kernel: 'packed' applies to an NF4 reader on the CPU, got "
-                             f"quantization={quantization!r} on {device}")
+            raise ValueError(
+                f"cpu_kernel: 'packed' applies to an NF4 reader on the CPU, got "
+                f"quantization={quantization!r} on {device}"
+            )
         return None
     if cpu_kernel == "packed":
         if not cpu_has_packed_kernel():
-            raise ValueError("cpu_kernel: 'packed' needs a CPU with AVX512-BF16 (bitsandbytes' packed NF4 "
-                             "kernel); this one has none: use 'dequantize'")
+            raise ValueError(
+                "cpu_kernel: 'packed' needs a CPU with AVX512-BF16 (bitsandbytes' packed NF4 "
+                "kernel); this one has none: use 'dequantize'"
+            )
         if trainable:
-            raise ValueError("cpu_kernel: 'packed' has no backward and the reader has a trainable adapter; "
-                             "use 'dequantize'")
+            raise ValueError(
+                "cpu_kernel: 'packed' has no backward and the reader has a trainable adapter; use 'dequantize'"
+            )
     return cpu_kernel
 
 
@@ -202,8 +211,10 @@ def set_cpu_kernel(model: torch.nn.Module, kernel: str) -> None:
     for name, layer in layers:
         if not hasattr(layer, "support_avx512bf16_for_cpu"):  # a bitsandbytes with no packed kernel
             if kernel == "packed":
-                raise RuntimeError("bitsandbytes: this version has no packed NF4 CPU kernel "
-                                   "(Linear4bit.support_avx512bf16_for_cpu); install one in the tested range")
+                raise RuntimeError(
+                    "bitsandbytes: this version has no packed NF4 CPU kernel "
+                    "(Linear4bit.support_avx512bf16_for_cpu); install one in the tested range"
+                )
             continue
         layer.support_avx512bf16_for_cpu = kernel == "packed" and cpu_has_packed_kernel()
         handle = getattr(layer, _HOOK_ATTR, None)

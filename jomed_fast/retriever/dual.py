@@ -9,6 +9,7 @@ Query embedding with mixing: :math:`q = \mathrm{norm}(\alpha\, q_{learned} + (1-
 (reference :math:`\alpha = 0.15`; ``alpha=None`` uses the learned embedding alone). After stage 2
 each head has its own ``QueryEncoder`` (``retriever.head_encoders.HeadEncoders``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,7 @@ class QueryEncoder(nn.Module):
         layers = base.image_layers()
         self.n_trainable = min(n_trainable, len(layers))
         base.requires_grad_(False)
-        for layer in layers[len(layers) - self.n_trainable:]:
+        for layer in layers[len(layers) - self.n_trainable :]:
             layer.requires_grad_(True)
         if self.n_trainable > 0:
             for head in getattr(base, "image_head_modules", lambda: [])():

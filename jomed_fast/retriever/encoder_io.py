@@ -38,6 +38,7 @@ def save_encoder(encoder, out: str | os.PathLike) -> Path:
     out = Path(out)
     if hasattr(encoder, "save"):
         return encoder.save(out)
+
     def fill(tmp: Path) -> None:  # an HF CLIP-style encoder
         for part in (encoder.model, encoder.tokenizer, encoder.processor):
             part.save_pretrained(tmp)

@@ -18,6 +18,7 @@ On disk (``save`` / ``load_head_encoders``)::
     out_dir/text/           the text head's trained encoder (TinyCLIP or Hugging Face CLIP files)
     out_dir/image/          the image head's
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,6 +67,7 @@ class HeadEncoders(nn.Module):
 
     def save(self, out_dir) -> Path:
         """Write both heads' encoders and ``heads.json`` as one directory (with its manifest), atomically."""
+
         def fill(tmp: Path) -> None:
             for name in HEAD_NAMES:
                 save_encoder(getattr(self, name).learned, tmp / name)
@@ -74,14 +76,14 @@ class HeadEncoders(nn.Module):
         return replace_dir_atomically(out_dir, fill)
 
 
-def load_head_encoders(path, base: nn.Module, *, trust_remote_code: bool = False,
-                       device: str = "cpu") -> HeadEncoders:
+def load_head_encoders(path, base: nn.Module, *, trust_remote_code: bool = False, device: str = "cpu") -> HeadEncoders:
     """The stage-2 query encoders in ``path`` (``HeadEncoders.save``), mixed with ``base`` (the index's
     encoder) as they were trained; the weights are checked to fit ``base``'s architecture."""
     p = Path(path).expanduser()
     if not (p / HEADS_FILE).is_file():
-        raise ValueError(f"query_encoder: {p / HEADS_FILE} not found (expected the query_encoder folder that "
-                         "train-retriever writes)")
+        raise ValueError(
+            f"query_encoder: {p / HEADS_FILE} not found (expected the query_encoder folder that train-retriever writes)"
+        )
     verify_dir(p)
     meta = json.loads((p / HEADS_FILE).read_text())
     heads = {}
@@ -91,7 +93,8 @@ def load_head_encoders(path, base: nn.Module, *, trust_remote_code: bool = False
         try:
             enc.learned.load_state_dict(trained.state_dict())
         except RuntimeError as e:
-            raise ValueError(f"query_encoder: {p / name} does not fit the index's encoder ({str(e).splitlines()[0]})") \
-                from None
+            raise ValueError(
+                f"query_encoder: {p / name} does not fit the index's encoder ({str(e).splitlines()[0]})"
+            ) from None
         heads[name] = enc
     return HeadEncoders(**heads)

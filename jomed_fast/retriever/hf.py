@@ -5,6 +5,7 @@ r"""CLIP-style dual encoder loaded from a local directory through transformers (
 ``CLIPImageProcessorPil`` (PIL + numpy; the default ``CLIPImageProcessor`` may need torchvision).
 jina-clip (custom code) loads only with ``trust_remote_code=True`` passed by the caller.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,14 +20,19 @@ class HFCLIPEncoder(torch.nn.Module):
     def __init__(self, path, trust_remote_code: bool = False, device: str = "cpu"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer, CLIPImageProcessorPil
+
         p = Path(path)
         if not (p / "config.json").is_file():
             raise ValueError(f"path: {p / 'config.json'} not found (expected a local CLIP model directory)")
         self.path = p
-        self.model = AutoModel.from_pretrained(str(p), local_files_only=True,
-                                               trust_remote_code=trust_remote_code).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
-                                                       trust_remote_code=trust_remote_code)
+        self.model = (
+            AutoModel.from_pretrained(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
+            .to(device)
+            .eval()
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(p), local_files_only=True, trust_remote_code=trust_remote_code
+        )
         self.processor = CLIPImageProcessorPil.from_pretrained(str(p), local_files_only=True)
 
     @property

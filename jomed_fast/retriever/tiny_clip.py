@@ -11,6 +11,7 @@ Pre-training minimises the symmetric InfoNCE (CLIP) loss over a batch of B pairs
 
 with learnable log-temperature :math:`t` (initialised to :math:`\log(1/0.07)`, clamped at log 100).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -103,8 +104,10 @@ def images_to_tensor(images) -> torch.Tensor:
             a = a.astype(np.float32) / 255.0
         elif np.issubdtype(a.dtype, np.floating):
             if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
-                raise ValueError(f"images[{i}]: expected float pixels in [0, 1] (or uint8 in 0..255), got "
-                                 f"values in [{np.nanmin(a):g}, {np.nanmax(a):g}]")
+                raise ValueError(
+                    f"images[{i}]: expected float pixels in [0, 1] (or uint8 in 0..255), got "
+                    f"values in [{np.nanmin(a):g}, {np.nanmax(a):g}]"
+                )
             a = a.astype(np.float32)
         else:
             raise TypeError(f"images[{i}]: expected uint8 or float pixels, got dtype {a.dtype}")
@@ -197,7 +200,6 @@ class TinyCLIP(nn.Module):
         return m.eval()
 
 
-
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over ``[B, D]`` normalised embeddings (see module docstring)."""
     s = logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
@@ -205,8 +207,17 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -
     return 0.5 * (F.cross_entropy(s, y) + F.cross_entropy(s.T, y))
 
 
-def pretrain(model: TinyCLIP, images, captions: Sequence[str], *, epochs: int = 5, batch_size: int = 64,
-             lr: float = 3e-3, seed: int = 0, progress: bool = True) -> list[float]:
+def pretrain(
+    model: TinyCLIP,
+    images,
+    captions: Sequence[str],
+    *,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """Contrastive (CLIP) pre-training on N (image, caption) pairs; returns per-step losses."""
     x = images if isinstance(images, torch.Tensor) else images_to_tensor(images)
     if len(x) != len(captions):
@@ -220,9 +231,10 @@ def pretrain(model: TinyCLIP, images, captions: Sequence[str], *, epochs: int = 
         for _ in range(epochs):
             perm = torch.randperm(len(x), generator=g)
             for s in range(0, len(x) - batch_size + 1, batch_size):
-                b = perm[s: s + batch_size]
-                loss = clip_loss(model.image_features(x[b]), model.encode_texts([captions[i] for i in b]),
-                                 model.logit_scale)
+                b = perm[s : s + batch_size]
+                loss = clip_loss(
+                    model.image_features(x[b]), model.encode_texts([captions[i] for i in b]), model.logit_scale
+                )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

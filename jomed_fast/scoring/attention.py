@@ -47,8 +47,10 @@ class PrefixKV:
         if len(parts) == 1:
             return parts[0]
         n = len(parts[0].keys)
-        return cls([torch.cat([p.keys[i] for p in parts]) for i in range(n)],
-                   [torch.cat([p.values[i] for p in parts]) for i in range(n)])
+        return cls(
+            [torch.cat([p.keys[i] for p in parts]) for i in range(n)],
+            [torch.cat([p.values[i] for p in parts]) for i in range(n)],
+        )
 
     @property
     def length(self) -> int:
@@ -96,8 +98,9 @@ def prefix_mask(lengths: torch.Tensor, P: int) -> torch.Tensor:
     return allowed[:, None]
 
 
-def suffix_mask(prefix_lengths: torch.Tensor, Pm: int, suffix_lengths: torch.Tensor, L: int,
-                node_ancestors: torch.Tensor) -> torch.Tensor:
+def suffix_mask(
+    prefix_lengths: torch.Tensor, Pm: int, suffix_lengths: torch.Tensor, L: int, node_ancestors: torch.Tensor
+) -> torch.Tensor:
     """Boolean ``[R, 1, L + N, Pm + L + N]`` for R rows of ``L`` suffix slots then ``N`` trie nodes.
 
     Keys: ``Pm`` prefix slots (real below ``prefix_lengths[r]``), ``L`` suffix slots (real below

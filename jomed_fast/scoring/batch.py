@@ -64,22 +64,29 @@ def pack(processor, splits: list[QueryPrompts], query_images: list) -> Packing:
         return table.add(img, f"candidates[{b}][{k}].image")
 
     prefix_uids = [[uid(img, b) for img in s.prefix_images] for b, s in enumerate(splits)]
-    seg_uids = [[[uid(img, b, k) for img in imgs] for k, imgs in enumerate(s.segment_images)]
-                for b, s in enumerate(splits)]
+    seg_uids = [
+        [[uid(img, b, k) for img in imgs] for k, imgs in enumerate(s.segment_images)] for b, s in enumerate(splits)
+    ]
     table.preprocess()
     queries = [_query_candidates(table, s, prefix_uids[b], seg_uids[b]) for b, s in enumerate(splits)]
-    batch = pack_candidates_batch(queries, pad_token_id=processor.pad_token_id,
-                                  spatial_merge_size=processor.merge_size, mrope=processor.mrope)
+    batch = pack_candidates_batch(
+        queries, pad_token_id=processor.pad_token_id, spatial_merge_size=processor.merge_size, mrope=processor.mrope
+    )
     keys: dict[tuple, int] = {}
     prefix_of = [keys.setdefault((tuple(s.prefix_ids), tuple(prefix_uids[b])), len(keys)) for b, s in enumerate(splits)]
-    return Packing(table=table, batch=batch, prefix_uids=prefix_uids,
-                   row_uids=[uids for per_query in seg_uids for uids in per_query],
-                   prefix_of=torch.tensor(prefix_of, dtype=torch.long),
-                   first_query=[prefix_of.index(u) for u in range(len(keys))])
+    return Packing(
+        table=table,
+        batch=batch,
+        prefix_uids=prefix_uids,
+        row_uids=[uids for per_query in seg_uids for uids in per_query],
+        prefix_of=torch.tensor(prefix_of, dtype=torch.long),
+        first_query=[prefix_of.index(u) for u in range(len(keys))],
+    )
 
 
-def _query_candidates(table: ImageTable, split: QueryPrompts, prefix_uids: list[int],
-                      seg_uids: list[list[int]]) -> QueryCandidates:
+def _query_candidates(
+    table: ImageTable, split: QueryPrompts, prefix_uids: list[int], seg_uids: list[list[int]]
+) -> QueryCandidates:
     """One query's ``QueryCandidates``: placeholders expanded, image spans and (M-RoPE) grids."""
     expand = table.processor.expand_placeholders
     prefix, p_spans = expand(split.prefix_ids, [table.placeholders[u] for u in prefix_uids])
@@ -131,10 +138,16 @@ class SuffixRows:
             raise RuntimeError("layout: a candidate's prompt segment is empty; the answer position is undefined")
         mrope = b.mrope_position_ids is not None
         query = torch.arange(R) // K
-        return cls(ids=b.input_ids.reshape(R, L), lengths=lengths, positions=b.position_ids.reshape(R, L),
-                   mrope_positions=b.mrope_position_ids.reshape(3, R, L) if mrope else None,
-                   rope_deltas=b.rope_deltas.reshape(R) if mrope else None,
-                   query=query, prefix_lengths=b.prefix_lengths[query], image_uids=packing.row_uids)
+        return cls(
+            ids=b.input_ids.reshape(R, L),
+            lengths=lengths,
+            positions=b.position_ids.reshape(R, L),
+            mrope_positions=b.mrope_position_ids.reshape(3, R, L) if mrope else None,
+            rope_deltas=b.rope_deltas.reshape(R) if mrope else None,
+            query=query,
+            prefix_lengths=b.prefix_lengths[query],
+            image_uids=packing.row_uids,
+        )
 
     def chunk_positions(self, chunk: torch.Tensor, L: int, node_depths: torch.Tensor, device) -> torch.Tensor:
         """Position ids of rows ``chunk`` padded to ``L`` slots, then N class-trie nodes of depths

@@ -100,13 +100,23 @@ class ClassHead:
         return int(self.node_tokens.numel())
 
     def to(self, device) -> "ClassHead":
-        for name in ("class_ids", "allowed_ids", "_src", "_tgt", "_valid", "node_tokens", "node_depths",
-                     "node_ancestors"):
+        for name in (
+            "class_ids",
+            "allowed_ids",
+            "_src",
+            "_tgt",
+            "_valid",
+            "node_tokens",
+            "node_depths",
+            "node_ancestors",
+        ):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def scores(self, hidden_answer: torch.Tensor, hidden_nodes: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    def scores(
+        self, hidden_answer: torch.Tensor, hidden_nodes: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
         """``hidden_answer [R, H]``, ``hidden_nodes [R, N, H]`` (sequence mode), LM-head ``weight
         [V, H]`` -> float32 ``[R, C]``."""
         if self.mode == "first_token":

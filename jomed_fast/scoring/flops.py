@@ -108,9 +108,15 @@ def decoder_shape(config) -> DecoderShape:
 def vision_shape(config) -> VisionShape:
     """``VisionShape`` of a Qwen2-VL or Pixtral-LLaVA config (via ``memory.arch.describe``)."""
     a = describe(config)
-    return VisionShape(family=a.family, hidden=a.vision_hidden, layers=a.vision_layers,
-                       intermediate=a.vision_intermediate, patch_inputs=a.patch_inputs,
-                       merge=a.merge * a.merge, out_hidden=a.hidden)
+    return VisionShape(
+        family=a.family,
+        hidden=a.vision_hidden,
+        layers=a.vision_layers,
+        intermediate=a.vision_intermediate,
+        patch_inputs=a.patch_inputs,
+        merge=a.merge * a.merge,
+        out_hidden=a.hidden,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,13 +223,21 @@ def hf_forward_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[Prom
     """Each prompt whole through the model, full-vocabulary head at its last position."""
     total = Flops()
     for p in _check_prompts(prompts):
-        total += Flops(vision=sum(vision_flops(vis, n) for _, n in p.images),
-                       llm=decoder_flops(dec, p.tokens), head=head_flops(dec, 1))
+        total += Flops(
+            vision=sum(vision_flops(vis, n) for _, n in p.images),
+            llm=decoder_flops(dec, p.tokens),
+            head=head_flops(dec, 1),
+        )
     return total
 
 
-def generate_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[Prompt], steps: Sequence[int] | int,
-                   images_every_step: bool = False) -> Flops:
+def generate_flops(
+    dec: DecoderShape,
+    vis: VisionShape,
+    prompts: Sequence[Prompt],
+    steps: Sequence[int] | int,
+    images_every_step: bool = False,
+) -> Flops:
     """``generate(use_cache=False)`` running ``steps`` decoding steps per prompt (an int for all,
     or one count per prompt): step j recomputes the prompt and the j new tokens; the images run
     at step 0 (every step with ``images_every_step``)."""
@@ -235,13 +249,22 @@ def generate_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[Prompt
     for p, T in zip(prompts, steps):
         image = sum(vision_flops(vis, n) for _, n in p.images)
         for j in range(positive_int("steps[]", T)):
-            total += Flops(vision=image if j == 0 or images_every_step else 0,
-                           llm=decoder_flops(dec, p.tokens + j), head=head_flops(dec, 1))
+            total += Flops(
+                vision=image if j == 0 or images_every_step else 0,
+                llm=decoder_flops(dec, p.tokens + j),
+                head=head_flops(dec, 1),
+            )
     return total
 
 
-def shared_prefix_flops(dec: DecoderShape, vis: VisionShape, prompts: Sequence[Prompt], num_classes: int,
-                        class_nodes: int = 0, allowed_tokens: int | None = None) -> Flops:
+def shared_prefix_flops(
+    dec: DecoderShape,
+    vis: VisionShape,
+    prompts: Sequence[Prompt],
+    num_classes: int,
+    class_nodes: int = 0,
+    allowed_tokens: int | None = None,
+) -> Flops:
     """The toolkit: distinct images once, distinct prefixes once, suffixes on the cached prefix,
     the class head (``first_token``: C columns at one position; ``sequence`` mode with N =
     ``class_nodes`` trie nodes: ``allowed_tokens`` columns at 1 + N positions)."""

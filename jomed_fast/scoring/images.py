@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..prompts import as_image
 from .._profiling import stage
+from ..prompts import as_image
 
 
 class ImageTable:
@@ -137,8 +137,9 @@ class ImageTable:
 
     def _encode_chunk(self, reader, model, uids: list[int]) -> torch.Tensor:
         dtype = reader.compute_dtype
-        inputs = self.processor.vision_inputs([self.pixels[u] for u in uids], [self.shapes[u] for u in uids],
-                                              reader.device, dtype)
+        inputs = self.processor.vision_inputs(
+            [self.pixels[u] for u in uids], [self.shapes[u] for u in uids], reader.device, dtype
+        )
         pooled = model.get_image_features(**inputs).pooler_output
         pooled = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
         expected = sum(self.num_features[u] for u in uids)

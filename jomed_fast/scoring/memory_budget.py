@@ -85,8 +85,9 @@ def default_budget(device: torch.device) -> int:
 
 
 def check_budget(memory_budget) -> int | None:
-    return check_int("memory_budget", memory_budget, 1, optional=True,
-                     expected="None or a positive number of bytes (int)")
+    return check_int(
+        "memory_budget", memory_budget, 1, optional=True, expected="None or a positive number of bytes (int)"
+    )
 
 
 class RowCost:
@@ -105,8 +106,16 @@ class RowCost:
     def row_bytes(self, new_tokens: int, past: int, grad: bool = False) -> int:
         q, kv, e = max(new_tokens, 1), past + max(new_tokens, 1), self.elem
         kv_cache = self.layers * 2 * self.kv_heads * self.head_dim * kv * e
-        layer = q * (4 * self.hidden + 2 * self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim
-                     + 3 * self.intermediate) * e
+        layer = (
+            q
+            * (
+                4 * self.hidden
+                + 2 * self.heads * self.head_dim
+                + 2 * self.kv_heads * self.head_dim
+                + 3 * self.intermediate
+            )
+            * e
+        )
         scores = self.heads * q * kv * (e + 4)
         io = 2 * q * self.hidden * e
         if grad:
@@ -139,8 +148,10 @@ def check_overhead(forward_overhead) -> float | None:
     if forward_overhead is None:
         return None
     if not (is_number(forward_overhead) and forward_overhead >= 0):
-        raise ValueError(f"forward_overhead: expected None or a number of token slots >= 0 (float('inf') allowed), "
-                         f"got {forward_overhead!r}")
+        raise ValueError(
+            f"forward_overhead: expected None or a number of token slots >= 0 (float('inf') allowed), "
+            f"got {forward_overhead!r}"
+        )
     return float(forward_overhead)
 
 
@@ -188,6 +199,6 @@ def plan_chunks(lengths: Sequence[int], max_rows: Callable[[int], int], overhead
     runs = []
     j = R
     while j > 0:
-        runs.append(order[int(prev[j]):j])
+        runs.append(order[int(prev[j]) : j])
         j = int(prev[j])
     return runs[::-1]

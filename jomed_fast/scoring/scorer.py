@@ -133,14 +133,26 @@ class CandidateScorer:
             from the reader's dimensions; ``float("inf")``: the fewest forwards the budget allows.
     """
 
-    def __init__(self, reader, task, layout: str = "shared_query", *, memory_budget: int | None = None,
-                 class_mode: str = "auto", normalize: bool = True, end_token: Any = None,
-                 checkpoint: Any = "auto", forward_overhead: float | None = None):
+    def __init__(
+        self,
+        reader,
+        task,
+        layout: str = "shared_query",
+        *,
+        memory_budget: int | None = None,
+        class_mode: str = "auto",
+        normalize: bool = True,
+        end_token: Any = None,
+        checkpoint: Any = "auto",
+        forward_overhead: float | None = None,
+    ):
         from ..tasks import Task, get_task
 
         for attr in ("processor", "hf_model", "decoder", "lm_head_weight", "family"):
             if not hasattr(reader, attr):
-                raise TypeError(f"reader: expected a jomed_fast.readers.Reader (load_reader), got {type(reader).__name__}")
+                raise TypeError(
+                    f"reader: expected a jomed_fast.readers.Reader (load_reader), got {type(reader).__name__}"
+                )
         if isinstance(task, str):
             task = get_task(task)
         if not isinstance(task, Task):
@@ -175,8 +187,10 @@ class CandidateScorer:
         return self.task.labels
 
     def __repr__(self) -> str:
-        return (f"CandidateScorer(family={self.reader.family!r}, task={self.task.name!r}, layout={self.layout!r}, "
-                f"class_mode={self.head.mode!r}, C={self.num_classes})")
+        return (
+            f"CandidateScorer(family={self.reader.family!r}, task={self.task.name!r}, layout={self.layout!r}, "
+            f"class_mode={self.head.mode!r}, C={self.num_classes})"
+        )
 
     # ------------------------------------------------------------------------------------ API
     def score(self, query_images, questions, candidates) -> torch.Tensor:
@@ -203,8 +217,14 @@ class CandidateScorer:
 
     def _score(self, images, qs, cands, B, K, grad: bool) -> torch.Tensor:
         budget = self.memory_budget or default_budget(self.reader.device)
-        stats = ScoreStats(layout=self.layout, queries=B, candidates=K, class_mode=self.head.mode,
-                           memory_budget=budget, forward_overhead=self.forward_overhead)
+        stats = ScoreStats(
+            layout=self.layout,
+            queries=B,
+            candidates=K,
+            class_mode=self.head.mode,
+            memory_budget=budget,
+            forward_overhead=self.forward_overhead,
+        )
         packing = pack(self.reader.processor, self.split_prompts(images, qs, cands), images)
         self.encode_images(packing.table, budget, grad)
         prefixes = self.run_prefixes(packing, budget, grad)
@@ -229,9 +249,19 @@ class CandidateScorer:
     # ------------------------------------------------------------------------------------ stages
     def split_prompts(self, images, qs, cands) -> list[_prompts.QueryPrompts]:
         """Stage 1: each query's K prompts, tokenized and split at their shared prefix."""
-        return [_prompts.split_query(self.reader.processor, self.layout, self.task, images[b], qs[b], cands[b],
-                                     name=f"candidates[{b}]", question_name=f"questions[{b}]")
-                for b in range(len(images))]
+        return [
+            _prompts.split_query(
+                self.reader.processor,
+                self.layout,
+                self.task,
+                images[b],
+                qs[b],
+                cands[b],
+                name=f"candidates[{b}]",
+                question_name=f"questions[{b}]",
+            )
+            for b in range(len(images))
+        ]
 
     def encode_images(self, table: ImageTable, budget: int, grad: bool) -> torch.Tensor:
         """Stage 3: every image of ``table`` through the vision tower + projector, in chunks of
@@ -251,7 +281,7 @@ class CandidateScorer:
         parts = []
         for u0 in range(0, len(first), per_chunk):
             with stage("jomed.prefix"):
-                parts.append(self._prefix_forward(packing, first[u0:u0 + per_chunk]))
+                parts.append(self._prefix_forward(packing, first[u0 : u0 + per_chunk]))
         return Prefixes(PrefixKV.concat(parts), packing.prefix_of, Pm, min(per_chunk, len(first)))
 
     def _prefix_forward(self, packing: Packing, queries: list[int]) -> PrefixKV:
@@ -260,8 +290,13 @@ class CandidateScorer:
         ids = packing.batch.prefix_input_ids[queries]
         x = packing.table.embed(reader, ids, [u for b in queries for u in packing.prefix_uids[b]])
         mask = to_model_mask(prefix_mask(packing.batch.prefix_lengths[queries].to(dev), Pm), self.attention, x.dtype)
-        out = reader.decoder(inputs_embeds=x, attention_mask=mask, position_ids=packing.prefix_positions(queries, dev),
-                             cache=DynamicCache(config=reader.decoder.config), use_cache=True)
+        out = reader.decoder(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=packing.prefix_positions(queries, dev),
+            cache=DynamicCache(config=reader.decoder.config),
+            use_cache=True,
+        )
         return PrefixKV.from_cache(out.cache)
 
     def chunk_plan(self, suffix_lengths, prefix_length: int, budget: int, grad: bool) -> list[torch.Tensor]:
@@ -270,8 +305,9 @@ class CandidateScorer:
         padded to ℓ (nodes included) holds at most ``cost.rows(budget, ℓ, prefix_length, grad)``
         rows, the plan of least cost (``memory_budget.plan_chunks``). Row indices (long), in run order."""
         lengths = (torch.as_tensor(suffix_lengths, dtype=torch.long) + self.head.num_nodes).tolist()
-        plan = plan_chunks(lengths, lambda length: self.cost.rows(budget, length, prefix_length, grad),
-                           self.forward_overhead)
+        plan = plan_chunks(
+            lengths, lambda length: self.cost.rows(budget, length, prefix_length, grad), self.forward_overhead
+        )
         return [torch.tensor(c, dtype=torch.long) for c in plan]
 
     def score_chunk(self, chunk: torch.Tensor, rows: SuffixRows, prefixes: Prefixes, table: ImageTable) -> torch.Tensor:
@@ -288,17 +324,28 @@ class CandidateScorer:
             x = table.embed(reader, ids, [u for r in chunk.tolist() for u in rows.image_uids[r]])
             allowed = suffix_mask(rows.prefix_lengths[chunk].to(dev), prefixes.length, n_dev, Lc, head.node_ancestors)
             cache = prefixes.cache_for(rows.query[chunk])
-            out = reader.decoder(inputs_embeds=x, attention_mask=to_model_mask(allowed, self.attention, x.dtype),
-                                 position_ids=rows.chunk_positions(chunk, Lc, head.node_depths, dev),
-                                 cache=cache, use_cache=cache is not None).last_hidden_state
+            out = reader.decoder(
+                inputs_embeds=x,
+                attention_mask=to_model_mask(allowed, self.attention, x.dtype),
+                position_ids=rows.chunk_positions(chunk, Lc, head.node_depths, dev),
+                cache=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
             h_ans = out[torch.arange(Rc, device=dev), n_dev - 1]
             h_nodes = out[:, Lc:] if N else None
         with stage("jomed.head"):
             return head.scores(h_ans, h_nodes, reader.lm_head_weight())
 
     # ------------------------------------------------------------------------------------ stats
-    def _record(self, stats: ScoreStats, packing: Packing, prefixes: Prefixes, rows: SuffixRows,
-                chunks: list[torch.Tensor], grad: bool) -> None:
+    def _record(
+        self,
+        stats: ScoreStats,
+        packing: Packing,
+        prefixes: Prefixes,
+        rows: SuffixRows,
+        chunks: list[torch.Tensor],
+        grad: bool,
+    ) -> None:
         table, Pm, N = packing.table, packing.prefix_length, self.head.num_nodes
         stats.vision_images = len(table)
         stats.vision_patches = sum(table.patches(u) for u in range(len(table)))

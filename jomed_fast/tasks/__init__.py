@@ -88,8 +88,7 @@ def get_task(name: str) -> Task:
         return _REGISTRY[key]
     except KeyError:
         raise ValueError(
-            f"unknown task {name!r}: known tasks are {', '.join(task_names())} "
-            f"(aliases: {', '.join(sorted(ALIASES))})"
+            f"unknown task {name!r}: known tasks are {', '.join(task_names())} (aliases: {', '.join(sorted(ALIASES))})"
         ) from None
 
 

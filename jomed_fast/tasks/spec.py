@@ -143,12 +143,16 @@ class Task:
         if self.question is not None and not isinstance(self.question, str):
             raise TypeError(f"Task {self.name!r}: question must be a str or None, got {type(self.question).__name__}")
         if "{text}" not in self.context_template:
-            raise ValueError(f"Task {self.name!r}: context_template must contain '{{text}}', got {self.context_template!r}")
+            raise ValueError(
+                f"Task {self.name!r}: context_template must contain '{{text}}', got {self.context_template!r}"
+            )
         if self.source_label_map is not None:
             m = tuple(int(x) for x in self.source_label_map)
             object.__setattr__(self, "source_label_map", m)
             if not all(0 <= x < len(labels) for x in m):
-                raise ValueError(f"Task {self.name!r}: source_label_map {m} has class indices outside 0..{len(labels) - 1}")
+                raise ValueError(
+                    f"Task {self.name!r}: source_label_map {m} has class indices outside 0..{len(labels) - 1}"
+                )
 
     # ------------------------------------------------------------------------------------------
     # basic properties
@@ -251,8 +255,7 @@ class Task:
             return self._lookup[key]
         except KeyError:
             raise ValueError(
-                f"answer {answer!r} is outside the label set of task {self.name!r}: expected one of "
-                f"{list(self.labels)}"
+                f"answer {answer!r} is outside the label set of task {self.name!r}: expected one of {list(self.labels)}"
             ) from None
 
     def encode_answer(self, answer: Union[str, int, list, tuple]) -> Label:
@@ -297,17 +300,13 @@ class Task:
         def one(v: int) -> int:
             v = int(v)
             if not 0 <= v < n_src:
-                raise ValueError(
-                    f"label {v} is outside the label set of task {self.name!r}: expected 0..{n_src - 1}"
-                )
+                raise ValueError(f"label {v} is outside the label set of task {self.name!r}: expected 0..{n_src - 1}")
             return m[v] if m is not None else v
 
         if self.is_multilabel:
             row = [int(x) for x in value]  # type: ignore[union-attr]
             if len(row) != n_src:
-                raise ValueError(
-                    f"task {self.name!r}: a multi-hot label row has {len(row)} entries, expected {n_src}"
-                )
+                raise ValueError(f"task {self.name!r}: a multi-hot label row has {len(row)} entries, expected {n_src}")
             bad = [x for x in row if x not in (0, 1)]
             if bad:
                 raise ValueError(f"task {self.name!r}: multi-hot label row must be 0/1, got {row}")

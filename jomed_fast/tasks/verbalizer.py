@@ -44,8 +44,10 @@ from .spec import Task, normalize
 class _TokenizerAdapter:
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
-        if hasattr(tokenizer, "get_vocab_size") and hasattr(tokenizer, "encode_batch") and not callable(
-            getattr(tokenizer, "convert_tokens_to_ids", None)
+        if (
+            hasattr(tokenizer, "get_vocab_size")
+            and hasattr(tokenizer, "encode_batch")
+            and not callable(getattr(tokenizer, "convert_tokens_to_ids", None))
         ):
             self.kind = "tokenizers"
         elif callable(tokenizer) and callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
@@ -412,7 +414,7 @@ def build_verbalizer(task: Task, tokenizer: Any, *, end_token: Any = None, prefi
         variants: dict[int, dict[tuple[int, ...], int]] = {j: {} for j in range(len(labels))}
         sep_variants: dict[tuple[int, ...], int] = {}
         cont_tokens: set[int] = set()
-        for i, a in enumerate(labels):
+        for _i, a in enumerate(labels):
             for j, b in enumerate(labels):
                 ids, _pa, ps, pb = _split_pair(tok, ((" " + a) if prefix_space else a), sep, b, task)
                 allowed.update(ids)

@@ -42,8 +42,16 @@ class JsonConfig:
     def _check_int(self, name: str, lo: int, optional: bool = False) -> None:
         check_int(f"config.{name}", getattr(self, name), lo, optional=optional)
 
-    def _check_float(self, name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
-                     hi_open: bool = False, optional: bool = False) -> None:
+    def _check_float(
+        self,
+        name: str,
+        lo: float,
+        hi: float = math.inf,
+        *,
+        lo_open: bool = False,
+        hi_open: bool = False,
+        optional: bool = False,
+    ) -> None:
         """A finite number in the range (stored as a float, so the JSON of equal options is equal)."""
         v = getattr(self, name)
         if optional and v is None:
@@ -51,8 +59,9 @@ class JsonConfig:
         ok = is_number(v) and math.isfinite(v)
         ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if not ok:
-            rng = f"{'>' if lo_open else '>='} {lo}" + \
-                (f" and {'<' if hi_open else '<='} {hi}" if hi < math.inf else "")
+            rng = f"{'>' if lo_open else '>='} {lo}" + (
+                f" and {'<' if hi_open else '<='} {hi}" if hi < math.inf else ""
+            )
             self._fail(name, f"a finite float {rng}" + (" or None" if optional else ""), v)
         object.__setattr__(self, name, float(v))  # frozen dataclasses too
 

@@ -91,13 +91,20 @@ def _rng_parts(generators: Mapping[str, torch.Generator]) -> tuple[dict, dict[st
     kind, key, pos, has_gauss, cached = np.random.get_state()
     tensors["rng/numpy"] = torch.from_numpy(np.asarray(key, dtype=np.int64))
     version, py_state, gauss_next = random.getstate()
-    meta = {"python": [version, list(py_state), gauss_next],
-            "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    meta = {"python": [version, list(py_state), gauss_next], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
     return meta, tensors
 
 
-def _write_checkpoint(dest: Path, step: int, params: Mapping[str, torch.Tensor], optimizer, scheduler,
-                      generators: Mapping[str, torch.Generator], data: dict | None, extra: dict | None) -> Path:
+def _write_checkpoint(
+    dest: Path,
+    step: int,
+    params: Mapping[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    generators: Mapping[str, torch.Generator],
+    data: dict | None,
+    extra: dict | None,
+) -> Path:
     from safetensors.torch import save_file
 
     optim_meta, optim_tensors = _optimizer_parts(optimizer)
@@ -124,9 +131,18 @@ def _write_checkpoint(dest: Path, step: int, params: Mapping[str, torch.Tensor],
     return replace_dir_atomically(dest, fill)
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, params: Mapping[str, torch.Tensor], optimizer,
-                    scheduler=None, generators: Mapping[str, torch.Generator] | None = None,
-                    data: dict | None = None, extra: dict | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    params: Mapping[str, torch.Tensor],
+    optimizer,
+    scheduler=None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    data: dict | None = None,
+    extra: dict | None = None,
+    keep: int = 2,
+) -> Path:
     """Write ``<run_dir>/checkpoints/step-XXXXXXXX`` atomically, point ``LATEST`` at it, prune old ones.
 
     Args:
@@ -143,8 +159,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, params: Mapping[st
         raise ValueError(f"step: expected >= 0, got {step}")
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    path = _write_checkpoint(root / _step_name(step), step, params, optimizer, scheduler, generators or {},
-                             data, extra)
+    path = _write_checkpoint(root / _step_name(step), step, params, optimizer, scheduler, generators or {}, data, extra)
     atomic_write_via(root / LATEST, lambda tmp: Path(tmp).write_text(path.name + "\n"))
     steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
     for old in steps[:-keep]:
@@ -153,9 +168,18 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, params: Mapping[st
     return path
 
 
-def save_named(run_dir: str | os.PathLike, name: str, step: int, *, params: Mapping[str, torch.Tensor], optimizer,
-               scheduler=None, generators: Mapping[str, torch.Generator] | None = None,
-               data: dict | None = None, extra: dict | None = None) -> Path:
+def save_named(
+    run_dir: str | os.PathLike,
+    name: str,
+    step: int,
+    *,
+    params: Mapping[str, torch.Tensor],
+    optimizer,
+    scheduler=None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    data: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write a checkpoint under a fixed name (e.g. ``best``), atomically; ``LATEST`` is not touched."""
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or _STEP_DIR.match(name):
         raise ValueError(f"name: expected a word such as 'best' (not 'step-N'), got {name!r}")
@@ -214,8 +238,10 @@ def _restore_rng(meta: dict, tensors: Mapping[str, torch.Tensor], generators: Ma
     for name, gen in generators.items():
         key = f"generator/{name}"
         if key not in tensors:
-            raise ValueError(f"generators: checkpoint has no generator {name!r} (has "
-                             f"{sorted(k[10:] for k in tensors if k.startswith('generator/'))})")
+            raise ValueError(
+                f"generators: checkpoint has no generator {name!r} (has "
+                f"{sorted(k[10:] for k in tensors if k.startswith('generator/'))})"
+            )
         gen.set_state(tensors[key])
     version, py_state, gauss_next = meta["python"]
     random.setstate((version, tuple(py_state), gauss_next))
@@ -223,8 +249,14 @@ def _restore_rng(meta: dict, tensors: Mapping[str, torch.Tensor], generators: Ma
     np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def load_checkpoint(path: str | os.PathLike, *, params: Mapping[str, torch.Tensor], optimizer=None,
-                    scheduler=None, generators: Mapping[str, torch.Generator] | None = None) -> dict:
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    params: Mapping[str, torch.Tensor],
+    optimizer=None,
+    scheduler=None,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> dict:
     """Restore a checkpoint in place and return its JSON state (``step``, ``data``, ``extra``).
 
     ``params`` must name exactly the saved trainable parameters (same shapes); their values are
@@ -239,11 +271,15 @@ def load_checkpoint(path: str | os.PathLike, *, params: Mapping[str, torch.Tenso
     weights = load_weights(path)
     if set(weights) != set(params):
         missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise ValueError(f"params: checkpoint {path} has other trainable parameters "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"params: checkpoint {path} has other trainable parameters "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     for name, p in params.items():
         if weights[name].shape != p.shape:
-            raise ValueError(f"params: {name!r} expected shape {list(p.shape)}, checkpoint has {list(weights[name].shape)}")
+            raise ValueError(
+                f"params: {name!r} expected shape {list(p.shape)}, checkpoint has {list(weights[name].shape)}"
+            )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])

@@ -43,7 +43,7 @@ def steps_per_epoch(n: int, batch_size: int, grad_accum: int = 1) -> int:
 def epoch_batches(order: list[int], batch_size: int) -> list[list[int]]:
     """``order`` cut into batches of ``batch_size`` (the last one shorter when n is not a multiple)."""
     batches_per_epoch(len(order), batch_size)
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class DataOrder:
@@ -70,7 +70,7 @@ class DataOrder:
         perm = self.permutation(epoch)
         out, i = [], position
         while len(out) < grad_accum and i < self.n:
-            out.append(perm[i:i + batch_size])
+            out.append(perm[i : i + batch_size])
             i += batch_size
         return out
 

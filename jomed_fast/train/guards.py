@@ -21,7 +21,10 @@ def check_finite(loss: torch.Tensor | float, step: int, last_checkpoint: str | N
     """Raise :class:`NonFiniteLossError` naming the step (and the checkpoint to resume from)."""
     value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
-        where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
-            "; no checkpoint was written yet"
-        raise NonFiniteLossError(f"loss: expected a finite value, got {value} at step {step} "
-                                 f"(lower the learning rate or check the data, in a new run directory){where}")
+        where = (
+            f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else "; no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"loss: expected a finite value, got {value} at step {step} "
+            f"(lower the learning rate or check the data, in a new run directory){where}"
+        )

@@ -78,10 +78,17 @@ def encoder_fingerprint(encoder) -> str | None:
     if callable(own):
         return own()
     if all(hasattr(encoder, a) for a in ("learned", "frozen", "alpha", "n_trainable")):
-        return json_digest({"learned": encoder_fingerprint(encoder.learned), "alpha": encoder.alpha,
-                            "frozen": encoder_fingerprint(encoder.frozen), "n_trainable": encoder.n_trainable})
-    raise TypeError(f"encoder: expected a retriever encoder with fingerprint() or a QueryEncoder, "
-                    f"got {type(encoder).__name__}")
+        return json_digest(
+            {
+                "learned": encoder_fingerprint(encoder.learned),
+                "alpha": encoder.alpha,
+                "frozen": encoder_fingerprint(encoder.frozen),
+                "n_trainable": encoder.n_trainable,
+            }
+        )
+    raise TypeError(
+        f"encoder: expected a retriever encoder with fingerprint() or a QueryEncoder, got {type(encoder).__name__}"
+    )
 
 
 def retrieval_identity(retrieval, encoder) -> dict:
@@ -106,16 +113,20 @@ def open_run(run_dir, identity: Mapping[str, Any], options: dict, resume: bool) 
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not resume:
-        raise ValueError(f"run_dir: {str(run_dir)!r} already holds a run (checkpoint {ckpt.name}); pass "
-                         "resume=True to continue it, or choose another run_dir")
+        raise ValueError(
+            f"run_dir: {str(run_dir)!r} already holds a run (checkpoint {ckpt.name}); pass "
+            "resume=True to continue it, or choose another run_dir"
+        )
     where = f"run_dir {str(run_dir)!r}"
     if ckpt is None:
         write_identity(run_dir / IDENTITY_FILE, identity)
     else:
         stored = read_identity(run_dir / IDENTITY_FILE)
         if stored is None:
-            raise IdentityMismatch(f"{where}: holds checkpoints but no {IDENTITY_FILE}, so what they were trained "
-                                   "from cannot be checked; start a new run_dir")
+            raise IdentityMismatch(
+                f"{where}: holds checkpoints but no {IDENTITY_FILE}, so what they were trained "
+                "from cannot be checked; start a new run_dir"
+            )
         check_identity(stored, identity, where)
     atomic_write_json(run_dir / CONFIG_FILE, options)
     return ckpt
@@ -162,8 +173,7 @@ class Stage(Protocol):
     def step_loss(self, batches: list[list[int]], state: RunState) -> float:
         """Forward and backward of one step's micro-batches (example indices); the step's loss."""
 
-    def after_step(self, state: RunState, loss: float, seconds: float, epoch_ended: bool,
-                   last: bool) -> Offer | None:
+    def after_step(self, state: RunState, loss: float, seconds: float, epoch_ended: bool, last: bool) -> Offer | None:
         """After the optimizer step (``state`` already advanced): metrics, evaluation."""
 
     def postfix(self, state: RunState, loss: float) -> dict:
@@ -212,9 +222,13 @@ class _Loop:
         self.order = DataOrder(opts.n, opts.seed, opts.shuffle)
 
     def _content(self, state: RunState) -> dict:
-        return {"params": self.stage.params, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "data": {"epoch": state.epoch, "position": state.position},
-                "extra": {"log": state.log, "best": state.best}}
+        return {
+            "params": self.stage.params,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "data": {"epoch": state.epoch, "position": state.position},
+            "extra": {"log": state.log, "best": state.best},
+        }
 
     def save(self, state: RunState) -> None:
         state.last_checkpoint = save_checkpoint(self.run_dir, state.step, keep=self.opts.keep, **self._content(state))
@@ -222,16 +236,24 @@ class _Loop:
     def restore(self, path: Path) -> RunState:
         saved = load_checkpoint(path, params=self.stage.params, optimizer=self.optimizer, scheduler=self.scheduler)
         data, extra = saved["data"], saved["extra"]
-        return RunState(step=int(saved["step"]), epoch=int(data["epoch"]), position=int(data["position"]),
-                        log=extra["log"], best=extra["best"], last_checkpoint=path, resumed_from=path)
+        return RunState(
+            step=int(saved["step"]),
+            epoch=int(data["epoch"]),
+            position=int(data["position"]),
+            log=extra["log"],
+            best=extra["best"],
+            last_checkpoint=path,
+            resumed_from=path,
+        )
 
     def offer(self, state: RunState, offer: Offer | None) -> None:
         """Keep ``offer`` as ``checkpoints/best`` when it beats the best so far."""
         if offer is None or self.opts.select is None:
             return
         best = state.best
-        if best is not None and not (offer.value > best["value"] if self.opts.select == "max"
-                                     else offer.value < best["value"]):
+        if best is not None and not (
+            offer.value > best["value"] if self.opts.select == "max" else offer.value < best["value"]
+        ):
             return
         state.best = {"step": state.step, "value": float(offer.value), "record": offer.record}
         save_named(self.run_dir, BEST, state.step, **self._content(state))
@@ -250,8 +272,9 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         state.step += 1
-        state.epoch, state.position, ended = self.order.advance(state.epoch, state.position,
-                                                                sum(len(b) for b in batches))
+        state.epoch, state.position, ended = self.order.advance(
+            state.epoch, state.position, sum(len(b) for b in batches)
+        )
         last = state.step == self.total
         self.offer(state, self.stage.after_step(state, loss, seconds, ended, last))
         if state.step % opts.checkpoint_every == 0 or last:
@@ -259,8 +282,15 @@ class _Loop:
         return loss
 
 
-def run_loop(stage: Stage, opts: LoopOptions, run_dir, checkpoint: Path | None, *, progress: bool = True,
-             on_step: Callable[[dict], None] | None = None) -> RunState:
+def run_loop(
+    stage: Stage,
+    opts: LoopOptions,
+    run_dir,
+    checkpoint: Path | None,
+    *,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+) -> RunState:
     """Train ``stage`` to ``opts.total_steps``, from ``checkpoint`` when given (see the module docstring).
 
     ``on_step`` is called after every step with ``{"step", "loss", "lr", "epoch", "position"}``.
@@ -271,16 +301,24 @@ def run_loop(stage: Stage, opts: LoopOptions, run_dir, checkpoint: Path | None, 
     state = loop.restore(checkpoint) if checkpoint is not None else RunState()
     loop.offer(state, stage.start(state, resumed=checkpoint is not None))
     loop.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(total=loop.total, initial=state.step, desc=stage.desc, unit="step", dynamic_ncols=True,
-               disable=not progress)
+    bar = tqdm(
+        total=loop.total, initial=state.step, desc=stage.desc, unit="step", dynamic_ncols=True, disable=not progress
+    )
     try:
         while state.step < loop.total:
             loss = loop.step(state)
             bar.update(1)
             bar.set_postfix(stage.postfix(state, loss))
             if on_step is not None:
-                on_step({"step": state.step, "loss": loss, "lr": loop.scheduler.get_last_lr()[0],
-                         "epoch": state.epoch, "position": state.position})
+                on_step(
+                    {
+                        "step": state.step,
+                        "loss": loss,
+                        "lr": loop.scheduler.get_last_lr()[0],
+                        "epoch": state.epoch,
+                        "position": state.position,
+                    }
+                )
     finally:
         bar.close()
         loop.optimizer.zero_grad(set_to_none=True)

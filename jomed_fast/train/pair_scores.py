@@ -110,13 +110,21 @@ class PairScores:
         self.namespace = namespace
         self.reader_calls = 0
 
-    def rows(self, query_ids: Sequence[str], query_images: Sequence, questions: Sequence | None,
-             candidate_ids: Sequence[Sequence[str]], candidates: Sequence[Sequence]) -> torch.Tensor:
+    def rows(
+        self,
+        query_ids: Sequence[str],
+        query_images: Sequence,
+        questions: Sequence | None,
+        candidate_ids: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence],
+    ) -> torch.Tensor:
         """float32 ``[B, K, C]`` for B queries x K candidates (their keys and ``Candidate`` objects)."""
         B = len(query_ids)
         if len(candidate_ids) != B or len(candidates) != B or len(query_images) != B:
-            raise ValueError(f"candidate_ids, candidates, query_images: expected {B} entries (one per query), got "
-                             f"{len(candidate_ids)}, {len(candidates)}, {len(query_images)}")
+            raise ValueError(
+                f"candidate_ids, candidates, query_images: expected {B} entries (one per query), got "
+                f"{len(candidate_ids)}, {len(candidates)}, {len(query_images)}"
+            )
         K = len(candidate_ids[0]) if B else 0
         pairs = [(str(query_ids[b]), str(c)) for b in range(B) for c in candidate_ids[b]]
         if len(pairs) != B * K:
@@ -128,9 +136,11 @@ class PairScores:
             group = [b for b in range(B) if len(missing[b]) == m]
             t0 = time.perf_counter()
             with torch.no_grad():
-                out = self.scorer.score([query_images[b] for b in group],
-                                        None if questions is None else [questions[b] for b in group],
-                                        [[candidates[b][k] for k in missing[b]] for b in group])
+                out = self.scorer.score(
+                    [query_images[b] for b in group],
+                    None if questions is None else [questions[b] for b in group],
+                    [[candidates[b][k] for k in missing[b]] for b in group],
+                )
             seconds += time.perf_counter() - t0
             self.reader_calls += 1
             out = out.detach().float().cpu().numpy()

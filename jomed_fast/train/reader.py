@@ -51,8 +51,17 @@ from ..readers.fingerprint import reader_fingerprint
 from . import reader_loss as _loss
 from .checkpoint import CHECKPOINT_DIR
 from .guards import check_finite
-from .loop import BEST, LoopOptions, Offer, RunState, open_run, options_identity, retrieval_identity, run_loop, \
-    write_result
+from .loop import (
+    BEST,
+    LoopOptions,
+    Offer,
+    RunState,
+    open_run,
+    options_identity,
+    retrieval_identity,
+    run_loop,
+    write_result,
+)
 from .reader_config import RESUME_FREE, ReaderTrainConfig
 from .reader_data import ExampleSet, balanced_indices, retrieve_candidates
 
@@ -112,17 +121,24 @@ def _check_args(config, reader, task, train_samples, val_samples, retrieval, ret
     if not val_samples:
         raise ValueError("val_samples: expected at least one sample (validation picks the best checkpoint), got none")
     if (retrieval is None) != (retriever is None):
-        raise ValueError("retrieval, retriever: expected both (retrieval-augmented) or neither (reader only), "
-                         f"got retrieval={type(retrieval).__name__}, retriever={type(retriever).__name__}")
+        raise ValueError(
+            "retrieval, retriever: expected both (retrieval-augmented) or neither (reader only), "
+            f"got retrieval={type(retrieval).__name__}, retriever={type(retriever).__name__}"
+        )
 
 
 def _identity(config, reader, task, train_samples, val_samples, retrieval, retriever) -> dict:
     """What decides a stage-1 result (``identity.json``): the reader as it starts (base weights,
     quantization, CPU kernel, the adapter's initial weights), the task, the samples' content, the
     index and encoder (``None`` for reader only) and every option but ``RESUME_FREE``."""
-    return {"reader": reader_fingerprint(reader), "task": task.name, "train": records_digest(train_samples),
-            "val": records_digest(val_samples), **retrieval_identity(retrieval, retriever),
-            **options_identity(config, RESUME_FREE)}
+    return {
+        "reader": reader_fingerprint(reader),
+        "task": task.name,
+        "train": records_digest(train_samples),
+        "val": records_digest(val_samples),
+        **retrieval_identity(retrieval, retriever),
+        **options_identity(config, RESUME_FREE),
+    }
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -140,14 +156,16 @@ def _build_examples(config, task, train_samples, val_samples, retrieval, retriev
         return ExampleSet(train, task, config.layout), ExampleSet(list(val_samples), task, config.layout)
     train_c, _ = retrieve_candidates(train, retrieval, retriever, config.k_text, config.k_image)
     val_c, _ = retrieve_candidates(list(val_samples), retrieval, retriever, config.k_text, config.k_image)
-    return (ExampleSet(train, task, config.layout, train_c),
-            ExampleSet(list(val_samples), task, config.layout, val_c))
+    return (ExampleSet(train, task, config.layout, train_c), ExampleSet(list(val_samples), task, config.layout, val_c))
 
 
 def _checkpointing_on(model) -> bool:
     # transformers 5 renamed the property (the old name warns); read whichever the class has
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
         else "is_gradient_checkpointing"
+    )
     return bool(getattr(model, name, False))
 
 
@@ -227,31 +245,62 @@ class _ReaderStage:
         return Offer(loss, {"step": state.step, "val_loss": loss})
 
     def postfix(self, state: RunState, loss: float) -> dict:
-        return {"loss": f"{loss:.4f}", "val": f"{state.log['val_loss'][-1][1]:.4f}",
-                "ex_s": f"{self.seen / max(self.busy, 1e-9):.1f}"}
+        return {
+            "loss": f"{loss:.4f}",
+            "val": f"{state.log['val_loss'][-1][1]:.4f}",
+            "ex_s": f"{self.seen / max(self.busy, 1e-9):.1f}",
+        }
 
 
 def _loop_options(config: ReaderTrainConfig, n: int) -> LoopOptions:
-    return LoopOptions(n=n, batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
-                       max_steps=config.max_steps, lr=config.lr, weight_decay=config.weight_decay, seed=config.seed,
-                       warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
-                       checkpoint_every=config.save_every, keep=config.keep, select="min")
+    return LoopOptions(
+        n=n,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        warmup_ratio=config.warmup_ratio,
+        max_grad_norm=config.max_grad_norm,
+        checkpoint_every=config.save_every,
+        keep=config.keep,
+        select="min",
+    )
 
 
 def _result(state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: Path) -> ReaderTrainResult:
     best = state.best
     return ReaderTrainResult(
-        train_loss=[tuple(x) for x in state.log["train_loss"]], val_loss=[tuple(x) for x in state.log["val_loss"]],
-        best_val_loss=best["value"] if best else math.inf, best_step=best["step"] if best else -1,
-        steps=state.step, examples=len(stage1.examples), run_dir=run_dir, adapter_dir=adapter_dir,
-        best_checkpoint=run_dir / CHECKPOINT_DIR / BEST if best else None, last_checkpoint=state.last_checkpoint,
+        train_loss=[tuple(x) for x in state.log["train_loss"]],
+        val_loss=[tuple(x) for x in state.log["val_loss"]],
+        best_val_loss=best["value"] if best else math.inf,
+        best_step=best["step"] if best else -1,
+        steps=state.step,
+        examples=len(stage1.examples),
+        run_dir=run_dir,
+        adapter_dir=adapter_dir,
+        best_checkpoint=run_dir / CHECKPOINT_DIR / BEST if best else None,
+        last_checkpoint=state.last_checkpoint,
         resumed_from=state.resumed_from,
-        examples_per_second=stage1.seen / stage1.busy if stage1.seen else 0.0)
+        examples_per_second=stage1.seen / stage1.busy if stage1.seen else 0.0,
+    )
 
 
-def train_reader(config: ReaderTrainConfig, reader, task, train_samples: Sequence[Any], val_samples: Sequence[Any],
-                 run_dir, retrieval=None, retriever=None, resume: bool = True, progress: bool = True,
-                 on_step: Callable[[dict], None] | None = None) -> ReaderTrainResult:
+def train_reader(
+    config: ReaderTrainConfig,
+    reader,
+    task,
+    train_samples: Sequence[Any],
+    val_samples: Sequence[Any],
+    run_dir,
+    retrieval=None,
+    retriever=None,
+    resume: bool = True,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+) -> ReaderTrainResult:
     """Stage 1: fine-tune the reader's LoRA adapter on (sample, retrieved candidate) prompts.
 
     Args:

@@ -72,23 +72,26 @@ def _query_embeddings(retriever, images: list, batch_size: int) -> torch.Tensor:
     as ``QueryEncoder``, else ``encode_images``), in eval mode without gradients."""
     encode = getattr(retriever, "retrieval_queries", None) or getattr(retriever, "encode_images", None)
     if encode is None:
-        raise TypeError(f"retriever: expected an encoder with encode_images (or retrieval_queries), "
-                        f"got {type(retriever).__name__}")
+        raise TypeError(
+            f"retriever: expected an encoder with encode_images (or retrieval_queries), got {type(retriever).__name__}"
+        )
     was_training = getattr(retriever, "training", False)
     if hasattr(retriever, "eval"):
         retriever.eval()
     try:
         with torch.no_grad():
-            parts = [encode(images[i:i + batch_size]).detach().float().cpu()
-                     for i in range(0, len(images), batch_size)]
+            parts = [
+                encode(images[i : i + batch_size]).detach().float().cpu() for i in range(0, len(images), batch_size)
+            ]
     finally:
         if was_training:
             retriever.train()
     return torch.cat(parts)
 
 
-def retrieve_candidates(samples: Sequence[Any], retrieval, retriever, k_text: int, k_image: int,
-                        batch_size: int = 64) -> tuple[list[list[Candidate]], torch.Tensor]:
+def retrieve_candidates(
+    samples: Sequence[Any], retrieval, retriever, k_text: int, k_image: int, batch_size: int = 64
+) -> tuple[list[list[Candidate]], torch.Tensor]:
     """Each sample's K candidates (text head first, then image head) and their index rows ``[S, K]``."""
     if not samples:
         return [], torch.zeros(0, k_text + k_image, dtype=torch.int64)
@@ -108,14 +111,17 @@ class ExampleSet:
         candidates: per sample, its candidates (``None``: reader only, one example per sample).
     """
 
-    def __init__(self, samples: Sequence[Any], task, layout: str,
-                 candidates: Sequence[Sequence[Candidate]] | None = None):
+    def __init__(
+        self, samples: Sequence[Any], task, layout: str, candidates: Sequence[Sequence[Candidate]] | None = None
+    ):
         self.samples = list(samples)
         self.task = task
         self.layout = layout
         self.candidates = None if candidates is None else [list(c) for c in candidates]
         if self.candidates is not None and len(self.candidates) != len(self.samples):
-            raise ValueError(f"candidates: expected one list per sample ({len(self.samples)}), got {len(self.candidates)}")
+            raise ValueError(
+                f"candidates: expected one list per sample ({len(self.samples)}), got {len(self.candidates)}"
+            )
         if self.candidates is None:
             self.examples = [Example(i, -1) for i in range(len(self.samples))]
         else:
@@ -148,8 +154,7 @@ class ExampleSet:
     def encode(self, reader, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """A padded micro-batch of examples ``indices`` on the reader's device, with ``labels``."""
         prompts = [self.prompt(int(j)) for j in indices]
-        return reader.encode_batch([(imgs, msgs) for imgs, msgs, _ in prompts],
-                                   answers=[a for _, _, a in prompts])
+        return reader.encode_batch([(imgs, msgs) for imgs, msgs, _ in prompts], answers=[a for _, _, a in prompts])
 
     def batches(self, batch_size: int) -> list[list[int]]:
         """Consecutive micro-batches over every example, in order (validation)."""

@@ -60,8 +60,17 @@ from ..readers.fingerprint import reader_fingerprint
 from ..retriever.dual import QueryEncoder
 from ..retriever.head_encoders import HeadEncoders
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint
-from .loop import BEST, LoopOptions, Offer, RunState, open_run, options_identity, retrieval_identity, run_loop, \
-    write_result
+from .loop import (
+    BEST,
+    LoopOptions,
+    Offer,
+    RunState,
+    open_run,
+    options_identity,
+    retrieval_identity,
+    run_loop,
+    write_result,
+)
 from .pair_scores import PairScores, scoring_layout
 from .retriever_config import RESUME_FREE, RetrieverTrainConfig
 from .retriever_data import QuerySet
@@ -108,8 +117,18 @@ _COUNTERS = ("steps", "seconds", "reader_seconds", "reader_calls", "hits", "miss
 
 
 def _new_epoch_record() -> dict:
-    return {"steps": 0, "seconds": 0.0, "reader_seconds": 0.0, "reader_calls": 0, "hits": 0, "misses": 0,
-            "loss_sum": 0.0, "agree_sum": 0, "queries": 0, "resumed": False}
+    return {
+        "steps": 0,
+        "seconds": 0.0,
+        "reader_seconds": 0.0,
+        "reader_calls": 0,
+        "hits": 0,
+        "misses": 0,
+        "loss_sum": 0.0,
+        "agree_sum": 0,
+        "queries": 0,
+        "resumed": False,
+    }
 
 
 def _close_epoch(rec: dict, epoch: int, ev: dict | None) -> dict:
@@ -154,8 +173,12 @@ class _Stage2(HeadModel):
 
     def _counters(self) -> dict:
         stats = self.pairs.cache.stats
-        return {"hits": stats.hits, "misses": stats.misses, "reader_seconds": stats.reader_seconds,
-                "reader_calls": self.pairs.reader_calls}
+        return {
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "reader_seconds": stats.reader_seconds,
+            "reader_calls": self.pairs.reader_calls,
+        }
 
     def step_loss(self, batches: list[list[int]], state: RunState) -> float:
         (idx,) = batches  # one batch per step (grad_accum 1)
@@ -196,8 +219,11 @@ class _Stage2(HeadModel):
         history = state.log["history"]
         last = history[-1]["eval"] if history and history[-1]["eval"] else {}
         hit_rate = self.pairs.cache.stats.hit_rate
-        out = {"loss": f"{loss:.4f}", "agree": f"{self._step['agree'] / self._step['queries']:.2f}",
-               "hit": "-" if hit_rate is None else f"{hit_rate:.2f}"}
+        out = {
+            "loss": f"{loss:.4f}",
+            "agree": f"{self._step['agree'] / self._step['queries']:.2f}",
+            "hit": "-" if hit_rate is None else f"{hit_rate:.2f}",
+        }
         if last:
             out["eval_kl"] = f"{last['kl']:.4f}"
         return out
@@ -210,9 +236,17 @@ class _Stage2(HeadModel):
             selected = state.best["record"]
         final_eval = log["history"][-1]["eval"] if log["history"] else log["initial_eval"]
         return RetrieverTrainResult(
-            run_dir=str(run_dir), head=self.config.head, steps=state.step, total_steps=total, epochs=log["history"],
-            initial_eval=log["initial_eval"], final_eval=final_eval, cache=self.pairs.cache.stats.to_dict(),
-            checkpoint=None if state.last_checkpoint is None else str(state.last_checkpoint), selected=selected)
+            run_dir=str(run_dir),
+            head=self.config.head,
+            steps=state.step,
+            total_steps=total,
+            epochs=log["history"],
+            initial_eval=log["initial_eval"],
+            final_eval=final_eval,
+            cache=self.pairs.cache.stats.to_dict(),
+            checkpoint=None if state.last_checkpoint is None else str(state.last_checkpoint),
+            selected=selected,
+        )
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -228,11 +262,15 @@ def _check_inputs(config, task, retriever, retrieval):
     task = get_task(task) if isinstance(task, str) else task
     if not isinstance(retriever, QueryEncoder):
         if not (hasattr(retriever, "encode_images") and hasattr(retriever, "image_layers")):
-            raise TypeError(f"retriever: expected a QueryEncoder or a base encoder with encode_images / "
-                            f"image_layers, got {type(retriever).__name__}")
+            raise TypeError(
+                f"retriever: expected a QueryEncoder or a base encoder with encode_images / "
+                f"image_layers, got {type(retriever).__name__}"
+            )
         for attr in ("search", "embeddings", "index"):
             if not hasattr(retrieval, attr):
-                raise TypeError(f"retrieval: expected a jomed_fast.candidate_retrieval.Retrieval, got {type(retrieval).__name__}")
+                raise TypeError(
+                    f"retrieval: expected a jomed_fast.candidate_retrieval.Retrieval, got {type(retrieval).__name__}"
+                )
         retriever = QueryEncoder(retriever, config.n_trainable, config.alpha)
     if config.k > retrieval.index.count:
         raise ValueError(f"config.k: expected at most the index size {retrieval.index.count}, got {config.k}")
@@ -242,30 +280,65 @@ def _check_inputs(config, task, retriever, retrieval):
 def _scorer(reader, task, config: RetrieverTrainConfig):
     from ..scoring import CandidateScorer
 
-    return CandidateScorer(reader, task, config.layout, memory_budget=config.memory_budget,
-                           class_mode=config.class_mode, normalize=config.sequence_normalize)
+    return CandidateScorer(
+        reader,
+        task,
+        config.layout,
+        memory_budget=config.memory_budget,
+        class_mode=config.class_mode,
+        normalize=config.sequence_normalize,
+    )
 
 
 def _identity(config, namespace: tuple, train, val, retrieval, encoder, partner) -> dict:
     """What decides a stage-2 result (``identity.json``): the reader, task and scoring layout (the
     cache namespace), the samples' content, the index, the initial query encoder, the partner and
     every option but ``RESUME_FREE``."""
-    return {"reader": namespace[0], "task": namespace[1], "layout": namespace[2], "train": records_digest(train),
-            "val": None if val is None else records_digest(val), **retrieval_identity(retrieval, encoder),
-            "partner": None if partner is None else partner.fingerprint(), **options_identity(config, RESUME_FREE)}
+    return {
+        "reader": namespace[0],
+        "task": namespace[1],
+        "layout": namespace[2],
+        "train": records_digest(train),
+        "val": None if val is None else records_digest(val),
+        **retrieval_identity(retrieval, encoder),
+        "partner": None if partner is None else partner.fingerprint(),
+        **options_identity(config, RESUME_FREE),
+    }
 
 
 def _loop_options(config: RetrieverTrainConfig, n: int) -> LoopOptions:
-    return LoopOptions(n=n, batch_size=config.batch_size, epochs=config.epochs, max_steps=config.max_steps,
-                       lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, shuffle=config.shuffle,
-                       warmup_steps=config.warmup_steps, max_grad_norm=config.grad_clip,
-                       checkpoint_every=config.checkpoint_every, keep=config.keep_checkpoints,
-                       select="max" if config.select == "best_val_accuracy" else None)
+    return LoopOptions(
+        n=n,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        shuffle=config.shuffle,
+        warmup_steps=config.warmup_steps,
+        max_grad_norm=config.grad_clip,
+        checkpoint_every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        select="max" if config.select == "best_val_accuracy" else None,
+    )
 
 
-def train_retriever(config: RetrieverTrainConfig, reader, task, retriever, retrieval, train: Sequence,
-                    val: Sequence | None = None, run_dir: str = "runs/stage2", *, resume: bool = True,
-                    progress: bool = True, scorer=None, partner: Partner | None = None) -> RetrieverTrainResult:
+def train_retriever(
+    config: RetrieverTrainConfig,
+    reader,
+    task,
+    retriever,
+    retrieval,
+    train: Sequence,
+    val: Sequence | None = None,
+    run_dir: str = "runs/stage2",
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    scorer=None,
+    partner: Partner | None = None,
+) -> RetrieverTrainResult:
     """Train one retriever head by Sharp Perplexity Distillation (see the module docstring).
 
     Args:
@@ -316,9 +389,20 @@ class HeadsResult:
         return {"text": self.text, "image": self.image}
 
 
-def train_retriever_heads(config: RetrieverTrainConfig, reader, task, retriever, retrieval, train: Sequence,
-                          val: Sequence | None = None, run_dir: str = "runs/stage2", *, resume: bool = True,
-                          progress: bool = True, image_config: RetrieverTrainConfig | None = None) -> HeadsResult:
+def train_retriever_heads(
+    config: RetrieverTrainConfig,
+    reader,
+    task,
+    retriever,
+    retrieval,
+    train: Sequence,
+    val: Sequence | None = None,
+    run_dir: str = "runs/stage2",
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    image_config: RetrieverTrainConfig | None = None,
+) -> HeadsResult:
     """Both heads, as the reference: the text head (``run_dir/text``), then the image head
     (``run_dir/image``), each its own query encoder started from ``retriever`` (the *base* encoder,
     which is not changed) and mixed with it (``alpha``); see ``retriever.head_encoders``.
@@ -327,20 +411,37 @@ def train_retriever_heads(config: RetrieverTrainConfig, reader, task, retriever,
     run. One score cache (``run_dir/score_cache.bin``, unless ``config.cache_path``) serves both heads.
     """
     if isinstance(retriever, QueryEncoder):
-        raise TypeError("retriever: expected the base encoder (each head builds its own QueryEncoder), got a QueryEncoder")
+        raise TypeError(
+            "retriever: expected the base encoder (each head builds its own QueryEncoder), got a QueryEncoder"
+        )
     if isinstance(config, dict):
         config = RetrieverTrainConfig.from_dict(config)
     root = Path(run_dir)
     cache_path = config.cache_path or str(root / CACHE_FILE)
-    configs = {"text": config.replace(head="text", cache_path=cache_path),
-               "image": (image_config or config).replace(head="image", cache_path=cache_path)}
+    configs = {
+        "text": config.replace(head="text", cache_path=cache_path),
+        "image": (image_config or config).replace(head="image", cache_path=cache_path),
+    }
     encoders, results = {}, {}
     # each head is evaluated (and selected) in the system it will serve in: the text head beside the
     # base image head, the image head beside the text head as selected
-    partners = {"text": lambda: Partner(retriever, configs["image"].select_k),
-                "image": lambda: Partner(encoders["text"].eval(), configs["text"].select_k)}
+    partners = {
+        "text": lambda: Partner(retriever, configs["image"].select_k),
+        "image": lambda: Partner(encoders["text"].eval(), configs["text"].select_k),
+    }
     for head, cfg in configs.items():
         encoders[head] = QueryEncoder(copy.deepcopy(retriever), cfg.n_trainable, cfg.alpha)
-        results[head] = train_retriever(cfg, reader, task, encoders[head], retrieval, train, val, root / head,
-                                        resume=resume, progress=progress, partner=partners[head]())
+        results[head] = train_retriever(
+            cfg,
+            reader,
+            task,
+            encoders[head],
+            retrieval,
+            train,
+            val,
+            root / head,
+            resume=resume,
+            progress=progress,
+            partner=partners[head](),
+        )
     return HeadsResult(text=results["text"], image=results["image"], encoders=HeadEncoders(**encoders))

@@ -103,8 +103,13 @@ class RetrieverTrainConfig(JsonConfig):
 
     # ------------------------------------------------------------------------------ checks
     def validate(self) -> RetrieverTrainConfig:
-        for name, choices in (("head", HEADS), ("target", TARGETS), ("layout", LAYOUTS), ("class_mode", CLASS_MODES),
-                              ("select", SELECTIONS)):
+        for name, choices in (
+            ("head", HEADS),
+            ("target", TARGETS),
+            ("layout", LAYOUTS),
+            ("class_mode", CLASS_MODES),
+            ("select", SELECTIONS),
+        ):
             self._check_choice(name, choices)
         if self.select != "last" and not self.eval_each_epoch:
             self._fail("select", "'last' when eval_each_epoch is False (selection needs the evaluations)", self.select)

@@ -37,8 +37,10 @@ class QuerySet:
     @classmethod
     def from_samples(cls, samples: Sequence, task, name: str) -> QuerySet:
         if task.is_multilabel or not task.has_label_set:
-            raise ValueError(f"task: stage 2 needs a single-label task with a label set, got {task.name!r} "
-                             f"({task.kind}); multi-label gold answers need the answer-string scorer")
+            raise ValueError(
+                f"task: stage 2 needs a single-label task with a label set, got {task.name!r} "
+                f"({task.kind}); multi-label gold answers need the answer-string scorer"
+            )
         if len(samples) == 0:
             raise ValueError(f"{name}: expected at least one sample, got none")
         questions, labels = [], []

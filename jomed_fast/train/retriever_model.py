@@ -38,8 +38,10 @@ class Partner:
     def __post_init__(self) -> None:
         check_int("partner.k", self.k, 1)
         if not (isinstance(self.encoder, QueryEncoder) or hasattr(self.encoder, "encode_images")):
-            raise TypeError(f"partner.encoder: expected a QueryEncoder or an encoder with encode_images, "
-                            f"got {type(self.encoder).__name__}")
+            raise TypeError(
+                f"partner.encoder: expected a QueryEncoder or an encoder with encode_images, "
+                f"got {type(self.encoder).__name__}"
+            )
 
     @torch.no_grad()
     def embed(self, images: list) -> torch.Tensor:
@@ -73,8 +75,13 @@ class HeadModel:
             self.candidate_encoder.load_state_dict(self.encoder.learned.state_dict())
 
     def _rows(self, queries: QuerySet, idx: list[int], images: list, got) -> torch.Tensor:
-        return self.pairs.rows([queries.keys[i] for i in idx], images, queries.questions_of(idx),
-                               self.candidate_keys(got.ids), got.candidates)
+        return self.pairs.rows(
+            [queries.keys[i] for i in idx],
+            images,
+            queries.questions_of(idx),
+            self.candidate_keys(got.ids),
+            got.candidates,
+        )
 
     def batch(self, queries: QuerySet, idx: list[int]):
         """Reader gold log-likelihoods ``r [B, K]``, candidate embeddings ``e [B, K, D]``, the B images."""

@@ -32,8 +32,9 @@ class WarmupCosine:
             raise ValueError(f"warmup_ratio: expected a float in [0, 1), got {warmup_ratio}")
         check_int("warmup_steps", warmup_steps, 0, optional=True, expected="None or an int >= 0")
         self.total_steps = int(total_steps)
-        self.warmup_steps = math.ceil(warmup_ratio * total_steps) if warmup_steps is None \
-            else min(warmup_steps, self.total_steps)
+        self.warmup_steps = (
+            math.ceil(warmup_ratio * total_steps) if warmup_steps is None else min(warmup_steps, self.total_steps)
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -43,7 +44,8 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1,
-                  warmup_steps: int | None = None):
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1, warmup_steps: int | None = None
+):
     """A ``LambdaLR`` over ``optimizer`` following :class:`WarmupCosine`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup_ratio, warmup_steps))

@@ -222,9 +222,12 @@ class ScoreCache:
         self._warn(frames, nbytes, [a for a, _ in damaged])
 
     def _warn(self, frames: int, nbytes: int, offsets: list[int]) -> None:
-        warnings.warn(f"score cache {str(self.path)!r}: dropped {frames} damaged frame(s), {nbytes} bytes at offset(s) "
-                      f"{offsets}; every other frame is kept and the lost pairs will be scored again",
-                      CacheDamageWarning, stacklevel=5)
+        warnings.warn(
+            f"score cache {str(self.path)!r}: dropped {frames} damaged frame(s), {nbytes} bytes at offset(s) "
+            f"{offsets}; every other frame is kept and the lost pairs will be scored again",
+            CacheDamageWarning,
+            stacklevel=5,
+        )
 
     @staticmethod
     def _parse_frame(data: bytes, off: int):
@@ -241,12 +244,12 @@ class ScoreCache:
             return None
         (jlen,) = _U32.unpack_from(payload, 0)
         try:
-            head = json.loads(payload[_U32.size: _U32.size + jlen])
+            head = json.loads(payload[_U32.size : _U32.size + jlen])
             ns = tuple(head["ns"])
             C = int(head["C"])
             pairs = [tuple(p) for p in head["pairs"]]
             seconds = head["seconds"]
-            rows = np.frombuffer(payload[_U32.size + jlen:], dtype="<f4").reshape(len(pairs), C)
+            rows = np.frombuffer(payload[_U32.size + jlen :], dtype="<f4").reshape(len(pairs), C)
         except (ValueError, KeyError, TypeError):
             return None
         if len(seconds) != len(pairs):
@@ -319,8 +322,14 @@ class ScoreCache:
         if not keep:
             return 0
         new = rows[keep]
-        head = json.dumps({"ns": list(ns), "C": int(rows.shape[1]), "pairs": [list(pairs[i]) for i in keep],
-                           "seconds": [per_pair] * len(keep)}).encode()
+        head = json.dumps(
+            {
+                "ns": list(ns),
+                "C": int(rows.shape[1]),
+                "pairs": [list(pairs[i]) for i in keep],
+                "seconds": [per_pair] * len(keep),
+            }
+        ).encode()
         payload = _U32.pack(len(head)) + head + new.astype("<f4").tobytes()
         frame = _FRAME_HEAD.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
         self._file.seek(0, os.SEEK_END)

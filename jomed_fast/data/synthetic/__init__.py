@@ -96,25 +96,13 @@ wording), :mod:`.generator` (:class:`SyntheticGenerator`: prototypes, splits, in
 """
 
 from .captions import (
-    _DISTRACTOR_CAPTIONS,
-    _DX,
-    _DX_HEDGED,
-    _MODALITY,
-    _VERB,
     CLASS_KEYWORDS,
     DIAGNOSIS,
     FINDINGS,
-    _misleading_caption,
     caption_for,
     distractor_caption,
 )
 from .config import (
-    _S_INDEX,
-    _S_INDEX_ORDER,
-    _S_PROTO,
-    _S_SAMPLE,
-    _S_SPLIT_ORDER,
-    _SPLIT_STREAM,
     ATYPICAL_LOOK,
     CALCIFICATIONS,
     CARCINOMA,
@@ -127,20 +115,13 @@ from .config import (
     SPLITS,
     Prototype,
     SyntheticConfig,
-    _rng,
 )
 from .disk import MANIFEST, images_array, load_synthetic, write_synthetic
 from .generator import SyntheticDataset, SyntheticGenerator, generate
 from .render import (
-    _LOOK_PARAMS,
     JITTER_BAND,
     JITTER_POS,
     JITTER_SCALE,
-    _grid,
-    _lesion,
-    _make_geometry,
-    _smooth_blobs,
-    _speckle,
     render_distractor,
     render_ultrasound,
 )

@@ -11,7 +11,6 @@ import numpy as np
 
 from .config import CALCIFICATIONS, CARCINOMA, CYST, FIBROADENOMA, NORMAL
 
-
 # Diagnosis names as captions use them (they contain the class name of the task's legend).
 DIAGNOSIS = {
     NORMAL: "normal breast tissue",

@@ -20,8 +20,13 @@ SPLITS = ("train", "val", "test")
 NUM_CLASSES = len(SYNTHETIC_NAMES)
 
 NORMAL, CYST, FIBROADENOMA, CARCINOMA, CALCIFICATIONS = range(NUM_CLASSES)
-ATYPICAL_LOOK = {NORMAL: CALCIFICATIONS, CYST: FIBROADENOMA, FIBROADENOMA: CYST, CARCINOMA: FIBROADENOMA,
-                 CALCIFICATIONS: NORMAL}
+ATYPICAL_LOOK = {
+    NORMAL: CALCIFICATIONS,
+    CYST: FIBROADENOMA,
+    FIBROADENOMA: CYST,
+    CARCINOMA: FIBROADENOMA,
+    CALCIFICATIONS: NORMAL,
+}
 DISTRACTOR_MODALITIES = ("chest_xray", "fundus", "dermoscopy", "histology")
 
 # Stream ids of the per-item random generators.
@@ -77,7 +82,10 @@ class SyntheticConfig:
         need(0.0 <= self.atypical_cue <= 1.0, f"atypical_cue: expected in [0, 1], got {self.atypical_cue}")
         need(0.0 <= self.speckle <= 1.0, f"speckle: expected in [0, 1], got {self.speckle}")
         rf, mf = self.relevant_fraction, self.misleading_fraction
-        need(0 <= rf and 0 <= mf and rf + mf <= 1, f"relevant_fraction + misleading_fraction must be in [0, 1], got {rf} + {mf}")
+        need(
+            0 <= rf and 0 <= mf and rf + mf <= 1,
+            f"relevant_fraction + misleading_fraction must be in [0, 1], got {rf} + {mf}",
+        )
         object.__setattr__(self, "visibility", (float(lo), float(hi)))
 
     def to_dict(self) -> dict:
@@ -119,5 +127,13 @@ class Prototype:
 
     def geometry(self) -> dict:
         """The keyword arguments :func:`~.render.render_ultrasound` takes as ``geom``."""
-        return dict(cx=self.cx, cy=self.cy, radius=self.radius, aspect=self.aspect, tilt=self.tilt,
-                    harmonics=self.harmonics, dots=self.dots, bands=self.bands)
+        return dict(
+            cx=self.cx,
+            cy=self.cy,
+            radius=self.radius,
+            aspect=self.aspect,
+            tilt=self.tilt,
+            harmonics=self.harmonics,
+            dots=self.dots,
+            bands=self.bands,
+        )

@@ -92,8 +92,9 @@ class SyntheticGenerator:
 
     def _render_case(self, proto: Prototype, visibility: float, rng: np.random.Generator) -> np.ndarray:
         cfg = self.config
-        return render_ultrasound(proto.geometry(), proto.look, visibility, cfg.image_size, rng, cfg.speckle,
-                                 **self._cue(proto))
+        return render_ultrasound(
+            proto.geometry(), proto.look, visibility, cfg.image_size, rng, cfg.speckle, **self._cue(proto)
+        )
 
     # -- samples --------------------------------------------------------------------------------
     def _labels(self, split: str) -> np.ndarray:
@@ -122,10 +123,23 @@ class SyntheticGenerator:
         if cfg.label_noise > 0 and rng.uniform() < cfg.label_noise:
             label = int((true + 1 + rng.integers(NUM_CLASSES - 1)) % NUM_CLASSES)
             noisy = True
-        meta = {"prototype": proto.id, "true_label": true, "look": proto.look, "atypical": proto.atypical,
-                "visibility": vis, "noisy": noisy}
-        return Sample(id=f"syn-{split}-{i:06d}", image_path=None, answer=self.task.format_answer(label), label=label,
-                      question=None, image=image, extra={"meta": meta})
+        meta = {
+            "prototype": proto.id,
+            "true_label": true,
+            "look": proto.look,
+            "atypical": proto.atypical,
+            "visibility": vis,
+            "noisy": noisy,
+        }
+        return Sample(
+            id=f"syn-{split}-{i:06d}",
+            image_path=None,
+            answer=self.task.format_answer(label),
+            label=label,
+            question=None,
+            image=image,
+            extra={"meta": meta},
+        )
 
     def samples(self, split: str) -> list[Sample]:
         return [self.sample(split, i) for i in range(self.config.split_size(split))]
@@ -138,7 +152,9 @@ class SyntheticGenerator:
             n = cfg.index_size
             n_rel = int(round(n * cfg.relevant_fraction))
             n_mis = min(n - n_rel, int(round(n * cfg.misleading_fraction)))
-            kinds = np.concatenate([np.zeros(n_rel, np.int8), np.ones(n_mis, np.int8), np.full(n - n_rel - n_mis, 2, np.int8)])
+            kinds = np.concatenate(
+                [np.zeros(n_rel, np.int8), np.ones(n_mis, np.int8), np.full(n - n_rel - n_mis, 2, np.int8)]
+            )
             kinds = kinds[_rng(cfg.seed, _S_INDEX_ORDER).permutation(n)]
             rank = np.zeros(n, np.int64)
             for k in range(3):
@@ -159,8 +175,9 @@ class SyntheticGenerator:
         kind = self.KINDS[int(kinds[i])]
         make = {"relevant": self._relevant, "misleading": self._misleading, "distractor": self._distractor}[kind]
         image, text, meta = make(int(rank[i]), _rng(cfg.seed, _S_INDEX, i))
-        return IndexRecord(id=f"syn-idx-{i:07d}", image_path=None, text=text, image=image,
-                           extra={"meta": {"kind": kind, **meta}})
+        return IndexRecord(
+            id=f"syn-idx-{i:07d}", image_path=None, text=text, image=image, extra={"meta": {"kind": kind, **meta}}
+        )
 
     def _relevant(self, rank: int, rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
         """A fresh rendering of prototype ``rank mod P``, captioned with its class and findings."""
@@ -170,8 +187,17 @@ class SyntheticGenerator:
         # drawn only when hedging is on: with hedged_rate 0 the random draws are version 1's
         hedged = bool(cfg.hedged_rate > 0 and rng.uniform() < cfg.hedged_rate and not proto.atypical)
         text = caption_for(proto.label, proto.look, rng, hedged=hedged)
-        return image, text, {"label": proto.label, "look": proto.look, "prototype": proto.id,
-                             "modality": "ultrasound", "hedged": hedged}
+        return (
+            image,
+            text,
+            {
+                "label": proto.label,
+                "look": proto.look,
+                "prototype": proto.id,
+                "modality": "ultrasound",
+                "hedged": hedged,
+            },
+        )
 
     def _misleading(self, rank: int, rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
         """The typical look ``rank mod C`` on a geometry of no prototype, captioned as another class."""
@@ -181,23 +207,35 @@ class SyntheticGenerator:
         geom = _make_geometry(rng, look, cfg.image_size)
         vis = float(rng.uniform(*cfg.visibility))
         image = render_ultrasound(geom, look, vis, cfg.image_size, rng, cfg.speckle, jitter=False)
-        return image, _misleading_caption(named, rng), {"label": named, "look": look, "prototype": None,
-                                                        "modality": "ultrasound", "hedged": True}
+        return (
+            image,
+            _misleading_caption(named, rng),
+            {"label": named, "look": look, "prototype": None, "modality": "ultrasound", "hedged": True},
+        )
 
     def _distractor(self, rank: int, rng: np.random.Generator) -> tuple[np.ndarray, str, dict]:
         """An image of another modality (round-robin over them) with an unrelated caption."""
         modality = DISTRACTOR_MODALITIES[rank % len(DISTRACTOR_MODALITIES)]
         image = render_distractor(modality, rng, self.config.image_size)
-        return image, distractor_caption(modality, rng), {"label": None, "look": None, "prototype": None,
-                                                          "modality": modality}
+        return (
+            image,
+            distractor_caption(modality, rng),
+            {"label": None, "look": None, "prototype": None, "modality": modality},
+        )
 
     def index_records(self, start: int = 0, stop: Optional[int] = None) -> list[IndexRecord]:
         stop = self.config.index_size if stop is None else min(stop, self.config.index_size)
         return [self.index_record(i) for i in range(start, stop)]
 
     def generate(self) -> "SyntheticDataset":
-        return SyntheticDataset(config=self.config, task=self.task, train=self.samples("train"),
-                                val=self.samples("val"), test=self.samples("test"), index=self.index_records())
+        return SyntheticDataset(
+            config=self.config,
+            task=self.task,
+            train=self.samples("train"),
+            val=self.samples("val"),
+            test=self.samples("test"),
+            index=self.index_records(),
+        )
 
 
 @dataclass(eq=False)

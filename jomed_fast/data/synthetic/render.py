@@ -48,8 +48,12 @@ def _make_geometry(rng: np.random.Generator, look: int, size: int, tissue_bands:
     dots = tuple((float(r * math.cos(a)), float(r * math.sin(a))) for r, a in zip(rad, ang))
     if tissue_bands is None:
         tissue_bands = tuple(
-            (float(rng.uniform(1.0, 4.0)), float(rng.uniform(0.04, 0.1)), float(rng.uniform(0, 2 * math.pi)),
-             float(rng.uniform(-0.25, 0.25)))
+            (
+                float(rng.uniform(1.0, 4.0)),
+                float(rng.uniform(0.04, 0.1)),
+                float(rng.uniform(0, 2 * math.pi)),
+                float(rng.uniform(-0.25, 0.25)),
+            )
             for _ in range(2)
         )
     return dict(
@@ -128,8 +132,15 @@ def _lesion(geom: dict, look: int, tissue: np.ndarray, cx: float, cy: float, r: 
 
 
 def render_ultrasound(
-    geom: dict, look: int, visibility: float, size: int, rng: np.random.Generator, speckle: float, jitter: bool = True,
-    cue_look: int | None = None, cue: float = 0.0,
+    geom: dict,
+    look: int,
+    visibility: float,
+    size: int,
+    rng: np.random.Generator,
+    speckle: float,
+    jitter: bool = True,
+    cue_look: int | None = None,
+    cue: float = 0.0,
 ) -> np.ndarray:
     """One grey ultrasound-like rendering of ``geom`` with ``look``; ``[S, S, 3]`` uint8.
 
@@ -198,12 +209,18 @@ def render_distractor(modality: str, rng: np.random.Generator, size: int) -> np.
         for _ in range(4):
             ang = rng.uniform(0, 2 * math.pi)
             d = np.abs(-(xx - ox) * math.sin(ang) + (yy - oy) * math.cos(ang))
-            vessels += np.exp(-(d / (0.015 * s)) ** 2) * ((xx - ox) * math.cos(ang) + (yy - oy) * math.sin(ang) > 0)
-        img = base + od[..., None] * np.array([0.15, 0.5, 0.5]) - 0.3 * np.clip(vessels, 0, 1)[..., None] * disc_mask[..., None]
+            vessels += np.exp(-((d / (0.015 * s)) ** 2)) * ((xx - ox) * math.cos(ang) + (yy - oy) * math.sin(ang) > 0)
+        img = (
+            base
+            + od[..., None] * np.array([0.15, 0.5, 0.5])
+            - 0.3 * np.clip(vessels, 0, 1)[..., None] * disc_mask[..., None]
+        )
     elif modality == "dermoscopy":
         skin = np.array([0.85, 0.65, 0.55]) + rng.uniform(-0.05, 0.05, 3)
         lesion = np.clip(_smooth_blobs(rng, size, 3, 0.08, 0.16), 0, 1)
-        img = skin[None, None, :] * (1 - 0.6 * lesion[..., None]) + lesion[..., None] * np.array([0.25, 0.12, 0.05]) * 0.6
+        img = (
+            skin[None, None, :] * (1 - 0.6 * lesion[..., None]) + lesion[..., None] * np.array([0.25, 0.12, 0.05]) * 0.6
+        )
     else:  # histology
         pink = np.array([0.92, 0.7, 0.82])
         nuclei = np.clip(_smooth_blobs(rng, size, int(rng.integers(12, 25)), 0.02, 0.04), 0, 1)
