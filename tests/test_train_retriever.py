@@ -17,16 +17,12 @@ import torch
 from jomed_fast.identity import IdentityMismatch
 from jomed_fast.retriever import QueryEncoder
 from jomed_fast.scoring import CandidateScorer
-from jomed_fast.train import NonFiniteLossError, latest_checkpoint
+from jomed_fast.train import NonFiniteLossError, latest_checkpoint, retriever_heads
 from jomed_fast.train import retriever as stage2
 from jomed_fast.train.checkpoint import load_weights
 from jomed_fast.train.pair_scores import PairScores, scoring_layout
-from jomed_fast.train.retriever import (
-    RetrieverTrainConfig,
-    distillation_loss,
-    train_retriever,
-    train_retriever_heads,
-)
+from jomed_fast.train.retriever import RetrieverTrainConfig, distillation_loss, train_retriever
+from jomed_fast.train.retriever_heads import train_retriever_heads
 from jomed_fast.train.score_cache import ScoreCache
 
 pytestmark = [
@@ -315,7 +311,7 @@ def test_each_head_trains_its_own_encoder_from_the_base(setup, tmp_path, monkeyp
         starts[config.head] = {n: p.detach().clone() for n, p in retriever.learned.named_parameters()}
         return real(config, reader, task, retriever, *a, **k)
 
-    monkeypatch.setattr(stage2, "train_retriever", spy)
+    monkeypatch.setattr(retriever_heads, "train_retriever", spy)
     base = copy.deepcopy(enc)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     cfg = RetrieverTrainConfig(**{**FAST, "alpha": 0.15}, epochs=1, eval_each_epoch=False)

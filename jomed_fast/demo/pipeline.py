@@ -158,7 +158,7 @@ def _stage2(out: Path, config: DemoConfig, reader, ds, retrieval, base, progress
     """The trained per-head query encoders (``retriever.HeadEncoders``), trained once and kept in
     ``stage2/query_encoder``."""
     from ..retriever import load_head_encoders
-    from ..train.retriever import train_retriever_heads
+    from ..train.retriever_heads import train_retriever_heads
 
     d = out / "stage2"
     if not (d / "query_encoder" / "done.json").exists():

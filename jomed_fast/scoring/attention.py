@@ -17,6 +17,8 @@ The decoder runs each chunk of candidate rows with
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -120,3 +122,24 @@ def suffix_mask(
     bottom = torch.cat([node_q, node_ancestors.to(device)[None].expand(R, N, N)], dim=2)
     allowed = torch.cat([pre, torch.cat([top, bottom], dim=1)], dim=2)
     return allowed[:, None]
+
+
+@dataclasses.dataclass
+class Prefixes:
+    """What the prefix stage produced: the KV-cache of the U distinct prefixes (None when every
+    prefix is empty), which prefix each query reads (``[B]`` long), the padded prefix length Pm
+    and the prefix rows per forward (0: none ran)."""
+
+    kv: PrefixKV | None
+    of_query: torch.Tensor
+    length: int
+    rows_per_chunk: int = 0
+
+    def cache_for(self, queries: torch.Tensor):
+        """The cache of rows belonging to ``queries`` (``[R]`` long), or None without a prefix."""
+        return None if self.kv is None else self.kv.cache_for(self.of_query[queries])
+
+    def shared(self, queries: torch.Tensor) -> bool:
+        """Whether rows of ``queries`` all read one prefix (the cache is an expanded view then)."""
+        u = self.of_query[queries]
+        return self.kv is not None and bool((u == u[0]).all())

@@ -37,7 +37,6 @@ within the budget too. Otherwise everything runs under ``torch.no_grad``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any
 
 import torch
@@ -47,67 +46,15 @@ from .. import prompts as _prompts
 from .._profiling import stage
 from ..memory.arch import describe
 from ..tasks.verbalizer import build_verbalizer
-from .attention import PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
+from .attention import Prefixes, PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
 from .batch import Packing, SuffixRows, pack
 from .class_head import ClassHead
 from .images import ImageTable
 from .inputs import normalize_inputs
 from .memory_budget import RowCost, check_budget, check_overhead, default_budget, plan_chunks
+from .score_stats import ScoreStats
 
 CHECKPOINT_MODES = ("auto", True, False)
-
-
-@dataclasses.dataclass
-class ScoreStats:
-    """What the last ``score`` call ran (for benchmarks and the FLOP model)."""
-
-    layout: str
-    queries: int
-    candidates: int
-    class_mode: str
-    vision_images: int = 0  # distinct images through the vision tower
-    vision_patches: int = 0
-    image_tokens: int = 0  # image features produced (placeholder tokens filled by them)
-    prefix_rows: int = 0  # distinct prefixes run
-    prefix_tokens: int = 0  # real prefix tokens run through the LLM
-    prefix_slots: int = 0  # including padding
-    suffix_tokens: int = 0  # real suffix tokens (all rows)
-    class_tokens: int = 0  # trie-node tokens (all rows)
-    suffix_slots: int = 0  # suffix + node slots computed, including padding
-    chunks: int = 0  # suffix forwards
-    rows_per_chunk: int = 0  # rows of the largest suffix chunk
-    chunk_shapes: list = dataclasses.field(default_factory=list)  # (rows, padded length incl. nodes) per chunk
-    prefix_rows_per_chunk: int = 0
-    row_bytes: int = 0  # one suffix row at the longest length
-    memory_budget: int = 0
-    forward_overhead: float = 0.0  # the cost model's fixed cost of a suffix forward, in token slots
-    shared_prefix_chunks: int = 0  # chunks whose rows all read one prefix (expanded cache view)
-
-    @property
-    def llm_tokens(self) -> int:
-        """Real tokens run through the language model (prefix + suffix + class tokens)."""
-        return self.prefix_tokens + self.suffix_tokens + self.class_tokens
-
-
-@dataclasses.dataclass
-class Prefixes:
-    """What the prefix stage produced: the KV-cache of the U distinct prefixes (None when every
-    prefix is empty), which prefix each query reads (``[B]`` long), the padded prefix length Pm
-    and the prefix rows per forward (0: none ran)."""
-
-    kv: PrefixKV | None
-    of_query: torch.Tensor
-    length: int
-    rows_per_chunk: int = 0
-
-    def cache_for(self, queries: torch.Tensor):
-        """The cache of rows belonging to ``queries`` (``[R]`` long), or None without a prefix."""
-        return None if self.kv is None else self.kv.cache_for(self.of_query[queries])
-
-    def shared(self, queries: torch.Tensor) -> bool:
-        """Whether rows of ``queries`` all read one prefix (the cache is an expanded view then)."""
-        u = self.of_query[queries]
-        return self.kv is not None and bool((u == u[0]).all())
 
 
 class CandidateScorer:

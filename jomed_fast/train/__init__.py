@@ -1,4 +1,5 @@
-"""Training: stage 1 (reader, ``train.reader``) and stage 2 (retriever, ``train.retriever``).
+"""Training: stage 1 (reader, ``train.reader``) and stage 2 (retriever, ``train.retriever``;
+``train.retriever_heads`` both heads in turn).
 
 Both run one loop (``loop``: the run directory and its identity, the step / evaluate / select /
 checkpoint cycle, exact resume); each stage supplies its loss, its batch and its evaluation.
@@ -11,12 +12,8 @@ trip and checks), ``score_cache`` (stage 2's exact reader-score cache, keyed by 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_named
 from .guards import NonFiniteLossError, check_finite
 from .reader import ReaderTrainConfig, ReaderTrainResult, train_reader
-from .retriever import (
-    RetrieverTrainConfig,
-    RetrieverTrainResult,
-    train_retriever,
-    train_retriever_heads,
-)
+from .retriever import RetrieverTrainConfig, RetrieverTrainResult, train_retriever
+from .retriever_heads import train_retriever_heads
 from .schedule import WarmupCosine, warmup_cosine
 from .score_cache import ScoreCache
 

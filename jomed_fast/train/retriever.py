@@ -41,16 +41,11 @@ result — the reader (with its adapter), the task and scoring layout, the train
 samples' content, the index, the initial query encoder, the partner and every option but
 ``RESUME_FREE`` — and a resume with any of them changed is refused naming them.
 
-``train_retriever`` trains one head; ``train_retriever_heads`` both, as the reference: the text
-head, then the image head, each its own query encoder started from the base encoder
-(``retriever.HeadEncoders``; ``run_dir/text``, ``run_dir/image``, one score cache
-``run_dir/score_cache.bin`` shared by both). Each head is selected by the system it will serve
-in: the text head beside the base image head, the image head beside the selected text head.
+``train_retriever`` trains one head; :mod:`.retriever_heads` trains both, one after the other.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +53,6 @@ from pathlib import Path
 from ..data.records import records_digest
 from ..readers.fingerprint import reader_fingerprint
 from ..retriever.dual import QueryEncoder
-from ..retriever.head_encoders import HeadEncoders
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint
 from .loop import (
     BEST,
@@ -79,7 +73,6 @@ from .retriever_model import HeadModel, Partner, evaluate_retriever
 from .score_cache import ScoreCache
 
 __all__ = [
-    "HeadsResult",
     "Partner",
     "RetrieverTrainConfig",
     "RetrieverTrainResult",
@@ -87,7 +80,6 @@ __all__ = [
     "evaluate_retriever",
     "retriever_scores",
     "train_retriever",
-    "train_retriever_heads",
 ]
 
 CACHE_FILE = "score_cache.bin"
@@ -375,73 +367,3 @@ def train_retriever(
         cache.close()
     write_result(run_dir, result.to_dict())
     return result
-
-
-@dataclasses.dataclass
-class HeadsResult:
-    """``train_retriever_heads``' outcome: each head's run and the trained per-head query encoders."""
-
-    text: RetrieverTrainResult
-    image: RetrieverTrainResult
-    encoders: HeadEncoders
-
-    def results(self) -> dict:
-        return {"text": self.text, "image": self.image}
-
-
-def train_retriever_heads(
-    config: RetrieverTrainConfig,
-    reader,
-    task,
-    retriever,
-    retrieval,
-    train: Sequence,
-    val: Sequence | None = None,
-    run_dir: str = "runs/stage2",
-    *,
-    resume: bool = True,
-    progress: bool = True,
-    image_config: RetrieverTrainConfig | None = None,
-) -> HeadsResult:
-    """Both heads, as the reference: the text head (``run_dir/text``), then the image head
-    (``run_dir/image``), each its own query encoder started from ``retriever`` (the *base* encoder,
-    which is not changed) and mixed with it (``alpha``); see ``retriever.head_encoders``.
-
-    ``image_config`` (default: ``config`` with ``head="image"``) may change options of the second
-    run. One score cache (``run_dir/score_cache.bin``, unless ``config.cache_path``) serves both heads.
-    """
-    if isinstance(retriever, QueryEncoder):
-        raise TypeError(
-            "retriever: expected the base encoder (each head builds its own QueryEncoder), got a QueryEncoder"
-        )
-    if isinstance(config, dict):
-        config = RetrieverTrainConfig.from_dict(config)
-    root = Path(run_dir)
-    cache_path = config.cache_path or str(root / CACHE_FILE)
-    configs = {
-        "text": config.replace(head="text", cache_path=cache_path),
-        "image": (image_config or config).replace(head="image", cache_path=cache_path),
-    }
-    encoders, results = {}, {}
-    # each head is evaluated (and selected) in the system it will serve in: the text head beside the
-    # base image head, the image head beside the text head as selected
-    partners = {
-        "text": lambda: Partner(retriever, configs["image"].select_k),
-        "image": lambda: Partner(encoders["text"].eval(), configs["text"].select_k),
-    }
-    for head, cfg in configs.items():
-        encoders[head] = QueryEncoder(copy.deepcopy(retriever), cfg.n_trainable, cfg.alpha)
-        results[head] = train_retriever(
-            cfg,
-            reader,
-            task,
-            encoders[head],
-            retrieval,
-            train,
-            val,
-            root / head,
-            resume=resume,
-            progress=progress,
-            partner=partners[head](),
-        )
-    return HeadsResult(text=results["text"], image=results["image"], encoders=HeadEncoders(**encoders))

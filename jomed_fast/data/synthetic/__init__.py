@@ -91,7 +91,8 @@ captions, metadata and pixels).
 
 Modules: :mod:`.config` (classes, random streams, :class:`SyntheticConfig`, :class:`Prototype`),
 :mod:`.render` (lesion geometry, ultrasound and distractor images), :mod:`.captions` (the
-wording), :mod:`.generator` (:class:`SyntheticGenerator`: prototypes, splits, index),
+wording), :mod:`.generator` (:class:`SyntheticGenerator`: prototypes, splits, index), :mod:`.dataset`
+(:class:`SyntheticDataset`: all of it in memory),
 :mod:`.disk` (:func:`write_synthetic`, :func:`load_synthetic`).
 """
 
@@ -116,8 +117,9 @@ from .config import (
     Prototype,
     SyntheticConfig,
 )
+from .dataset import SyntheticDataset
 from .disk import MANIFEST, images_array, load_synthetic, write_synthetic
-from .generator import SyntheticDataset, SyntheticGenerator, generate
+from .generator import SyntheticGenerator, generate
 from .render import (
     JITTER_BAND,
     JITTER_POS,

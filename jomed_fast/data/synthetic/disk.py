@@ -14,7 +14,7 @@ from ..errors import DataError
 from ..io import PathLike, atomic_write_json, sha256_file
 from ..records import load_index_records, load_samples, write_index_records, write_samples
 from .config import GENERATOR_VERSION, SPLITS, SyntheticConfig
-from .generator import SyntheticDataset
+from .dataset import SyntheticDataset
 
 MANIFEST = "manifest.json"
 

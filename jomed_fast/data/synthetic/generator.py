@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -28,6 +27,7 @@ from .config import (
     SyntheticConfig,
     _rng,
 )
+from .dataset import SyntheticDataset
 from .render import _make_geometry, render_distractor, render_ultrasound
 
 
@@ -227,7 +227,7 @@ class SyntheticGenerator:
         stop = self.config.index_size if stop is None else min(stop, self.config.index_size)
         return [self.index_record(i) for i in range(start, stop)]
 
-    def generate(self) -> "SyntheticDataset":
+    def generate(self) -> SyntheticDataset:
         return SyntheticDataset(
             config=self.config,
             task=self.task,
@@ -236,23 +236,6 @@ class SyntheticGenerator:
             test=self.samples("test"),
             index=self.index_records(),
         )
-
-
-@dataclass(eq=False)
-class SyntheticDataset:
-    """All splits and the index of one config, in memory (or read back by ``load_synthetic``)."""
-
-    config: SyntheticConfig
-    task: Task
-    train: list
-    val: list
-    test: list
-    index: list
-
-    def split(self, name: str) -> list:
-        if name not in (*SPLITS, "index"):
-            raise ValueError(f"split: expected one of {(*SPLITS, 'index')}, got {name!r}")
-        return getattr(self, name)
 
 
 def generate(config: Optional[SyntheticConfig] = None, **overrides: Any) -> SyntheticDataset:
