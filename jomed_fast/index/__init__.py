@@ -15,6 +15,8 @@ Modules, by responsibility:
 * :mod:`.opened` — :class:`Index`: open + verify, records, the images they name, search.
 * :mod:`.search` — ``ops.topk_similarity`` (exact), faiss ``IndexFlatIP`` / ``IndexIVFFlat``,
   multi-GPU sharding when faiss has several GPUs.
+* :mod:`.flat` — :class:`FlatIndex`: an in-memory exact inner-product index used like
+  ``faiss.IndexFlatIP`` (``add`` / ``search``), searched by ``ops.topk_similarity``.
 * :mod:`.cost` — memory and search cost model at a given scale (the paper's index).
 * ``python -m jomed_fast.index`` — ``build-synthetic``, ``verify`` (index files and every image's
   sha256), ``cost`` (also under torchrun).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from .build import FILES, HEADS, build_index, synthetic_encoder, synthetic_records
 from .cost import PAPER_INDEX, index_cost
+from .flat import FlatIndex
 from .opened import Index
 
 
@@ -52,6 +55,7 @@ def build_synthetic_index(
 
 __all__ = [
     "FILES",
+    "FlatIndex",
     "HEADS",
     "PAPER_INDEX",
     "Index",
