@@ -316,25 +316,10 @@ def synthetic_records(n: int, *, seed: int = 0) -> _LazySynthetic:
     return _LazySynthetic(SyntheticGenerator(seed=seed, index_size=n), n)
 
 
-def synthetic_captions_vocabulary() -> list[str]:
-    """Every phrase the synthetic captions are assembled from (covers their whole word vocabulary)."""
-    from jomed_fast.data import synthetic as syn
-
-    phrases = [
-        *syn._MODALITY,
-        *syn._VERB,
-        *(d.format("") for d in (*syn._DX, *syn._DX_HEDGED)),
-        "atypical appearance biopsy-proven",
-    ]
-    phrases += [str(v) for v in syn.DIAGNOSIS.values()]
-    phrases += [f for fs in syn.FINDINGS.values() for f in fs]
-    phrases += [c for cs in syn._DISTRACTOR_CAPTIONS.values() for c in cs]
-    return phrases
-
-
 def synthetic_encoder(*, seed: int = 0, **config):
     """A deterministic untrained TinyCLIP (``config``: TinyConfig fields) whose vocabulary covers the
     synthetic captions; the same weights on every rank, so the fingerprints agree."""
+    from jomed_fast.data.synthetic.captions import caption_vocabulary
     from jomed_fast.retriever import TinyCLIP
 
-    return TinyCLIP.from_captions(synthetic_captions_vocabulary(), seed=seed, **config)
+    return TinyCLIP.from_captions(caption_vocabulary(), seed=seed, **config)

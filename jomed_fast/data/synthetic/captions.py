@@ -116,3 +116,17 @@ def distractor_caption(modality: str, rng: np.random.Generator) -> str:
     caps = _DISTRACTOR_CAPTIONS[modality]
     text = caps[int(rng.integers(len(caps)))]
     return text[0].upper() + text[1:] + "."
+
+
+def caption_vocabulary() -> list[str]:
+    """Every phrase the captions are assembled from (so it covers their whole word vocabulary)."""
+    phrases = [
+        *_MODALITY,
+        *_VERB,
+        *(d.format("") for d in (*_DX, *_DX_HEDGED)),
+        "atypical appearance biopsy-proven",
+    ]
+    phrases += [str(v) for v in DIAGNOSIS.values()]
+    phrases += [f for fs in FINDINGS.values() for f in fs]
+    phrases += [c for cs in _DISTRACTOR_CAPTIONS.values() for c in cs]
+    return phrases
