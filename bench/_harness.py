@@ -6,7 +6,8 @@ Markdown tables, and the argparse options every bench takes.
   :func:`round_robin` runs several functions in rounds on top of it (warm-up rounds untimed), so
   that load from other processes on a shared machine falls on all of them alike; :func:`profile`
   runs each once under ``torch.profiler``.
-* :class:`PeakMemory`: the CUDA allocator's peak, or on CPU the process's peak resident set.
+* :class:`PeakMemory` (``jomed_fast.memory.peak``): the CUDA allocator's peak, or on CPU the
+  process's peak resident set.
 * :func:`write_json` (atomic; NaN / inf as null), :func:`save_png` (atomic).
 * :class:`Column`, :func:`text_table` / :func:`text_row`, :func:`markdown_table`.
 * :func:`arguments`, :func:`add_common`, :func:`require_at_least`.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import math
@@ -34,6 +34,7 @@ import torch
 
 from jomed_fast._files import atomic_write_via
 from jomed_fast._profiling import stage
+from jomed_fast.memory.peak import PeakMemory
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -47,46 +48,6 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Timing and memory
 # ---------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of one call: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's
-    peak resident set (VmHWM), reset through ``/proc/self/clear_refs`` after ``malloc_trim(0)``
-    hands freed heap pages back (so it includes everything resident, weights too); without
-    ``/proc`` (not Linux) the peak since the process started (``ru_maxrss``, not resettable)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.linux = os.path.exists("/proc/self/clear_refs")
-        try:
-            self._libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self._libc = None
-
-    def reset(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
-        if self.linux:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # 5: reset VmHWM to the current resident set
-
-    def peak(self) -> int:
-        """Bytes: the peak since the last :meth:`reset`."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return int(torch.cuda.max_memory_allocated())
-        if self.linux:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 @dataclasses.dataclass(frozen=True)
 class Timing:
     seconds: float

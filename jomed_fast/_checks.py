@@ -9,7 +9,7 @@ them); a caller that takes them says so itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = ["check_int", "is_int", "is_number", "positive_int"]
 
@@ -32,6 +32,30 @@ def _int_wording(lo: int | None, hi: int | None) -> str:
     if hi is not None:
         return f"an int <= {hi}"
     return "an int"
+
+
+@overload
+def check_int(
+    name: str,
+    value: Any,
+    lo: int | None = ...,
+    hi: int | None = ...,
+    *,
+    optional: Literal[False] = ...,
+    expected: str | None = ...,
+) -> int: ...
+
+
+@overload
+def check_int(
+    name: str,
+    value: Any,
+    lo: int | None = ...,
+    hi: int | None = ...,
+    *,
+    optional: bool,
+    expected: str | None = ...,
+) -> int | None: ...
 
 
 def check_int(

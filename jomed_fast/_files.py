@@ -31,7 +31,15 @@ from typing import Callable
 
 from ._manifest import write_manifest
 
-__all__ = ["atomic_write_via", "make_temp_dir", "make_temp_file", "replace_dir_atomically", "sha256_file"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_via",
+    "make_temp_dir",
+    "make_temp_file",
+    "replace_dir_atomically",
+    "sha256_file",
+]
 
 # Names tried before giving up (tempfile tries TMP_MAX = 10000; 8 random bytes rarely collide once).
 _ATTEMPTS = 100
@@ -95,20 +103,39 @@ def _give_modes(root: str | os.PathLike, dir_mode: int) -> None:
                 _give_mode(p, file_mode)
 
 
-def atomic_write_via(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then move it onto ``path``
-    (with the mode a plain ``open(path, "w")`` would give it, whatever ``write`` did)."""
+def atomic_write_via(path: str | os.PathLike, write: Callable[[str], object], *, fsync: bool = False) -> None:
+    """Call ``write(tmp_path)`` on a temporary sibling of ``path`` (parent folders made), then move
+    it onto ``path`` with the mode a plain ``open(path, "w")`` would give it, whatever ``write`` did.
+
+    A reader never sees a partial file; a killed writer leaves at most a hidden ``.<name>.*.tmp``
+    sibling. ``fsync`` flushes the content to disk before the move (power-loss safety of small
+    files that others are keyed on: manifests, predictions).
+    """
     path = Path(path)
-    fd, tmp = make_temp_file(path.parent, prefix=path.name + ".", suffix=".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(tmp)
         _give_mode(tmp, mode)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> None:
+    """``data`` at ``path``, written atomically (``atomic_write_via``)."""
+    atomic_write_via(path, lambda tmp: Path(tmp).write_bytes(data), fsync=fsync)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """``text`` (UTF-8) at ``path``, written atomically (``atomic_write_via``)."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 def replace_dir_atomically(out: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

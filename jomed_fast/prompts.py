@@ -235,7 +235,8 @@ def _render_all(processor, layout, task, query_image, question, candidates) -> l
     """The K prompt texts. The chat template runs once per candidate *shape* (with / without an
     image) with a sentinel for the caption, which is then substituted; the first substitution is
     checked against a direct rendering (a template that rewrites text falls back to rendering each)."""
-    shapes: dict[tuple, str] = {}
+    # per shape: (template, the sentinel's context in it), or None where substitution is unsafe
+    shapes: dict[tuple, tuple[str, str] | None] = {}
     texts = []
     for cand in candidates:
         if cand is None:
@@ -244,14 +245,13 @@ def _render_all(processor, layout, task, query_image, question, candidates) -> l
         key = (cand.image is not None,)
         if key not in shapes:
             probe = Candidate(image=cand.image, text=_SENTINEL)
-            shapes[key] = render_prompt(processor, layout, task, query_image, question, probe)
+            template = render_prompt(processor, layout, task, query_image, question, probe)
             direct = render_prompt(processor, layout, task, query_image, question, cand)
             context, sentinel_context = _context(layout, task, cand.text), _context(layout, task, _SENTINEL)
-            template = shapes[key]
-            if template.count(sentinel_context) != 1 or template.replace(sentinel_context, context) != direct:
-                shapes[key] = None  # type: ignore[assignment]
-            else:
-                shapes[key] = (template, sentinel_context)  # type: ignore[assignment]
+            substitutes = (
+                template.count(sentinel_context) == 1 and template.replace(sentinel_context, context) == direct
+            )
+            shapes[key] = (template, sentinel_context) if substitutes else None
         entry = shapes[key]
         if entry is None:
             texts.append(render_prompt(processor, layout, task, query_image, question, cand))

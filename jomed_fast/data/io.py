@@ -10,41 +10,10 @@ from typing import Any, Iterable, Union
 
 import numpy as np
 
-from jomed_fast._files import (
-    make_temp_file,
-    sha256_file,  # noqa: F401  (re-exported: data.io.sha256_file)
-)
+# re-exported: the data layer writes through them as data.io.*
+from jomed_fast._files import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401
 
 PathLike = Union[str, os.PathLike]
-
-
-def atomic_write_bytes(path: PathLike, data: bytes, *, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    A reader never sees a partial file; a killed writer leaves at most a ``.tmp`` file behind.
-    ``fsync`` also flushes to disk before the rename (for power-loss safety of small manifests).
-    The file gets the mode a plain ``open(path, "wb")`` would (``0o666 & ~umask``; see ``_files``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: PathLike, text: str, *, fsync: bool = False) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 def atomic_write_jsonl(path: PathLike, rows: Iterable[dict], *, fsync: bool = True) -> int:

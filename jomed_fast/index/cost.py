@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from .._checks import check_int
 
@@ -95,7 +96,7 @@ def index_cost(
         touched = (1.0 - (1.0 - frac) ** q) if reuse else q * frac
         return (heads * (nlist * row + touched * n * row + q * k * 12), heads * 2.0 * q * dim * (nlist + frac * n))
 
-    out = {
+    out: dict[str, Any] = {
         "n": n,
         "dim": dim,
         "dtype_bytes": dtype_bytes,
@@ -109,7 +110,7 @@ def index_cost(
         "devices": {},
     }
     for name, dev in devices.items():
-        d = {
+        d: dict[str, Any] = {
             "fits": heads * per_head / dev["memory"],
             "crossover_q": dev["flops"] * dtype_bytes / (2 * dev["bandwidth"]),
             "exact": {},

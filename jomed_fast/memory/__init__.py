@@ -1,7 +1,8 @@
 """Memory planner: predicted peak GPU memory of JOMED runs (weights, LoRA, optimizer, activations,
 KV-cache, class-head outputs, workspace). ``plan``, ``format_table``, ``suggest``; CLI
 ``python -m jomed_fast.memory``. Split: ``arch`` (config -> tensor list), ``weights`` (bytes by
-storage kind), ``plan`` (runs, activations, search), ``cli``."""
+storage kind), ``plan`` (runs, activations, search), ``cli``; ``peak`` measures a call's peak memory (the
+benchmarks' and the planner's checks)."""
 
 from .arch import SHIPPED, describe, load_config
 from .plan import LAYOUTS, STAGES, MemoryPlan, Run, format_table, plan, suggest, tokens_in_flight

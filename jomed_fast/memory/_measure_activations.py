@@ -3,8 +3,8 @@
 ``python -m jomed_fast.memory._measure_activations CKPT_DIR T`` loads the reader in NF4 with LoRA
 and non-reentrant gradient checkpointing, warms up with two 64-token steps, then runs one T-token
 forward + backward and prints JSON: resident bytes before the step, the peak during it and their
-difference. The peak is the kernel's high-water mark (VmHWM), reset just before the step through
-``/proc/self/clear_refs`` so the loading and quantization peaks are not counted. Run it with
+difference. The peak is the kernel's high-water mark (``memory.peak.PeakMemory``: VmHWM), reset
+just before the step so the loading and quantization peaks are not counted. Run it with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns freed tensors to the OS and the resident size
 follows torch's live bytes. Used by tests/test_memory.py.
 """
@@ -14,25 +14,8 @@ import sys
 
 import torch
 
+from jomed_fast.memory.peak import PeakMemory, resident_bytes
 from jomed_fast.readers.hf_reader import load_reader
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # 5: reset the peak resident set size (VmHWM) to the current one
-
-
-def peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status: expected a VmHWM line, found none")
 
 
 def main(checkpoint: str, tokens: int) -> dict:
@@ -51,10 +34,11 @@ def main(checkpoint: str, tokens: int) -> dict:
 
     step(64)
     step(64)
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
     base = resident_bytes()
-    reset_peak()
     step(tokens)
-    peak = peak_bytes()
+    peak = memory.peak()
     return {"base": base, "peak": peak, "delta": peak - base}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,11 @@ class QueryEncoder(nn.Module):
     Keeps a frozen copy of the base encoder (``self.frozen``) for candidate retrieval and for the mix;
     :meth:`refresh` copies the learned weights into it (reference: every 10 steps).
     """
+
+    # the base encoder and its frozen copy: modules with encode_images / image_layers (TinyCLIP,
+    # retriever.hf's adapters), duck-typed, so Any to the type checker
+    learned: Any
+    frozen: Any
 
     def __init__(self, base: nn.Module, n_trainable: int = 10, alpha: Optional[float] = None):
         super().__init__()

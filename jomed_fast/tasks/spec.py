@@ -32,7 +32,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union, cast
 
 from .._checks import is_int
 
@@ -233,7 +233,8 @@ class Task:
         if compiled is None:
             return []
         pat, idx = compiled
-        return [idx[int(m.lastgroup[1:])] for m in pat.finditer(text)]
+        # every alternative is a named group g<i>, so the one that matched is always named
+        return [idx[int(str(m.lastgroup)[1:])] for m in pat.finditer(text)]
 
     def _require_labels(self, what: str) -> None:
         if not self.labels:
@@ -289,7 +290,7 @@ class Task:
                     f"Task {self.name!r} ({self.kind}) takes one answer per sample, got {len(answer)}: {answer!r}"
                 )
             answer = answer[0]
-        return self.label_index(answer)
+        return self.label_index(cast(Union[str, int], answer))  # label_index checks the type
 
     def from_source_label(self, value: Union[int, Iterable[int]]) -> Label:
         """A dataset's integer label (or multi-hot row) -> class index (or frozenset), via ``source_label_map``."""
@@ -364,9 +365,16 @@ class Task:
         if prediction is None:
             return False
         if self.is_multilabel:
-            return frozenset(prediction) == frozenset(target)
+            return _as_set(prediction) == _as_set(target)
         return int(prediction) == int(target)
 
     def legend(self) -> str:
         """``"0 - 'Name'"`` lines for the label names (empty when the task has none)."""
         return "".join(f"{lab} - '{name}'\n" for lab, name in zip(self.labels, self.label_names))
+
+
+def _as_set(label) -> frozenset:
+    """A multi-label answer as a set (an int is a one-label set)."""
+    return (
+        label if isinstance(label, frozenset) else frozenset((label,)) if isinstance(label, int) else frozenset(label)
+    )

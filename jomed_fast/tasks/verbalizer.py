@@ -333,7 +333,9 @@ def _split_pair(
     ids, offsets = tok.encode(text)
     la, ls = len(a), len(sep)
     if offsets is not None:
-        pa, ps, pb = [], [], []
+        pa: list[int] = []
+        ps: list[int] = []
+        pb: list[int] = []
         for tid, (s, e) in zip(ids, offsets):
             if e <= s:  # zero-width (special) token
                 ps.append(tid)
