@@ -91,7 +91,7 @@ def as_integer_tensor(name: str, value: Any) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(value).astype(np.int64, copy=False))
     elif isinstance(value, (list, tuple)):
         try:
-            tensor = torch.tensor(value)
+            tensor = torch.tensor(value) if len(value) else torch.zeros(0, dtype=torch.int64)
         except (TypeError, ValueError) as exc:
             raise ValueError(
                 f"{name}: expected a flat list of ints (or one int per class), got {value!r:.200}"
