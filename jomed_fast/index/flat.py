@@ -239,7 +239,7 @@ class FlatIndex:
                 vectors = f.get_tensor(_VECTORS_KEY) if keys == [_VECTORS_KEY] else None
         except SafetensorError as exc:
             raise CorruptFile(f"{file}: unreadable safetensors file ({exc})") from exc
-        dtype = {name: dt for dt, name in STORAGE_DTYPES.items()}.get(metadata.get("dtype"))
+        dtype = {name: dt for dt, name in STORAGE_DTYPES.items()}.get(metadata.get("dtype", ""))
         d = metadata.get("d", "")
         if (
             metadata.get("format") != FORMAT
