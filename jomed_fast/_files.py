@@ -92,7 +92,7 @@ def _give_modes(root: str | os.PathLike, dir_mode: int) -> None:
     """Every directory under ``root`` gets ``dir_mode`` and every file the matching file mode
     (symlinks are left alone: ``chmod`` would change their targets)."""
     file_mode = dir_mode & 0o666
-    for parent, dirs, files in os.walk(root):
+    for parent, dirs, files in os.walk(os.fspath(root)):
         for name in dirs:
             p = os.path.join(parent, name)
             if not os.path.islink(p) and _mode(p) != dir_mode:

@@ -67,7 +67,7 @@ class Retrieval:
     def __init__(self, index, records: Sequence[IndexRecord] | None = None, *, backend: str = "ops"):
         stored = index.records()
         own = records is None
-        if own:
+        if records is None:
             records = [
                 IndexRecord(id=row["id"], image_path=index.image_path(row), text=row.get("text", "")) for row in stored
             ]
@@ -97,7 +97,7 @@ class Retrieval:
         """The file an index row names is still the one it embedded (moved data, an edited image)."""
         from .identity import file_digest
 
-        want = self._stored[n].get("image_sha256")
+        want = self._stored[n].get("image_sha256") if self._stored is not None else None
         if record.image_path is None or want is None:
             return
         where = f"index {self.index.path}: row {n} ({record.id!r})"

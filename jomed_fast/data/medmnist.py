@@ -150,15 +150,15 @@ def load_medmnist(
         if multilabel:
             if labels.shape[1] != n_src:
                 raise DataError(path, f"{lk!r} has {labels.shape[1]} label columns, task {task.name!r} has {n_src}")
-            bad = np.argwhere((labels != 0) & (labels != 1))
+            bad_rows = np.argwhere((labels != 0) & (labels != 1))[:, 0]
         else:
-            bad = np.flatnonzero((labels < 0) | (labels >= n_src))
-        if len(bad):
-            i = int(bad[0][0] if multilabel else bad[0])
+            bad_rows = np.flatnonzero((labels < 0) | (labels >= n_src))
+        if len(bad_rows):
+            i = int(bad_rows[0])
             raise DataError(
                 path,
                 f"{lk}[{i}] = {labels[i].tolist()} is outside the label set of task {task.name!r} "
-                f"({'0/1 per column' if multilabel else f'0..{n_src - 1}'}; {len(bad)} bad value(s))",
+                f"({'0/1 per column' if multilabel else f'0..{n_src - 1}'}; {len(bad_rows)} bad value(s))",
                 record=i,
             )
     return out

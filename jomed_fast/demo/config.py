@@ -44,6 +44,7 @@ field's name (``stage2.lr`` is ``stage2_lr``, ``stage1.lr`` is ``reader_lr``, ``
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 __all__ = [
@@ -190,7 +191,8 @@ class DemoConfig:
         unknown = sorted(set(options) - set(by_name))
         if unknown:
             raise ValueError(f"DemoConfig: unknown settings {unknown}; expected some of {sorted(by_name)}")
-        shared, groups = {}, {}
+        shared: dict[str, Any] = {}
+        groups: dict[str, dict[str, Any]] = {}
         for name, value in options.items():
             s = by_name[name]
             (shared if s.group is None else groups.setdefault(s.group, {}))[s.field] = value
@@ -252,9 +254,10 @@ class DemoConfig:
 def settings() -> tuple[Setting, ...]:
     """Every setting of :class:`DemoConfig`, shared ones first, then by group in field order."""
     out = []
+    group_types = typing.get_type_hints(DemoConfig)
     for f in dataclasses.fields(DemoConfig):
         if f.name in _PREFIXES:
-            out += [_setting(g, f.name, _PREFIXES[f.name]) for g in dataclasses.fields(f.default_factory)]
+            out += [_setting(g, f.name, _PREFIXES[f.name]) for g in dataclasses.fields(group_types[f.name])]
         elif f.metadata.get("setting", True):
             out.append(_setting(f, None, ""))
     return tuple(out)

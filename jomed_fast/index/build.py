@@ -111,7 +111,9 @@ def _finished_and_current(records, cdir: Path, c: int, lo: int, hi: int, batch_s
 
 
 def _embed_chunk(records, encoder, cdir: Path, c: int, lo: int, hi: int, batch_size: int, bar, root: Path) -> None:
-    ims, txs, lines = [], [], []
+    ims: list[torch.Tensor] = []
+    txs: list[torch.Tensor] = []
+    lines: list[str] = []
     with torch.no_grad():
         for s in range(lo, hi, batch_size):
             batch = records[s : min(hi, s + batch_size)]
@@ -290,7 +292,7 @@ def build_index(
     return manifest
 
 
-class _LazySynthetic:
+class _LazySynthetic(Sequence):
     """The N index records of a synthetic generator, rendered on access (nothing held in memory)."""
 
     def __init__(self, gen, n: int):

@@ -177,9 +177,10 @@ class Index:
             return search_ops(emb, q, k)
         if backend != "faiss":
             raise ValueError(f"backend: expected 'ops' or 'faiss', got {backend!r}")
-        if nlist == "auto":
-            nlist = default_nlist(self.count)
-        key = (head, nlist)
+        lists = default_nlist(self.count) if nlist == "auto" else nlist
+        if isinstance(lists, str):
+            raise ValueError(f"nlist: expected an int, 'auto' or None, got {lists!r}")
+        key = (head, lists)
         if key not in self._faiss:
-            self._faiss[key] = FaissSearcher(emb, nlist)
+            self._faiss[key] = FaissSearcher(emb, lists)
         return self._faiss[key].search(q, k, nprobe=nprobe)

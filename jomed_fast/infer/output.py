@@ -55,7 +55,8 @@ def _scan(path: Path) -> tuple[list[PredictionRecord], int]:
     """(complete records, byte length of the complete lines). A last line without its newline (a
     crash mid-append) is left out; a line that is not a record, or repeats a query id, is an error
     naming ``path:line``."""
-    out, good, first_line = [], 0, {}
+    out: list[PredictionRecord] = []
+    good, first_line = 0, {}  # first_line: query id -> the line that wrote it
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.endswith(b"\n"):

@@ -51,7 +51,7 @@ class QueryEncoder(nn.Module):
         self.learned = base
         self.frozen = copy.deepcopy(base).eval().requires_grad_(False)
         self.alpha = alpha
-        layers = base.image_layers()
+        layers = self.learned.image_layers()
         self.n_trainable = min(n_trainable, len(layers))
         base.requires_grad_(False)
         for layer in layers[len(layers) - self.n_trainable :]:

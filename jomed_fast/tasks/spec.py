@@ -366,7 +366,7 @@ class Task:
             return False
         if self.is_multilabel:
             return _as_set(prediction) == _as_set(target)
-        return int(prediction) == int(target)
+        return int(cast(int, prediction)) == int(cast(int, target))
 
     def legend(self) -> str:
         """``"0 - 'Name'"`` lines for the label names (empty when the task has none)."""
