@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU or CUDA):
 #   make bench   create/reuse .venv, build everything, run the headline benchmark
-#   make test    create/reuse .venv, build everything, run the whole test suite
+#   make test    create/reuse .venv, build everything, lint and type-check, run the whole test suite
 # torch is installed first (TORCH_SPEC from TORCH_INDEX), then the package with --no-build-isolation
 # so that the C++ extension jomed_fast._C compiles against that torch, and with the exact releases
 # of constraints.txt. Choices (see the README, "Install"):
@@ -19,7 +19,7 @@ STAMP       := $(VENV)/.jomed_fast_installed
 # the AOT check also runs under these Triton releases: the ones torch 2.13 / 2.14's CUDA wheels pin
 AOT_TRITONS ?= 3.7.1 3.8.0
 
-.PHONY: install bench bench-kernels aot aot-tritons test clean
+.PHONY: install bench bench-kernels aot aot-tritons lint test clean
 
 install: $(STAMP)
 
@@ -44,7 +44,13 @@ aot: install
 aot-tritons: install
 	for v in $(AOT_TRITONS); do bash .ci/aot_triton.sh $$v || exit 1; done
 
-test: install
+# ruff's lint and format check (pyproject.toml: 120 columns), then mypy over jomed_fast/
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

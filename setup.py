@@ -217,7 +217,16 @@ setup(
         # project's own top-k serves exact search); the tests compare against faiss-cpu
         "faiss-cpu": ["faiss-cpu>=1.15,<1.16"],
         "faiss-gpu": ["faiss-gpu>=1.15,<1.16"],
-        "dev": ["pytest", "hypothesis", "scikit-learn", "faiss-cpu>=1.15,<1.16"],
+        "dev": [
+            "pytest",
+            "hypothesis",
+            "scikit-learn",
+            "faiss-cpu>=1.15,<1.16",
+            "ruff",
+            "mypy",
+            "types-PyYAML",
+            "types-tqdm",
+        ],
     },
     package_data={"jomed_fast.memory": ["configs/*.json"]},
     entry_points={"console_scripts": ["jomed-fast = jomed_fast.cli:main"]},
