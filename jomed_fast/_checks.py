@@ -83,6 +83,14 @@ def check_int(
     raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
 
+@overload
+def positive_int(name: str, value: Any, *, optional: Literal[False] = ...) -> int: ...
+
+
+@overload
+def positive_int(name: str, value: Any, *, optional: bool) -> int | None: ...
+
+
 def positive_int(name: str, value: Any, *, optional: bool = False) -> int | None:
     """``check_int(name, value, 1)`` worded ``"a positive int"`` (``" or None"`` when ``optional``)."""
     return check_int(name, value, 1, optional=optional, expected="a positive int" + (" or None" if optional else ""))

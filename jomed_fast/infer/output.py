@@ -56,7 +56,7 @@ def _scan(path: Path) -> tuple[list[PredictionRecord], int]:
     crash mid-append) is left out; a line that is not a record, or repeats a query id, is an error
     naming ``path:line``."""
     out: list[PredictionRecord] = []
-    good, first_line = 0, {}  # first_line: query id -> the line that wrote it
+    good, first_line = 0, {}  # type: tuple[int, dict[str, int]]  # query id -> the line that wrote it
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.endswith(b"\n"):

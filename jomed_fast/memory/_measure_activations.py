@@ -11,8 +11,10 @@ follows torch's live bytes. Used by tests/test_memory.py.
 
 import json
 import sys
+from typing import cast
 
 import torch
+from transformers import PreTrainedModel
 
 from jomed_fast.memory.peak import PeakMemory, resident_bytes
 from jomed_fast.readers.hf_reader import load_reader
@@ -22,7 +24,7 @@ def main(checkpoint: str, tokens: int) -> dict:
     torch.set_num_threads(1)
     reader = load_reader(checkpoint, quantization="nf4")
     reader.add_lora()
-    model = reader.hf_model
+    model = cast(PreTrainedModel, reader.hf_model)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 

@@ -32,6 +32,7 @@ class PeakMemory:
     def __init__(self, device: torch.device | str):
         self.cuda = torch.device(device).type == "cuda"
         self.linux = os.path.exists("/proc/self/clear_refs")
+        self._libc: ctypes.CDLL | None
         try:
             self._libc = ctypes.CDLL("libc.so.6")
         except OSError:
