@@ -1,8 +1,15 @@
-"""Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed."""
+"""Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed.
 
+``consistency`` (the inconsistent / consistent split, oracle, rerankers, writing tables),
+``robustness`` (Table 7), ``per_class`` (F1 per class), ``calibration`` (reliability of the fused
+probabilities), ``figures`` (the charts, drawn without pyplot), ``prediction_records`` (the format).
+"""
+
+from .calibration import reliability, write_calibration
 from .consistency import (
     PAPER_RERANKERS,
     check_same_queries,
+    inconsistency_shares,
     is_inconsistent,
     oracle_accuracy,
     oracle_correct,
@@ -15,6 +22,7 @@ from .consistency import (
     write_analysis,
     write_consistency_tables,
 )
+from .per_class import per_class_f1, write_per_class_f1
 from .prediction_records import Candidate, PredictionRecord, read_jsonl, write_jsonl
 from .robustness import metrics_table, uniform_random_records
 
@@ -23,11 +31,14 @@ __all__ = [
     "Candidate",
     "PredictionRecord",
     "check_same_queries",
+    "inconsistency_shares",
     "is_inconsistent",
     "metrics_table",
     "oracle_accuracy",
     "oracle_correct",
+    "per_class_f1",
     "read_jsonl",
+    "reliability",
     "rerank_accuracy",
     "rerank_fusion",
     "rerank_top_confidence",
@@ -36,6 +47,8 @@ __all__ = [
     "split_metrics",
     "uniform_random_records",
     "write_analysis",
+    "write_calibration",
     "write_consistency_tables",
     "write_jsonl",
+    "write_per_class_f1",
 ]

@@ -1,4 +1,10 @@
-"""Inconsistent/consistent split, oracle, reranking baselines, and writing results."""
+"""Inconsistent/consistent split, oracle, reranking baselines, and writing results.
+
+A query is *inconsistent* when its K candidates do not all give the same answer. The split is
+fixed once from one system's candidates (after stage 1) and every system is measured on it;
+:func:`inconsistency_shares` gives each system's own rate. Tables are written as JSON, markdown
+(percent, one decimal) and a chart (:mod:`.figures`) that shows the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import numpy as np
 from jomed_fast.data.io import atomic_write_text
 from jomed_fast.eval.metrics import normalize_answer
 
+from .figures import ChartSpec, bar_chart, display_name, percent, save_png
 from .prediction_records import PredictionRecord
 
 Reranker = Callable[[PredictionRecord], int]  # returns the index of the chosen candidate
@@ -91,9 +98,10 @@ def split_metrics(
 
     check_same_queries(systems, split)
     n_all = len(split["inconsistent"]) + len(split["consistent"])
-    out = {"share_inconsistent": len(split["inconsistent"]) / max(n_all, 1), "metric": metric, "systems": {}}
+    out: dict = {"share_inconsistent": len(split["inconsistent"]) / max(n_all, 1), "metric": metric, "systems": {}}
+    out["n"] = {"all": n_all, "inconsistent": len(split["inconsistent"]), "consistent": len(split["consistent"])}
     for name, recs in systems.items():
-        row = {}
+        row: dict[str, float | None] = {}
         for s in ("all", "inconsistent", "consistent"):
             rs = [r for r in recs if s == "all" or r.query_id in split[s]]
             if not rs:
@@ -129,7 +137,19 @@ def rerank_fusion(rec: PredictionRecord):
     return rec.fused
 
 
-def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> dict[str, float]:
+def inconsistency_shares(systems: Mapping[str, Sequence[PredictionRecord]]) -> dict:
+    """``{system: {"inconsistent", "consistent"}}``: the share of each system's queries whose own
+    candidates disagree (and agree); ``None`` for a system that never has two candidates to compare
+    (reader only, no retrieval)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, recs in systems.items():
+        comparable = [r for r in recs if len(r.candidates) > 1]
+        share = float(np.mean([is_inconsistent(r) for r in comparable])) if comparable else None
+        out[name] = {"inconsistent": share, "consistent": None if share is None else 1.0 - share}
+    return out
+
+
+def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> dict[str, float | None]:
     """Accuracy of each reranker's chosen candidate (``rerank_fusion`` scores the fused answer)."""
     out = {}
     for name, fn in rerankers.items():
@@ -148,41 +168,36 @@ def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str,
     return out
 
 
+def _markdown_table(table: Mapping[str, Mapping[str, float | None]]) -> str:
+    cols = list(next(iter(table.values())).keys()) if table else []
+    lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row, vals in table.items():
+        lines.append(f"| {row} | " + " | ".join(percent(vals[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_analysis(
     out_dir: str,
     name: str,
     table: Mapping[str, Mapping[str, float | None]],
     extra: dict | None = None,
     plot: bool = True,
+    *,
+    title: str | None = None,
+    ylabel: str = "accuracy (%)",
+    column_n: Mapping[str, int] | None = None,
+    row_n: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
-    """Write ``name.json`` (atomic), ``name.md`` (rows x columns table) and optionally ``name.png``."""
+    """Write ``name.json`` (atomic), ``name.md`` (rows x columns, percent) and optionally ``name.png``
+    (:func:`.figures.bar_chart`: ``title``, default the table's name; ``ylabel`` the metric;
+    ``column_n`` / ``row_n`` the queries behind each group / series)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, name + ".json"), "md": os.path.join(out_dir, name + ".md")}
     atomic_write_text(paths["json"], json.dumps({"table": table, **(extra or {})}, indent=2, sort_keys=True))
-    cols = list(next(iter(table.values())).keys()) if table else []
-    lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for row, vals in table.items():
-        lines.append(
-            f"| {row} | " + " | ".join("-" if vals[c] is None else f"{100 * vals[c]:.1f}" for c in cols) + " |"
-        )
-    atomic_write_text(paths["md"], "\n".join(lines) + "\n")
+    atomic_write_text(paths["md"], _markdown_table(table))
     if plot and table:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        w = 0.8 / max(len(table), 1)
-        for i, (row, vals) in enumerate(table.items()):
-            ax.bar(np.arange(len(cols)) + i * w, [vals[c] or 0 for c in cols], w, label=row)
-        ax.set_xticks(np.arange(len(cols)) + w * (len(table) - 1) / 2, cols)
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths["png"] = os.path.join(out_dir, name + ".png")
-        fig.savefig(paths["png"], dpi=100)
-        plt.close(fig)
+        spec = ChartSpec(title or display_name(name), ylabel, column_n=column_n, row_n=row_n)
+        paths["png"] = save_png(bar_chart(table, spec), os.path.join(out_dir, name + ".png"))
     return paths
 
 
@@ -194,6 +209,10 @@ PAPER_RERANKERS: dict[str, Reranker] = {
 }
 
 
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def write_consistency_tables(
     out_dir: str,
     systems: Mapping[str, Sequence[PredictionRecord]],
@@ -202,8 +221,11 @@ def write_consistency_tables(
     extra: dict | None = None,
 ) -> dict:
     """Tables 5-6: accuracy and macro-F1 per split for every system, each written by
-    :func:`write_analysis` as ``consistency_<metric>``; returns ``{metric: split_metrics(...)}``."""
+    :func:`write_analysis` as ``consistency_<metric>`` (the groups' n in the chart), and each
+    system's own share of inconsistent queries as ``consistency_split``; returns
+    ``{metric: split_metrics(...)}``."""
     out = {}
+    where = f", split from {display_name(extra['split_from'])}" if extra and "split_from" in extra else ""
     for metric in ("accuracy", "macro_f1"):
         res = split_metrics(systems, split, metric, num_classes)
         write_analysis(
@@ -211,6 +233,21 @@ def write_consistency_tables(
             f"consistency_{metric}",
             res["systems"],
             extra={"share_inconsistent": res["share_inconsistent"], **(extra or {})},
+            title=(
+                f"{_capitalised(display_name(metric))} of the fused answer by split "
+                f"({percent(res['share_inconsistent'])}% of queries inconsistent{where})"
+            ),
+            ylabel=f"{display_name(metric)} (%)",
+            column_n=res["n"],
         )
         out[metric] = res
+    write_analysis(
+        out_dir,
+        "consistency_split",
+        inconsistency_shares(systems),
+        extra=extra,
+        title="Queries whose candidates disagree (inconsistent) or agree, by system",
+        ylabel="share of queries (%)",
+        row_n={name: len(recs) for name, recs in systems.items()},
+    )
     return out

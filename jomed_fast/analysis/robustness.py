@@ -28,6 +28,7 @@ def uniform_random_records(records: Sequence[PredictionRecord], num_classes: int
     for r in records:
         if r.kind == "vqa_open":
             raise ValueError("records: a uniform-random classifier needs a class set (open VQA has none)")
+        pick: int | list[int]
         if r.kind == "multilabel":
             pick = [int(i) for i in np.flatnonzero(rng.random(num_classes) < 0.5)] or [int(rng.integers(num_classes))]
         else:

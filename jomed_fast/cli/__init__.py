@@ -18,7 +18,10 @@ r"""``jomed-fast``: the command line (one subcommand per pipeline step).
 Every subcommand takes ``--config run.yaml`` (its options as ``name: value``) and a flag per option
 that overrides the file; ``jomed-fast <subcommand> --help`` lists them with their defaults. Errors
 in the inputs (bad option, missing file, bad data) print one line on stderr and exit with code 2;
-long steps resume when rerun with the same options. ``jomed-fast --version`` prints the version.
+long steps resume when rerun with the same options. A training run stopped by SIGTERM checkpoints
+first, prints one line and exits with code 143 (128 + 15); Ctrl-C exits with 130.
+``--no-progress`` (or ``jomed-fast --quiet <subcommand>``, which also turns the bars off) keeps
+the libraries' notices off stderr too (:mod:`.quiet`). ``jomed-fast --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import sys
 from .._extras import MissingDependency
 from ..index.distributed import RankFailed
 from ..train.guards import NonFiniteLossError
+from ..train.preemption import StoppedBySignal
 from .options import add_options, resolve
+from .quiet import quiet_libraries
 
 __all__ = ["commands", "execute", "main", "run_commands", "run_standalone", "version"]
 
@@ -64,12 +69,17 @@ def version() -> str:
     return text if meta == __version__ else f"{text} (installed metadata says {meta})"
 
 
+def _add_program_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars, and no library notices (as --no-progress)")
+
+
 def _parser(table: dict, prog: str, description: str) -> argparse.ArgumentParser:
     """``prog COMMAND [options]`` for each ``name: command`` of ``table``, and ``--debug``."""
     ap = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    _add_program_flags(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for name, c in table.items():
         p = sub.add_parser(name, help=c.help, description=c.description)
@@ -83,17 +93,31 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _run_quietly_if_asked(command, values: dict, quiet: bool) -> int:
+    """``--quiet`` turns a command's progress bars off; either makes the libraries quiet too."""
+    if quiet and "progress" in values:
+        values["progress"] = False
+    if not (quiet or values.get("progress") is False):
+        return int(command.run(values) or 0)
+    with quiet_libraries():
+        return int(command.run(values) or 0)
+
+
 def execute(command, args: argparse.Namespace, prog: str) -> int:
     """Resolve ``command``'s options from ``args`` (defaults < --config < flags) and run it; a user
-    error is one line on stderr and exit 2. Every entry point runs its command through here."""
+    error is one line on stderr and exit 2, a run stopped by a signal one line and 128 + the
+    signal's number. Every entry point runs its command through here."""
     try:
         values = resolve(command.options, args)
-        return int(command.run(values) or 0)
+        return _run_quietly_if_asked(command, values, bool(getattr(args, "quiet", False)))
     except USER_ERRORS as exc:
         if getattr(args, "debug", False):
             raise
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except StoppedBySignal as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -102,7 +126,7 @@ def execute(command, args: argparse.Namespace, prog: str) -> int:
 def run_standalone(command, argv=None, *, prog: str) -> int:
     """One command as its own program (``python -m jomed_fast.memory``): same options, same errors."""
     ap = argparse.ArgumentParser(prog=prog, description=command.description)
-    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    _add_program_flags(ap)
     add_options(ap, command.options)
     return execute(command, ap.parse_args(sys.argv[1:] if argv is None else list(argv)), prog)
 

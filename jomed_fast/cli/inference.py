@@ -89,9 +89,10 @@ def run_predict(v: dict) -> int:
         if v["retrieval"] == "retrieved":
             inputs["query_encoder"] = directory_digest(v["query_encoder"])
     check_inputs(config, retrieval, encoder)
-    if task.is_open:  # no class set: greedy answers per candidate, fused over normalised strings
-        from ..infer import OpenAnswerer
+    from ..infer import OpenAnswerer
 
+    scorer: OpenAnswerer | CandidateScorer
+    if task.is_open:  # no class set: greedy answers per candidate, fused over normalised strings
         scorer = OpenAnswerer(load_reader_from(v), task, v["layout"])
     else:
         scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
@@ -161,8 +162,22 @@ ANALYZE_OPTS = (
         default_doc="the first --system",
     ),
     Opt("out", str, None, "output directory for JSON, markdown and PNG", required=True),
+    Opt(
+        "task",
+        str,
+        None,
+        "the task whose class names label the per-class chart",
+        default_doc="class 0, class 1, ...",
+    ),
 )
-ANALYSIS_TABLES = ("consistency_accuracy", "consistency_macro_f1", "rerank_oracle")
+ANALYSIS_TABLES = (
+    "consistency_accuracy",
+    "consistency_macro_f1",
+    "consistency_split",
+    "rerank_oracle",
+    "per_class_f1",
+    "calibration",
+)
 
 
 def _system_paths(specs: list[str]) -> dict:
@@ -224,9 +239,45 @@ def run_analyze(v: dict) -> int:
         name: {**rerank_accuracy(recs, PAPER_RERANKERS), "oracle": oracle_accuracy(recs)}
         for name, recs in systems.items()
     }
-    write_analysis(str(out), "rerank_oracle", table)
-    print(f"reranking and oracle accuracy written to {out}")
+    write_analysis(
+        str(out),
+        "rerank_oracle",
+        table,
+        title="Picking one candidate (reranking), fusion, and some candidate right (oracle)",
+        row_n={name: len(recs) for name, recs in systems.items()},
+    )
+    _write_class_analyses(out, systems, v["task"])
+    print(f"reranking and oracle accuracy, per-class F1 and calibration written to {out}")
     return 0
+
+
+def _write_class_analyses(out: Path, systems: dict, task_name: str | None) -> None:
+    """Per-class F1 and the reliability diagram, for tasks with classes (open VQA has neither)."""
+    from ..analysis import write_calibration, write_per_class_f1
+    from ..tasks import get_task
+
+    first = next(iter(systems.values()))
+    if not first or first[0].kind == "vqa_open":
+        return
+    task = get_task(task_name) if task_name is not None else None
+    if task is not None and task.kind != first[0].kind:
+        raise ValueError(f"--task: expected a {first[0].kind} task (the predictions'), got {task.name} ({task.kind})")
+    sizes = {len(r.fused_probs) for recs in systems.values() for r in recs if r.fused_probs}
+    if task is not None:
+        if sizes - {task.num_classes}:
+            raise ValueError(
+                f"--task: {task.name} has {task.num_classes} classes, the predictions' distributions {sorted(sizes)}"
+            )
+        num_classes, names = task.num_classes, list(task.label_names or task.labels)
+    elif len(sizes) == 1:
+        num_classes, names = sizes.pop(), None
+    else:
+        raise ValueError(
+            f"--system: the predictions' class distributions have {sorted(sizes) or 'no'} sizes; "
+            "expected one (give --task to name the classes)"
+        )
+    write_per_class_f1(str(out), systems, num_classes, names)
+    write_calibration(str(out), systems)
 
 
 COMMANDS = (

@@ -72,7 +72,7 @@ class Opt:
 
     @property
     def metavar(self) -> str:
-        name = "{" + ",".join(map(str, self.choices)) + "}" if self.choices else self.type.__name__.upper()
+        name = "{" + ",".join(map(str, self.choices)) + "}" if self.choices is not None else self.type.__name__.upper()
         return name + "|none" if self.nullable else name
 
     def coerce(self, value: Any, where: str) -> Any:
@@ -114,7 +114,9 @@ class Opt:
         if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
             raise ValueError(f"{self.flag}: expected a list of strings ({where}), got {value!r}")
         value = [str(v) for v in value]
-        bad = [v for v in value if self.choices is not None and v not in self.choices]
+        if self.choices is None:
+            return value
+        bad = [v for v in value if v not in self.choices]
         if bad:
             raise ValueError(
                 f"{self.flag}: expected values among {', '.join(map(str, self.choices))} ({where}), got {bad[0]!r}"
@@ -290,7 +292,7 @@ def config_options(cls, *, skip: tuple = (), prefix: str = "", presets: dict | N
     Option types are the fields' types (:func:`option_type`): ``int``, ``float``, ``str`` or
     ``bool``; ``T | None`` gives a nullable option (``none`` sets the field to None). ``prefix``
     namespaces the flags when two configs share a command. A field whose metadata has
-    ``"setting": False`` is not an option. ``presets`` (name -> instance of ``cls``, the default one
+    ``"setting": False`` is not an option; one with ``"choices"`` gives an option with those choices. ``presets`` (name -> instance of ``cls``, the default one
     first) makes ``--help`` show the default as :func:`preset_default_doc` does: with a preset
     option, the dataclass's own default is not what an unset flag gives.
     """
@@ -305,6 +307,7 @@ def config_options(cls, *, skip: tuple = (), prefix: str = "", presets: dict | N
                 kind,
                 UNSET,
                 f"{cls.__name__}.{f.name}",
+                choices=f.metadata.get("choices"),
                 default_doc=_shown_default(f, presets),
                 nullable=nullable,
             )

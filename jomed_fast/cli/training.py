@@ -2,8 +2,11 @@
 ``jomed_fast.train``; every field of the stage's config dataclass is an option, and rerunning the
 same command in the same ``--run-dir`` resumes from its last checkpoint — only when every input
 that decides the result is the same (reader and adapter, samples, index and encoder, task and the
-options that change results; ``--progress`` and the checkpoint cadence may change): otherwise one
-line names what changed and the exit code is 2, as for a NaN loss."""
+options that change results; ``--progress``, the checkpoint and log cadence and ``--report-to``
+may change): otherwise one line names what changed and the exit code is 2, as for a NaN loss.
+Both write ``RUN_DIR/log.jsonl`` as they go (``--log-every``; ``--report-to tensorboard`` also
+``RUN_DIR/tensorboard/``, checked installed before anything loads). SIGTERM ends a run after the
+step under way with a checkpoint, one line and exit code 143."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import copy
 import json
 from pathlib import Path
 
+from ..train.run_log import check_report_to
 from .common import INDEX_OPTS, READER_OPTS, load_retrieval_from
 from .options import Command, Opt, config_from, config_options
 
@@ -53,6 +57,7 @@ def run_train_reader(v: dict) -> int:
 
     task = get_task(v["task"])
     config = config_from(ReaderTrainConfig, v, layout=v["layout"])
+    check_report_to(config.report_to)
     quant = None if v["quantization"] == "none" else v["quantization"]
     # the data and the index first: a bad file is reported before a reader of many GB loads
     train = _samples(v["train"], task, v["skip_bad"])
@@ -114,6 +119,7 @@ def run_train_retriever(v: dict) -> int:
         raise ValueError("--index: required (stage 2 trains the retriever against a fixed index)")
     task = get_task(v["task"])
     config = config_from(RetrieverTrainConfig, v, layout=v["layout"])
+    check_report_to(config.report_to)
     quant = None if v["quantization"] == "none" else v["quantization"]
     train = _samples(v["train"], task, v["skip_bad"])  # before the reader loads, as above
     val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else None

@@ -8,7 +8,11 @@ Tables (each as JSON + markdown + PNG through ``analysis.write_analysis``):
 * oracle (Table 1): any candidate right, for fine-tuned RAG's and JOMED's candidates;
 * robustness (Table 7): JOMED with no retrieval, random retrieval, no query image, and a
   uniform-random classifier;
-* reranking (Table 8): JOMED's top-1 candidate by retrieval score, by reader confidence, fusion.
+* reranking (Table 8): JOMED's top-1 candidate by retrieval score, by reader confidence, fusion;
+* per-class F1 of the three systems, each system's share of inconsistent queries, and the
+  reliability diagram of their fused probabilities (``calibration``).
+
+Every chart shows the numbers of its table (percent, one decimal), with the queries behind them.
 
 Checks (the paper's qualitative findings): reader-only < fine-tuned RAG < JOMED on accuracy and
 macro-F1, JOMED at least 2 points over fine-tuned RAG on both, JOMED's gain over fine-tuned RAG
@@ -17,6 +21,7 @@ largest on the inconsistent split, and the oracle above JOMED.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..analysis import (
@@ -27,8 +32,11 @@ from ..analysis import (
     split_consistency,
     uniform_random_records,
     write_analysis,
+    write_calibration,
     write_consistency_tables,
+    write_per_class_f1,
 )
+from ..analysis.figures import columns_label
 from ..data.io import atomic_write_text
 
 __all__ = ["check_findings", "write_report"]
@@ -65,23 +73,44 @@ def _md_table(title: str, table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir, records: dict, num_classes: int, seed: int = 0, *, findings_asserted: bool = True) -> dict:
+def write_report(
+    out_dir,
+    records: dict,
+    num_classes: int,
+    seed: int = 0,
+    *,
+    findings_asserted: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> dict:
     """Write every table and ``report.md`` to ``out_dir``; return the summary (tables + checks).
 
     ``findings_asserted`` False (a preset too small for the findings) marks the checks as
-    informational in ``report.md``.
+    informational in ``report.md``; ``class_names`` name the classes of the per-class chart.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    main = metrics_table({k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, num_classes)
-    write_analysis(str(out), "main", main)
-    split = split_consistency(records["ft_rag"])
-    consistency = write_consistency_tables(
-        str(out), {k: records[k] for k in ("reader_only", "ft_rag", "jomed")}, split, num_classes
+    systems = {k: records[k] for k in ("reader_only", "ft_rag", "jomed")}
+    queries = {k: len(v) for k, v in records.items()}
+    main = metrics_table(systems, num_classes)
+    write_analysis(
+        str(out),
+        "main",
+        main,
+        title="Reader only, fine-tuned RAG and JOMED (Tables 2-4)",
+        ylabel=columns_label(list(next(iter(main.values())))),
+        row_n=queries,
     )
+    split = split_consistency(records["ft_rag"])
+    consistency = write_consistency_tables(str(out), systems, split, num_classes, extra={"split_from": "ft_rag"})
     oracle = {k: oracle_accuracy(records[k]) for k in ("ft_rag", "jomed")}
     oracle_table = {k: {"fused": main[k]["accuracy"], "oracle": v} for k, v in oracle.items()}
-    write_analysis(str(out), "oracle", oracle_table)
+    write_analysis(
+        str(out),
+        "oracle",
+        oracle_table,
+        title="Fused answer vs some candidate right (oracle, Table 1)",
+        row_n=queries,
+    )
     robustness = metrics_table(
         {
             "jomed": records["jomed"],
@@ -92,9 +121,20 @@ def write_report(out_dir, records: dict, num_classes: int, seed: int = 0, *, fin
         },
         num_classes,
     )
-    write_analysis(str(out), "robustness", robustness)
+    write_analysis(
+        str(out),
+        "robustness",
+        robustness,
+        title="JOMED without retrieval, with random retrieval, without the query image (Table 7)",
+        ylabel=columns_label(list(next(iter(robustness.values())))),
+        row_n={k: len(records["jomed"]) for k in robustness},
+    )
     rerank = {"jomed": rerank_accuracy(records["jomed"], PAPER_RERANKERS)}
-    write_analysis(str(out), "rerank", rerank)
+    write_analysis(
+        str(out), "rerank", rerank, title="Picking one of JOMED's candidates vs fusion (Table 8)", row_n=queries
+    )
+    write_per_class_f1(str(out), systems, num_classes, class_names)
+    write_calibration(str(out), systems)
     checks = check_findings(main, consistency, oracle)
     share = consistency["accuracy"]["share_inconsistent"]
     md = [

@@ -11,11 +11,19 @@ loop owns the rest, in this order for every optimizer step::
     every checkpoint_every steps and at the last: checkpoints/step-N (weights, AdamW, LR, RNG,
     data position, the stage's JSON log, the best so far)
 
+History: ``log.jsonl`` gets a line per step (every ``log_every``) and per evaluation, and
+TensorBoard the same scalars with ``report_to="tensorboard"`` (:mod:`.run_log`, which says every
+field); a resume first drops the lines past its checkpoint.
+
+SIGTERM (pre-emption): the step under way finishes, a checkpoint is written (unless that step
+just wrote one), the log is flushed and :class:`~.preemption.StoppedBySignal` is raised; a rerun
+resumes exactly. The handler is installed for the run only (:mod:`.preemption`).
+
 Run directory: ``identity.json`` (what decides the result: the inputs' content digests and every
 option that changes results, :mod:`jomed_fast.identity`), written when the run starts; a resume
 whose inputs differ is refused with :class:`~jomed_fast.identity.IdentityMismatch` naming them
 (``config.lr``, ``train``, ``reader``, ``index``, ...). ``config.json`` (every option, for people),
-``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``result.json``.
+``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``log.jsonl`` (and ``tensorboard/``), ``result.json``.
 
 Exact resume: the data order of epoch e is a pure function of (seed, e) (:mod:`.data_order`), so
 the checkpoint's ``(epoch, position)`` and RNG states put a resumed run in the state it had (bitwise
@@ -37,6 +45,8 @@ from ..identity import IdentityMismatch, check_identity, json_digest, read_ident
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_named
 from .data_order import DataOrder, steps_per_epoch
 from .guards import check_finite
+from .preemption import StopOnSignal, StoppedBySignal
+from .run_log import RunLog
 from .schedule import warmup_cosine
 
 __all__ = [
@@ -48,6 +58,7 @@ __all__ = [
     "Offer",
     "RunState",
     "Stage",
+    "StoppedBySignal",
     "encoder_fingerprint",
     "open_run",
     "options_identity",
@@ -153,11 +164,12 @@ class RunState:
 
 
 class Offer(NamedTuple):
-    """An evaluation a stage offers for selection: the ``value`` compared and the JSON ``record``
-    kept with it (the result's ``selected``)."""
+    """An evaluation of the stage: the ``value`` selection compares, the JSON ``record`` kept with
+    it (the result's ``selected``) and the ``metrics`` its ``eval`` line of the log gets."""
 
     value: float
     record: dict
+    metrics: dict | None = None
 
 
 class Stage(Protocol):
@@ -186,7 +198,8 @@ class LoopOptions:
 
     ``n`` examples per epoch; a step is ``grad_accum`` micro-batches of ``batch_size``; ``select``:
     ``"min"`` / ``"max"`` keeps the offer with the lowest / highest value (the earlier wins ties) as
-    ``checkpoints/best``, ``None`` keeps none."""
+    ``checkpoints/best``, ``None`` keeps none; ``log_every`` / ``report_to``: the log's cadence and
+    whether TensorBoard gets it too (:mod:`.run_log`)."""
 
     n: int
     batch_size: int
@@ -203,6 +216,8 @@ class LoopOptions:
     warmup_steps: int | None = None
     max_grad_norm: float | None = None
     select: str | None = None
+    log_every: int = 1
+    report_to: str = "none"
 
     @property
     def total_steps(self) -> int:
@@ -212,7 +227,7 @@ class LoopOptions:
 
 # ------------------------------------------------------------------------------------------ loop
 class _Loop:
-    """Optimizer, schedule, data order and checkpoints of one run of ``stage``."""
+    """Optimizer, schedule, data order, checkpoints and log of one run of ``stage``."""
 
     def __init__(self, stage: Stage, opts: LoopOptions, run_dir: Path):
         self.stage, self.opts, self.run_dir = stage, opts, run_dir
@@ -220,6 +235,8 @@ class _Loop:
         self.optimizer = torch.optim.AdamW(stage.trainable, lr=opts.lr, weight_decay=opts.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, self.total, opts.warmup_ratio, opts.warmup_steps)
         self.order = DataOrder(opts.n, opts.seed, opts.shuffle)
+        self.log: RunLog | None = None
+        self.saved_step: int | None = None  # the step of this run's newest step checkpoint
 
     def _content(self, state: RunState) -> dict:
         return {
@@ -232,10 +249,12 @@ class _Loop:
 
     def save(self, state: RunState) -> None:
         state.last_checkpoint = save_checkpoint(self.run_dir, state.step, keep=self.opts.keep, **self._content(state))
+        self.saved_step = state.step
 
     def restore(self, path: Path) -> RunState:
         saved = load_checkpoint(path, params=self.stage.params, optimizer=self.optimizer, scheduler=self.scheduler)
         data, extra = saved["data"], saved["extra"]
+        self.saved_step = int(saved["step"])
         return RunState(
             step=int(saved["step"]),
             epoch=int(data["epoch"]),
@@ -246,9 +265,16 @@ class _Loop:
             resumed_from=path,
         )
 
+    def epochs_done(self, state: RunState) -> float:
+        return state.epoch + state.position / self.opts.n
+
     def offer(self, state: RunState, offer: Offer | None) -> None:
-        """Keep ``offer`` as ``checkpoints/best`` when it beats the best so far."""
-        if offer is None or self.opts.select is None:
+        """Log ``offer``'s metrics; keep it as ``checkpoints/best`` when it beats the best so far."""
+        if offer is None:
+            return
+        if offer.metrics is not None and self.log is not None:
+            self.log.write("eval", state.step, self.epochs_done(state), offer.metrics)
+        if self.opts.select is None:
             return
         best = state.best
         if best is not None and not (
@@ -258,28 +284,48 @@ class _Loop:
         state.best = {"step": state.step, "value": float(offer.value), "record": offer.record}
         save_named(self.run_dir, BEST, state.step, **self._content(state))
 
+    def _grad_norm(self, logged: bool) -> float | None:
+        """Clip to ``max_grad_norm``; the total norm before clipping (computed without clipping only
+        when the step is logged: reading the gradients changes nothing)."""
+        if self.opts.max_grad_norm:
+            return float(torch.nn.utils.clip_grad_norm_(self.stage.trainable, self.opts.max_grad_norm))
+        if not logged:
+            return None
+        grads = [p.grad for p in self.stage.trainable if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
     def step(self, state: RunState) -> float:
         """One optimizer step; nothing is applied when its loss is not finite."""
         opts = self.opts
         batches = self.order.next_step(state.epoch, state.position, opts.batch_size, opts.grad_accum)
+        examples = sum(len(b) for b in batches)
+        last = state.step + 1 == self.total
+        logged = self.log is not None and self.log.due(state.step + 1, last)
         t0 = time.perf_counter()
         loss = self.stage.step_loss(batches, state)
         check_finite(loss, state.step + 1, None if state.last_checkpoint is None else str(state.last_checkpoint))
-        if opts.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.stage.trainable, opts.max_grad_norm)
+        grad_norm = self._grad_norm(logged)
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         state.step += 1
-        state.epoch, state.position, ended = self.order.advance(
-            state.epoch, state.position, sum(len(b) for b in batches)
-        )
-        last = state.step == self.total
+        state.epoch, state.position, ended = self.order.advance(state.epoch, state.position, examples)
+        if logged and self.log is not None:
+            fields = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "examples": examples, "seconds": seconds}
+            fields["examples_per_s"] = examples / seconds if seconds > 0 else None
+            self.log.write("train", state.step, self.epochs_done(state), fields)
         self.offer(state, self.stage.after_step(state, loss, seconds, ended, last))
         if state.step % opts.checkpoint_every == 0 or last:
             self.save(state)
         return loss
+
+    def stop(self, state: RunState, signum: int) -> None:
+        """Checkpoint the step just done (unless it wrote one) and raise :class:`StoppedBySignal`."""
+        if self.saved_step != state.step:
+            self.save(state)
+        raise StoppedBySignal(signum, state.step, self.total, state.last_checkpoint)
 
 
 def run_loop(
@@ -294,32 +340,46 @@ def run_loop(
     """Train ``stage`` to ``opts.total_steps``, from ``checkpoint`` when given (see the module docstring).
 
     ``on_step`` is called after every step with ``{"step", "loss", "lr", "epoch", "position"}``.
-    Returns the final :class:`RunState`; the caller builds and writes its result."""
+    Returns the final :class:`RunState`; the caller builds and writes its result. SIGTERM during
+    the run raises :class:`StoppedBySignal` once the step under way is done and checkpointed."""
     from tqdm.auto import tqdm
 
     loop = _Loop(stage, opts, Path(run_dir))
     state = loop.restore(checkpoint) if checkpoint is not None else RunState()
-    loop.offer(state, stage.start(state, resumed=checkpoint is not None))
-    loop.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(
-        total=loop.total, initial=state.step, desc=stage.desc, unit="step", dynamic_ncols=True, disable=not progress
-    )
-    try:
-        while state.step < loop.total:
-            loss = loop.step(state)
-            bar.update(1)
-            bar.set_postfix(stage.postfix(state, loss))
-            if on_step is not None:
-                on_step(
-                    {
-                        "step": state.step,
-                        "loss": loss,
-                        "lr": loop.scheduler.get_last_lr()[0],
-                        "epoch": state.epoch,
-                        "position": state.position,
-                    }
-                )
-    finally:
-        bar.close()
-        loop.optimizer.zero_grad(set_to_none=True)
+    bar = None
+    with (
+        StopOnSignal() as stop,
+        RunLog(run_dir, loop.saved_step, report_to=opts.report_to, log_every=opts.log_every) as loop.log,
+    ):
+        try:
+            loop.offer(state, stage.start(state, resumed=checkpoint is not None))
+            loop.optimizer.zero_grad(set_to_none=True)
+            bar = tqdm(
+                total=loop.total,
+                initial=state.step,
+                desc=stage.desc,
+                unit="step",
+                dynamic_ncols=True,
+                disable=not progress,
+            )
+            while state.step < loop.total:
+                if stop.requested:
+                    loop.stop(state, stop.signum)
+                loss = loop.step(state)
+                bar.update(1)
+                bar.set_postfix(stage.postfix(state, loss))
+                if on_step is not None:
+                    on_step(
+                        {
+                            "step": state.step,
+                            "loss": loss,
+                            "lr": loop.scheduler.get_last_lr()[0],
+                            "epoch": state.epoch,
+                            "position": state.position,
+                        }
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+            loop.optimizer.zero_grad(set_to_none=True)
     return state

@@ -28,9 +28,12 @@ checkpoints and resume are :mod:`.loop`'s, shared with stage 2. A NaN/inf loss r
 
 Files in ``run_dir``: ``identity.json`` (what decides the result: the reader with the adapter it
 starts from, the train and validation samples, the index and encoder or their absence, the task
-and every option but ``save_every`` / ``keep``; a resume with any of them changed is refused
-naming them), ``config.json``, ``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``adapter/``
-(the final LoRA adapter, ``load_reader(path, lora=run_dir / "adapter")``), ``result.json``.
+and every option but ``RESUME_FREE``; a resume with any of them changed is refused naming them),
+``config.json``, ``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``log.jsonl`` (a line per
+step and per validation, :mod:`.run_log`; ``tensorboard/`` with ``report_to="tensorboard"``),
+``adapter/`` (the final LoRA adapter, ``load_reader(path, lora=run_dir / "adapter")``),
+``result.json``. SIGTERM stops the run after the step under way, checkpointed
+(:class:`~.preemption.StoppedBySignal`); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -242,7 +245,7 @@ class _ReaderStage:
         loss = validation_loss(self.reader, self.val, self.eval_bs)
         check_finite(loss, state.step, None if state.last_checkpoint is None else str(state.last_checkpoint))
         state.log["val_loss"].append((state.step, loss))
-        return Offer(loss, {"step": state.step, "val_loss": loss})
+        return Offer(loss, {"step": state.step, "val_loss": loss}, {"val_loss": loss})
 
     def postfix(self, state: RunState, loss: float) -> dict:
         return {
@@ -267,6 +270,8 @@ def _loop_options(config: ReaderTrainConfig, n: int) -> LoopOptions:
         checkpoint_every=config.save_every,
         keep=config.keep,
         select="min",
+        log_every=config.log_every,
+        report_to=config.report_to,
     )
 
 

@@ -13,16 +13,17 @@ Every check raises ``ValueError`` naming the option, what was expected and what 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..prompts import LAYOUTS
 from ._config import JsonConfig
+from .run_log import REPORT_TO
 
 __all__ = ["RESUME_FREE", "ReaderTrainConfig"]
 
 # options that cannot change the trained weights or the curves (a resume is exact whatever they are):
 # they may differ between a run and its resume
-RESUME_FREE = ("save_every", "keep")
+RESUME_FREE = ("save_every", "keep", "log_every", "report_to")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class ReaderTrainConfig(JsonConfig):
         seed: seeds the model's RNGs, the class-balanced subset and the data order.
         layout: the prompt layout (``jomed_fast.prompts.LAYOUTS``).
         k_text / k_image: candidates retrieved per sample by each head (with retrieval).
+        log_every: a ``train`` line in ``run_dir/log.jsonl`` every this many steps (and at the last).
+        report_to: ``"tensorboard"`` also writes the log's scalars to ``run_dir/tensorboard/``.
     """
 
     lr: float = 1e-4
@@ -69,11 +72,14 @@ class ReaderTrainConfig(JsonConfig):
     layout: str = "paper"
     k_text: int = 2
     k_image: int = 2
+    log_every: int = 1
+    report_to: str = field(default="none", metadata={"choices": REPORT_TO})
 
     def __post_init__(self) -> None:
         self._check_float("lr", 0.0, lo_open=True)
-        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every", "keep"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "save_every", "keep", "log_every"):
             self._check_int(name, 1)
+        self._check_choice("report_to", REPORT_TO)
         self._check_float("warmup_ratio", 0.0, 1.0, hi_open=True)
         self._check_float("weight_decay", 0.0)
         self._check_float("max_grad_norm", 0.0, optional=True)

@@ -39,7 +39,9 @@ records and the evaluation. A non-finite loss raises :class:`~.guards.NonFiniteL
 anything is applied; the last checkpoint stays. ``run_dir/identity.json`` holds what decides the
 result — the reader (with its adapter), the task and scoring layout, the training and validation
 samples' content, the index, the initial query encoder, the partner and every option but
-``RESUME_FREE`` — and a resume with any of them changed is refused naming them.
+``RESUME_FREE`` — and a resume with any of them changed is refused naming them. Each
+evaluation is a line of ``run_dir/log.jsonl`` beside the steps' (:mod:`.run_log`); SIGTERM stops
+the run after the step under way, checkpointed (:class:`~.preemption.StoppedBySignal`).
 
 ``train_retriever`` trains one head; :mod:`.retriever_heads` trains both, one after the other.
 """
@@ -47,7 +49,7 @@ samples' content, the index, the initial query encoder, the partner and every op
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..data.records import records_digest
@@ -138,7 +140,7 @@ def _offer(epoch: int, ev: dict | None) -> Offer | None:
     if ev is None:
         return None
     metric = "system_accuracy" if "system_accuracy" in ev else "accuracy"
-    return Offer(ev[metric], {"epoch": epoch, "metric": metric, "accuracy": ev[metric]})
+    return Offer(ev[metric], {"epoch": epoch, "metric": metric, "accuracy": ev[metric]}, dict(ev))
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -313,6 +315,8 @@ def _loop_options(config: RetrieverTrainConfig, n: int) -> LoopOptions:
         checkpoint_every=config.checkpoint_every,
         keep=config.keep_checkpoints,
         select="max" if config.select == "best_val_accuracy" else None,
+        log_every=config.log_every,
+        report_to=config.report_to,
     )
 
 
@@ -324,12 +328,13 @@ def train_retriever(
     retrieval,
     train: Sequence,
     val: Sequence | None = None,
-    run_dir: str = "runs/stage2",
+    run_dir: str | Path = "runs/stage2",
     *,
     resume: bool = True,
     progress: bool = True,
     scorer=None,
     partner: Partner | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> RetrieverTrainResult:
     """Train one retriever head by Sharp Perplexity Distillation (see the module docstring).
 
@@ -349,6 +354,7 @@ def train_retriever(
         scorer: a ``CandidateScorer`` to use (default: built from reader, task and the config).
         partner: the other head as inference runs it (:class:`Partner`); the evaluations then
             report the system accuracy, and selection uses it.
+        on_step: called after every optimizer step with ``{"step", "loss", "lr", "epoch", "position"}``.
     """
     config, task, encoder = _check_inputs(config, task, retriever, retrieval)
     queries = QuerySet.from_samples(train, task, "train")
@@ -356,14 +362,15 @@ def train_retriever(
     reader.eval()
     scorer = _scorer(reader, task, config) if scorer is None else scorer
     ns = (reader_fingerprint(reader), task.name, scoring_layout(scorer))
-    run_dir = Path(run_dir)
-    ckpt = open_run(run_dir, _identity(config, ns, train, val, retrieval, encoder, partner), config.to_dict(), resume)
-    cache = ScoreCache(config.cache_path or run_dir / CACHE_FILE)
+    run_path = Path(run_dir)
+    ckpt = open_run(run_path, _identity(config, ns, train, val, retrieval, encoder, partner), config.to_dict(), resume)
+    cache = ScoreCache(config.cache_path or run_path / CACHE_FILE)
     try:
         stage = _Stage2(config, encoder, retrieval, PairScores(scorer, cache, ns), queries, eval_queries, partner)
         opts = _loop_options(config, len(queries))
-        result = stage.result(run_loop(stage, opts, run_dir, ckpt, progress=progress), run_dir, opts.total_steps)
+        state = run_loop(stage, opts, run_path, ckpt, progress=progress, on_step=on_step)
+        result = stage.result(state, run_path, opts.total_steps)
     finally:
         cache.close()
-    write_result(run_dir, result.to_dict())
+    write_result(run_path, result.to_dict())
     return result

@@ -41,7 +41,9 @@ option                 default    where it comes from
 =====================  =========  ==============================================================
 
 Chosen here (not in the reference): ``epochs`` (the reference runs ``--total_steps 50000``; set
-``max_steps`` for that), ``checkpoint_every`` (200), ``keep_checkpoints`` (2), ``layout``
+``max_steps`` for that), ``checkpoint_every`` (200), ``keep_checkpoints`` (2), ``log_every`` (1:
+a line of ``run_dir/log.jsonl`` per step), ``report_to`` (``"none"``; ``"tensorboard"`` also
+writes ``run_dir/tensorboard/``), ``layout``
 (``"shared_query"``, exact and faster than ``"paper"``; see ``scoring``), ``class_mode`` /
 ``sequence_normalize``. The reference's ``KLDivLoss()`` averages over B*K entries; we use
 ``ops.retrieval_kl_loss`` (mean over B): the gradient differs by the constant K, which AdamW
@@ -54,6 +56,7 @@ import dataclasses
 
 from ..prompts import LAYOUTS
 from ._config import JsonConfig
+from .run_log import REPORT_TO
 
 __all__ = ["HEADS", "RESUME_FREE", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
 
@@ -63,7 +66,7 @@ SELECTIONS = ("last", "best_val_accuracy")
 CLASS_MODES = ("auto", "first_token", "sequence")
 # options that cannot change the trained weights (a resume is exact whatever they are; the score
 # cache is exact wherever it is): they may differ between a run and its resume
-RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "cache_path", "eval_each_epoch")
+RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "cache_path", "eval_each_epoch", "log_every", "report_to")
 
 
 @dataclasses.dataclass
@@ -97,6 +100,8 @@ class RetrieverTrainConfig(JsonConfig):
     keep_checkpoints: int = 2
     eval_each_epoch: bool = True
     cache_path: str | None = None
+    log_every: int = 1
+    report_to: str = dataclasses.field(default="none", metadata={"choices": REPORT_TO})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,8 +118,9 @@ class RetrieverTrainConfig(JsonConfig):
             self._check_choice(name, choices)
         if self.select != "last" and not self.eval_each_epoch:
             self._fail("select", "'last' when eval_each_epoch is False (selection needs the evaluations)", self.select)
-        for name in ("k", "select_k", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
+        for name in ("k", "select_k", "batch_size", "epochs", "checkpoint_every", "keep_checkpoints", "log_every"):
             self._check_int(name, 1)
+        self._check_choice("report_to", REPORT_TO)
         for name in ("warmup_steps", "n_trainable", "seed"):
             self._check_int(name, 0)
         self._check_int("max_steps", 1, optional=True)

@@ -42,7 +42,7 @@ def train_retriever_heads(
     retrieval,
     train: Sequence,
     val: Sequence | None = None,
-    run_dir: str = "runs/stage2",
+    run_dir: str | Path = "runs/stage2",
     *,
     resume: bool = True,
     progress: bool = True,
@@ -67,7 +67,8 @@ def train_retriever_heads(
         "text": config.replace(head="text", cache_path=cache_path),
         "image": (image_config or config).replace(head="image", cache_path=cache_path),
     }
-    encoders, results = {}, {}
+    encoders: dict[str, QueryEncoder] = {}
+    results: dict[str, RetrieverTrainResult] = {}
     # each head is evaluated (and selected) in the system it will serve in: the text head beside the
     # base image head, the image head beside the text head as selected
     partners = {
