@@ -222,6 +222,7 @@ setup(
             "hypothesis",
             "scikit-learn",
             "faiss-cpu>=1.15,<1.16",
+            "tensorboard",
             "ruff",
             "mypy",
             "types-PyYAML",
