@@ -62,9 +62,15 @@ class Retrieval:
             against every stored row (see the module docstring); None reads the index's own
             ``records.jsonl`` (relative image paths resolved against the image root recorded at build).
         backend: ``Index.search`` backend (``"ops"`` exact, or ``"faiss"``).
+        device: where exact search runs (``Index.to``): the index's heads are loaded there once,
+            query embeddings stay there and ``Retrieved.ids`` / ``scores`` and ``embeddings`` come
+            back on it (the reader's device, so stage 2 and inference never round-trip through the
+            CPU); None keeps the index where it is (memory-mapped on the CPU unless moved).
     """
 
-    def __init__(self, index, records: Sequence[IndexRecord] | None = None, *, backend: str = "ops"):
+    def __init__(self, index, records: Sequence[IndexRecord] | None = None, *, backend: str = "ops", device=None):
+        if device is not None:
+            index.to(device)
         stored = index.records()
         own = records is None
         if records is None:
@@ -121,22 +127,25 @@ class Retrieval:
         """
         if k_text < 0 or k_image < 0 or k_text + k_image == 0:
             raise ValueError(f"k_text, k_image: expected >= 0 with a positive sum, got {k_text}, {k_image}")
-        per_head = _per_head_queries(query_embeddings)
+        per_head = _per_head_queries(query_embeddings, self.device)
         n = per_head["text"].shape[0]
-        empty = (torch.zeros(n, 0), torch.zeros(n, 0, dtype=torch.int64))
+        empty = (torch.zeros(n, 0, device=self.device), torch.zeros(n, 0, dtype=torch.int64, device=self.device))
         text = self.index.search(per_head["text"], k_text, head="text", backend=self.backend) if k_text else empty
         image = self.index.search(per_head["image"], k_image, head="image", backend=self.backend) if k_image else empty
         merged: Candidates = merge_heads(text, image)
-        candidates = [[self.candidate(int(n)) for n in row] for row in merged.ids]
+        candidates = [[self.candidate(n) for n in row] for row in merged.ids.tolist()]
         return Retrieved(ids=merged.ids, scores=merged.scores, heads=merged.heads, candidates=candidates)
 
+    @property
+    def device(self) -> torch.device:
+        """Where search runs and its results live (the index's device, for the ``ops`` backend)."""
+        return self.index.device if self.backend == "ops" else torch.device("cpu")
+
     def embeddings(self, head: str, ids: torch.Tensor) -> torch.Tensor:
-        """The fixed index embeddings of rows ``ids`` (any shape) on ``head``: ``[*ids.shape, D]`` float32."""
-        if head not in self.index.embeddings:
-            raise ValueError(f"head: expected 'image' or 'text', got {head!r}")
-        emb = self.index.embeddings[head]
-        flat = ids.reshape(-1).cpu().numpy()
-        return torch.from_numpy(emb[flat].astype("float32")).reshape(*ids.shape, -1)
+        """The fixed index embeddings of rows ``ids`` (any shape) on ``head``: ``[*ids.shape, D]``
+        float32, on the device the head lives on."""
+        x = self.index.head(head)
+        return x[ids.reshape(-1).to(x.device)].float().reshape(*ids.shape, -1)
 
 
 def _check_row(n: int, record, row: dict) -> None:
@@ -169,13 +178,13 @@ def _check_row(n: int, record, row: dict) -> None:
         )
 
 
-def _per_head_queries(query_embeddings) -> dict:
-    """``{"text": [Q, D], "image": [Q, D]}`` float32 CPU from one tensor or a per-head mapping."""
+def _per_head_queries(query_embeddings, device: torch.device) -> dict:
+    """``{"text": [Q, D], "image": [Q, D]}`` float32 on ``device`` from one tensor or a per-head mapping."""
     if isinstance(query_embeddings, torch.Tensor):
-        q = query_embeddings.detach().float().cpu()
+        q = query_embeddings.detach().float().to(device)
         return {"text": q, "image": q}
     if isinstance(query_embeddings, Mapping) and set(query_embeddings) == {"text", "image"}:
-        out = {h: torch.as_tensor(query_embeddings[h]).detach().float().cpu() for h in ("text", "image")}
+        out = {h: torch.as_tensor(query_embeddings[h]).detach().float().to(device) for h in ("text", "image")}
         if out["text"].shape[0] != out["image"].shape[0]:
             raise ValueError(
                 f"query_embeddings: expected as many text as image queries, got "

@@ -164,3 +164,18 @@ def test_cli_prints_all_stages(capsys):
         for s in ("stage1", "stage2", "inference"):
             assert f"**{m}**, {s}" in out
     assert cli_main(["--model", "nope"]) == 2
+
+
+def test_an_index_on_the_gpu_counts_its_fp16_heads_in_stage2_and_inference_only():
+    from jomed_fast.index.cost import PAPER_DIM, PAPER_INDEX
+
+    n = sum(PAPER_INDEX.values())
+    for stage in ("stage1", "stage2", "inference"):
+        on_cpu = plan("qwen2_vl_7b", Run(stage=stage, K=4))
+        on_gpu = plan("qwen2_vl_7b", Run(stage=stage, K=4, index_rows=n, index_dim=PAPER_DIM))
+        held = on_gpu.rows.get("index on the GPU (fp16 heads)", 0)
+        assert held == (0 if stage == "stage1" else 2 * n * PAPER_DIM * 2)  # 6.48 GB for the paper's index
+        # the fragmentation allowance scales with what it sits on; nothing else moves
+        assert abs(on_gpu.total - on_cpu.total - 1.10 * held) <= 1
+    with pytest.raises(ValueError, match="index_rows: expected an int >= 0"):
+        Run(index_rows=-1)

@@ -7,7 +7,8 @@ For Q queries :math:`q \in \mathbb{R}^{Q\times D}` and one head :math:`X \in \ma
 
 as float32 scores ``[Q, k]`` (descending) and int64 ids ``[Q, k]``.
 
-* ``ops``: exact, on the memory-mapped fp16 array (no copy), ties by the lower id.
+* ``ops``: exact, on the memory-mapped fp16 array (no copy) or its copy on a GPU (``Index.to``),
+  ties by the lower id.
 * faiss ``IndexFlatIP``: exact, on an fp32 copy (2x the fp16 bytes) filled in row blocks.
 * faiss ``IndexIVFFlat`` (``nlist`` lists, k-means on a sample of ``min(N, 256 nlist)`` rows):
   approximate; each query scans the ``nprobe`` lists nearest to it, about
@@ -24,8 +25,6 @@ module ``faiss``); without it the faiss backend raises ``MissingDependency`` nam
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
@@ -35,13 +34,11 @@ from .._extras import require
 ADD_BLOCK = 1 << 16  # rows converted to fp32 and added to faiss at a time
 
 
-def search_ops(emb: np.ndarray, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of ``q`` ``[Q, D]`` over the fp16 ``emb`` ``[N, D]`` with ``ops.topk_similarity``."""
+def search_ops(x: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``q`` ``[Q, D]`` over the fp16 head ``x`` ``[N, D]`` with ``ops.topk_similarity``,
+    on the device both are on."""
     from jomed_fast.ops import topk_similarity
 
-    with warnings.catch_warnings():  # read-only memmap: the op never writes to the index
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(emb)
     return topk_similarity(q.detach().float(), x, k)
 
 

@@ -34,6 +34,8 @@ OPTS = (
     Opt("quantization", str, "nf4", "reader weights", choices=("nf4", "int8", "none")),
     Opt("lora_rank", int, 8, "LoRA rank"),
     Opt("layout", str, "shared_query", "prompt layout", choices=LAYOUTS),
+    Opt("index_rows", int, 0, "rows of an index held on the GPU (Index.to) in stage 2 and inference; 0: on the CPU"),
+    Opt("index_dim", int, 768, "embedding width of that index"),
 )
 
 
@@ -45,6 +47,8 @@ def default_runs(image_tokens: int, v: dict) -> list[Run]:
         quantization=v["quantization"],
         lora_rank=v["lora_rank"],
         layout=v["layout"],
+        index_rows=v["index_rows"],
+        index_dim=v["index_dim"],
     )
     return [
         Run(stage="stage1", K=4, batch=v["batch"], gradient_checkpointing=True, **common),

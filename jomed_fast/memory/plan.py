@@ -29,6 +29,9 @@ Rows (element size e = 2, bf16 on the L40; LoRA and optimizer states in fp32):
 * retriever (stage 2 training): ``retriever_params`` (default 196 M, BiomedCLIP size) · 16 B
   (fp32 weights + grads + AdamW) + its activations (``retriever_act_bytes``, default 1 GiB);
   inference: the retriever in 16-bit.
+* index (stage 2 and inference with ``index_rows``, ``Index.to``): heads · N · D · 2 bytes of fp16
+  rows (6.48 GB for the paper's 2.1M x 768 x 2 heads); the top-k's per-split candidates (kilobytes
+  per query) fall in the workspace allowance.
 * workspace allowance: 512 MiB (cuBLAS workspaces, allocator slack) + the largest linear
   dequantized to 16-bit (bitsandbytes dequantizes a 4-bit weight for the backward and for
   prefill matmuls) + 10 % of everything above for caching-allocator fragmentation, plus the CUDA
@@ -41,7 +44,7 @@ import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .._checks import positive_int
+from .._checks import check_int, positive_int
 from ..prompts import LAYOUTS
 from .arch import Arch, describe
 from .weights import QUANTIZATIONS, largest_linear, lora_params, weight_bytes
@@ -73,6 +76,11 @@ class Run:
     workspace_base: int = 512 * MiB
     cuda_context: int = 500 * MiB
     fragmentation: float = 0.10
+    # a retrieval index resident on the GPU (``Index.to``): rows x dim fp16 per head; 0 keeps it on
+    # the CPU (memory-mapped), the default. The paper's index: 2_108_000 rows x 768, two heads.
+    index_rows: int = 0
+    index_dim: int = 768
+    index_heads: int = 2
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -84,6 +92,9 @@ class Run:
         positive_int("K", self.K)
         positive_int("batch", self.batch)
         positive_int("chunk_size", self.chunk_size, optional=True)
+        check_int("index_rows", self.index_rows, 0)
+        positive_int("index_dim", self.index_dim)
+        check_int("index_heads", self.index_heads, 1, 2)
 
     @property
     def chunk(self) -> int:
@@ -183,6 +194,8 @@ def plan(config, run: Run | dict | None = None, name: str | None = None) -> Memo
         rows["retriever activations"] = run.retriever_act_bytes
     elif run.stage == "inference":
         rows["retriever (16-bit, frozen)"] = e * run.retriever_params
+    if run.index_rows and run.stage != "stage1":  # stage 1 reads its candidates from the CPU once
+        rows["index on the GPU (fp16 heads)"] = run.index_heads * run.index_rows * run.index_dim * 2
     big = largest_linear(a)
     sub = sum(rows.values())
     rows["workspace: dequantized weight + cuBLAS"] = run.workspace_base + (
