@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 from .._checks import check_int, is_number
 
@@ -18,21 +18,22 @@ class JsonConfig:
     """Mixin for ``@dataclass`` option classes: ``to_dict``, ``from_dict`` (strict), ``replace`` and
     the ``_check_*`` helpers their ``__post_init__`` uses (frozen dataclasses included)."""
 
+    # the subclasses are dataclasses; the mixin itself is not, so the checker sees it through Any
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(cast(Any, self))
 
     @classmethod
     def from_dict(cls, d: dict):
         if not isinstance(d, dict):
             raise TypeError(f"{cls.__name__}: expected a dict of options, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cast(Any, cls))}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown options {unknown}; expected some of {sorted(known)}")
         return cls(**d)
 
     def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(cast(Any, self), **changes)
 
     # ------------------------------------------------------------------------------ checks
     @staticmethod

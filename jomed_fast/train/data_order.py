@@ -68,7 +68,8 @@ class DataOrder:
     def next_step(self, epoch: int, position: int, batch_size: int, grad_accum: int = 1) -> list[list[int]]:
         """The micro-batches (example indices) of the step starting at ``position`` of ``epoch``."""
         perm = self.permutation(epoch)
-        out, i = [], position
+        out: list[list[int]] = []
+        i = position
         while len(out) < grad_accum and i < self.n:
             out.append(perm[i : i + batch_size])
             i += batch_size

@@ -144,7 +144,10 @@ class ExampleSet:
         """``(images, messages, answer)`` of example ``j``."""
         ex = self.examples[j]
         sample = self.samples[ex.sample]
-        cand = None if ex.candidate < 0 else self.candidates[ex.sample][ex.candidate]
+        cand = None
+        if ex.candidate >= 0:
+            assert self.candidates is not None  # examples name a candidate only when candidates were given
+            cand = self.candidates[ex.sample][ex.candidate]
         if cand is not None and cand.image is not None:
             cand = Candidate(as_image(cand.image, "candidate.image"), cand.text, cand.id)
         query = as_image(sample.load_image(), f"samples[{ex.sample}].image")

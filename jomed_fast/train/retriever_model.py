@@ -111,14 +111,17 @@ class HeadModel:
         cfg = self.config
         other = "image" if cfg.head == "text" else "text"
         k = {cfg.head: cfg.select_k, other: 0}
-        q = self.query_embeddings(images)
+        mine = self.query_embeddings(images)
+        q: torch.Tensor | dict[str, torch.Tensor] = mine
         if with_partner:
+            if self.partner is None:
+                raise ValueError("with_partner: expected a HeadModel built with a partner, got none")
             k[other] = self.partner.k
-            q = {cfg.head: q, other: self.partner.embed(images)}
+            q = {cfg.head: mine, other: self.partner.embed(images)}
         got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"])
         rows = self._rows(queries, idx, images, got)
-        fused = ops.fuse_candidates(rows, got.scores.to(rows.dtype), 1.0)
-        return int((fused.argmax(-1) == queries.labels[idx]).sum())
+        fused = ops.fuse_candidates(rows, got.scores.to(rows), 1.0)
+        return int((fused.argmax(-1).cpu() == queries.labels[idx]).sum())
 
 
 @torch.no_grad()
