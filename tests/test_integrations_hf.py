@@ -541,3 +541,17 @@ def test_a_real_trainer_takes_the_steps_of_the_unpatched_loss(tmp_path):
     with torch.no_grad():
         fresh = reference_log_probs(reference, model_inputs, CLASS_IDS, batch["answer_positions"])
     np.testing.assert_allclose(prediction.predictions, fresh.numpy(), atol=ATOL)
+
+
+def test_a_quantized_head_is_refused(tmp_path):
+    from transformers import BitsAndBytesConfig, Qwen2ForCausalLM
+
+    _text_model("qwen2").save_pretrained(tmp_path)
+    quantize_everything = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["no_such_module"]
+    )
+    model = Qwen2ForCausalLM.from_pretrained(
+        tmp_path, quantization_config=quantize_everything, device_map={"": "cpu"}, local_files_only=True
+    )
+    with patch_class_head(model), pytest.raises(ValueError, match=r"got a Params4bit of dtype torch.uint8"):
+        model(**_text_batch("right"), class_token_ids=CLASS_IDS)

@@ -61,6 +61,7 @@ __all__ = [
     "as_class_token_ids",
     "as_integer_tensor",
     "find_class_head_patch",
+    "lm_head_parameters",
     "patch_class_head",
     "transformers_model",
 ]
@@ -208,7 +209,7 @@ def _check_model(model: torch.nn.Module) -> None:
         raise ValueError(f"model: {name}.forward already takes one of {_EXTRA_KEYWORDS}")
 
 
-def _head_parameters(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lm_head_parameters(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's weight ``[V, H]`` and bias ``[V]`` (or None), read where the model keeps them now
     (PEFT may have wrapped the head since the patch)."""
     head = model.get_output_embeddings()
@@ -262,7 +263,7 @@ class ClassHeadPatch:
     context manager that removes itself on exit.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: Any):
         self.model = model
         self._saved_forward = vars(model).get("forward", _MISSING)
         self.original_forward = model.forward
@@ -338,7 +339,7 @@ class ClassHeadPatch:
         batch, length = hidden.shape[:2]
         positions = _answer_positions(answer_positions, named.get("attention_mask"), batch, length, hidden.device)
         answer_hidden = hidden[torch.arange(batch, device=hidden.device), positions]  # [B, H]
-        weight, bias = _head_parameters(self.model)
+        weight, bias = lm_head_parameters(self.model)
         ids = as_class_token_ids(class_token_ids, weight.shape[0], weight.device)
         # a device map may put the head on another device than the last layer, as the model's own forward allows
         return ops.head_class_log_softmax(answer_hidden.to(weight.device), weight, ids, bias)

@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from .hf import as_class_token_ids, as_integer_tensor, find_class_head_patch, patch_class_head, transformers_model
+from .hf import (
+    as_class_token_ids,
+    as_integer_tensor,
+    find_class_head_patch,
+    lm_head_parameters,
+    patch_class_head,
+    transformers_model,
+)
 
 __all__ = ["ClassHeadTrainerMixin", "class_nll_loss"]
 
@@ -82,6 +89,7 @@ class ClassHeadTrainerMixin:
     model with the class head unless it already carries it (``class_head_patch``).
     """
 
+    model: Any  # set by the trainer's __init__
     # compute_loss returns each batch's mean; the Trainer scales it for gradient accumulation
     loss_is_scaled_for_ga = False
 
@@ -90,7 +98,7 @@ class ClassHeadTrainerMixin:
         if not isinstance(labels_are_token_ids, bool):
             raise TypeError(f"labels_are_token_ids: expected a bool, got {type(labels_are_token_ids).__name__}")
         self.class_head_patch = find_class_head_patch(self.model) or patch_class_head(self.model)
-        vocab_size = transformers_model(self.model).get_output_embeddings().weight.shape[0]
+        vocab_size = lm_head_parameters(transformers_model(self.model))[0].shape[0]
         self.class_token_ids = as_class_token_ids(class_token_ids, vocab_size, "cpu")
         self.labels_are_token_ids = labels_are_token_ids
         self._class_ids_by_device: dict[torch.device, torch.Tensor] = {}
@@ -105,7 +113,7 @@ class ClassHeadTrainerMixin:
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError(f"inputs: expected 'labels' [B] (the gold answers), got a batch of {sorted(inputs)}")
-        weight = transformers_model(self.model).get_output_embeddings().weight
+        weight, _ = lm_head_parameters(transformers_model(self.model))
         ids = self._class_ids_on(weight.device)
         log_probs = model(**inputs, class_token_ids=ids)
         loss = class_nll_loss(log_probs, labels, ids if self.labels_are_token_ids else None)
