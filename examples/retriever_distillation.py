@@ -3,7 +3,7 @@
 A tiny text retriever (an unmodified ``transformers.BertModel`` from a small ``BertConfig``, random
 weights, mean-pooled and L2-normalised) searches a toy corpus of 64 reports, one per (organ,
 finding) pair. For each training query it retrieves its top K with ``ops.topk_similarity``; a
-frozen reader scores the K candidates (here a fixed rule: log-likelihood 0 when the passage holds
+frozen reader scores the K candidates (here a hand-written rule: log-likelihood 0 when the passage holds
 the query's organ and finding, ``MISS`` otherwise, what an answer's likelihood does with a passage
 that contains the answer); the query encoder learns to match the reader's posterior over them:
 
