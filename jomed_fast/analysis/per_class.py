@@ -62,7 +62,8 @@ def write_per_class_f1(
 ) -> dict:
     """``per_class_f1.json`` / ``.md`` / ``.png``: ``{system: {class name: F1}}``, the classes'
     support (gold counts, the same for every system: they answer the same queries) in the chart's
-    groups; returns ``{"table", "support"}``."""
+    groups, and the class order (``classes``: the JSON sorts its keys); returns
+    ``{"table", "support"}``."""
     from .consistency import check_same_queries, write_analysis
 
     names = list(class_names) if class_names is not None else [f"class {c}" for c in range(num_classes)]
@@ -80,7 +81,7 @@ def write_per_class_f1(
         str(out_dir),
         "per_class_f1",
         table,
-        extra={"support": support},
+        extra={"support": support, "classes": names},
         plot=plot,
         title="F1 per class of the fused answer",
         ylabel="F1 (%)",
