@@ -279,3 +279,47 @@ def test_bad_inputs(backend, kwargs, error, match):
     args = {"hidden": _H, "weight": _W, "class_ids": _IDS, "bias": None, **kwargs}
     with pytest.raises(error, match=match):
         head_class_log_softmax(**args)
+
+
+def test_class_ids_values_are_checked_once_per_tensor(backend, monkeypatch):
+    """The value checks sync a GPU with the host, so a task's ids are checked on first use only;
+    an in-place change to them is caught (the tensor's version moves)."""
+    from jomed_fast.ops import _checks
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(3, 8, generator=g), torch.randn(20, 8, generator=g)
+    ids = torch.tensor([4, 9, 2])
+    head_class_log_softmax(hidden, weight, ids)
+
+    def no_more_reads(*args, **kwargs):
+        raise AssertionError("class ids were read back again")
+
+    with monkeypatch.context() as m:
+        m.setattr(_checks.torch, "unique", no_more_reads)
+        out = head_class_log_softmax(hidden, weight, ids)
+    torch.testing.assert_close(out, head_class_log_softmax_reference(hidden, weight, ids))
+    ids[1] = 2  # now a duplicate
+    with pytest.raises(ValueError, match="expected distinct ids"):
+        head_class_log_softmax(hidden, weight, ids)
+    with pytest.raises(ValueError, match=r"expected ids in \[0, 3\)"):
+        head_class_log_softmax(hidden, weight[:3], torch.tensor([2, 3]))
+
+
+def test_a_frozen_weight_gets_no_vocabulary_sized_gradient(backend, monkeypatch):
+    """Under LoRA the head is frozen: the backward computes d hidden only, never a [V, H] buffer."""
+    import importlib
+
+    op = importlib.import_module("jomed_fast.ops.head_class_log_softmax")
+
+    def vocabulary_gradient(*args, **kwargs):
+        raise AssertionError("a [V, H] weight gradient was computed for a frozen weight")
+
+    monkeypatch.setattr(op, "_backward_weight", vocabulary_gradient)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g)
+    ids = torch.tensor([3, 7, 11])
+    head_class_log_softmax(hidden, weight, ids).logsumexp(-1).sum().backward()
+    h64 = hidden.detach().double().requires_grad_(True)
+    head_class_log_softmax_reference(h64, weight.double(), ids).logsumexp(-1).sum().backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, atol=1e-5, rtol=1e-5)

@@ -46,8 +46,9 @@ class HeadClassNLLLoss(torch.nn.Module):
 
     ``class_ids`` (int64 ``[C]``, distinct, non-negative) is a non-persistent buffer: it follows
     ``.to(device)`` but is configuration, so it stays out of the state dict of the model that owns
-    the loss. Out-of-range targets raise ``ValueError`` in eager mode; under ``torch.compile`` that
-    data-dependent check is skipped (it would break the graph) and ``nll_loss`` reports them instead.
+    the loss. Out-of-range targets raise ``ValueError`` on the CPU in eager mode; on CUDA they are
+    checked by a device-side assertion (no host sync in the forward), and under ``torch.compile`` the
+    data-dependent CPU check is skipped (it would break the graph) and ``nll_loss`` reports them.
     """
 
     class_ids: torch.Tensor
@@ -81,7 +82,14 @@ class HeadClassNLLLoss(torch.nn.Module):
             )
         check_same_device(hidden=hidden, targets=targets)
         num_classes = self.class_ids.shape[0]
-        if not torch.compiler.is_compiling() and targets.numel() > 0:
+        if targets.is_cuda:
+            # checked on the device, no host sync: an out-of-range target fails the next synchronising
+            # call with this message (nll_loss would fail there too, with a less specific one)
+            torch._assert_async(
+                ((targets >= 0) & (targets < num_classes)).all(),
+                f"targets: expected class indices in [0, {num_classes}) (C={num_classes})",
+            )
+        elif not torch.compiler.is_compiling() and targets.numel() > 0:
             lo, hi = int(targets.min()), int(targets.max())
             if lo < 0 or hi >= num_classes:
                 raise ValueError(
