@@ -136,6 +136,11 @@ class Retrieval:
         candidates = [[self.candidate(n) for n in row] for row in merged.ids.tolist()]
         return Retrieved(ids=merged.ids, scores=merged.scores, heads=merged.heads, candidates=candidates)
 
+    def to(self, device) -> Retrieval:
+        """Search on ``device`` from now on (``Index.to``: the heads copied there once); returns self."""
+        self.index.to(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         """Where search runs and its results live (the index's device, for the ``ops`` backend)."""

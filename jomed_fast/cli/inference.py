@@ -96,6 +96,8 @@ def run_predict(v: dict) -> int:
         scorer = OpenAnswerer(load_reader_from(v), task, v["layout"])
     else:
         scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
+    if retrieval is not None:
+        retrieval.to(scorer.reader.device)  # search beside the reader: queries never round-trip via the CPU
     records = predict(
         scorer,
         samples,

@@ -126,6 +126,8 @@ def run_train_retriever(v: dict) -> int:
     retrieval, encoder = load_retrieval_from(v)
     reader = load_reader(v["reader"], quantization=quant, lora=v["adapter"], device=v["device"])
     reader.model.requires_grad_(False)
+    if retrieval is not None:
+        retrieval.to(reader.device)  # stage 2 searches every batch: on the reader's device
     run = Path(v["run_dir"])
     if v["heads"] == "both":
         trained = train_retriever_heads(

@@ -24,7 +24,7 @@ def retriever_scores(q: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``q [B, D]`` x ``e [B, K, D]`` -> ``s [B, K]`` with ``s[b, k] = q[b] · e[b, k]``."""
     if q.dim() != 2 or e.dim() != 3 or e.shape[0] != q.shape[0] or e.shape[2] != q.shape[1]:
         raise ValueError(f"q, e: expected [B, D] and [B, K, D], got {tuple(q.shape)} and {tuple(e.shape)}")
-    return torch.einsum("bd,bkd->bk", q, e.to(q.dtype))
+    return torch.einsum("bd,bkd->bk", q, e.to(q))  # e from the index's device to the encoder's
 
 
 def distillation_target(s: torch.Tensor, r: torch.Tensor, target: str) -> torch.Tensor:
