@@ -236,7 +236,12 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True
     jomed_encoder = _stage2(out, config, readers["rag"], ds, retrieval, base, progress)
     records = _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
     summary = write_report(
-        out / "report", records, ds.task.num_classes, seed=config.seed, findings_asserted=config.asserts_findings
+        out / "report",
+        records,
+        ds.task.num_classes,
+        seed=config.seed,
+        findings_asserted=config.asserts_findings,
+        class_names=ds.task.labels,
     )
     summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(out / "report" / "summary.json", summary)

@@ -14,6 +14,7 @@ from .guards import NonFiniteLossError, check_finite
 from .reader import ReaderTrainConfig, ReaderTrainResult, train_reader
 from .retriever import RetrieverTrainConfig, RetrieverTrainResult, train_retriever
 from .retriever_heads import train_retriever_heads
+from .run_log import read_log
 from .schedule import WarmupCosine, warmup_cosine
 from .score_cache import ScoreCache
 
@@ -27,6 +28,7 @@ __all__ = [
     "WarmupCosine",
     "check_finite",
     "latest_checkpoint",
+    "read_log",
     "load_checkpoint",
     "save_checkpoint",
     "save_named",
