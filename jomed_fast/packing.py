@@ -286,7 +286,7 @@ _CHOICE: Optional[tuple[Backend, Optional[ModuleType]]] = None  # decided on fir
 _CHOICE_LOCK = threading.Lock()
 
 
-def _release(version: str) -> tuple[int, ...]:
+def _release(version: str) -> tuple[int | str, ...]:
     """(major, minor, patch) of a torch version: "2.13.0+cpu" and the headers' "2.13.0" are one ABI.
     Exact, not major.minor: torch promises no C++ ABI across releases; the fallback costs only speed."""
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
@@ -471,14 +471,14 @@ def _check_values(name: str, q: QueryCandidates, mrope: bool, merge: int) -> Non
             )
 
     end = 0
-    p_grids = _grid_list(q.prefix_image_grid_thw) if mrope else None
+    p_grids = _grid_list(q.prefix_image_grid_thw) if mrope else []
     for row, (start, length) in enumerate(q.prefix_image_spans.tolist()):
         check_span(f"{name}.prefix_image_spans", row, start, length, P, end)
         end = start + length
         if mrope:
             check_grid(f"{name}.prefix_image_grid_thw", row, p_grids[row], length)
 
-    c_grids = _grid_list(q.candidate_image_grid_thw) if mrope else None
+    c_grids = _grid_list(q.candidate_image_grid_thw) if mrope else []
     k_previous, end = -1, 0
     for row, (k, start, length) in enumerate(q.candidate_image_spans.tolist()):
         if k < k_previous or k >= K:
@@ -541,7 +541,7 @@ def _reference_batch(queries, pad_token_id, merge, mrope, name) -> PackedBatch:
     Pm = max(len(p) for p in prefixes)
     L = max(len(s) for segs in segments for s in segs)
 
-    out = {
+    out: dict[str, list] = {
         key: []
         for key in (
             "input_ids",
