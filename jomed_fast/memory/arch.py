@@ -1,8 +1,14 @@
 """Model facts from a config.json: every weight tensor as (name, numel, kind).
 
-``describe(config)`` turns a Qwen2-VL or LLaVA/Pixtral config (dict, path, or a shipped name) into
-an :class:`Arch`: the list of linear layers (in, out, bias; language-model or vision) and of the
-other parameters (embeddings, norms, convs) that bitsandbytes keeps in the compute dtype.
+``describe(config)`` turns a Qwen2-VL, Qwen2.5-VL or LLaVA/Pixtral config (dict, path, or a shipped
+name) into an :class:`Arch`: the list of linear layers (in, out, bias; language-model or vision) and
+of the other parameters (embeddings, norms, convs) that bitsandbytes keeps in the compute dtype.
+Any other model type is refused with a ``ValueError`` naming it (the scorer reads the vision
+dimensions of other families from ``readers.families`` instead; the planner needs every tensor).
+
+Qwen2.5-VL differs from Qwen2-VL in the vision tower only: RMSNorms (weights only), a gated MLP
+(gate / up / down, with biases) of ``intermediate_size``, width ``hidden_size`` (Qwen2-VL's
+``embed_dim``) and the merger's output ``out_hidden_size``; its window attention has no weights.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ SHIPPED = {
     "pixtral_12b": "pixtral_12b.json",
     "pixtral-12b": "pixtral_12b.json",
 }
+
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "pixtral")
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class DecoderShape:
 class Arch(DecoderShape):
     """A whole model: the decoder's dimensions, the vision tower's, and every weight tensor."""
 
-    family: str = ""  # "qwen2_vl" | "pixtral" (defaults only because the base fields come first)
+    family: str = ""  # one of FAMILIES (defaults only because the base fields come first)
     vision_layers: int = 0
     vision_hidden: int = 0
     vision_intermediate: int = 0
@@ -74,8 +83,8 @@ class Arch(DecoderShape):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.family not in ("qwen2_vl", "pixtral"):
-            raise ValueError(f"Arch.family: expected 'qwen2_vl' or 'pixtral', got {self.family!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"Arch.family: expected one of {FAMILIES}, got {self.family!r}")
 
     @property
     def text_linears(self) -> list[Linear]:
@@ -125,45 +134,50 @@ def _add_text_decoder(a: Arch, qkv_bias: bool) -> None:
     a.linears.append(Linear("lm_head", H, V, False, "lm_head"))
 
 
-def _qwen2_vl(c: dict) -> Arch:
+def _qwen_text(c: dict) -> dict:
+    """The Qwen2 decoder's dimensions (under ``text_config`` or, in older configs, at the top)."""
     t = c.get("text_config") or c
 
     def g(k):
         return t.get(k, c.get(k))
 
-    H, I, n, nh, kv, V = (
-        g("hidden_size"),
-        g("intermediate_size"),
-        g("num_hidden_layers"),
-        g("num_attention_heads"),
-        g("num_key_value_heads"),
-        g("vocab_size"),
+    H, nh = g("hidden_size"), g("num_attention_heads")
+    return dict(
+        hidden=H,
+        layers=g("num_hidden_layers"),
+        heads=nh,
+        kv_heads=g("num_key_value_heads"),
+        head_dim=H // nh,
+        intermediate=g("intermediate_size"),
+        vocab=g("vocab_size"),
     )
-    hd = H // nh
-    v = c["vision_config"]
-    E, depth, ratio = v["embed_dim"], v["depth"], v["mlp_ratio"]
+
+
+def _qwen_vision_base(v: dict, E: int, mlp: int, family: str, c: dict) -> Arch:
     merge, patch, tps = v["spatial_merge_size"], v["patch_size"], v.get("temporal_patch_size", 2)
-    out_dim = v.get("hidden_size", H)
     channels = v.get("in_chans", v.get("in_channels", 3))
     a = Arch(
-        hidden=H,
-        layers=n,
-        heads=nh,
-        kv_heads=kv,
-        head_dim=hd,
-        intermediate=I,
-        vocab=V,
-        family="qwen2_vl",
-        vision_layers=depth,
+        **_qwen_text(c),
+        family=family,
+        vision_layers=v["depth"],
         vision_hidden=E,
-        vision_intermediate=int(E * ratio),
+        vision_intermediate=mlp,
         vision_heads=v["num_heads"],
         patch=patch,
         merge=merge,
         patch_inputs=channels * tps * patch * patch,
     )
     _add_text_decoder(a, qkv_bias=True)  # Qwen2 has q/k/v biases
-    mlp = int(E * ratio)
+    a.dense["vision.patch_embed"] = E * a.patch_inputs
+    return a
+
+
+def _qwen2_vl(c: dict) -> Arch:
+    v = c["vision_config"]
+    E, depth = v["embed_dim"], v["depth"]
+    mlp = int(E * v["mlp_ratio"])
+    a = _qwen_vision_base(v, E, mlp, "qwen2_vl", c)
+    out_dim = v.get("hidden_size", a.hidden)
     for i in range(depth):
         p = f"vision.{i}."
         a.linears.extend(
@@ -175,9 +189,33 @@ def _qwen2_vl(c: dict) -> Arch:
             ]
         )
         a.dense[p + "norms"] = 4 * E  # two LayerNorms, weight + bias
-    a.dense["vision.patch_embed"] = E * a.patch_inputs
-    m = E * merge * merge
+    m = E * a.merge * a.merge
     a.dense["vision.merger.ln_q"] = 2 * E
+    a.linears.extend(
+        [Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")]
+    )
+    return a
+
+
+def _qwen2_5_vl(c: dict) -> Arch:
+    v = c["vision_config"]
+    E, mlp, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
+    a = _qwen_vision_base(v, E, mlp, "qwen2_5_vl", c)
+    out_dim = v.get("out_hidden_size", a.hidden)
+    for i in range(depth):
+        p = f"vision.{i}."
+        a.linears.extend(
+            [
+                Linear(p + "qkv", E, 3 * E, True, "vision"),
+                Linear(p + "proj", E, E, True, "vision"),
+                Linear(p + "gate", E, mlp, True, "vision"),
+                Linear(p + "up", E, mlp, True, "vision"),
+                Linear(p + "down", mlp, E, True, "vision"),
+            ]
+        )
+        a.dense[p + "norms"] = 2 * E  # two RMSNorms, weight only
+    m = E * a.merge * a.merge
+    a.dense["vision.merger.ln_q"] = E
     a.linears.extend(
         [Linear("vision.merger.fc1", m, m, True, "vision"), Linear("vision.merger.fc2", m, out_dim, True, "vision")]
     )
@@ -237,6 +275,12 @@ def describe(config) -> Arch:
     mt = c.get("model_type")
     if mt == "qwen2_vl":
         return _qwen2_vl(c)
+    if mt == "qwen2_5_vl":
+        return _qwen2_5_vl(c)
     if mt == "llava" and (c.get("vision_config") or {}).get("model_type") == "pixtral":
         return _pixtral(c)
-    raise ValueError(f"config: expected model_type 'qwen2_vl' or 'llava' with a pixtral vision tower, got {mt!r}")
+    vision = (c.get("vision_config") or {}).get("model_type")
+    raise ValueError(
+        f"config: expected model_type 'qwen2_vl', 'qwen2_5_vl' or 'llava' with a pixtral vision tower, got {mt!r}"
+        + (f" (vision tower {vision!r})" if mt == "llava" else "")
+    )

@@ -1,5 +1,7 @@
-"""Readers: unmodified Hugging Face VLMs (Qwen2-VL, Pixtral-LLaVA) loaded from local directories,
-optionally in NF4 / int8 with a LoRA adapter, plus offline tiny/small checkpoints built in code.
+"""Readers: unmodified Hugging Face VLMs (Qwen2-VL, Qwen2.5-VL, Pixtral-LLaVA, and any other
+``AutoModelForImageTextToText`` family the scorer can take exactly: ``families``) loaded from local
+directories, optionally in NF4 / int8 with a LoRA adapter, plus offline tiny/small checkpoints built
+in code.
 
     from jomed_fast.readers import tiny, load_reader
     path = tiny.build("qwen2_vl", "/tmp/qwen_tiny")            # or "pixtral"; size="small"
@@ -11,7 +13,8 @@ optionally in NF4 / int8 with a LoRA adapter, plus offline tiny/small checkpoint
 
 No torchvision anywhere: images go through ``ReaderProcessor`` (PIL image processors).
 ``tiny`` is the module :mod:`.offline_checkpoints` (the checkpoints built in code); ``load_reader``
-and ``Reader`` live in :mod:`.hf_reader`.
+and ``Reader`` live in :mod:`.hf_reader`; each family's facts in :mod:`.families`, how its images
+become placeholders and vision inputs in :mod:`.image_formats`.
 """
 
 from . import offline_checkpoints as tiny

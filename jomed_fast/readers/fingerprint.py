@@ -57,7 +57,12 @@ def reader_fingerprint(reader) -> str:
         _update(h, cached_sha256(f).encode())
     if getattr(reader, "has_lora", False):
         lora = getattr(reader, "lora", None)
-        _update(h, repr(dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) else lora).encode())
+        _update(
+            h,
+            repr(
+                dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) and not isinstance(lora, type) else lora
+            ).encode(),
+        )
         for name, p in sorted(reader.lora_parameters().items()):
             t = p.detach().cpu().contiguous()
             _update(h, f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

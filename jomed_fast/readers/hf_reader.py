@@ -1,14 +1,21 @@
 """``load_reader``: an unmodified Hugging Face VLM from a local directory, optionally NF4/int8
 (bitsandbytes) and LoRA (PEFT), wrapped in a ``Reader`` that knows its family's facts.
 
-Families:
+Families (``readers.families``, which reads them off the config):
 
 ==========  ==========================================  ===========================================
 family      model_type in config.json                   class
 ==========  ==========================================  ===========================================
-qwen2_vl    ``qwen2_vl`` (``qwen2_5_vl``: untested)      ``Qwen2VLForConditionalGeneration``
+qwen2_vl    ``qwen2_vl``                                ``Qwen2VLForConditionalGeneration``
+qwen2_5_vl  ``qwen2_5_vl``                              ``Qwen2_5_VLForConditionalGeneration``
 pixtral     ``llava`` with a ``pixtral`` vision config   ``LlavaForConditionalGeneration``
+generic     any other ``AutoModelForImageTextToText``    the class that mapping names (the family is
+            model type (e.g. ``llava`` + CLIP)           its model_type; placeholders from its HF
+                                                        processor), unless ``families.REFUSED``
 ==========  ==========================================  ===========================================
+
+A reader without a trainable adapter is frozen: every parameter has ``requires_grad=False``, so
+nothing builds an autograd graph through it unless a caller turns parameters on.
 
 Quantization (bitsandbytes, the Hugging Face defaults, as LLaMA-Factory's QLoRA): every linear
 layer of the language model, the vision tower and the projector is quantized; ``lm_head`` stays
@@ -33,7 +40,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -42,6 +49,7 @@ from jomed_fast._files import replace_dir_atomically
 from jomed_fast._manifest import CorruptFile, verify_dir
 
 from . import quantization as _quant
+from .families import Family, family_of
 from .processor import ReaderProcessor
 
 QUANTIZATIONS = (None, "nf4", "int8")
@@ -49,7 +57,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _LM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_VISION_MODULES = {"qwen2_vl": ("visual",), "pixtral": ("vision_tower", "multi_modal_projector")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ class Reader:
     apply to them (e.g. restricted to the class tokens).
     """
 
-    model: torch.nn.Module
+    model: Any  # the HF model, or the peft.PeftModel around it
     processor: ReaderProcessor
     family: str
     path: Path
@@ -128,6 +135,7 @@ class Reader:
     config: Any = field(default=None, repr=False)
     unquantized_layers: tuple[str, ...] = ()
     cpu_kernel: str | None = None
+    facts: Family | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -135,7 +143,7 @@ class Reader:
         return self.processor.tokenizer
 
     @property
-    def hf_model(self) -> torch.nn.Module:
+    def hf_model(self) -> Any:
         """The HF ``...ForConditionalGeneration`` (with LoRA layers injected, when on)."""
         from peft import PeftModel
 
@@ -153,7 +161,7 @@ class Reader:
     def lm_head_weight(self) -> torch.Tensor:
         """The LM-head matrix ``[V, H]`` (the parameter itself; ``load_reader`` never quantizes
         ``lm_head``, so it is in the compute dtype whatever the quantization)."""
-        weight = self.lm_head.weight
+        weight = cast(torch.Tensor, self.lm_head.weight)
         if getattr(weight, "quant_state", None) is not None or getattr(weight, "SCB", None) is not None:
             raise ValueError("reader: lm_head is quantized; load the reader with load_reader (it keeps lm_head)")
         return weight
@@ -173,10 +181,22 @@ class Reader:
     def vision_parameters(self):
         """The parameters of the vision tower and the projector (which LoRA leaves out)."""
         model = self.hf_model.model
-        for name in _VISION_MODULES[self.family]:
+        for name in self.family_facts.vision_modules:
             module = getattr(model, name, None)
             if module is not None:
                 yield from module.parameters()
+
+    @property
+    def family_facts(self) -> Family:
+        """The family's facts (``families.family_of`` of the config, read once at load)."""
+        if self.facts is None:
+            self.facts = family_of(self.config)
+        return self.facts
+
+    @property
+    def vision_dims(self) -> tuple[int, int, int]:
+        """The vision tower's width, MLP width and heads (what the scorer's memory budget reads)."""
+        return self.family_facts.vision_dims
 
     # ------------------------------------------------------------------ inputs
     def encode(self, images=None, messages=None, **kwargs) -> dict[str, torch.Tensor]:
@@ -263,31 +283,6 @@ class Reader:
 # ------------------------------------------------------------------------------------------
 # Loading.
 # ------------------------------------------------------------------------------------------
-def _family_and_class(config) -> tuple[str, type]:
-    model_type = getattr(config, "model_type", None)
-    if model_type == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration
-
-        return "qwen2_vl", Qwen2VLForConditionalGeneration
-    if model_type == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return "qwen2_vl", Qwen2_5_VLForConditionalGeneration
-    if model_type == "llava":
-        vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
-        if vision_type != "pixtral":
-            raise ValueError(
-                f"path: a llava checkpoint needs a pixtral vision tower to be a Pixtral reader, got {vision_type!r}"
-            )
-        from transformers import LlavaForConditionalGeneration
-
-        return "pixtral", LlavaForConditionalGeneration
-    raise ValueError(
-        f"path: expected a Qwen2-VL (model_type 'qwen2_vl') or Pixtral-LLaVA (model_type 'llava' with a "
-        f"pixtral vision config) checkpoint, got model_type {model_type!r}"
-    )
-
-
 def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     """Raise a ``ValueError`` that says what is wrong unless ``path`` is a local checkpoint directory."""
     if not isinstance(path, (str, os.PathLike)):
@@ -405,19 +400,20 @@ def load_reader(
         config = AutoConfig.from_pretrained(p, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - one clear error for any unreadable config
         raise ValueError(f"path: cannot read the config of {str(p)!r}: {exc}") from exc
-    family, cls = _family_and_class(config)
+    facts = family_of(config)
+    family, cls = facts.name, facts.model_class
     trainable = (
         adapter_dir is not None
         and bool(lora_trainable)
         or (isinstance(lora, LoraSettings) and lora_trainable is not False)
     )
     kernel = _quant.resolve_cpu_kernel(cpu_kernel, quantization, dev, trainable)
-    processor = ReaderProcessor.from_pretrained(p, family)
+    processor = ReaderProcessor.from_pretrained(p, facts)
 
     kwargs: dict[str, Any] = dict(local_files_only=True, dtype=compute_dtype)
     misfits: list[str] = []
     if quantization is not None:
-        keep = () if quantize_vision else _VISION_MODULES[family]
+        keep = () if quantize_vision else facts.vision_modules
         kept, misfits = _quant.unquantizable_layers(cls, config, quantization, keep)
         if misfits:
             warnings.warn(
@@ -429,11 +425,9 @@ def load_reader(
     kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
     model = _from_pretrained(cls, p, kwargs)
     model.eval()
+    model.requires_grad_(False)  # frozen until an adapter trains (PEFT turns its own weights on)
     if kernel is not None:
         _quant.set_cpu_kernel(model, kernel)
-        if kernel == "packed":  # an inference reader: the kernel has no backward
-            for prm in model.parameters():
-                prm.requires_grad_(False)
 
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -456,6 +450,7 @@ def load_reader(
         config=config,
         unquantized_layers=tuple(misfits),
         cpu_kernel=kernel,
+        facts=facts,
     )
     config_image_id = getattr(config, "image_token_id", None)
     if config_image_id is not None and int(config_image_id) != reader.image_token_id:

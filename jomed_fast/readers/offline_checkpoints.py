@@ -17,7 +17,11 @@ file                       content
 
 Architectures (``arch``): ``"qwen2_vl"`` (``Qwen2VLForConditionalGeneration``, M-RoPE) and
 ``"pixtral"`` (``LlavaForConditionalGeneration`` with a ``PixtralVisionConfig`` vision tower and a
-Mistral text model).
+Mistral text model), the paper's two (``ARCHS``); and, ``tiny`` only (``EXTRA_ARCHS``),
+``"qwen2_5_vl"`` (``Qwen2_5_VLForConditionalGeneration``: gated-MLP RMSNorm vision tower with
+window attention, the Qwen2-VL tokenizer and image processor) and ``"llava"``
+(``LlavaForConditionalGeneration`` with a CLIP vision tower and a Llama text model, read through
+its own ``LlavaProcessor``: the generic family), whose directory also holds ``processor_config.json``.
 
 Sizes: ``tiny`` runs a forward in milliseconds (2 text layers, hidden 64, 2 vision layers of width
 64, a ~1k vocabulary, 28-64 px images). Every linear layer of both sizes is a multiple of 64 wide
@@ -36,7 +40,10 @@ from typing import Any
 from jomed_fast._files import replace_dir_atomically
 
 ARCHS = ("qwen2_vl", "pixtral")
+EXTRA_ARCHS = ("qwen2_5_vl", "llava")  # tiny only
+ALL_ARCHS = ARCHS + EXTRA_ARCHS
 SIZES = ("tiny", "small")
+_QWEN = ("qwen2_vl", "qwen2_5_vl")  # one tokenizer, one image processor
 
 BUILD_STAMP = "jomed_build.json"
 BUILD_VERSION = 2
@@ -165,6 +172,21 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+LLAVA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<image>", "<pad>")
+
+# A LLaVA-1.5-style template ("USER: ... ASSISTANT:") with the images where the content puts them.
+LLAVA_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}{{- message['role'].upper() + ': ' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for chunk in message['content'] %}"
+    "{%- if chunk['type'] == 'image' %}{{- '<image>' }}{%- elif chunk['type'] == 'text' %}{{- chunk['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{{- eos_token }}{%- endif %}{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'ASSISTANT:' }}{%- endif %}"
+)
+
 # Pixtral-12B's chat template (mistral-community/pixtral-12b), assistant content may be parts.
 PIXTRAL_CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
@@ -235,6 +257,41 @@ _DIMS: dict[tuple[str, str], dict[str, Any]] = {
         max_pixels=28 * 28 * 16384,
         init=0.02,
     ),
+    ("qwen2_5_vl", "tiny"): dict(
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        hidden=64,
+        intermediate=128,
+        mrope_section=[2, 3, 3],
+        v_depth=2,
+        v_hidden=64,
+        v_intermediate=128,
+        v_heads=2,
+        window_size=28,  # one merged token per window: block 0 attends within windows, block 1 fully
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+        bpe_vocab=768,
+        min_pixels=28 * 28,
+        max_pixels=56 * 56,
+        init=0.1,
+    ),
+    ("llava", "tiny"): dict(
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        hidden=64,
+        intermediate=128,
+        v_layers=2,
+        v_hidden=64,
+        v_heads=2,
+        v_intermediate=128,
+        image_size=32,
+        v_patch=8,
+        bpe_vocab=768,
+        init=0.1,
+    ),
     ("pixtral", "tiny"): dict(
         layers=2,
         heads=4,
@@ -270,10 +327,12 @@ _DIMS: dict[tuple[str, str], dict[str, Any]] = {
 
 
 def _check(arch: str, size: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
+    if arch not in ALL_ARCHS:
+        raise ValueError(f"arch: expected one of {ALL_ARCHS}, got {arch!r}")
     if size not in SIZES:
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    if (arch, size) not in _DIMS:
+        raise ValueError(f"size: {arch!r} is built at {[z for a, z in _DIMS if a == arch]} only, got {size!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +411,7 @@ def build_tokenizer(arch: str, size: str = "tiny"):
     _check(arch, size)
     dims = _DIMS[arch, size]
     tok = Tokenizer(models.BPE())
-    split = QWEN2_SPLIT_REGEX if arch == "qwen2_vl" else TEKKEN_SPLIT_REGEX
+    split = TEKKEN_SPLIT_REGEX if arch == "pixtral" else QWEN2_SPLIT_REGEX
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
@@ -360,7 +419,7 @@ def build_tokenizer(arch: str, size: str = "tiny"):
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    front = list(PIXTRAL_SPECIAL_TOKENS) if arch == "pixtral" else []
+    front = list({"pixtral": PIXTRAL_SPECIAL_TOKENS, "llava": LLAVA_SPECIAL_TOKENS}.get(arch, ()))
     trainer = trainers.BpeTrainer(
         vocab_size=dims["bpe_vocab"] + len(front),
         min_frequency=1,
@@ -369,7 +428,7 @@ def build_tokenizer(arch: str, size: str = "tiny"):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    if arch == "qwen2_vl":
+    if arch in _QWEN:
         from tokenizers import AddedToken
 
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS])
@@ -389,11 +448,13 @@ def build_tokenizer(arch: str, size: str = "tiny"):
             eos_token="</s>",
             unk_token="<unk>",
             pad_token="<pad>",
-            chat_template=PIXTRAL_CHAT_TEMPLATE,
-            model_max_length=1_024_000,
+            chat_template=PIXTRAL_CHAT_TEMPLATE if arch == "pixtral" else LLAVA_CHAT_TEMPLATE,
+            model_max_length=1_024_000 if arch == "pixtral" else 4096,
             clean_up_tokenization_spaces=False,
             padding_side="right",
         )
+        if arch == "llava":  # LlavaProcessor reads the token from the tokenizer's special tokens
+            fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return fast
 
 
@@ -427,93 +488,178 @@ def make_config(arch: str, size: str = "tiny", tokenizer=None):
     vocab = d.get("vocab") or -(-n_tok // 64) * 64
     if vocab < n_tok:
         raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer ({n_tok} tokens)")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
     conv = tokenizer.convert_tokens_to_ids
-    if arch == "qwen2_vl":
-        from transformers import Qwen2VLConfig
-
-        text = dict(
-            **_decoder_dims(d, vocab),
-            model_type="qwen2_vl_text",
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": d["mrope_section"]},
-            bos_token_id=conv("<|endoftext|>"),
-            eos_token_id=conv("<|im_end|>"),
-            pad_token_id=conv("<|endoftext|>"),
-            use_sliding_window=False,
-            tie_word_embeddings=False,
-        )
-        vision = dict(
-            depth=d["v_depth"],
-            embed_dim=d["v_embed"],
-            hidden_size=d["hidden"],
-            num_heads=d["v_heads"],
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-            hidden_act="quick_gelu",
-            initializer_range=d["init"],
-        )
-        cfg = Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=conv("<|image_pad|>"),
-            video_token_id=conv("<|video_pad|>"),
-            vision_start_token_id=conv("<|vision_start|>"),
-            vision_end_token_id=conv("<|vision_end|>"),
-            tie_word_embeddings=False,
-        )
-        cfg.vision_token_id = conv("<|vision_pad|>")
-    else:
-        from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
-
-        text = MistralConfig(
-            **_decoder_dims(d, vocab),
-            head_dim=d["head_dim"],
-            max_position_embeddings=1_024_000,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
-            sliding_window=None,
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
-            tie_word_embeddings=False,
-        )
-        vision = PixtralVisionConfig(
-            hidden_size=d["v_hidden"],
-            intermediate_size=d["v_intermediate"],
-            num_hidden_layers=d["v_layers"],
-            num_attention_heads=d["v_heads"],
-            num_channels=3,
-            image_size=d["longest_edge"],
-            patch_size=16,
-            hidden_act="silu",
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-            initializer_range=d["init"],
-        )
-        cfg = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            image_token_index=conv("[IMG]"),
-            projector_hidden_act="gelu",
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-            multimodal_projector_bias=True,
-            image_seq_length=1,
-            tie_word_embeddings=False,
-        )
-    cfg.architectures = ["Qwen2VLForConditionalGeneration" if arch == "qwen2_vl" else "LlavaForConditionalGeneration"]
+    cfg = _CONFIGS[arch](d, vocab, conv)
+    cfg.architectures = [model_class(arch).__name__]
     return cfg
+
+
+def _qwen_text(d: dict, vocab: int, conv, model_type: str) -> dict:
+    """The Qwen2 text config both Qwen families share (M-RoPE sections in its rope parameters)."""
+    return dict(
+        **_decoder_dims(d, vocab),
+        model_type=model_type,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": d["mrope_section"]},
+        bos_token_id=conv("<|endoftext|>"),
+        eos_token_id=conv("<|im_end|>"),
+        pad_token_id=conv("<|endoftext|>"),
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen2_vl_config(d: dict, vocab: int, conv):
+    from transformers import Qwen2VLConfig
+
+    text = _qwen_text(d, vocab, conv, "qwen2_vl_text")
+    vision = dict(
+        depth=d["v_depth"],
+        embed_dim=d["v_embed"],
+        hidden_size=d["hidden"],
+        num_heads=d["v_heads"],
+        mlp_ratio=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        hidden_act="quick_gelu",
+        initializer_range=d["init"],
+    )
+    cfg = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=conv("<|image_pad|>"),
+        video_token_id=conv("<|video_pad|>"),
+        vision_start_token_id=conv("<|vision_start|>"),
+        vision_end_token_id=conv("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    cfg.vision_token_id = conv("<|vision_pad|>")
+    return cfg
+
+
+def _qwen2_5_vl_config(d: dict, vocab: int, conv):
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(
+        depth=d["v_depth"],
+        hidden_size=d["v_hidden"],
+        intermediate_size=d["v_intermediate"],
+        num_heads=d["v_heads"],
+        out_hidden_size=d["hidden"],
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=d["tokens_per_second"],
+        window_size=d["window_size"],
+        fullatt_block_indexes=d["fullatt_block_indexes"],
+        in_channels=3,
+        hidden_act="silu",
+        initializer_range=d["init"],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=_qwen_text(d, vocab, conv, "qwen2_5_vl_text"),
+        vision_config=vision,
+        image_token_id=conv("<|image_pad|>"),
+        video_token_id=conv("<|video_pad|>"),
+        vision_start_token_id=conv("<|vision_start|>"),
+        vision_end_token_id=conv("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def _pixtral_config(d: dict, vocab: int, conv):
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(
+        **_decoder_dims(d, vocab),
+        head_dim=d["head_dim"],
+        max_position_embeddings=1_024_000,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
+        sliding_window=None,
+        bos_token_id=conv("<s>"),
+        eos_token_id=conv("</s>"),
+        pad_token_id=conv("<pad>"),
+        tie_word_embeddings=False,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=d["v_hidden"],
+        intermediate_size=d["v_intermediate"],
+        num_hidden_layers=d["v_layers"],
+        num_attention_heads=d["v_heads"],
+        num_channels=3,
+        image_size=d["longest_edge"],
+        patch_size=16,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        initializer_range=d["init"],
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=conv("[IMG]"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        multimodal_projector_bias=True,
+        image_seq_length=1,
+        tie_word_embeddings=False,
+    )
+    return cfg
+
+
+def _llava_config(d: dict, vocab: int, conv):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(
+        **_decoder_dims(d, vocab),
+        head_dim=d["head_dim"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=conv("<s>"),
+        eos_token_id=conv("</s>"),
+        pad_token_id=conv("<pad>"),
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=d["v_hidden"],
+        intermediate_size=d["v_intermediate"],
+        num_hidden_layers=d["v_layers"],
+        num_attention_heads=d["v_heads"],
+        image_size=d["image_size"],
+        patch_size=d["v_patch"],
+        projection_dim=d["v_hidden"],
+        initializer_range=d["init"],
+    )
+    return LlavaConfig(  # LLaVA-1.5's choices: CLS dropped ("default"), a GELU projector with biases
+        vision_config=vision,
+        text_config=text,
+        image_token_index=conv("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
+        image_seq_length=(d["image_size"] // d["v_patch"]) ** 2,
+        tie_word_embeddings=False,
+    )
+
+
+_CONFIGS = {
+    "qwen2_vl": _qwen2_vl_config,
+    "qwen2_5_vl": _qwen2_5_vl_config,
+    "pixtral": _pixtral_config,
+    "llava": _llava_config,
+}
 
 
 def make_image_processor(arch: str, size: str = "tiny"):
     """The PIL-backend image processor (no torchvision) with the checkpoint's settings."""
     _check(arch, size)
     d = _DIMS[arch, size]
-    if arch == "qwen2_vl":
+    if arch in _QWEN:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil,
         )
@@ -521,6 +667,11 @@ def make_image_processor(arch: str, size: str = "tiny"):
         return Qwen2VLImageProcessorPil(
             min_pixels=d["min_pixels"], max_pixels=d["max_pixels"], patch_size=14, temporal_patch_size=2, merge_size=2
         )
+    if arch == "llava":  # CLIP's: the shortest edge resized to the tower's input, then a centre crop
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        side = d["image_size"]
+        return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     from transformers.models.pixtral.image_processing_pil_pixtral import (
         PixtralImageProcessorPil,
     )
@@ -528,17 +679,40 @@ def make_image_processor(arch: str, size: str = "tiny"):
     return PixtralImageProcessorPil(size={"longest_edge": d["longest_edge"]}, patch_size={"height": 16, "width": 16})
 
 
+def make_processor(arch: str, size: str = "tiny", tokenizer=None):
+    """The Hugging Face processor a generic-family checkpoint ships (``llava``: ``LlavaProcessor``
+    over the CLIP image processor), or None for the families whose placeholders the project expands."""
+    _check(arch, size)
+    if arch != "llava":
+        return None
+    from transformers import LlavaProcessor
+
+    d = _DIMS[arch, size]
+    return LlavaProcessor(
+        image_processor=make_image_processor(arch, size),
+        tokenizer=tokenizer if tokenizer is not None else build_tokenizer(arch, size),
+        patch_size=d["v_patch"],
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" drops again
+    )
+
+
+_MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "pixtral": "LlavaForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
+
+
 def model_class(arch: str):
     """The unmodified Hugging Face class of ``arch``."""
-    if arch == "qwen2_vl":
-        from transformers import Qwen2VLForConditionalGeneration
+    if arch not in _MODEL_CLASSES:
+        raise ValueError(f"arch: expected one of {ALL_ARCHS}, got {arch!r}")
+    import transformers
 
-        return Qwen2VLForConditionalGeneration
-    if arch == "pixtral":
-        from transformers import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration
-    raise ValueError(f"arch: expected one of {ARCHS}, got {arch!r}")
+    return getattr(transformers, _MODEL_CLASSES[arch])
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,6 +765,7 @@ def build(
     tokenizer = build_tokenizer(arch, size)
     config = make_config(arch, size, tokenizer)
     image_processor = make_image_processor(arch, size)
+    hf_processor = make_processor(arch, size, tokenizer)
     cls = model_class(arch)
 
     torch_dtype = getattr(torch, dtype)
@@ -604,6 +779,8 @@ def build(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp, save_jinja_files=False)
         image_processor.save_pretrained(tmp)
+        if hf_processor is not None:  # processor_config.json: what AutoProcessor builds the generic family from
+            hf_processor.save_pretrained(tmp)
         (tmp / BUILD_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
 
     return replace_dir_atomically(out, fill)
@@ -611,6 +788,8 @@ def build(
 
 __all__ = [
     "ARCHS",
+    "EXTRA_ARCHS",
+    "ALL_ARCHS",
     "SIZES",
     "PRESERVED",
     "BUILD_VERSION",
@@ -619,5 +798,6 @@ __all__ = [
     "build_tokenizer",
     "make_config",
     "make_image_processor",
+    "make_processor",
     "model_class",
 ]

@@ -1,17 +1,20 @@
 """``ReaderProcessor``: (PIL images, chat messages) -> model inputs, without torchvision.
 
-The Hugging Face processors of both families import torchvision in transformers 5.x (the Qwen2-VL
-video processor, ``PixtralProcessor``), which cannot sit beside the CPU torch build. This layer
-uses only the tokenizer and the PIL-backend image processors (``Qwen2VLImageProcessorPil``,
-``PixtralImageProcessorPil``) and expands the image placeholders itself, at the token-id level:
+The Hugging Face processors of the project's families import torchvision in transformers 5.x (the
+Qwen2-VL video processor, ``PixtralProcessor``), which cannot sit beside the CPU torch build. This
+layer uses the tokenizer and a PIL-backend image processor and expands the image placeholders
+itself, at the token-id level; what an image expands to is the family's image format's
+(``readers.image_formats``; the family from ``readers.families``):
 
-* **Qwen2-VL**: the chat template writes ``<|vision_start|><|image_pad|><|vision_end|>`` per image;
-  the one ``<|image_pad|>`` becomes ``t * h * w / merge**2`` copies (``image_grid_thw`` from the
-  image processor), and ``mm_token_type_ids`` marks them with 1 (text 0) so the model can build its
-  3-D M-RoPE positions.
+* **Qwen2-VL / Qwen2.5-VL**: the chat template writes ``<|vision_start|><|image_pad|><|vision_end|>``
+  per image; the one ``<|image_pad|>`` becomes ``t * h * w / merge**2`` copies (``image_grid_thw``
+  from the image processor), and ``mm_token_type_ids`` marks them with 1 (text 0) so the model can
+  build its 3-D M-RoPE positions.
 * **Pixtral**: the template writes one ``[IMG]`` per image; it becomes ``rows`` rows of ``cols``
   ``[IMG]`` each closed by ``[IMG_BREAK]``, the last row closed by ``[IMG_END]``, with
   ``rows, cols = H // patch, W // patch`` of the resized image (``image_sizes``).
+* **any other family**: the checkpoint's HF processor's ``replace_image_token`` says what each
+  image's placeholder becomes (e.g. LLaVA: ``(crop / patch)²`` copies of ``<image>``).
 
 Expanding ids rather than text gives the same ids as expanding the text first (the placeholders
 are special tokens, so the text around them splits the same way) and never builds long strings.
@@ -27,190 +30,168 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("qwen2_vl", "pixtral")
+from .families import KNOWN, Family, family_of
+from .image_formats import ImageFormat, ProcessorImages, known_image_format, load_image_format, require_token_id
+
+FAMILIES = tuple(KNOWN)
 IGNORE_INDEX = -100
 
 
 class ReaderProcessor:
-    """Tokenizer + PIL image processor + placeholder expansion for one reader family.
+    """Tokenizer + image format (image processor, placeholder expansion) of one reader family.
 
     ``encode(images, messages)`` returns a dict of tensors ready for the HF model's ``forward``:
-    ``input_ids`` and ``attention_mask`` ``[1, L]``, plus ``pixel_values`` and ``image_grid_thw``
-    and ``mm_token_type_ids`` (Qwen2-VL) or ``pixel_values`` and ``image_sizes`` (Pixtral) when
-    there are images. ``encode_batch`` pads several samples.
+    ``input_ids`` and ``attention_mask`` ``[1, L]``, plus the image processor's outputs when there
+    are images (``pixel_values`` and ``image_grid_thw`` and ``mm_token_type_ids`` for Qwen2-VL,
+    ``pixel_values`` and ``image_sizes`` for Pixtral, ``pixel_values`` for a generic family).
+    ``encode_batch`` pads several samples.
     """
 
-    def __init__(self, family: str, tokenizer, image_processor):
-        if family not in FAMILIES:
-            raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    def __init__(
+        self,
+        family: str,
+        tokenizer,
+        image_processor=None,
+        *,
+        images: ImageFormat | None = None,
+        end_of_turn_token: str | None = None,
+        templater=None,
+    ):
+        """``ReaderProcessor(family, tokenizer, image_processor)`` for a family of ``families.KNOWN``
+        (its image format and end-of-turn token from the table), or ``images=`` a ready
+        ``ImageFormat`` (a generic family: ``from_pretrained`` builds it from the HF processor)."""
+        if images is None:
+            if family not in KNOWN:
+                raise ValueError(f"family: expected one of {FAMILIES} (or images= for another), got {family!r}")
+            images = known_image_format(family, tokenizer, image_processor)
+            end_of_turn_token = end_of_turn_token or KNOWN[family]["end_of_turn_token"]
         self.family = family
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        conv = tokenizer.convert_tokens_to_ids
-        unk = tokenizer.unk_token_id
-
-        def need(token: str) -> int:
-            i = conv(token)
-            if i is None or (unk is not None and i == unk and token != tokenizer.unk_token):
-                raise ValueError(f"tokenizer: the {family} tokenizer has no {token!r} token")
-            return int(i)
-
-        if family == "qwen2_vl":
-            self.image_token = "<|image_pad|>"
-            self.image_token_id = need("<|image_pad|>")
-            self.video_token_id = need("<|video_pad|>")
-            self.vision_start_token_id = need("<|vision_start|>")
-            self.vision_end_token_id = need("<|vision_end|>")
-            self.image_break_token_id = None
-            self.image_end_token_id = None
-            self.end_of_turn_token_id = need("<|im_end|>")
-            self.merge_size = int(image_processor.merge_size)
-            self.patch_size = int(image_processor.patch_size)
+        self.images = images
+        self._templater = templater if templater is not None else tokenizer  # who holds the chat template
+        if end_of_turn_token is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError(f"tokenizer: the {family} tokenizer has no eos token to close an answer with")
+            self.end_of_turn_token_id = int(tokenizer.eos_token_id)
         else:
-            self.image_token = "[IMG]"
-            self.image_token_id = need("[IMG]")
-            self.image_break_token_id = need("[IMG_BREAK]")
-            self.image_end_token_id = need("[IMG_END]")
-            self.video_token_id = None
-            self.vision_start_token_id = None
-            self.vision_end_token_id = None
-            self.end_of_turn_token_id = need("</s>")
-            self.merge_size = 1
-            ps = image_processor.patch_size
-            self.patch_size = int(ps["height"] if isinstance(ps, dict) else getattr(ps, "height", ps))
+            self.end_of_turn_token_id = require_token_id(tokenizer, end_of_turn_token, family)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else int(self.end_of_turn_token_id)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, family: str) -> "ReaderProcessor":
-        """Load the tokenizer and the PIL image processor of a local checkpoint directory."""
-        from transformers import AutoTokenizer
+    def from_pretrained(cls, path: str | os.PathLike, family: str | Family) -> "ReaderProcessor":
+        """Load the tokenizer and the PIL image processor of a local checkpoint directory.
+
+        ``family``: the checkpoint's ``Family`` (``families.family_of``), or its name, which must be
+        the family the directory's config is of."""
+        from transformers import AutoConfig, AutoTokenizer
 
         path = Path(path)
-        if family == "qwen2_vl":
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-                Qwen2VLImageProcessorPil as ImageProcessor,
+        if not isinstance(family, Family):
+            if not isinstance(family, str):
+                raise TypeError(f"family: expected a family name or a Family, got {type(family).__name__}")
+            found = family_of(AutoConfig.from_pretrained(path, local_files_only=True))
+            if found.name != family:
+                raise ValueError(f"family: {str(path)!r} holds a {found.name!r} checkpoint, got family {family!r}")
+            family = found
+        if family.image_format == "processor":  # the HF processor holds the tokenizer and the chat template
+            images = load_image_format(path, family)
+            assert isinstance(images, ProcessorImages)
+            hf = images.hf_processor
+            return cls(
+                family.name, hf.tokenizer, images=images, end_of_turn_token=family.end_of_turn_token, templater=hf
             )
-        elif family == "pixtral":
-            from transformers.models.pixtral.image_processing_pil_pixtral import (
-                PixtralImageProcessorPil as ImageProcessor,
-            )
-        else:
-            raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
-        if not (path / "preprocessor_config.json").is_file():
-            raise ValueError(f"path: {str(path)!r} has no preprocessor_config.json (image processor)")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        image_processor = ImageProcessor.from_pretrained(path, local_files_only=True)
-        return cls(family, tokenizer, image_processor)
+        images = load_image_format(path, family, tokenizer)
+        return cls(family.name, tokenizer, images=images, end_of_turn_token=family.end_of_turn_token)
 
     # ------------------------------------------------------------------ facts
     @property
+    def image_processor(self):
+        return self.images.image_processor
+
+    @property
+    def image_token(self) -> str:
+        return self.images.image_token
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder token of an image (what the image features replace once expanded)."""
+        return self.images.image_token_id
+
+    @property
     def image_token_ids(self) -> tuple[int, ...]:
         """Every id that stands for image content in ``input_ids`` (Pixtral: [IMG], [IMG_BREAK], [IMG_END])."""
-        if self.family == "qwen2_vl":
-            return (self.image_token_id,)
-        return (self.image_token_id, self.image_break_token_id, self.image_end_token_id)
+        return self.images.image_token_ids
 
     @property
     def mrope(self) -> bool:
         """Whether the reader's positions are 3-D M-RoPE, numbered from each image's patch grid
-        (Qwen2-VL), rather than 1-D RoPE (Pixtral)."""
-        return self.family == "qwen2_vl"
+        (Qwen2-VL, Qwen2.5-VL), rather than 1-D RoPE."""
+        return self.images.mrope
+
+    @property
+    def merge_size(self) -> int:
+        return self.images.merge_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.images.patch_size
 
     # ------------------------------------------------------------------ pieces
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """The chat template's text, one placeholder token per image."""
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TypeError(f"messages: expected a list of dicts (role, content), got {type(messages).__name__}")
-        return self.tokenizer.apply_chat_template(
+        return self._templater.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def preprocess_images(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Run the PIL image processor: ``pixel_values`` + ``image_grid_thw`` (Qwen2-VL) or ``image_sizes`` (Pixtral)."""
+        """Run the PIL image processor: ``pixel_values`` + ``image_grid_thw`` (Qwen2-VL) / ``image_sizes`` (Pixtral)."""
         images = list(images)
-        if not images:
-            return {}
-        out = self.image_processor(images=images, return_tensors="pt")
-        if self.family == "qwen2_vl":
-            return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"].long()}
-        sizes = out["image_sizes"]
-        sizes = torch.as_tensor(sizes if not isinstance(sizes, torch.Tensor) else sizes.tolist()).long()
-        return {"pixel_values": out["pixel_values"], "image_sizes": sizes.reshape(-1, 2)}
+        return self.images.preprocess(images) if images else {}
 
     def split_images(
         self,
         image_inputs: dict[str, torch.Tensor],
-    ) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+    ) -> tuple[list[Any], list[tuple[int, ...]]]:
         """``preprocess_images``' output image by image: ``(pixels, shapes)``, one entry per image.
 
         Qwen2-VL: ``pixels[i]`` the ``[t*h*w, D]`` patch rows of image i, ``shapes[i]`` its patch
         grid ``(t, h, w)`` (the grid its M-RoPE positions are numbered from). Pixtral: ``pixels[i]``
         ``[3, height, width]``, cropped to the resized image (the processor pads the batch to its
-        largest), ``shapes[i]`` that ``(height, width)``.
+        largest), ``shapes[i]`` that ``(height, width)``. Generic: ``[C, H, W]`` and its shape.
         """
-        if not image_inputs:
-            return [], []
-        if self.family == "qwen2_vl":
-            grids = [tuple(g) for g in image_inputs["image_grid_thw"].tolist()]
-            return list(torch.split(image_inputs["pixel_values"], [t * h * w for t, h, w in grids])), grids
-        sizes = [tuple(s) for s in image_inputs["image_sizes"].tolist()]
-        return [image_inputs["pixel_values"][i, :, :h, :w] for i, (h, w) in enumerate(sizes)], sizes
+        return self.images.split(image_inputs) if image_inputs else ([], [])
 
     def image_patches(self, shape: tuple[int, ...]) -> int:
         """Patches the vision tower runs for an image of ``shape`` (``split_images``): its sequence length there."""
-        if self.family == "qwen2_vl":
-            t, h, w = shape
-            return t * h * w
-        h, w = shape
-        return (h // self.patch_size) * (w // self.patch_size)
+        return self.images.patches(shape)
 
     def vision_inputs(
-        self, pixels: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], device, dtype: torch.dtype
+        self, pixels: Sequence[Any], shapes: Sequence[tuple[int, ...]], device, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """The keyword arguments of the HF model's ``get_image_features`` for several images of
         ``split_images``, on ``device`` in ``dtype``: Qwen2-VL's patch rows concatenated with their
-        ``image_grid_thw``; Pixtral's images zero-padded to the largest with their ``image_sizes``."""
-        if self.family == "qwen2_vl":
-            return {
-                "pixel_values": torch.cat(list(pixels)).to(device, dtype),
-                "image_grid_thw": torch.tensor(list(shapes), dtype=torch.long, device=device),
-            }
-        H, W = max(h for h, _ in shapes), max(w for _, w in shapes)
-        pixel_values = torch.zeros(len(shapes), 3, H, W, dtype=dtype, device=device)
-        for i, (px, (h, w)) in enumerate(zip(pixels, shapes)):
-            pixel_values[i, :, :h, :w] = px
-        return {
-            "pixel_values": pixel_values,
-            "image_sizes": torch.tensor(list(shapes), dtype=torch.long, device=device),
-        }
+        ``image_grid_thw``; Pixtral's images zero-padded to the largest with their ``image_sizes``;
+        a generic family's images stacked."""
+        return self.images.vision_inputs(pixels, shapes, device, dtype)
 
     def image_placeholder_ids(self, image_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
         """The ids that stand for image ``index`` of ``image_inputs`` (from ``preprocess_images``)."""
-        if self.family == "qwen2_vl":
-            t, h, w = (int(x) for x in image_inputs["image_grid_thw"][index])
-            return [self.image_token_id] * (t * h * w // self.merge_size**2)
-        height, width = (int(x) for x in image_inputs["image_sizes"][index])
-        rows, cols = height // self.patch_size, width // self.patch_size
-        ids = ([self.image_token_id] * cols + [self.image_break_token_id]) * rows
-        ids[-1] = self.image_end_token_id
-        return ids
+        return self.images.placeholder_ids(image_inputs, index)
 
     def expand_image_tokens(self, ids: Sequence[int], image_inputs: dict[str, torch.Tensor]) -> list[int]:
         """Replace the k-th placeholder id of ``ids`` by the expansion of image k."""
-        n_images = (
-            0
-            if not image_inputs
-            else len(image_inputs["pixel_values" if self.family == "pixtral" else "image_grid_thw"])
-        )
+        n_images = self.images.count(image_inputs)
         n_slots = sum(1 for i in ids if i == self.image_token_id)
         if n_slots != n_images:
             raise ValueError(
                 f"images: the prompt has {n_slots} image placeholder(s) ({self.image_token}) but {n_images} image(s) came"
             )
-        if self.family == "qwen2_vl" and self.video_token_id in ids:
-            raise ValueError("messages: video content is not supported by the readers")
+        self.images.check_ids(ids)
         placeholders = [self.image_placeholder_ids(image_inputs, k) for k in range(n_images)]
         return self.expand_placeholders([int(i) for i in ids], placeholders)[0]
 
@@ -358,8 +339,7 @@ class ReaderProcessor:
             if labels_t is not None:
                 labels_t[r, sl] = torch.tensor(expanded_labels[r], dtype=torch.long)
         out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.family == "qwen2_vl":
-            out["mm_token_type_ids"] = self.mm_token_type_ids(input_ids) * attention_mask.to(torch.int32)
+        out.update(self.images.text_inputs(input_ids, attention_mask))
         out.update(image_inputs)
         if labels_t is not None:
             out["labels"] = labels_t
@@ -368,12 +348,7 @@ class ReaderProcessor:
     def _slice_images(self, image_inputs: dict[str, torch.Tensor], start: int, n: int) -> dict[str, torch.Tensor]:
         if n == 0 or not image_inputs:
             return {}
-        if self.family == "qwen2_vl":
-            return {"image_grid_thw": image_inputs["image_grid_thw"][start : start + n]}
-        return {
-            "pixel_values": image_inputs["pixel_values"][start : start + n],
-            "image_sizes": image_inputs["image_sizes"][start : start + n],
-        }
+        return self.images.slice(image_inputs, start, n)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):

@@ -18,6 +18,7 @@ The decoder runs each chunk of candidate rows with
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -42,7 +43,8 @@ class PrefixKV:
 
     @classmethod
     def from_cache(cls, cache: Cache) -> "PrefixKV":
-        return cls([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        layers = cast(list[DynamicLayer], cache.layers)  # a DynamicCache: every layer holds keys and values
+        return cls([cast(torch.Tensor, la.keys) for la in layers], [cast(torch.Tensor, la.values) for la in layers])
 
     @classmethod
     def concat(cls, parts: list["PrefixKV"]) -> "PrefixKV":

@@ -90,7 +90,8 @@ def _query_candidates(
     """One query's ``QueryCandidates``: placeholders expanded, image spans and (M-RoPE) grids."""
     expand = table.processor.expand_placeholders
     prefix, p_spans = expand(split.prefix_ids, [table.placeholders[u] for u in prefix_uids])
-    segs, c_spans = [], []
+    segs: list[torch.Tensor] = []
+    c_spans: list[tuple[int, int, int]] = []
     for k, (seg, uids) in enumerate(zip(split.segments, seg_uids)):
         ids, spans = expand(seg, [table.placeholders[u] for u in uids])
         segs.append(torch.tensor(ids, dtype=torch.long))
@@ -136,14 +137,13 @@ class SuffixRows:
         lengths = b.suffix_lengths.reshape(R)
         if int(lengths.min()) < 1:  # split_query never leaves a segment empty (the answer cue follows)
             raise RuntimeError("layout: a candidate's prompt segment is empty; the answer position is undefined")
-        mrope = b.mrope_position_ids is not None
         query = torch.arange(R) // K
         return cls(
             ids=b.input_ids.reshape(R, L),
             lengths=lengths,
             positions=b.position_ids.reshape(R, L),
-            mrope_positions=b.mrope_position_ids.reshape(3, R, L) if mrope else None,
-            rope_deltas=b.rope_deltas.reshape(R) if mrope else None,
+            mrope_positions=b.mrope_position_ids.reshape(3, R, L) if b.mrope_position_ids is not None else None,
+            rope_deltas=b.rope_deltas.reshape(R) if b.rope_deltas is not None else None,
             query=query,
             prefix_lengths=b.prefix_lengths[query],
             image_uids=packing.row_uids,
@@ -156,7 +156,7 @@ class SuffixRows:
         three axes). ``[Rc, L + N]`` or, M-RoPE, ``[3, Rc, L + N]``, on ``device``."""
         ends = (self.prefix_lengths[chunk] + self.lengths[chunk]).to(device)
         node_pos = ends[:, None] + node_depths.to(device)[None] - 1  # [Rc, N]
-        if self.mrope_positions is None:
+        if self.mrope_positions is None or self.rope_deltas is None:
             return torch.cat([self.positions[chunk, :L].to(device), node_pos], dim=1)
         node_pos = node_pos + self.rope_deltas[chunk].to(device)[:, None]
         nodes = node_pos[None].expand(3, len(chunk), node_pos.shape[1])

@@ -53,7 +53,9 @@ class ClassHead:
 
         # the trie (sequence mode)
         node_of: dict[tuple[int, ...], int] = {}
-        tokens, parents, depths = [], [], []
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
         seqs = [tuple(verbalizer.sequence(c)) for c in range(self.num_classes)] if mode == "sequence" else []
         for s in seqs:
             for t in range(1, len(s)):
@@ -121,6 +123,8 @@ class ClassHead:
         [V, H]`` -> float32 ``[R, C]``."""
         if self.mode == "first_token":
             return ops.head_class_log_softmax(hidden_answer, weight, self.class_ids)
+        if hidden_nodes is None:
+            raise ValueError("hidden_nodes: expected [R, N, H] in sequence mode, got None")
         R, H = hidden_answer.shape
         states = torch.cat([hidden_answer[:, None], hidden_nodes], dim=1)  # [R, 1 + N, H]
         lp = ops.head_class_log_softmax(states.reshape(-1, H), weight, self.allowed_ids)

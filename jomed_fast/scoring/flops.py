@@ -23,6 +23,9 @@ Vision tower, per image of n patches (its own sequence: attention within the ima
 
 * Qwen2-VL (width E, MLP ratio r, merge m): patch embedding ``2·n·(3·t_p·p²)·E``; per block
   ``2·n·(3E² + E² + 2·r·E²) + 4·n²·E``; merger over n/m² tokens ``2·(n/m²)·((m²E)² + m²E·H)``.
+* Qwen2.5-VL (width E, MLP width I_v, gated, merge m): as Qwen2-VL with per block
+  ``2·n·(4E² + 3·E·I_v) + 4·n²·E`` (full attention in every block: an upper bound, as most blocks
+  attend within windows).
 * Pixtral (width E, MLP width I_v, gated): patch embedding ``2·n·3·p²·E``; per block
   ``2·n·(4E² + 3·E·I_v) + 4·n²·E``; projector ``2·n·(E·H + H·H)``.
 
@@ -70,7 +73,7 @@ __all__ = [
     "vision_shape",
 ]
 
-VISION_FAMILIES = ("qwen2_vl", "pixtral")
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "pixtral")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +103,13 @@ class VisionShape:
 
 
 def decoder_shape(config) -> DecoderShape:
-    """``DecoderShape`` of a Qwen2-VL or Pixtral-LLaVA config (object, dict or path). The config
+    """``DecoderShape`` of a Qwen2-VL, Qwen2.5-VL or Pixtral-LLaVA config (object, dict or path). The config
     facts are read once, by ``jomed_fast.memory.arch.describe`` (what the memory planner uses)."""
     return describe(config).decoder()
 
 
 def vision_shape(config) -> VisionShape:
-    """``VisionShape`` of a Qwen2-VL or Pixtral-LLaVA config (via ``memory.arch.describe``)."""
+    """``VisionShape`` of a Qwen2-VL, Qwen2.5-VL or Pixtral-LLaVA config (via ``memory.arch.describe``)."""
     a = describe(config)
     return VisionShape(
         family=a.family,
@@ -153,8 +156,11 @@ def vision_flops(vis: VisionShape, patches: int) -> int:
     n, E = check_int("patches", patches, 0), vis.hidden
     embed = 2 * n * vis.patch_inputs * E
     attention = 4 * n * n * E
-    if vis.family == "qwen2_vl":
-        block = 2 * n * (4 * E * E + 2 * E * vis.intermediate) + attention
+    if vis.family in ("qwen2_vl", "qwen2_5_vl"):
+        mlp_matmuls = 2 if vis.family == "qwen2_vl" else 3  # fc1, fc2 / gate, up, down
+        # Qwen2.5-VL's windowed blocks attend over less than n²: counting every block as full
+        # attention is an upper bound on its vision cost
+        block = 2 * n * (4 * E * E + mlp_matmuls * E * vis.intermediate) + attention
         tokens = n // vis.merge
         merged = vis.merge * E
         project = 2 * tokens * (merged * merged + merged * vis.out_hidden)

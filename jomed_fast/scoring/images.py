@@ -7,17 +7,19 @@ gives each image's placeholder ids (what replaces its one placeholder token in a
 the vision tower + projector over them in chunks sized by the memory budget, and puts the features
 in place of the image tokens of the prompts' embeddings (``embed``).
 
-What differs by family is the processor's (``ReaderProcessor.split_images``, ``image_patches``,
-``vision_inputs``, ``mrope``):
+What differs by family is the reader's image format's (``readers.image_formats``, reached through
+``ReaderProcessor.split_images``, ``image_patches``, ``vision_inputs``, ``mrope``):
 
-* Qwen2-VL: ``pixel_values`` rows are the image's ``t*h*w`` patches; the vision tower merges
-  ``merge**2`` patches per token: ``t*h*w/merge**2`` features = placeholder tokens. Images are
-  independent in the tower (block-diagonal attention over ``cu_seqlens``), so a chunk of images
-  gives each image the features it gets alone.
+* Qwen2-VL / Qwen2.5-VL: ``pixel_values`` rows are the image's ``t*h*w`` patches; the vision tower
+  merges ``merge**2`` patches per token: ``t*h*w/merge**2`` features = placeholder tokens. Images
+  are independent in the tower (block-diagonal attention over ``cu_seqlens``; Qwen2.5-VL's windows
+  lie within an image), so a chunk of images gives each image the features it gets alone.
 * Pixtral: ``pixel_values`` are ``[3, H, W]`` per image (stored cropped to the image's size and
   re-padded per chunk); ``rows * cols`` features fill the ``[IMG]`` tokens of a placeholder that
   also holds ``[IMG_BREAK]`` / ``[IMG_END]`` (ordinary embeddings). The tower attends
   block-diagonally across images too.
+* any other family (its HF processor's expansion): one ``[C, H, W]`` tensor per image, stacked
+  per chunk (a batch dimension the tower keeps apart); the features fill the image tokens.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class ImageTable:
         self._index: dict[int, int] = {}
         self._objects: list[Any] = []  # keeps every object alive, so ids stay unique during the call
         self._pil: list[Any] = []
-        self.pixels: list[torch.Tensor] = []
-        self.shapes: list[tuple[int, ...]] = []  # Qwen2-VL patch grid (t, h, w), Pixtral (height, width)
+        self.pixels: list[Any] = []  # per image, what the format's split gives
+        self.shapes: list[
+            tuple[int, ...]
+        ] = []  # Qwen2-VL patch grid (t, h, w), Pixtral (height, width), generic (C, H, W)
         self.placeholders: list[list[int]] = []
         self.num_features: list[int] = []
         self.feature_offsets: list[int] = []
@@ -158,6 +162,8 @@ class ImageTable:
         x = reader.hf_model.get_input_embeddings()(ids.to(dev))
         rows = self.feature_rows(uids)
         if rows:
+            if self.features is None:
+                raise RuntimeError("images: embed needs the features; run encode first")
             mask = (ids == self.processor.image_token_id).to(dev)[..., None]
             src = self.features.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
             x = x.masked_scatter(mask, src.to(x.dtype))

@@ -28,10 +28,17 @@ method that takes what the one before produced (``batch.Packing``, ``batch.Suffi
    ``ops.head_class_log_softmax`` on the hidden state at each prompt's last token (and at the trie
    nodes), no full-vocabulary logits. The chunks' scores are scattered back to ``[B, K]`` order.
 
-Gradients: when autograd is on and the reader has trainable parameters (LoRA), the scores are
-differentiable w.r.t. them (through suffix, prefix and, if it trains, the vision tower); with
-several chunks each chunk is gradient-checkpointed (``checkpoint="auto"``) so training memory stays
-within the budget too. Otherwise everything runs under ``torch.no_grad``.
+Gradients: only when they are asked for — autograd is on (the caller is not under
+``torch.no_grad``) *and* the reader has trainable parameters (a LoRA adapter; ``load_reader``
+freezes everything else) — are the scores differentiable w.r.t. them (through suffix, prefix and, if
+it trains, the vision tower); with several chunks each chunk is gradient-checkpointed
+(``checkpoint="auto"``) so training memory stays within the budget too. Otherwise everything runs
+under ``torch.no_grad`` and the scores carry no graph. (Not ``inference_mode``: its tensors cannot
+be saved for a backward, and the scores are a loss's targets in stage 2.)
+
+The family's facts (image tokens, placeholders, 1-D or M-RoPE positions, the vision tower's
+dimensions) come from the reader (``readers.families``, ``readers.image_formats``); nothing here
+branches on the family.
 """
 
 from __future__ import annotations
@@ -44,7 +51,6 @@ from transformers import DynamicCache
 
 from .. import prompts as _prompts
 from .._profiling import stage
-from ..memory.arch import describe
 from ..tasks.verbalizer import build_verbalizer
 from .attention import Prefixes, PrefixKV, check_attention, prefix_mask, suffix_mask, to_model_mask
 from .batch import Packing, SuffixRows, pack
@@ -121,8 +127,7 @@ class CandidateScorer:
         self.cost = RowCost(reader)
         given = check_overhead(forward_overhead)
         self.forward_overhead = self.cost.forward_overhead() if given is None else given
-        arch = describe(reader.config)  # the vision tower's dimensions, as the memory planner reads them
-        self.vision_dims = (arch.vision_hidden, arch.vision_intermediate, arch.vision_heads)
+        self.vision_dims = reader.vision_dims
         self.last_stats: ScoreStats | None = None
 
     @property
@@ -157,8 +162,7 @@ class CandidateScorer:
         teacher-forced log-likelihood of the class's tokens (``sequence``).
         """
         images, qs, cands, B, K = normalize_inputs(self.task, query_images, questions, candidates)
-        trainable = any(p.requires_grad for p in self.reader.model.parameters())
-        grad = torch.is_grad_enabled() and trainable
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.reader.model.parameters())
         with contextlib.nullcontext() if grad else torch.no_grad():
             return self._score(images, qs, cands, B, K, grad)
 
