@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .._checks import check_int
 from ..data.io import atomic_write_text
 from .figures import percent, reliability_chart, save_png
 from .prediction_records import PredictionRecord
@@ -44,8 +45,7 @@ def _confidences(records: Sequence[PredictionRecord]) -> tuple[np.ndarray, np.nd
 def reliability(records: Sequence[PredictionRecord], bins: int = 10) -> dict | None:
     """``{"n", "ece", "bins": [{"lo", "hi", "n", "confidence", "accuracy"}]}`` of ``records`` (see
     the module docstring), or None when they carry no single-label fused distribution."""
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
-        raise ValueError(f"bins: expected an int >= 1, got {bins!r}")
+    check_int("bins", bins, 1)
     got = _confidences(records)
     if got is None:
         return None

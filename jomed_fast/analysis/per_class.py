@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .._checks import is_int
 from .prediction_records import PredictionRecord
 
 __all__ = ["per_class_f1", "write_per_class_f1"]
@@ -29,9 +30,9 @@ def _indicators(values: Sequence, num_classes: int, name: str) -> np.ndarray:
     for i, v in enumerate(values):
         if v is None:  # no answer could be read: no class predicted
             continue
-        labels = [v] if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else list(v)
+        labels = [v] if _is_class_index(v) else list(v)
         for c in labels:
-            if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or not 0 <= int(c) < num_classes:
+            if not _is_class_index(c) or not 0 <= int(c) < num_classes:
                 raise ValueError(f"{name}[{i}]: expected class indices in 0..{num_classes - 1}, got {v!r}")
             m[i, int(c)] = True
     return m
@@ -88,3 +89,8 @@ def write_per_class_f1(
         column_n=support,
     )
     return {"table": table, "support": support}
+
+
+def _is_class_index(v) -> bool:
+    """An int (not a bool) or a NumPy integer, as prediction records hold class indices."""
+    return is_int(v) or isinstance(v, np.integer)

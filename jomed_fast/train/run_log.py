@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._checks import check_int, is_number
 from .._extras import require
 from .._files import atomic_write_via
 
@@ -97,8 +98,7 @@ class RunLog:
     ``None`` for a fresh run (every line is dropped)."""
 
     def __init__(self, run_dir, resumed_step: int | None, *, report_to: str = "none", log_every: int = 1):
-        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-            raise ValueError(f"log_every: expected an int >= 1, got {log_every!r}")
+        check_int("log_every", log_every, 1)
         check_report_to(report_to)
         run_dir = Path(run_dir)
         self.path = run_dir / LOG_FILE
@@ -141,7 +141,7 @@ class RunLog:
         self._file.flush()
         if self._tensorboard is not None:
             for key, value in row.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key not in ("kind", "step") and is_number(value):
                     self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
         return row
 
