@@ -28,6 +28,7 @@ off the ids (``text_inputs``).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +54,7 @@ def require_token_id(tokenizer, token: str, family: str) -> int:
     return int(i)
 
 
-class ImageFormat:
+class ImageFormat(abc.ABC):
     """The questions every format answers (see the module docstring); ``mrope`` and
     ``merge_size`` say how the packer numbers an image's positions."""
 
@@ -65,8 +66,8 @@ class ImageFormat:
     merge_size: int = 1
     mrope: bool = False
 
-    def preprocess(self, images: list[Any]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def preprocess(self, images: list[Any]) -> dict[str, torch.Tensor]: ...
 
     def count(self, image_inputs: dict[str, torch.Tensor]) -> int:
         return len(image_inputs["pixel_values"]) if image_inputs else 0
@@ -74,25 +75,26 @@ class ImageFormat:
     def slice(self, image_inputs: dict[str, torch.Tensor], start: int, n: int) -> dict[str, torch.Tensor]:
         return {k: v[start : start + n] for k, v in image_inputs.items()}
 
-    def split(self, image_inputs: dict[str, torch.Tensor]) -> tuple[list[Any], list[tuple[int, ...]]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def split(self, image_inputs: dict[str, torch.Tensor]) -> tuple[list[Any], list[tuple[int, ...]]]: ...
 
-    def patches(self, shape: tuple[int, ...]) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def patches(self, shape: tuple[int, ...]) -> int: ...
 
+    @abc.abstractmethod
     def vision_inputs(
         self, pixels: Sequence[Any], shapes: Sequence[tuple[int, ...]], device, dtype: torch.dtype
-    ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    ) -> dict[str, torch.Tensor]: ...
 
-    def placeholder_ids(self, image_inputs: dict[str, torch.Tensor], index: int) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def placeholder_ids(self, image_inputs: dict[str, torch.Tensor], index: int) -> list[int]: ...
 
     def text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
 
     def check_ids(self, ids: Sequence[int]) -> None:
-        """Raise for ids this format cannot take (e.g. a video placeholder)."""
+        """Raise for ids this format cannot take (e.g. a video placeholder); by default it takes all."""
+        return None
 
 
 class PatchRows(ImageFormat):
