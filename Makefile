@@ -19,7 +19,7 @@ STAMP       := $(VENV)/.jomed_fast_installed
 # the AOT check also runs under these Triton releases: the ones torch 2.13 / 2.14's CUDA wheels pin
 AOT_TRITONS ?= 3.7.1 3.8.0
 
-.PHONY: install bench bench-kernels aot aot-tritons lint test clean
+.PHONY: install bench bench-kernels gpu-check aot aot-tritons lint test clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: install
 
 bench-kernels: install
 	$(PY) bench/kernels.py
+
+# one GPU: correctness, speed, index search, scoring throughput, memory planner -> docs/gpu/<device>.{json,md}
+# (without a GPU: the dry run, which plans and checks every step)
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 aot: install
 	$(PY) -m jomed_fast.kernels.aot
