@@ -22,7 +22,7 @@ TAU_RETRIEVER, TAU_READER, TAU_FUSE = 1.0, 0.1, 1.0
 
 def compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> tuple[float, bool]:
     """(max |actual - expected|, every element within ``atol + rtol |expected|`` and no NaN)."""
-    a, b = actual.double(), expected.double()
+    a, b = actual.detach().double(), expected.detach().double()
     diff = (a - b).abs()
     if diff.numel() == 0:
         return 0.0, True
@@ -59,7 +59,10 @@ def _class_log_softmax(step: Step, gen, device, dtype, atol, rtol):
     ref = ops.class_log_softmax_reference(selected, torch.arange(C, device=device))
     ref.backward(grad_out.double())
     grad = logits.grad
-    errors = {"out": compare(out, ref, atol, rtol), "d logits (classes)": compare(grad[:, ids], selected.grad, atol, rtol)}
+    errors = {
+        "out": compare(out, ref, atol, rtol),
+        "d logits (classes)": compare(grad[:, ids], selected.grad, atol, rtol),
+    }
     off = grad.index_fill_(1, ids, 0).abs().max()  # exactly zero off the class columns
     errors["d logits (other columns)"] = (float(off), bool(off == 0))
     return errors

@@ -1,5 +1,5 @@
-"""The GPU check's measured steps (CUDA only): kernel speed, the index search, the fusion benchmark
-and the memory planner against the allocator.
+"""The GPU check's measured steps (CUDA only): kernel speed, the index search, and the fusion
+benchmark.
 
 * :func:`event_times`: CUDA-event timing, round-robin between the compared functions, after
   warm-up calls; a figure is the median.
@@ -9,8 +9,7 @@ and the memory planner against the allocator.
   with the fraction of the bandwidth roofline each reached.
 * :func:`index_search`: ``Index.search`` on a GPU-resident index against the CPU memory-mapped one.
 * :func:`fusion_throughput`: ``bench/fusion_throughput.py --size small --device cuda`` as a subprocess.
-* :func:`memory_planner`: one stage-1 step and one stage-2 forward of the small reader, their
-  ``max_memory_allocated`` against the planner's rows.
+(The memory planner's step: ``_gpu_check_memory``.)
 """
 
 from __future__ import annotations
@@ -29,13 +28,11 @@ import numpy as np
 import torch
 
 from bench._gpu_check_correctness import random_unit_rows
-from bench._gpu_check_plan import TOPK_SCORE_TOLERANCE, Shapes, Step, bandwidth_fraction, planner_runs
+from bench._gpu_check_plan import TOPK_SCORE_TOLERANCE, Step, bandwidth_fraction
 from jomed_fast import ops
 
 BENCH = Path(__file__).resolve().parent
 FUSION_TIMEOUT_S = 300
-# the CPU test's bound on the planner's activation rows against a measured step (tests/test_memory.py)
-PLANNER_BOUND = (0.65, 1.15)
 
 
 def event_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -62,7 +59,6 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     t = event_times({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
-    del src, dst
     return 2 * nbytes / statistics.median(t)
 
 
@@ -129,7 +125,7 @@ def _inputs(step: Step, gen, device):
     raise ValueError(f"step: expected a speed step of an op, got {step.name!r}")
 
 
-def speed(step: Step, shapes: Shapes, bandwidths: dict[str, float]) -> dict:
+def speed(step: Step, bandwidths: dict[str, float]) -> dict:
     """One speed step on the GPU: the op and its baseline timed side by side (CUDA events)."""
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -141,13 +137,15 @@ def speed(step: Step, shapes: Shapes, bandwidths: dict[str, float]) -> dict:
     index = random_unit_rows(d["N"], d["D"], gen, device, torch.float16)
     queries = random_unit_rows(d["Q"], d["D"], gen, device, torch.float32)
 
-    def fast():
+    def search():
         return ops.topk_similarity(queries, index, d["k"])
 
     if not step.name.endswith("/faiss"):
-        t = event_times({"fast": fast, "baseline": lambda: torch.topk(queries.half() @ index.T, d["k"], dim=-1)}, step.repeats)
+        t = event_times(
+            {"fast": search, "baseline": lambda: torch.topk(queries.half() @ index.T, d["k"], dim=-1)}, step.repeats
+        )
         return _speed_row(step, t["fast"], t["baseline"], bandwidths, "cuda events")
-    return _faiss_speed(step, fast, index, queries, bandwidths)
+    return _faiss_speed(step, search, index, queries, bandwidths)
 
 
 def _faiss_speed(step: Step, fast, index: torch.Tensor, queries: torch.Tensor, bandwidths: dict[str, float]) -> dict:
@@ -246,7 +244,15 @@ def fusion_throughput(step: Step) -> dict:
         if res.returncode != 0:
             return {"name": step.name, "command": " ".join(cmd[1:]), "error": res.stderr.strip()[-2000:]}
         result = json.loads(out.read_text())
-    keep = ("method", "layout", "K", "queries_per_s", "speedup_vs_hf_batched", "speedup_vs_reference_loop", "peak_mem_bytes")
+    keep = (
+        "method",
+        "layout",
+        "K",
+        "queries_per_s",
+        "speedup_vs_hf_batched",
+        "speedup_vs_reference_loop",
+        "peak_mem_bytes",
+    )
     return {
         "name": step.name,
         "command": " ".join(["bench/fusion_throughput.py", *cmd[2:-4]]),
@@ -255,88 +261,6 @@ def fusion_throughput(step: Step) -> dict:
         "records": [{k: r.get(k) for k in keep} for r in result["records"]],
         "cross_layout": result.get("cross_layout", []),
     }
-
-
-def _reader_rows(rows: dict) -> int:
-    """The planner's rows a reader step allocates beyond what is resident before it."""
-    return sum(v for k, v in rows.items() if k.startswith("activations") or k in ("embeddings in flight", "KV-cache"))
-
-
-def memory_planner(step: Step, shapes: Shapes) -> dict:
-    """The small Qwen2-VL reader in NF4 + LoRA on the GPU: its resident weights, one stage-1 step
-    (checkpointed forward + backward) and one stage-2 scoring forward (no grad, KV-cache), each
-    step's ``max_memory_allocated`` growth over the bytes allocated before it, against the planner."""
-    from jomed_fast.memory import Run, plan
-    from jomed_fast.readers import load_reader, tiny
-
-    path = Path(tempfile.gettempdir(), "jomed_fast_readers", f"qwen2_vl-small-build{tiny.BUILD_VERSION}")
-    path = tiny.build("qwen2_vl", path, size="small")  # the reader fusion_throughput.py built (or builds)
-    runs = {stage: Run(**kw) for stage, kw in planner_runs(shapes).items()}
-    plans = {stage: plan(path, run) for stage, run in runs.items()}
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    reader = load_reader(path, quantization="nf4", device="cuda")
-    reader.add_lora()
-    model = reader.hf_model
-    resident = torch.cuda.memory_allocated() - before
-    predicted_resident = sum(v for k, v in plans["stage1"].rows.items() if k.startswith("weights") or k.startswith("LoRA weights"))
-
-    def tokens(T: int) -> torch.Tensor:
-        return torch.randint(0, 700, (1, T), generator=torch.Generator().manual_seed(T)).cuda()
-
-    def train_step(T: int) -> None:
-        out = model(input_ids=tokens(T), use_cache=False, logits_to_keep=1)
-        out.logits.float().sum().backward()
-        model.zero_grad(set_to_none=False)
-
-    def score_step(T: int) -> None:
-        with torch.no_grad():
-            model(input_ids=tokens(T), use_cache=True, logits_to_keep=1)
-
-    measured = {}
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for stage, fn in (("stage1", train_step), ("stage2", score_step)):
-        if stage == "stage2":
-            model.zero_grad(set_to_none=True)
-            model.gradient_checkpointing_disable()
-            model.eval()
-        fn(64)
-        fn(64)  # warm-up: cuBLAS workspaces and the LoRA gradients exist from here on
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(shapes.tokens)
-        measured[stage] = torch.cuda.max_memory_allocated() - base
-    del model, reader
-    torch.cuda.empty_cache()
-    rows = []
-    for stage in ("stage1", "stage2"):
-        predicted = _reader_rows(plans[stage].rows)
-        ratio = predicted / measured[stage]
-        rows.append(
-            {
-                "step": stage,
-                "tokens": shapes.tokens,
-                "predicted_bytes": predicted,
-                "measured_bytes": measured[stage],
-                "ratio": ratio,
-                "within_cpu_test_bound": PLANNER_BOUND[0] <= ratio <= PLANNER_BOUND[1],
-                "rows": "activations + embeddings in flight + KV-cache",
-            }
-        )
-    rows.append(
-        {
-            "step": "resident weights (NF4 + LoRA)",
-            "tokens": 0,
-            "predicted_bytes": predicted_resident,
-            "measured_bytes": resident,
-            "ratio": predicted_resident / resident,
-            "within_cpu_test_bound": PLANNER_BOUND[0] <= predicted_resident / resident <= PLANNER_BOUND[1],
-            "rows": "weights + LoRA weights",
-        }
-    )
-    return {"name": step.name, "reader": str(path), "rows": rows, "bound": list(PLANNER_BOUND)}
 
 
 def device_info() -> dict:

@@ -81,7 +81,10 @@ def markdown(results: dict) -> str:
         cells += [f"{r[f'baseline_fraction_of_{s}_bandwidth']:.0%}" for s in sources]
         body.append(cells)
     lines.append(harness.markdown_table(head, "lll" + "r" * (len(head) - 3), body))
-    lines += ["", "The fractions: bytes of the analytic model / median time / the bandwidth (table peak, measured copy)."]
+    lines += [
+        "",
+        "The fractions: bytes of the analytic model / median time / the bandwidth (table peak, measured copy).",
+    ]
     ix = results.get("index_search")
     if ix:
         dims = " ".join(f"{k}={v}" for k, v in ix["dims"].items())
@@ -92,7 +95,15 @@ def markdown(results: dict) -> str:
             harness.markdown_table(
                 ["dims", "CPU memory-mapped ms", "GPU-resident ms", "CPU / GPU", "max score diff"],
                 "lrrrr",
-                [[dims, f"{ix['cpu_ms']:.2f}", f"{ix['gpu_ms']:.3f}", f"{ix['ratio_cpu_over_gpu']:.0f}x", f"{ix['max_abs_score_diff']:.1e}"]],
+                [
+                    [
+                        dims,
+                        f"{ix['cpu_ms']:.2f}",
+                        f"{ix['gpu_ms']:.3f}",
+                        f"{ix['ratio_cpu_over_gpu']:.0f}x",
+                        f"{ix['max_abs_score_diff']:.1e}",
+                    ]
+                ],
             ),
             "",
             f"CPU side on {ix['cpu_threads']} torch threads.",
