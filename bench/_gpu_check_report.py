@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import _harness as harness
-from bench._gpu_check_plan import GB, device_slug
+from bench._gpu_check_plan import DEVICES, GB, Step, device_slug, floor_seconds
 from jomed_fast._files import atomic_write_via
 
 
@@ -28,6 +28,41 @@ def plan_table(rows: list[dict]) -> str:
         harness.Column("est s", 7, "estimated_s", ".1f"),
     ]
     return harness.text_table(cols, rows)
+
+
+PREDICTED_ON = ("L40", "H200")
+
+
+def predicted(steps: list[Step], devices: tuple[str, ...] = PREDICTED_ON) -> list[dict]:
+    """Per speed and index-search step, the roofline floor of the op and of its GPU baseline on each
+    device and their ratio (the speed-up the floors allow): predictions from the byte and FLOP model,
+    not measurements. A CPU baseline (the index search's) has no floor here: None."""
+    rows = []
+    for st in steps:
+        if st.kind not in ("speed", "index_search"):
+            continue
+        row: dict = {"name": st.name, "op": st.op, "dims": dict(st.dims), "baseline": st.baseline}
+        for name in devices:
+            op = floor_seconds(st.moved_bytes, st.flops, DEVICES[name])
+            base = floor_seconds(st.baseline_moved_bytes, st.baseline_flops, DEVICES[name])
+            row[name] = {"op_us": op * 1e6, "baseline_us": base * 1e6 or None, "speedup": base / op or None}
+        rows.append(row)
+    return rows
+
+
+def predicted_markdown(rows: list[dict], devices: tuple[str, ...] = PREDICTED_ON) -> str:
+    """:func:`predicted` as a Markdown table, every figure marked as predicted."""
+    head = ["step", "dims"]
+    for name in devices:
+        head += [f"{name} op us (predicted)", f"{name} baseline us (predicted)", f"{name} x (predicted)"]
+    body = []
+    for r in rows:
+        cells = [r["name"], " ".join(f"{k}={v}" for k, v in r["dims"].items())]
+        for name in devices:
+            p = r[name]
+            cells += [f"{p['op_us']:.2f}", _num(p["baseline_us"], ".2f"), _num(p["speedup"], ".1f")]
+        body.append(cells)
+    return harness.markdown_table(head, "ll" + "r" * (len(head) - 2), body)
 
 
 def _bandwidth_sources(row: dict) -> list[str]:
@@ -155,6 +190,9 @@ def markdown(results: dict) -> str:
         )
         lo, hi = mp["bound"]
         lines += ["", f"Bound: the CPU test's, predicted between {lo:.0%} and {hi:.0%} of measured."]
+    if results.get("errors"):
+        lines += ["", "## Steps that raised", ""]
+        lines += [f"- `{e['name']}`: {e['error']}" for e in results["errors"]]
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import _gpu_check_plan as P  # noqa: E402
 from bench import _harness as harness  # noqa: E402
-from bench._gpu_check_report import plan_table, write_report  # noqa: E402
+from bench._gpu_check_report import plan_table, predicted, predicted_markdown, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +81,7 @@ def make_plan(args, device: P.Device, faiss_gpu: bool) -> tuple[P.Shapes, list[P
         "time_limit_s": P.TIME_LIMIT_S,
         "faiss_gpu": faiss_gpu,
         "steps": rows,
+        "predicted": predicted(steps),
     }
     return shapes, steps, plan
 
@@ -109,9 +110,9 @@ def run_on_gpu(shapes: P.Shapes, steps: list[P.Step], plan: dict) -> dict:
     bandwidths = {"measured_copy": info["copy_bandwidth"]}
     if table is not None:
         bandwidths = {"table": table.bandwidth, **bandwidths}
-    results: dict = {"device": info, "commit": _commit(), "plan": plan, "correctness": [], "speed": []}
-    for st in steps:
-        harness.log(f"{st.name} ...")
+    results: dict = {"device": info, "commit": _commit(), "plan": plan, "correctness": [], "speed": [], "errors": []}
+
+    def run(st: P.Step) -> None:
         if st.kind == "correctness":
             row = check(st, shapes, "cuda")
             results["correctness"].append(row)
@@ -124,8 +125,20 @@ def run_on_gpu(shapes: P.Shapes, steps: list[P.Step], plan: dict) -> dict:
             results["fusion_throughput"] = G.fusion_throughput(st)
         elif st.kind == "memory_planner":
             results["memory_planner"] = memory_planner(st, shapes)
+
+    for st in steps:
+        harness.log(f"{st.name} ...")
+        try:
+            run(st)
+        except Exception as e:  # one step's failure is reported beside the others' results, not lost with them
+            results["errors"].append({"name": st.name, "error": f"{type(e).__name__}: {e}"})
+            harness.log(f"  raised {type(e).__name__}: {e}")
         torch.cuda.empty_cache()
-    results["passed"] = all(r["passed"] for r in results["correctness"])
+    results["passed"] = (
+        not results["errors"]
+        and all(r["passed"] for r in results["correctness"])
+        and results.get("index_search", {}).get("scores_agree", True)
+    )
     results["wall_s"] = time.perf_counter() - start
     return results
 
@@ -152,6 +165,7 @@ def main(argv=None) -> int:
         f"\n{len(steps)} steps; estimated {plan['estimated_total_s']:.0f} s on {device.name} "
         f"(roofline floors + stated allowances); budget {plan['budget_bytes'] / P.GB:.2f} GB of --memory-gb {args.memory_gb:g}"
     )
+    print("\nroofline floors (predicted, not measured):\n" + predicted_markdown(plan["predicted"]))
     problem = P.check_budget(steps, args.memory_gb, device)
     plan["problem"] = problem
     harness.write_json(args.out, plan)

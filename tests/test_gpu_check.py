@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 from bench import _gpu_check_plan as P  # noqa: E402
 from bench import gpu_check  # noqa: E402
 from bench._gpu_check_correctness import check, compare  # noqa: E402
-from bench._gpu_check_report import markdown, write_report  # noqa: E402
+from bench._gpu_check_report import markdown, predicted, predicted_markdown, write_report  # noqa: E402
 from jomed_fast import ops  # noqa: E402
 
 OPS = ("class_log_softmax", "head_class_log_softmax", "retrieval_kl_loss", "fuse_candidates", "topk_similarity")
@@ -195,6 +195,25 @@ def test_roofline_arithmetic():
     assert step.estimated_seconds(l40) == pytest.approx(3 * (1e-3 + 2e-3) + 1)
 
 
+def test_the_predicted_floors_of_the_paper_top_k():
+    steps = P.plan_steps(P.Shapes(), faiss_gpu=False, config=P.small_reader_config())
+    rows = {r["name"]: r for r in predicted(steps)}
+    assert set(rows) == {f"speed/{op}" for op in OPS} | {"index_search"}
+    # fp16 index read once, fp32 queries, fp32 scores + int64 ids; 2 Q N D FLOPs; the baseline
+    # also writes and reads back the fp16 [Q, N] scores
+    Q, N, D, k = 64, 2_108_000, 768, 50
+    nbytes, flops = N * D * 2 + Q * D * 4 + Q * k * 12, 2 * Q * N * D
+    for name, bw, peak in (("L40", 864e9, 181e12), ("H200", 4800e9, 989e12)):
+        p = rows["speed/topk_similarity"][name]
+        op, base = max(nbytes / bw, flops / peak), max((nbytes + 4 * Q * N) / bw, flops / peak)
+        assert p["op_us"] == pytest.approx(op * 1e6) and p["baseline_us"] == pytest.approx(base * 1e6)
+        assert p["speedup"] == pytest.approx(base / op)
+        assert rows["index_search"][name]["baseline_us"] is None  # its baseline is the CPU
+    table = predicted_markdown(list(rows.values()))
+    assert "| speed/topk_similarity | Q=64 N=2108000 D=768 k=50 | 3747.83 | 4372.42 | 1.2 | 674.61 |" in table
+    assert "L40 op us (predicted)" in table and "H200 x (predicted)" in table
+
+
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +286,7 @@ def _results():
             ],
             "bound": [0.65, 1.15],
         },
+        "errors": [{"name": "memory_planner", "error": "OutOfMemoryError: CUDA out of memory"}],
         "passed": False,
         "wall_s": 301.0,
         "not_finite": float("nan"),
@@ -298,6 +318,7 @@ def test_the_report_is_written_as_json_and_markdown(tmp_path):
     assert "| Q=64 N=200000 D=768 k=50 | 120.00 | 0.400 | 300x | 2.0e-07 |" in md
     assert "Did not complete: OSError: x" in md
     assert "| stage1 | 8192 | activations | 500.0 | 600.0 | 0.83 | yes |" in md
+    assert md.endswith("## Steps that raised\n\n- `memory_planner`: OutOfMemoryError: CUDA out of memory\n")
 
 
 def test_a_results_dict_the_writer_cannot_read_leaves_no_file(tmp_path):
