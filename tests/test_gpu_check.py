@@ -214,6 +214,27 @@ def test_the_predicted_floors_of_the_paper_top_k():
     assert "L40 op us (predicted)" in table and "H200 x (predicted)" in table
 
 
+def test_the_readme_quotes_the_model_s_predictions():
+    steps = P.plan_steps(P.Shapes(), faiss_gpu=False, config=P.small_reader_config())
+    rows = {r["name"]: r for r in predicted(steps)}
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## GPU\n") :].split("\n## ")[0]
+    head, topk, search = rows["speed/head_class_log_softmax"], rows["speed/topk_similarity"], rows["index_search"]
+    l40, h200 = head["L40"], head["H200"]
+    assert (
+        f"| {l40['op_us']:.1f} us / {l40['baseline_us']:.0f} us | {h200['op_us']:.2f} us / {h200['baseline_us']:.0f} us |"
+        in section
+    )
+    l40, h200 = topk["L40"], topk["H200"]
+    ms = "{:.2f} ms / {:.2f} ms"
+    assert (
+        f"| {ms.format(l40['op_us'] / 1e3, l40['baseline_us'] / 1e3)} | {ms.format(h200['op_us'] / 1e3, h200['baseline_us'] / 1e3)} |"
+        in section
+    )
+    assert f"| {search['L40']['op_us']:.0f} us | {search['H200']['op_us']:.0f} us |" in section
+    assert section.count("**predicted**") >= 3
+
+
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
