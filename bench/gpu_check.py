@@ -35,12 +35,18 @@ from bench import _harness as harness  # noqa: E402
 from bench._gpu_check_report import plan_table, predicted, predicted_markdown, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRY_RUN_MEMORY_GB = 48.0  # the L40's, the target GPU's (DESIGN.md)
 
 
 def parse_args(argv=None):
     p = harness.arguments(__doc__)
     p.add_argument("--dry-run", action="store_true", help="plan and check every step; no CUDA call")
-    p.add_argument("--memory-gb", type=float, default=48.0, help="device memory budget in GB (default: an L40's 48)")
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="device memory budget in GB (default: a dry run an L40's 48, a CUDA run its GPU's memory)",
+    )
     p.add_argument(
         "--device-name",
         default="L40",
@@ -54,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--report-dir", default=os.path.join(ROOT, "docs", "gpu"), help="where a CUDA run's report goes")
     args = p.parse_args(argv)
     harness.require_at_least(p, args, 1, "index_rows", "search_rows", "repeats")
-    if not args.memory_gb > 0:
+    if args.memory_gb is not None and not args.memory_gb > 0:
         p.error(f"--memory-gb: expected a number > 0, got {args.memory_gb}")
     return args
 
@@ -156,10 +162,13 @@ def main(argv=None) -> int:
     faiss_gpu = faiss_has_gpu()
     if dry:
         device = P.DEVICES[args.device_name]
+        args.memory_gb = DRY_RUN_MEMORY_GB if args.memory_gb is None else args.memory_gb
     else:
         import torch
 
         device = P.lookup_device(torch.cuda.get_device_name(0)) or P.DEVICES["L40"]
+        if args.memory_gb is None:
+            args.memory_gb = torch.cuda.get_device_properties(0).total_memory / P.GB
     shapes, steps, plan = make_plan(args, device, faiss_gpu)
     print(plan_table(plan["steps"]))
     print(
