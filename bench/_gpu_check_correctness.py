@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bench._gpu_check_plan import TOLERANCES, TOPK_SCORE_TOLERANCE, Shapes, Step
+from bench._gpu_check_steps import DRAW_CHUNK, TOLERANCES, TOPK_SCORE_TOLERANCE, Shapes, Step
 from jomed_fast import ops
 
 # Temperatures of the checks: a sharp reader posterior (tau_reader < 1) as stage 2 uses.
@@ -128,7 +128,7 @@ def _fuse_candidates(step: Step, gen, device, dtype, atol, rtol):
     }
 
 
-def random_unit_rows(n: int, d: int, gen, device, dtype, chunk: int = 65_536) -> torch.Tensor:
+def random_unit_rows(n: int, d: int, gen, device, dtype, chunk: int = DRAW_CHUNK) -> torch.Tensor:
     """``[n, d]`` rows drawn normal and L2-normalised in ``dtype``, made ``chunk`` rows at a time (so
     the fp32 draw of a 2M-row index never exists whole)."""
     out = torch.empty((n, d), device=device, dtype=dtype)

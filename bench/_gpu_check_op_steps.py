@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from bench._gpu_check_steps import DTYPES, ELEMENT_BYTES, JIT_ALLOWANCE_S, Alloc, Shapes, Step
+from bench._gpu_check_steps import DRAW_CHUNK, DTYPES, ELEMENT_BYTES, JIT_ALLOWANCE_S, Alloc, Shapes, Step
 
 
 def _e(dtype: str) -> int:
@@ -28,7 +28,7 @@ def correctness_steps(s: Shapes) -> list[Step]:
                     [
                         Alloc("logits", (R, s.V), dtype),
                         Alloc("d logits", (R, s.V), dtype),
-                        Alloc("d logits off the classes (copy)", (R, s.V), dtype),
+                        Alloc("fp32 draw of the logits", (R, s.V), "float32"),
                         Alloc("float64 class logits, reference", (R, C), "float64"),
                     ],
                     calls=1,
@@ -92,6 +92,7 @@ def correctness_steps(s: Shapes) -> list[Step]:
                 {"Q": s.Q_check, "N": s.N, "D": s.D, "k": s.k},
                 [
                     Alloc("index", (s.N, s.D), dtype),
+                    Alloc("fp32 draw of an index chunk, normalised", (2, min(DRAW_CHUNK, s.N), s.D), "float32"),
                     Alloc("float64 index chunk, reference", (min(s.ref_chunk, s.N), s.D), "float64"),
                     Alloc("float64 scores [Q, N], reference", (s.Q_check, s.N), "float64"),
                     Alloc("float64 scores, sorted top k + 1", (s.Q_check, s.N), "float64"),
@@ -199,6 +200,7 @@ def speed_steps(s: Shapes, faiss_gpu: bool) -> list[Step]:
             {"Q": s.Q, "N": s.N, "D": s.D, "k": s.k},
             [
                 Alloc("fp16 index", (s.N, s.D), "float16"),
+                Alloc("fp32 draw of an index chunk, normalised", (2, min(DRAW_CHUNK, s.N), s.D), "float32"),
                 Alloc("baseline scores [Q, N] + topk workspace", (2, s.Q, s.N), "float16"),
             ],
             repeats=s.speed_repeats,

@@ -17,6 +17,8 @@ CUDA_CONTEXT_BYTES = 500 * MiB
 TIME_LIMIT_S = 8 * 60  # the whole check must finish within this on one GPU
 
 DTYPES = ("float32", "float16", "bfloat16")
+# rows of a random index drawn (fp32) and normalised at a time on the GPU
+DRAW_CHUNK = 65_536
 ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1}
 # The CPU tests' tolerances (atol, rtol) against float64 (tests/conftest.py; a test pins them equal),
 # and tests/test_topk_similarity.py's for scores, whose accumulation order alone differs.
