@@ -145,6 +145,7 @@ def run_on_gpu(shapes: P.Shapes, steps: list[P.Step], plan: dict) -> dict:
         not results["errors"]
         and all(r["passed"] for r in results["correctness"])
         and results.get("index_search", {}).get("scores_agree", True)
+        and "error" not in results.get("fusion_throughput", {})
     )
     results["wall_s"] = time.perf_counter() - start
     return results
