@@ -115,3 +115,128 @@ def test_label_marginals_equal_brute_force_enumeration(models, arch, layout, max
             expected_size = float((p * torch.tensor([len(s) for s in sets], dtype=torch.float64)).sum())
             assert float(marg[b, k].double().exp().sum()) == pytest.approx(expected_size, abs=1e-4)
             assert expected_size > 1.0
+
+
+# ---------------------------------------------------------------------------------- the pipeline
+SIX = Task(name="six_findings", kind="multilabel", labels=tuple(str(i) for i in range(6)), question="Which findings?")
+GOLD = [frozenset(s) for s in ({0}, {1, 3}, {2, 4, 5}, {0, 5}, {1, 2, 3}, {4})]
+
+
+def _set_distributions(head, gold, signal: bool, rng) -> torch.Tensor:
+    """``log p(S)`` ``[K=4, |S|]`` of one query: two candidates that read the gold set (0.7 on it,
+    the rest spread evenly) when ``signal``, the others a random distribution over the sets."""
+    rows = []
+    for k in range(4):
+        if signal and k < 2:
+            p = np.full(head.num_sets, 0.3 / (head.num_sets - 1))
+            p[head.set_index(gold)] = 0.7
+        else:
+            p = rng.dirichlet(np.ones(head.num_sets))
+        rows.append(np.log(p))
+    return torch.tensor(np.array(rows), dtype=torch.float32)
+
+
+def _records(head, signal, seed=0, fusion_input=None):
+    from jomed_fast.analysis import Candidate as CandidateRecord
+    from jomed_fast.analysis import PredictionRecord
+    from jomed_fast.infer import decide, fuse
+
+    rng = np.random.default_rng(seed)
+    set_lp = torch.stack([_set_distributions(head, g, signal, rng) for g in GOLD])  # [B, K, |S|]
+    marg = head.marginals(set_lp)  # [B, K, C]
+    scores = torch.tensor([[1.0, 1.0, 0.0, 0.0]] * len(GOLD))
+    log_probs = marg if fusion_input is None else fusion_input(marg)
+    fused = fuse(log_probs, scores, [["text", "text", "image", "image"]] * len(GOLD), multilabel=True)
+    fused_pred = decide(fused, multilabel=True, threshold=0.5)
+    recs = []
+    for b, g in enumerate(GOLD):
+        per_cand = decide(log_probs[b].exp(), multilabel=True, threshold=0.5)
+        cands = [CandidateRecord(f"r{k}", "text", float(scores[b, k]), [], per_cand[k]) for k in range(4)]
+        recs.append(PredictionRecord(f"q{b}", sorted(g), "multilabel", cands, fused_pred[b], fused[b].tolist()))
+    return recs
+
+
+def test_synthetic_sets_are_predicted_when_the_signal_is_there(models):
+    from sklearn.metrics import f1_score
+
+    from jomed_fast.analysis import oracle_accuracy, oracle_f1
+    from jomed_fast.eval import prediction_metrics
+    from jomed_fast.tasks.verbalizer import build_verbalizer
+
+    reader, _ = models["qwen2_vl"]
+    head = LabelSetHead(build_verbalizer(SIX, reader.tokenizer), max_labels=3)
+    assert head.num_sets == 6 + 15 + 20
+    recs = _records(head, signal=True)
+    assert [frozenset(r.fused) for r in recs] == GOLD  # sets of one, two and three labels, all right
+    m = prediction_metrics(recs, 6)
+    ind = lambda sets: np.array([[c in s for c in range(6)] for s in sets])  # noqa: E731
+    want_f1 = f1_score(ind(GOLD), ind([frozenset(r.fused) for r in recs]), average="macro", zero_division=0)
+    assert m["subset_accuracy"] == 1.0 and m["macro_f1"] == pytest.approx(want_f1) == 1.0
+    assert oracle_accuracy(recs) == 1.0 and oracle_f1(recs, 6) == 1.0
+
+    noise = _records(head, signal=False)
+    assert prediction_metrics(noise, 6)["subset_accuracy"] < 0.5  # no signal, no sets
+
+    # one softmax over the labels (the single-label reading) makes them compete: one label at most
+    softmax = _records(head, signal=True, fusion_input=lambda marg: torch.log_softmax(marg, -1))
+    assert all(len(r.fused) == 1 for r in softmax)
+    assert prediction_metrics(softmax, 6)["subset_accuracy"] == pytest.approx(2 / 6)  # the one-label golds only
+
+
+def test_oracle_on_sets_against_brute_force():
+    from sklearn.metrics import f1_score
+
+    from jomed_fast.analysis import Candidate as CandidateRecord
+    from jomed_fast.analysis import PredictionRecord, oracle_accuracy, oracle_correct, oracle_f1, oracle_pick
+
+    rng = np.random.default_rng(3)
+    recs = []
+    for q in range(30):
+        gold = sorted(int(c) for c in rng.choice(5, size=int(rng.integers(1, 4)), replace=False))
+        cands = []
+        for k in range(3):
+            pred = sorted(int(c) for c in rng.choice(5, size=int(rng.integers(1, 4)), replace=False))
+            cands.append(CandidateRecord(f"r{k}", "text", 0.0, [0.2] * 5, pred))
+        recs.append(PredictionRecord(f"q{q}", gold, "multilabel", cands, cands[0].prediction, [0.2] * 5))
+    # brute force: every candidate's per-query F1, the best one (first on ties)
+    best = []
+    for r in recs:
+        f1s = [2 * len(set(c.prediction) & set(r.gold)) / (len(c.prediction) + len(r.gold)) for c in r.candidates]
+        best.append(r.candidates[int(np.argmax(f1s))].prediction)
+        assert oracle_pick(r) == int(np.argmax(f1s))
+        assert oracle_correct(r) == (max(f1s) == 1.0)
+    assert oracle_accuracy(recs) == pytest.approx(
+        np.mean([max(1 if set(c.prediction) == set(r.gold) else 0 for c in r.candidates) for r in recs])
+    )
+    ind = lambda sets: np.array([[c in s for c in range(5)] for s in sets])  # noqa: E731
+    want = f1_score(ind([r.gold for r in recs]), ind(best), average="macro", zero_division=0)
+    assert oracle_f1(recs) == pytest.approx(want)
+    assert 0 < oracle_accuracy(recs) < 1 and oracle_f1(recs) > 0
+
+    # single label: the first right candidate, else candidate 0
+    single = [
+        PredictionRecord("a", 2, "multiclass", [CandidateRecord("x", "text", 0.0, [0.3] * 3, p) for p in (0, 2, 2)], 0),
+        PredictionRecord("b", 1, "multiclass", [CandidateRecord("x", "text", 0.0, [0.3] * 3, p) for p in (0, 2, 0)], 0),
+    ]
+    assert [oracle_pick(r) for r in single] == [1, 0]
+    assert oracle_f1(single) == pytest.approx(
+        f1_score([2, 1], [2, 0], labels=[0, 1, 2], average="macro", zero_division=0)
+    )
+    with pytest.raises(ValueError, match="open VQA"):
+        oracle_pick(PredictionRecord("o", "x", "vqa_open", [CandidateRecord("x", "text", 0.0, [], "x")], "x"))
+
+
+def test_reference_fusion_weights_the_marginals():
+    from jomed_fast.infer import fuse
+
+    g = torch.Generator().manual_seed(0)
+    marg = torch.rand(3, 4, 5, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    s = torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.1
+    heads = [["text", "text", "image", "image"]] * 3
+    got = fuse(marg.log().float(), s.float(), heads, "reference", multilabel=True).double()
+    for b in range(3):
+        norm = torch.cat([s[b, :2] / s[b, :2].max(), s[b, 2:] / s[b, 2:].max()])
+        w = torch.exp(norm) / torch.exp(norm).sum()
+        torch.testing.assert_close(got[b], (w[:, None] * marg[b]).sum(0), atol=1e-6, rtol=0)
+    paper = fuse(marg.log().float(), s.float(), heads, "paper", multilabel=True).double()
+    torch.testing.assert_close(paper, (torch.softmax(s, 1)[..., None] * marg).sum(1), atol=1e-6, rtol=0)
