@@ -8,6 +8,7 @@ all the answers' sequences. Then the pipeline: a synthetic task whose correct se
 three labels) are known, fused and thresholded, its metrics and oracle; stage 2's gold target.
 """
 
+import copy
 import itertools
 import warnings
 
@@ -240,3 +241,63 @@ def test_reference_fusion_weights_the_marginals():
         torch.testing.assert_close(got[b], (w[:, None] * marg[b]).sum(0), atol=1e-6, rtol=0)
     paper = fuse(marg.log().float(), s.float(), heads, "paper", multilabel=True).double()
     torch.testing.assert_close(paper, (torch.softmax(s, 1)[..., None] * marg).sum(1), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- stage 2
+SETS5 = Task(
+    name="synthetic_sets", kind="multilabel", labels=tuple(str(i) for i in range(5)), question="Which lesions?"
+)
+
+
+def _as_sets(samples):
+    """The synthetic samples with gold sets: {y, y + 2 mod 5} for every other sample, {y} otherwise."""
+    import dataclasses
+
+    out = []
+    for i, s in enumerate(samples):
+        gold = frozenset({s.label, (s.label + 2) % 5}) if i % 2 == 0 else frozenset({s.label})
+        out.append(dataclasses.replace(s, label=gold, answer=SETS5.format_answer(gold)))
+    return out
+
+
+def test_stage2_distils_the_gold_set_likelihood(tmp_path_factory, tmp_path, monkeypatch):
+    import _stage2_worker as W
+
+    from jomed_fast.retriever import QueryEncoder
+    from jomed_fast.train import retriever_model
+    from jomed_fast.train.retriever import RetrieverTrainConfig, train_retriever
+
+    reader, enc, retrieval, train, _ = W.load(W.build(tmp_path_factory.mktemp("stage2_sets")))
+    train = _as_sets(train)
+    assert any(len(s.label) == 2 for s in train)
+    cfg = RetrieverTrainConfig(
+        k=6, batch_size=4, refresh_every=None, alpha=None, lr=1e-2, weight_decay=0.0, warmup_steps=0,
+        tau_reader=0.1, tau_retriever=0.1, checkpoint_every=100, epochs=6,
+    )  # fmt: skip
+    targets = []
+    real_batch = retriever_model.HeadModel.batch
+
+    def spy(self, queries, idx):
+        r, e, images = real_batch(self, queries, idx)
+        with torch.no_grad():  # the same search as the batch's: the candidates its targets score
+            got = self.retrieval.search(self.candidate_encoder.encode_images(images), k_text=cfg.k, k_image=0)
+        targets.append((list(idx), r.clone(), got))
+        return r, e, images
+
+    monkeypatch.setattr(retriever_model.HeadModel, "batch", spy)
+    res = train_retriever(
+        cfg, reader, SETS5, QueryEncoder(copy.deepcopy(enc), cfg.n_trainable, cfg.alpha), retrieval, train,
+        None, tmp_path / "run", progress=False,
+    )  # fmt: skip
+    assert res.final_eval["kl"] < 0.8 * res.initial_eval["kl"]
+    assert 0.0 <= res.final_eval["accuracy"] <= 1.0
+
+    # the target: each candidate's log-likelihood of the query's gold set, from a direct scorer call
+    scorer = CandidateScorer(reader, SETS5, cfg.layout)
+    sets = [s for m in (1, 2, 3) for s in itertools.combinations(range(5), m)]
+    idx, r, got = targets[0]
+    with torch.no_grad():
+        direct = scorer.score([train[i].image for i in idx], None, got.candidates, label_sets=True)
+    want = torch.stack([direct[b, :, sets.index(tuple(sorted(train[i].label)))] for b, i in enumerate(idx)])
+    torch.testing.assert_close(r, want, atol=1e-5, rtol=0)
+    assert (r < 0).all() and (r.exp() < 1).all()
