@@ -301,3 +301,29 @@ def test_stage2_distils_the_gold_set_likelihood(tmp_path_factory, tmp_path, monk
     want = torch.stack([direct[b, :, sets.index(tuple(sorted(train[i].label)))] for b, i in enumerate(idx)])
     torch.testing.assert_close(r, want, atol=1e-5, rtol=0)
     assert (r < 0).all() and (r.exp() < 1).all()
+
+
+def test_predict_runs_a_multilabel_task_end_to_end(tmp_path_factory, tmp_path):
+    import _stage2_worker as W
+
+    from jomed_fast.analysis import oracle_accuracy, oracle_f1
+    from jomed_fast.eval import prediction_metrics
+    from jomed_fast.infer import InferConfig, predict
+
+    reader, enc, retrieval, train, _ = W.load(W.build(tmp_path_factory.mktemp("predict_sets")))
+    samples = _as_sets(train[:4])
+    scorer = CandidateScorer(reader, SETS5, "paper")
+    config = InferConfig(k_text=2, k_image=1, batch_size=2, threshold=0.3)
+    recs = predict(scorer, samples, retrieval=retrieval, encoder=enc, config=config, out_path=tmp_path / "p.jsonl", progress=False)  # fmt: skip
+    for rec, sample in zip(recs, samples):
+        assert rec.gold == sorted(sample.label) and rec.kind == "multilabel"
+        probs = np.array([c.probs for c in rec.candidates], dtype=np.float64)  # [K, C] label marginals
+        assert (probs.sum(1) > 1).all()  # not one softmax over the labels
+        w = np.exp([c.score for c in rec.candidates])
+        fused = (w[:, None] / w.sum() * probs).sum(0)
+        np.testing.assert_allclose(rec.fused_probs, fused, atol=1e-5)
+        chosen = [c for c in range(5) if fused[c] >= 0.3] or [int(fused.argmax())]
+        assert rec.fused == chosen
+    m = prediction_metrics(recs)
+    assert set(m) == {"n", "subset_accuracy", "macro_f1"} and m["n"] == 4
+    assert 0 <= oracle_accuracy(recs) <= 1 and 0 <= oracle_f1(recs) <= 1

@@ -43,6 +43,7 @@ class QuerySet:
         if len(samples) == 0:
             raise ValueError(f"{name}: expected at least one sample, got none")
         questions, labels = [], []
+        sets: list[torch.Tensor] = []
         for i, s in enumerate(samples):
             for attr in ("id", "answer", "image", "load_image"):
                 if not hasattr(s, attr):
@@ -50,13 +51,13 @@ class QuerySet:
             questions.append(getattr(s, "question", None))
             label = s.label if s.label is not None else task.encode_answer(s.answer)
             if task.is_multilabel:
-                labels.append(_multi_hot(label, task.num_classes, f"{name}[{i}]"))
+                sets.append(_multi_hot(label, task.num_classes, f"{name}[{i}]"))
                 continue
             if not isinstance(label, int):
                 raise TypeError(f"{name}[{i}]: expected a single class index as label, got {label!r}")
             labels.append(label)
         qs = None if all(q is None for q in questions) else questions
-        gold = torch.stack(labels) if task.is_multilabel else torch.tensor(labels, dtype=torch.long)
+        gold = torch.stack(sets) if task.is_multilabel else torch.tensor(labels, dtype=torch.long)
         return cls(list(samples), qs, gold, [query_key(s) for s in samples])
 
     def __len__(self) -> int:
