@@ -1,24 +1,28 @@
 """Prompt layouts: how a query and one retrieved (image, caption) pair become the reader's prompt.
 
 Two layouts (``LAYOUTS``); both go through the reader's own chat template with the generation
-prompt added (the answer cue), and both keep the task's fixed text where the paper's appendix
-and code put it: ``task.prompt(question)`` (the label legend, then the question) right after the
-query image, ``task.context(caption)`` (``"background: {caption}\\n\\n"``) right after the
-retrieved image.
+prompt added (the answer cue), and both keep the task's fixed text where its listing puts it:
+``task.preamble()`` (the label legend, for the paper's tasks that have one) right before the query
+image, ``task.prompt(question)`` (the question; the reference variants put the legend here too)
+right after it, ``task.context(caption)`` (``"background:{caption}\\n\\n"`` for Breast) right after
+the retrieved image.
 
 ``paper`` — the order of the paper and its code (one user turn)::
 
-    [retrieved image] "background: {caption}\\n\\n" [query image] "{legend}{question}"  <answer cue>
+    [retrieved image] "{context}{preamble}" [query image] "{prompt}"  <answer cue>
+
+e.g. Derma: ``[retrieved image] "background:{caption}\\n\\n{legend}\\n\\n" [query image] "{question}"``.
 
 ``shared_query`` — the query first, so that everything before the candidate is shared by the K
 prompts of a query (its KV-cache is computed once)::
 
-    [query image] "{legend}{question}\\n\\n" [retrieved image] "background: {caption}"  <answer cue>
+    "{preamble}" [query image] "{prompt}\\n\\n" [retrieved image] "{context}"  <answer cue>
 
 (the caption's trailing blank line moves in front of the retrieved image: the turn ends right
 after the caption).
 
-Rendered with the tiny readers' templates (Qwen2-VL, Pixtral), ``paper`` reads::
+Rendered with the tiny readers' templates (Qwen2-VL, Pixtral), ``paper`` reads (for a task
+without a preamble, context ``"background: {caption}\\n\\n"``)::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
     <|vision_start|><|image_pad|><|vision_end|>background: {caption}\\n\\n
@@ -159,15 +163,17 @@ def prompt_parts(layout: str, task, query_image: Any, question: Optional[str], c
     """The user turn's content parts in order, and how many leading parts do not depend on the
     candidate: ``(parts, n_shared)``; a part is ``("image", obj)`` or ``("text", str)``."""
     _check_layout(layout)
-    prompt = task.prompt(question)
+    prompt, preamble = task.prompt(question), task.preamble()
+    lead = [("text", preamble)] if preamble else []
     query = [("image", query_image)] if query_image is not None else []
     if candidate is None:
-        return query + [("text", prompt)], len(query) + 1
+        return lead + query + [("text", prompt)], len(lead) + len(query) + 1
     cand_image = [("image", candidate.image)] if candidate.image is not None else []
     context = _context(layout, task, candidate.text)
     if layout == "paper":
-        return cand_image + [("text", context)] + query + [("text", prompt)], 0
-    head = query + [("text", prompt + "\n\n")]
+        # the preamble follows the context in one text part, as the listings write them
+        return cand_image + [("text", context + preamble)] + query + [("text", prompt)], 0
+    head = lead + query + [("text", prompt + "\n\n")]
     return head + cand_image + [("text", context)], len(head)
 
 

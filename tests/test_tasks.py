@@ -180,24 +180,25 @@ def test_register_task():
 # prompts (strings of the reference implementation)
 # ------------------------------------------------------------------------------------------------
 def test_reference_prompts():
-    breast = get_task("breast")
+    breast = get_task("breast", prompts="reference")
     assert breast.labels == ("No", "Yes")
     assert breast.question == "Does this breast ultrasound image show signs of cancer?"
     assert breast.instructions == ""
     assert breast.prompt() == "Does this breast ultrasound image show signs of cancer?"
 
-    derma = get_task("derma")
+    derma = get_task("derma", prompts="reference")
     assert derma.labels == tuple("0123456")
     assert derma.instructions == DERMA_INSTRUCTIONS
     assert derma.question == "What type of skin lesion does the patient have?"
     assert derma.prompt() == DERMA_INSTRUCTIONS + "What type of skin lesion does the patient have?"
+    assert derma.preamble() == ""
 
-    retina = get_task("retina")
+    retina = get_task("retina", prompts="reference")
     assert retina.labels == tuple("01234")
     assert retina.prompt() == "what is the severity of diabetic retinopathy?"
 
     for name in ("vqa_rad_closed", "slake_open", "pathvqa_closed"):
-        t = get_task(name)
+        t = get_task(name, prompts="reference")
         assert t.question is None and t.instructions == ""
         assert t.prompt("Is there a fracture?") == "Is there a fracture?"
         with pytest.raises(ValueError, match="no fixed question"):
@@ -206,14 +207,27 @@ def test_reference_prompts():
     assert breast.context("a round cyst") == "background: a round cyst\n\n"
 
 
+def test_paper_prompts_split_around_the_query_image():
+    derma = get_task("derma")
+    assert derma.preamble() == DERMA_INSTRUCTIONS.replace("\n\n", "\n") + "\n"  # lines joined, one blank line
+    assert derma.prompt() == "What type of skin lesion does the patient have?"
+    assert get_task("breast").context("a round cyst") == "background:a round cyst\n\n"
+    assert get_task("retina").context("x") == "background:x\n"
+    assert get_task("slake_open").prompt("Is there a fracture") == "Is there a fracture?"
+    with pytest.raises(ValueError, match="instructions_position must be one of"):
+        Task(name="t", kind="binary", labels=("a", "b"), question="q", instructions_position="above")
+    with pytest.raises(ValueError, match="question_template must contain"):
+        Task(name="t", kind="binary", labels=("a", "b"), question="q", question_template="Q:")
+
+
 def test_multilabel_and_synthetic_legends():
     for name, n in (("vindr_pcxr", 15), ("brset", 14)):
         t = get_task(name)
         assert t.labels == tuple(str(i) for i in range(n))
         assert t.instructions.startswith("Provide answer according to the labels:\n0 - '")
-        assert f"{n - 1} - '" in t.instructions and "comma" in t.instructions
-        assert t.question.endswith("?")
-        assert t.prompt("own question?").endswith("own question?")  # a sample's question wins
+        assert t.instructions.endswith(f"{n - 1} - '{t.label_names[-1]}'\n\n")
+        assert t.question.startswith("Question: Look at") and t.preamble() == t.instructions
+        assert t.prompt("own question?") == "own question?"  # a sample's question wins
     syn = get_task("synthetic")
     assert syn.legend().splitlines()[3] == "3 - 'Carcinoma'"
     assert syn.prompt().startswith("Provide answer according to the labels:\n0 - 'Normal tissue'\n")

@@ -1,7 +1,10 @@
 """Inconsistent/consistent split, oracle, reranking baselines, and writing results.
 
-A query is *inconsistent* when its K candidates do not all give the same answer. The split is
-fixed once from one system's candidates (after stage 1) and every system is measured on it;
+A query is *inconsistent* when its K candidates do not all give the same answer (for multi-label,
+not all the same label set). The split is
+fixed once from one system's candidates (after stage 1) and every system is measured on it. The
+*oracle* answers each query with its best candidate (:func:`oracle_pick`): accuracy counts a query
+when some candidate is right (the same set, for multi-label), F1 scores those picks;
 :func:`inconsistency_shares` gives each system's own rate. Tables are written as JSON, markdown
 (percent, one decimal) and a chart (:mod:`.figures`) that shows the same numbers.
 """
@@ -115,6 +118,9 @@ def split_metrics(
 
 
 def oracle_correct(rec: PredictionRecord) -> bool:
+    """Some candidate's prediction is the gold answer: the same class, or for multi-label the same
+    *set* (the oracle's accuracy is a subset accuracy: a candidate that names part of the gold set
+    does not count)."""
     return any(_correct(c.prediction, rec) for c in rec.candidates)
 
 
@@ -122,6 +128,42 @@ def oracle_accuracy(records: Sequence[PredictionRecord]) -> float:
     if not records:
         raise ValueError("records: expected at least one record, got 0")
     return float(np.mean([oracle_correct(r) for r in records]))
+
+
+def _overlap_f1(pred, gold) -> float:
+    """The F1 of one predicted label set against the gold set: ``2 |P ∩ G| / (|P| + |G|)``."""
+    p, g = frozenset(pred), frozenset(gold)
+    return 2 * len(p & g) / (len(p) + len(g)) if p or g else 1.0
+
+
+def oracle_pick(rec: PredictionRecord) -> int:
+    """The oracle's candidate of one query: the first whose prediction is right, else (multi-label)
+    the first whose predicted set has the highest F1 against the gold set, else candidate 0."""
+    if rec.kind == "vqa_open":
+        raise ValueError(f"records: the oracle is not defined for open VQA (query {rec.query_id!r})")
+    if not rec.candidates:
+        raise ValueError(f"records: query {rec.query_id!r} has no candidates to pick from")
+    if rec.kind == "multilabel":
+        return int(np.argmax([_overlap_f1(c.prediction, rec.gold) for c in rec.candidates]))
+    return next((k for k, c in enumerate(rec.candidates) if _correct(c.prediction, rec)), 0)
+
+
+def oracle_f1(records: Sequence[PredictionRecord], num_classes: int | None = None) -> float:
+    """The macro-F1 (over the C classes; per label for multi-label, as ``prediction_metrics``) of
+    the oracle's picks: each query answered by its best candidate (:func:`oracle_pick`). A query
+    with a right candidate is answered right, as in :func:`oracle_accuracy`; for multi-label a
+    query without one keeps the candidate set closest to the gold set."""
+    from jomed_fast.eval.predictions import prediction_metrics
+
+    if not records:
+        raise ValueError("records: expected at least one record, got 0")
+    picked = [
+        PredictionRecord(r.query_id, r.gold, r.kind, [], r.candidates[oracle_pick(r)].prediction, r.fused_probs)
+        for r in records
+    ]
+    if num_classes is None:
+        num_classes = next((len(c.probs) for r in records for c in r.candidates if c.probs), None)
+    return float(prediction_metrics(picked, num_classes)["macro_f1"])
 
 
 def rerank_top_retrieval(rec: PredictionRecord) -> int:

@@ -1,8 +1,14 @@
 """Metrics of a set of prediction records (``analysis.prediction_records.PredictionRecord``), by task kind.
 
 * binary, multi-class, closed VQA: ``accuracy`` and ``macro_f1`` over the ``C`` classes;
-* multi-label: ``subset_accuracy`` (exact set match, the reference's accuracy) and per-label
-  ``macro_f1``;
+* multi-label: ``subset_accuracy`` (exact set match, the reference's accuracy) and ``macro_f1``,
+  the F1 of each label's indicator column averaged over the C labels (scikit-learn's
+  ``f1_score(average="macro")`` on indicator matrices). That is the F1 of the paper's Table 3:
+  PAPER.md's metrics give classification as "accuracy and macro-F1 over the C classes" and
+  multi-label as "F1" beside it, with no other averaging named; and the reported VinDr-PCXR
+  numbers (ACC .48-.57, F1 .08-.14) fit a per-label average, where the rare labels' F1 near 0
+  pulls the mean down, not a micro or per-sample F1, which the frequent "No finding" would keep
+  near the accuracy;
 * open VQA: ``exact_match`` and token ``recall`` / ``precision`` / ``f1`` (SQuAD-normalised).
 
 Each query counts once: a query id that appears twice is an error, not a second example.

@@ -20,10 +20,19 @@ The class logits and the restricted log-probabilities differ per candidate by a 
 (the log-partition over the classes), so :math:`\sum_k w_k l_{k,c}` shifts by one constant per query
 and the softmax over classes (and every decision) is the same as with the logits themselves.
 
+Multi-label tasks: ``l`` holds each label's log *marginal* ``log p(c ∈ S | z_k ∘ q)`` (the
+reader's restricted answer-set distribution, ``scoring.label_set_head``), not a distribution over
+the labels. ``paper`` fuses them as they are: the weighted sum of the candidates' marginals is the
+marginal of the fused (mixture) answer distribution :math:`\sum_k w_k\, p(S \mid z_k \circ q)`, so
+:math:`p(c \in S \mid q) = \sum_k w_k\, p(c \in S \mid z_k \circ q)`. ``reference`` keeps its
+weights (per-head normalised scores, one softmax) and takes the same weighted sum of marginals:
+a softmax over the labels would force them to compete for one unit of probability, which a set
+answer does not (``multilabel=True``).
+
 Decisions (``decide``): binary, multi-class and closed VQA take the argmax of the fused
-distribution; multi-label takes every label whose fused probability reaches ``threshold``
-(default 0.5) — and the most probable label when none does, since every multi-label answer
-names at least one label.
+distribution; multi-label takes every label whose fused marginal reaches ``threshold``
+(default 0.5; labels are thresholded independently, so any number of them can be chosen) — and
+the most probable label when none does, since every multi-label answer names at least one label.
 """
 
 from __future__ import annotations
@@ -58,9 +67,16 @@ def head_normalized_scores(scores: torch.Tensor, heads: list) -> torch.Tensor:
 
 
 def fuse(
-    log_probs: torch.Tensor, scores: torch.Tensor, heads: list | None = None, method: str = "paper", tau: float = 1.0
+    log_probs: torch.Tensor,
+    scores: torch.Tensor,
+    heads: list | None = None,
+    method: str = "paper",
+    tau: float = 1.0,
+    *,
+    multilabel: bool = False,
 ) -> torch.Tensor:
-    """Fused class posterior ``[B, C]`` (float32) from ``[B, K, C]`` log-probs and ``[B, K]`` scores."""
+    """Fused class posterior ``[B, C]`` (float32) from ``[B, K, C]`` log-probs and ``[B, K]`` scores
+    (``multilabel``: per-label marginals from per-label log marginals, see the module docstring)."""
     if method not in FUSIONS:
         raise ValueError(f"method: expected one of {FUSIONS}, got {method!r}")
     if log_probs.ndim != 3 or scores.shape != log_probs.shape[:2]:
@@ -72,6 +88,8 @@ def fuse(
     if heads is None:
         raise ValueError("heads: the reference fusion needs each candidate's head")
     weights = torch.softmax(head_normalized_scores(scores, heads), dim=1)
+    if multilabel:
+        return (weights.unsqueeze(-1) * log_probs.float().exp()).sum(1)
     return torch.softmax((weights.unsqueeze(-1) * log_probs.float()).sum(1), dim=-1)
 
 

@@ -220,6 +220,8 @@ def predict_identity(
         "samples": records_digest(samples),
     }
     identity.update({f"option.{k}": v for k, v in result_options(config, task).items()})
+    if task.is_multilabel:  # the largest answer set the reader's scores cover
+        identity["max_labels"] = getattr(scorer.head, "max_labels", None)
     if config.retrieval != "none":
         identity["index_records"] = records_digest(retrieval.records)
     if config.retrieval == "retrieved":
@@ -339,7 +341,7 @@ def _predict_batch(scorer, batch, retrieval, encoder, config: InferConfig) -> li
         ).float()
     with stage("jomed.fuse"):
         method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
-        fused = fuse(log_probs, scores, heads, method, config.tau)
+        fused = fuse(log_probs, scores, heads, method, config.tau, multilabel=task.is_multilabel)
     return _records(task, batch, log_probs, scores, heads, rec_ids, fused, config)
 
 

@@ -13,6 +13,8 @@ images          distinct images: preprocessing once, placeholder ids, the vision
                 the features in place of the image tokens
 attention       the 4-D masks and the shared-prefix KV-cache handed to the decoder (``Prefixes``)
 class_head      the class head: single-token classes, or multi-token classes as a token trie
+label_set_head  the multi-label head: the reader's restricted answer-set distribution (a trie of
+                every answer set) and each label's marginal probability of being in the answer
 memory_budget   the per-row byte model that turns a memory budget into chunk sizes
 flops           the analytic FLOP model of scoring methods (toolkit, batched HF, generate loop)
 ==============  ===============================================================================
@@ -23,8 +25,19 @@ Prompt layouts and ``Candidate`` live in :mod:`jomed_fast.prompts`.
 from ..prompts import LAYOUTS, Candidate
 from . import flops
 from .class_head import ClassHead
+from .label_set_head import LabelSetHead
 from .memory_budget import RowCost, default_budget
 from .score_stats import ScoreStats
 from .scorer import CandidateScorer
 
-__all__ = ["LAYOUTS", "Candidate", "CandidateScorer", "ClassHead", "RowCost", "ScoreStats", "default_budget", "flops"]
+__all__ = [
+    "LAYOUTS",
+    "Candidate",
+    "CandidateScorer",
+    "ClassHead",
+    "LabelSetHead",
+    "RowCost",
+    "ScoreStats",
+    "default_budget",
+    "flops",
+]

@@ -57,6 +57,7 @@ from .batch import Packing, SuffixRows, pack
 from .class_head import ClassHead
 from .images import ImageTable
 from .inputs import normalize_inputs
+from .label_set_head import DEFAULT_MAX_LABELS, LabelSetHead
 from .memory_budget import RowCost, check_budget, check_overhead, default_budget, plan_chunks
 from .score_stats import ScoreStats
 
@@ -77,6 +78,9 @@ class CandidateScorer:
             ``"first_token"`` or ``"sequence"``; see ``scoring.class_head``.
         normalize: in ``sequence`` mode, return ``log_softmax`` over the classes of the
             restricted teacher-forced sums (default) rather than the sums themselves.
+        max_labels: multi-label tasks only: the largest answer set scored (``scoring.label_set_head``:
+            every set of at most this many labels is an answer; None: every set). Multi-label
+            tasks are always scored by that head (``class_mode`` must stay ``"auto"``).
         end_token: the end-of-answer token closing multi-token class sequences (default the
             tokenizer's eos: ``<|im_end|>`` / ``</s>``).
         checkpoint: gradient-checkpoint each suffix chunk when training (``"auto"``: when there
@@ -98,6 +102,7 @@ class CandidateScorer:
         end_token: Any = None,
         checkpoint: Any = "auto",
         forward_overhead: float | None = None,
+        max_labels: int | None = DEFAULT_MAX_LABELS,
     ):
         from ..tasks import Task, get_task
 
@@ -122,7 +127,16 @@ class CandidateScorer:
         self.memory_budget = check_budget(memory_budget)
         self.checkpoint = checkpoint
         self.verbalizer = build_verbalizer(task, reader.tokenizer, end_token=end_token)
-        self.head = ClassHead(self.verbalizer, class_mode, normalize).to(reader.device)
+        self.head: ClassHead | LabelSetHead
+        if task.is_multilabel:
+            if class_mode != "auto":
+                raise ValueError(
+                    f"class_mode: a multi-label task is scored as label sets (scoring.label_set_head); "
+                    f"expected 'auto', got {class_mode!r}"
+                )
+            self.head = LabelSetHead(self.verbalizer, max_labels).to(reader.device)
+        else:
+            self.head = ClassHead(self.verbalizer, class_mode, normalize).to(reader.device)
         self.attention = check_attention(reader)
         self.cost = RowCost(reader)
         given = check_overhead(forward_overhead)
@@ -145,7 +159,7 @@ class CandidateScorer:
         )
 
     # ------------------------------------------------------------------------------------ API
-    def score(self, query_images, questions, candidates) -> torch.Tensor:
+    def score(self, query_images, questions, candidates, *, label_sets: bool = False) -> torch.Tensor:
         """Class log-probabilities ``[B, K, C]`` (float32, on the reader's device).
 
         Args:
@@ -159,14 +173,19 @@ class CandidateScorer:
 
         Entry ``[b, k, c]`` is ``log p(class c | prompt(query b, candidate k))``: the class-restricted
         softmax at the answer position (``first_token``), or the normalised restricted
-        teacher-forced log-likelihood of the class's tokens (``sequence``).
+        teacher-forced log-likelihood of the class's tokens (``sequence``). For a multi-label task
+        it is ``log p(c ∈ S | prompt)``, the label's marginal in the reader's restricted answer set
+        (``scoring.label_set_head``); with ``label_sets=True`` (multi-label only) the output is
+        ``[B, K, |S|]`` instead: ``log p(S | prompt)`` for every answer set ``S`` of ``head.sets``.
         """
+        if label_sets and not isinstance(self.head, LabelSetHead):
+            raise ValueError(f"label_sets: only a multi-label task has label sets, task {self.task.name!r} is not one")
         images, qs, cands, B, K = normalize_inputs(self.task, query_images, questions, candidates)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.reader.model.parameters())
         with contextlib.nullcontext() if grad else torch.no_grad():
-            return self._score(images, qs, cands, B, K, grad)
+            return self._score(images, qs, cands, B, K, grad, label_sets)
 
-    def _score(self, images, qs, cands, B, K, grad: bool) -> torch.Tensor:
+    def _score(self, images, qs, cands, B, K, grad: bool, label_sets: bool = False) -> torch.Tensor:
         budget = self.memory_budget or default_budget(self.reader.device)
         stats = ScoreStats(
             layout=self.layout,
@@ -188,9 +207,11 @@ class CandidateScorer:
             if use_ckpt:
                 from torch.utils.checkpoint import checkpoint
 
-                outs.append(checkpoint(self.score_chunk, chunk, rows, prefixes, packing.table, use_reentrant=False))
+                outs.append(
+                    checkpoint(self.score_chunk, chunk, rows, prefixes, packing.table, label_sets, use_reentrant=False)
+                )
             else:
-                outs.append(self.score_chunk(chunk, rows, prefixes, packing.table))
+                outs.append(self.score_chunk(chunk, rows, prefixes, packing.table, label_sets))
         self.last_stats = stats
         ran = torch.cat(chunks)  # row index of each output, in run order
         inverse = torch.empty_like(ran)
@@ -261,9 +282,12 @@ class CandidateScorer:
         )
         return [torch.tensor(c, dtype=torch.long) for c in plan]
 
-    def score_chunk(self, chunk: torch.Tensor, rows: SuffixRows, prefixes: Prefixes, table: ImageTable) -> torch.Tensor:
+    def score_chunk(
+        self, chunk: torch.Tensor, rows: SuffixRows, prefixes: Prefixes, table: ImageTable, label_sets: bool = False
+    ) -> torch.Tensor:
         """Stage 6: rows ``chunk`` (long) of ``rows``, padded to their longest, the trie nodes
-        appended, through the decoder over their prefixes' cache; the class scores ``[len(chunk), C]``."""
+        appended, through the decoder over their prefixes' cache; the class scores ``[len(chunk), C]``
+        (``label_sets``: the answer sets' ``[len(chunk), |S|]``)."""
         reader, head, dev = self.reader, self.head, self.reader.device
         N, Rc = head.num_nodes, len(chunk)
         n = rows.lengths[chunk]
@@ -285,6 +309,8 @@ class CandidateScorer:
             h_ans = out[torch.arange(Rc, device=dev), n_dev - 1]
             h_nodes = out[:, Lc:] if N else None
         with stage("jomed.head"):
+            if label_sets and isinstance(head, LabelSetHead):
+                return head.set_log_probs(h_ans, h_nodes, reader.lm_head_weight())
             return head.scores(h_ans, h_nodes, reader.lm_head_weight())
 
     # ------------------------------------------------------------------------------------ stats

@@ -11,16 +11,17 @@ True
 
 Registered tasks (see :mod:`jomed_fast.tasks.catalog` for where each prompt comes from):
 ``breast``, ``derma``, ``retina``, ``vindr_pcxr``, ``brset``, ``vqa_rad_closed``, ``vqa_rad_open``,
-``slake_closed``, ``slake_open``, ``pathvqa_closed``, ``pathvqa_open``, ``synthetic``. Names are
-case-insensitive, ``-`` and spaces read as ``_``, and a few aliases resolve (``"VinDr-PCXR"``,
-``"SLAKE"`` -> ``slake_closed``, ``"breastmnist"``).
+``slake_closed``, ``slake_open``, ``pathvqa_closed``, ``pathvqa_open``, ``synthetic``, with the
+paper's prompts; each but ``synthetic`` also as ``<name>_reference``, the authors' code's prompts
+(``get_task(name, prompts="reference")``). Names are case-insensitive, ``-`` and spaces read as
+``_``, and a few aliases resolve (``"VinDr-PCXR"``, ``"SLAKE"`` -> ``slake_closed``, ``"breastmnist"``).
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from .catalog import ALIASES, builtin_tasks, legend_instructions
+from .catalog import ALIASES, PROMPT_STYLES, builtin_tasks, legend_instructions, paper_legend
 from .spec import KINDS, Task, normalize, normalize_open_answer
 
 # The verbalizer (tokenizer-dependent) loads on first use: the data loaders and configs that
@@ -40,9 +41,11 @@ __all__ = [
     "normalize",
     "normalize_open_answer",
     "legend_instructions",
+    "paper_legend",
+    "PROMPT_STYLES",
 ]
 
-_REGISTRY: dict[str, Task] = {t.name: t for t in builtin_tasks()}
+_REGISTRY: dict[str, Task] = {t.name: t for style in PROMPT_STYLES for t in builtin_tasks(style)}
 
 
 def __getattr__(name: str):
@@ -73,17 +76,24 @@ def iter_tasks() -> Iterator[Task]:
         yield _REGISTRY[n]
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, prompts: str = "paper") -> Task:
     """The registered task ``name`` (case-insensitive; ``-``/space = ``_``; aliases resolve).
 
-    Raises ``ValueError`` listing the known names when there is no such task.
+    ``prompts``: ``"paper"`` (the listings' prompts) or ``"reference"`` (the authors' code's: the
+    ``<name>_reference`` variant; a task with one variant only, such as ``synthetic`` or one added
+    with :func:`register_task`, is returned as it is). Raises ``ValueError`` listing the known
+    names when there is no such task.
     """
+    if prompts not in PROMPT_STYLES:
+        raise ValueError(f"prompts: expected one of {PROMPT_STYLES}, got {prompts!r}")
     if isinstance(name, Task):
         return name
     if not isinstance(name, str):
         raise TypeError(f"get_task: expected the task name as str, got {type(name).__name__}")
     key = _key(name)
     key = ALIASES.get(key, key)
+    if prompts == "reference" and f"{key}_reference" in _REGISTRY:
+        key = f"{key}_reference"
     try:
         return _REGISTRY[key]
     except KeyError:

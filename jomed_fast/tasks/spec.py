@@ -11,9 +11,14 @@ plus the pure functions that go with it:
   a whole word (``"10"`` never reads as ``"1"``). Evaluation uses this.
 * ``format_answer`` — the canonical answer text (training target): the label string, or for
   multi-label the sorted label strings joined by ``separator`` (``"0, 3, 14"``).
-* ``prompt`` — instructions + question, the text after the query image (the reference puts the
-  legend before the question: ``instructions + question``).
-* ``context`` — the text after a retrieved image (``"background: {text}\\n\\n"`` in the reference).
+* ``preamble`` / ``prompt`` — the task's text before and after the query image. Where the
+  instructions go is ``instructions_position``: ``"before_query_image"`` (the paper's listings:
+  the label legend between the retrieved context and the query image, the question after it) or
+  ``"after_query_image"`` (the reference code: ``instructions + question`` after the image);
+  ``prompt`` writes the question through ``question_template`` (``"{question}?"`` in the paper's
+  VQA listing).
+* ``context`` — the text after a retrieved image (``context_template``: ``"background:{text}\\n\\n"``
+  in the paper's Breast listing, ``"background: {text}\\n\\n"`` in the reference code).
 
 Kinds: ``binary`` and ``multiclass`` (one label), ``multilabel`` (a set of labels, answered as
 comma-separated label indices), ``vqa_closed`` (yes/no), ``vqa_open`` (free text; no label set
@@ -37,6 +42,7 @@ from typing import Any, Iterable, Optional, Union, cast
 from .._checks import is_int
 
 KINDS = ("binary", "multiclass", "multilabel", "vqa_closed", "vqa_open")
+INSTRUCTION_POSITIONS = ("after_query_image", "before_query_image")
 
 Label = Union[int, frozenset]
 
@@ -76,7 +82,7 @@ class Task:
         labels: the answer strings the reader emits, one per class, in class-index order
             (``("No", "Yes")``, ``("0", ..., "6")``). Empty only for ``vqa_open``.
         question: the fixed question, or ``None`` when every sample brings its own (VQA).
-        instructions: text put before the question (label legend, answer format).
+        instructions: the task's fixed text besides the question (the label legend).
         label_names: human-readable class names in class order (the legend), or ``()``.
         separator: multi-label answer separator (canonical form; parsing accepts any spacing).
         context_template: the text that follows a retrieved image; ``{text}`` is its caption.
@@ -84,6 +90,10 @@ class Task:
             stores 0 = malignant, 1 = normal/benign; the Breast task's class 1 is "Yes" = cancer,
             so the map is ``(1, 0)``). ``None`` means the dataset label *is* the class index.
         prompt_source: where the question/instructions come from (repository path or a note).
+        instructions_position: where ``instructions`` go, one of :data:`INSTRUCTION_POSITIONS`:
+            ``"after_query_image"`` (right before the question) or ``"before_query_image"``
+            (after the retrieved context, before the query image).
+        question_template: how the question is written; ``{question}`` is the question.
     """
 
     name: str
@@ -97,6 +107,8 @@ class Task:
     source_label_map: Optional[tuple[int, ...]] = None
     description: str = ""
     prompt_source: str = ""
+    instructions_position: str = "after_query_image"
+    question_template: str = "{question}"
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -142,6 +154,15 @@ class Task:
                     raise ValueError(f"Task {self.name!r}: label {lab!r} contains the separator {sep!r}")
         if self.question is not None and not isinstance(self.question, str):
             raise TypeError(f"Task {self.name!r}: question must be a str or None, got {type(self.question).__name__}")
+        if self.instructions_position not in INSTRUCTION_POSITIONS:
+            raise ValueError(
+                f"Task {self.name!r}: instructions_position must be one of {INSTRUCTION_POSITIONS}, "
+                f"got {self.instructions_position!r}"
+            )
+        if self.question_template.count("{question}") != 1:
+            raise ValueError(
+                f"Task {self.name!r}: question_template must contain '{{question}}' once, got {self.question_template!r}"
+            )
         if "{text}" not in self.context_template:
             raise ValueError(
                 f"Task {self.name!r}: context_template must contain '{{text}}', got {self.context_template!r}"
@@ -182,7 +203,8 @@ class Task:
     # prompts
     # ------------------------------------------------------------------------------------------
     def prompt(self, question: Optional[str] = None) -> str:
-        """The text after the query image: ``instructions + question``.
+        """The text after the query image: the question through ``question_template``, after the
+        instructions when they go after the query image (``instructions_position``).
 
         ``question`` overrides the fixed question (a sample's own question); it is required when
         the task has none (VQA).
@@ -190,7 +212,12 @@ class Task:
         q = question if question is not None else self.question
         if q is None:
             raise ValueError(f"Task {self.name!r} has no fixed question: pass the sample's question")
-        return self.instructions + q
+        text = self.question_template.replace("{question}", q)
+        return text if self.instructions_position == "before_query_image" else self.instructions + text
+
+    def preamble(self) -> str:
+        """The task's text right before the query image: the instructions when they go there, else ``""``."""
+        return self.instructions if self.instructions_position == "before_query_image" else ""
 
     def context(self, text: str) -> str:
         """The text after a retrieved image: ``context_template`` with its caption."""

@@ -20,6 +20,12 @@ changed serves none of the old scores.
 ``gold_log_likelihoods(rows, labels) -> [B, K]``: :math:`r_{b,k} = \log p_C(a_b \mid z_k, q_b)` for a
 single gold class per query (the sharp posterior's gold entry); in ``sequence`` class mode with
 ``normalize=False`` it is the restricted teacher-forced log-likelihood of the gold answer's tokens.
+
+Multi-label tasks: a row is the reader's answer-set distribution, ``log p(S | z_k, q_b)`` for every
+answer set of the scorer's ``head.sets`` (``score(..., label_sets=True)``, ``scoring.label_set_head``:
+the restricted likelihood of the answer written as a set), and the gold entry is that of the
+query's gold set, :math:`r_{b,k} = \log p(S_b \mid z_k, q_b)`
+(``gold_log_likelihoods(rows, multi_hot, head)``).
 """
 
 from __future__ import annotations
@@ -76,14 +82,32 @@ class CandidateKeys:
 
 
 def scoring_layout(scorer) -> str:
-    """The cache key's ``layout`` part: prompt layout, class mode and normalisation of ``scorer``."""
-    return f"{scorer.layout}|{scorer.head.mode}|{'norm' if scorer.head.normalize else 'raw'}"
+    """The cache key's ``layout`` part: prompt layout, class mode and normalisation of ``scorer``
+    (multi-label: the label-set head and the largest answer set it scores)."""
+    key = f"{scorer.layout}|{scorer.head.mode}|{'norm' if scorer.head.normalize else 'raw'}"
+    return key + f"|max_labels={scorer.head.max_labels}" if _label_sets(scorer) else key
 
 
-def gold_log_likelihoods(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``rows [B, K, C]`` and gold class indices ``labels [B]`` -> ``[B, K]`` = rows[b, k, labels[b]]."""
+def _label_sets(scorer) -> bool:
+    """Whether ``scorer``'s rows are answer-set distributions (a multi-label task)."""
+    task = getattr(scorer, "task", None)
+    return bool(getattr(task, "is_multilabel", False))
+
+
+def gold_log_likelihoods(rows: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
+    """``rows [B, K, C]`` and gold class indices ``labels [B]`` -> ``[B, K]`` = rows[b, k, labels[b]].
+
+    Multi-label: ``rows [B, K, |S|]`` (answer sets in ``head.sets`` order), ``labels [B, C]`` the
+    gold sets' multi-hot rows and ``head`` the scorer's ``LabelSetHead``; entry ``[b, k]`` is the
+    gold set's ``log p(S_b | z_k, q_b)``.
+    """
     if rows.dim() != 3:
         raise ValueError(f"rows: expected [B, K, C], got shape {tuple(rows.shape)}")
+    if torch.as_tensor(labels).dim() == 2:
+        if head is None:
+            raise ValueError("head: multi-hot gold labels need the scorer's label-set head to find their sets")
+        sets = torch.as_tensor(labels, dtype=torch.bool)
+        labels = torch.tensor([head.set_index(torch.nonzero(row).flatten().tolist()) for row in sets])
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.shape != rows.shape[:1]:
         raise ValueError(f"labels: expected shape [B] = [{rows.shape[0]}], got {tuple(labels.shape)}")
@@ -118,7 +142,8 @@ class PairScores:
         candidate_ids: Sequence[Sequence[str]],
         candidates: Sequence[Sequence],
     ) -> torch.Tensor:
-        """float32 ``[B, K, C]`` for B queries x K candidates (their keys and ``Candidate`` objects)."""
+        """float32 ``[B, K, C]`` for B queries x K candidates (their keys and ``Candidate`` objects);
+        ``[B, K, |S|]`` answer-set log-probabilities for a multi-label task."""
         B = len(query_ids)
         if len(candidate_ids) != B or len(candidates) != B or len(query_images) != B:
             raise ValueError(
@@ -140,6 +165,7 @@ class PairScores:
                     [query_images[b] for b in group],
                     None if questions is None else [questions[b] for b in group],
                     [[candidates[b][k] for k in missing[b]] for b in group],
+                    **({"label_sets": True} if _label_sets(self.scorer) else {}),
                 )
             seconds += time.perf_counter() - t0
             self.reader_calls += 1

@@ -9,7 +9,9 @@ For a batch of B training queries (image :math:`x_b`, question, gold class :math
 2. **reader posterior** — the frozen reader's class log-probabilities ``[B, K, C]``
    (``CandidateScorer``), through the exact score cache (:mod:`.score_cache`, :mod:`.pair_scores`:
    keyed by the reader's fingerprint and the query's and candidate's content),
-   and their gold entries :math:`r_{b,k} = \log p_C(a_b \mid z_k, q_b)` ``[B, K]``;
+   and their gold entries :math:`r_{b,k} = \log p_C(a_b \mid z_k, q_b)` ``[B, K]`` — for a
+   multi-label task the reader's restricted likelihood of the gold label *set*,
+   :math:`r_{b,k} = \log p(S_b \mid z_k, q_b)` (``scoring.label_set_head``);
 3. **retriever scores** — :math:`s_{b,k} = \tilde q_b \cdot e_k` with the trainable query embedding
    :math:`\tilde q_b = \mathrm{norm}(\alpha\, f_\theta(x_b) + (1-\alpha)\, f_0(x_b)) \in \mathbb{R}^D`
    (``retriever.QueryEncoder``: :math:`f_0` is the frozen initial encoder, never refreshed, as the

@@ -91,7 +91,7 @@ class HeadModel:
             qc = self.candidate_encoder.encode_images(images)
         kt, ki = (cfg.k, 0) if cfg.head == "text" else (0, cfg.k)
         got = self.retrieval.search(qc, k_text=kt, k_image=ki)
-        r = gold_log_likelihoods(self._rows(queries, idx, images, got), queries.labels[idx])
+        r = gold_log_likelihoods(self._rows(queries, idx, images, got), queries.labels[idx], self.pairs.scorer.head)
         return r, self.retrieval.embeddings(cfg.head, got.ids), images
 
     def train_mode(self, on: bool) -> None:
@@ -120,8 +120,15 @@ class HeadModel:
             q = {cfg.head: mine, other: self.partner.embed(images)}
         got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"])
         rows = self._rows(queries, idx, images, got)
+        gold = queries.labels[idx]
+        if gold.dim() == 2:  # multi-label: the fused label marginals, thresholded; right when the set is
+            from ..infer.fusion import decide
+
+            marginals = self.pairs.scorer.head.marginals(rows)
+            chosen = decide(ops.fuse_candidates(marginals, got.scores.to(rows), 1.0), multilabel=True)
+            return sum(frozenset(c) == frozenset(torch.nonzero(g).flatten().tolist()) for c, g in zip(chosen, gold))
         fused = ops.fuse_candidates(rows, got.scores.to(rows), 1.0)
-        return int((fused.argmax(-1).cpu() == queries.labels[idx]).sum())
+        return int((fused.argmax(-1).cpu() == gold).sum())
 
 
 @torch.no_grad()
