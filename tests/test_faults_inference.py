@@ -1,9 +1,11 @@
+
 """Predictions, evaluation and analysis under faults: a resume only from the same inputs (reader +
 adapter, index, query encoder, samples' content, result-changing options), outputs that never
 destroy inputs, one writer per predictions file, per-query random retrieval, checks before any model
 loads, and readers of predictions files that name file:line. Through the CLI (exit code 2, one line
 on stderr) and the API, checking that no input changed (sha256) and no prediction was lost."""
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -129,6 +131,15 @@ def test_the_identity_names_every_input_through_the_api(files, tmp_path):
     predict(scorer, samples[:2], config=InferConfig(retrieval="none"), out_path=out, progress=False)
     with pytest.raises(IdentityMismatch, match=r"\(samples changed\)"):
         predict(scorer, samples[:3], config=InferConfig(retrieval="none"), out_path=out, progress=False)
+    reworded = dataclasses.replace(scorer.task, question=scorer.task.question + " Answer briefly.")  # same name
+    with pytest.raises(IdentityMismatch, match=r"\(task changed\)"):
+        predict(
+            CandidateScorer(reader, reworded, "paper"),
+            samples[:2],
+            config=InferConfig(retrieval="none"),
+            out_path=out,
+            progress=False,
+        )
     reader.add_lora()  # a fresh adapter is in the fingerprint even when it does not change scores yet
     with pytest.raises(IdentityMismatch, match=r"\(reader changed\)"):
         predict(scorer, samples[:2], config=InferConfig(retrieval="none"), out_path=out, progress=False)

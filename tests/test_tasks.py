@@ -489,3 +489,20 @@ def test_build_verbalizer_type_errors(hf_tok):
         build_verbalizer("breast", hf_tok)
     with pytest.raises(TypeError, match="end_token"):
         build_verbalizer(get_task("breast"), hf_tok, end_token=1.5)
+
+
+def test_task_identity_follows_what_the_reader_is_shown():
+    task = get_task("breast")
+    assert task.identity.startswith("breast@") and task.identity == get_task("breast").identity
+    for field, value in [
+        ("question", task.question + " "),
+        ("instructions", task.instructions + "x"),
+        ("labels", ("No", "Maybe")),
+        ("separator", "; "),
+        ("context_template", "caption: {text}\n"),
+        ("instructions_position", "before_query_image"),
+        ("source_label_map", None),
+    ]:
+        assert dataclasses.replace(task, **{field: value}).identity != task.identity, field
+    notes = dataclasses.replace(task, description="another note", prompt_source="elsewhere")
+    assert notes.identity == task.identity

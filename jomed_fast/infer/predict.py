@@ -215,7 +215,7 @@ def predict_identity(
     identity: dict = {
         "format": IDENTITY_FORMAT,
         "reader": reader_fingerprint(scorer.reader),
-        "task": task.name,
+        "task": task.identity,
         "layout": scorer.layout,
         "samples": records_digest(samples),
     }

@@ -199,6 +199,19 @@ class Task:
         labels = tuple(dict.fromkeys(str(x).strip() for x in labels if str(x).strip()))
         return dataclasses.replace(self, labels=labels, label_names=(), name=name or self.name)
 
+    @cached_property
+    def identity(self) -> str:
+        """``name@digest``: the task's name and a sha256 prefix of every field that changes what the
+        reader is shown or how its answer is read (labels, question, instructions and their
+        position, templates, separator, label map); ``description`` and ``prompt_source`` are notes.
+        Run identities and the score cache key on it, so a task whose prompt changes under the same
+        name never reuses results computed with the old one."""
+        from ..identity import json_digest
+
+        notes = {"description", "prompt_source"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in notes}
+        return f"{self.name}@{json_digest(fields)[:16]}"
+
     # ------------------------------------------------------------------------------------------
     # prompts
     # ------------------------------------------------------------------------------------------

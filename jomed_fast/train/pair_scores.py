@@ -123,7 +123,7 @@ class PairScores:
     Args:
         scorer: a ``CandidateScorer`` (frozen reader; run under ``torch.no_grad``).
         cache: an open :class:`ScoreCache`.
-        namespace: ``(reader fingerprint, task name, layout)``.
+        namespace: ``(reader fingerprint, task identity (``Task.identity``), layout)``.
 
     ``rows`` takes opaque string keys (:func:`query_key`, :func:`record_key` in training).
     """

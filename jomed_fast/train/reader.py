@@ -136,7 +136,7 @@ def _identity(config, reader, task, train_samples, val_samples, retrieval, retri
     index and encoder (``None`` for reader only) and every option but ``RESUME_FREE``."""
     return {
         "reader": reader_fingerprint(reader),
-        "task": task.name,
+        "task": task.identity,
         "train": records_digest(train_samples),
         "val": records_digest(val_samples),
         **retrieval_identity(retrieval, retriever),

@@ -363,7 +363,7 @@ def train_retriever(
     eval_queries = QuerySet.from_samples(val, task, "val") if val is not None else queries
     reader.eval()
     scorer = _scorer(reader, task, config) if scorer is None else scorer
-    ns = (reader_fingerprint(reader), task.name, scoring_layout(scorer))
+    ns = (reader_fingerprint(reader), task.identity, scoring_layout(scorer))
     run_path = Path(run_dir)
     ckpt = open_run(run_path, _identity(config, ns, train, val, retrieval, encoder, partner), config.to_dict(), resume)
     cache = ScoreCache(config.cache_path or run_path / CACHE_FILE)

@@ -4,7 +4,7 @@ In stage 2 the reader is frozen and deterministic (eval mode), so the class log-
 a (query, candidate) pair, :math:`\log p_C(c \mid z_k, q) \in \mathbb{R}^C`, never change during
 the run. The cache stores that whole row once per pair, keyed by
 
-    (reader fingerprint, task name, layout, query key, candidate key)
+    (reader fingerprint, task identity, layout, query key, candidate key)
 
 (``layout`` also names the scoring mode, e.g. ``"shared_query|first_token|norm"``; the keys are
 the pair's *content*, :func:`.pair_scores.query_key` / :func:`.pair_scores.record_key`: the
@@ -63,7 +63,7 @@ FRAME_MAGIC = b"FRM1"
 _FRAME_HEAD = struct.Struct("<4sII")
 _U32 = struct.Struct("<I")
 
-Namespace = tuple  # (reader fingerprint, task name, layout): str, str, str
+Namespace = tuple  # (reader fingerprint, task identity, layout): str, str, str
 
 
 class CacheDamageWarning(UserWarning):
