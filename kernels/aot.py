@@ -49,7 +49,7 @@ pipeline leaves in flight across the back edge), tracking what each thread has o
 The peak outstanding bytes per thread, times the CTA's threads, is what a CTA keeps in flight; times
 the resident CTAs, what an SM keeps in flight. It is set against Little's law, the bytes an SM must
 keep in flight to draw the memory's bandwidth: ``bandwidth x latency / SMs`` (``NEED``: L40, 864 GB/s
-x 0.6 us / 142 SMs = 3.65 KB for sm_89; H200, 4.8 TB/s x 0.7 us / 132 SMs = 25.5 KB for sm_90, of
+x 0.6 us / 142 SMs = 3.57 KiB for sm_89; H200, 4.8 TB/s x 0.7 us / 132 SMs = 24.9 KiB for sm_90, of
 which an H100 SXM at 3.35 TB/s needs 70%). The ratio is a prediction from the static code, not a
 measurement: predicated-off loads count, and latency under load is longer than idle latency. A spec
 may declare a floor on that ratio (``AotSpec.in_flight_floor``; ``IN_FLIGHT_FLOORS`` by kernel name
@@ -203,12 +203,10 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, arch: int) -> t
         return 0, "shared"
     per_warp = math.ceil(32 * registers / sm.register_granularity) * sm.register_granularity
     shared = math.ceil(shared_bytes / sm.shared_granularity) * sm.shared_granularity + sm.reserved_shared_per_cta
-    limits = {
-        "registers": (sm.registers // per_warp) // num_warps if per_warp else sm.ctas,
-        "shared": sm.shared_bytes // shared if shared_bytes else sm.ctas,
-        "warps": sm.warps // num_warps,
-        "ctas": sm.ctas,
-    }
+    # On a tie the first named binds: the fixed limits before the ones the kernel chooses.
+    limits = {"ctas": sm.ctas, "warps": sm.warps // num_warps, "registers": (sm.registers // per_warp) // num_warps}
+    if shared_bytes:
+        limits["shared"] = sm.shared_bytes // shared
     limit = min(limits, key=lambda k: limits[k])
     return limits[limit], limit
 
@@ -302,7 +300,9 @@ def in_flight_per_thread(sass: str) -> tuple[int, int]:
         if waited:
             del pending[: waited[-1] + 1]
         if ins.base == "LDG":
-            pending.append((_width(ins.opcode), writes))
+            # The destination names its first register; a 64- or 128-bit load fills 2 or 4.
+            first = min(writes) if writes else -1
+            pending.append((_width(ins.opcode), set(range(first, first + max(1, _width(ins.opcode) // 4)))))
         elif ins.base == "LDGSTS":
             open_group += _width(ins.opcode)
         elif ins.base == "LDGDEPBAR":
