@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from jomed_fast.ops._dispatch import interpreter_enabled
@@ -27,7 +28,22 @@ def kernel_arguments(fn: Any) -> list[tuple[str, bool]]:
 
 @dataclasses.dataclass(frozen=True)
 class AotSpec:
-    """One compile configuration a kernel ships: what ``triton.compile`` needs to build it offline.
+    """One compile configuration a kernel ships: a launch, which ``python -m jomed_fast.kernels.aot``
+    specialises with Triton's own JIT code and compiles offline.
+
+    A spec describes its launch in one of two ways.
+
+    launch: a callable that runs the module's launcher once on example tensors of a real workload
+        (on the ``meta`` device: shapes, strides and dtypes without memory) and returns nothing; the
+        one call it makes to ``fn`` is the launch, its constexprs and options (``num_warps``,
+        ``num_stages``, ``maxnreg``) included. The other fields then stay at their defaults.
+    in_flight_floor: the least share of the Little's-law need (bytes an SM must keep in flight to
+        draw the memory's bandwidth) this configuration must keep in flight, for a kernel that streams
+        memory; None for no floor. Either way of describing a launch may set it.
+
+    Otherwise the launch is declared field by field, below, and ``aot`` builds it: meta tensors of
+    the pointer dtypes, 1 for ``unit_args``, a multiple of 16 for ``aligned_args``, a size that is
+    neither for every other integer.
 
     The kernel's signature (argument names and order, which are ``tl.constexpr``, which are
     pointers: the arguments named ``*_ptr``) is read from ``fn`` itself; a spec holds only what a
@@ -53,22 +69,35 @@ class AotSpec:
 
     name: str
     fn: Any  # a triton.JITFunction
-    dtypes: dict[str, str]
-    constexprs: dict[str, Any]
+    dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
+    constexprs: dict[str, Any] = dataclasses.field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
     unit_args: tuple[str, ...] = ()
     aligned_args: tuple[str, ...] = ()
     maxnreg: int | None = None
+    launch: Callable[[], object] | None = None
+    in_flight_floor: float | None = None
 
     def __post_init__(self) -> None:
+        where = f"AotSpec {self.name}"
+        if self.in_flight_floor is not None and not 0 < self.in_flight_floor:
+            raise ValueError(
+                f"{where}: in_flight_floor: expected a positive share of the need, got {self.in_flight_floor}"
+            )
+        if self.launch is not None:
+            declared = [f for f in ("dtypes", "constexprs", "unit_args", "aligned_args", "maxnreg") if getattr(self, f)]
+            if declared:
+                raise ValueError(
+                    f"{where}: a spec with a launch takes its arguments and options from it, got {', '.join(declared)} too"
+                )
+            return
         arguments = kernel_arguments(self.fn)
         names = [n for n, _ in arguments]
         constexpr = [n for n, c in arguments if c]
         runtime_ints = [
             n for n, c in arguments if not c and not n.endswith("_ptr") and self.dtypes.get(n, "i32") in ("i32", "i64")
         ]
-        where = f"AotSpec {self.name}"
         for field in ("dtypes", "constexprs", "unit_args", "aligned_args"):
             for n in getattr(self, field):
                 if n not in names:
@@ -97,7 +126,10 @@ class AotSpec:
     @property
     def signature(self) -> dict[str, str]:
         """Argument -> Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``), in the
-        kernel's order, as ``triton.compiler.ASTSource`` takes it."""
+        kernel's order, as a declared spec types them (before the JIT turns ``unit_args`` into
+        constants); a spec with a launch is typed by the JIT (``aot.jit_specialization``)."""
+        if self.launch is not None:
+            raise ValueError(f"AotSpec {self.name}: signature: a spec with a launch is typed by the JIT, not declared")
         types = {}
         for n, is_constexpr in kernel_arguments(self.fn):
             if is_constexpr:

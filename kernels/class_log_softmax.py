@@ -145,33 +145,37 @@ def class_log_softmax_backward(
 
 
 def aot_specs() -> list[AotSpec]:
-    """Every configuration the launchers can pick on a GPU: each logits dtype x each class block."""
+    """Every configuration the launchers can pick on a GPU, each as a launch on the paper's reader
+    (Qwen2-VL 7B: contiguous logits of V = 152064 for the K = 50 candidates of a query): each logits
+    dtype x each class block, with C = 2 (Breast, closed VQA), 20, 200 and 1500 (wider label sets)."""
+    vocab, rows = 152064, 50
+
+    def forward(dtype: torch.dtype, C: int) -> None:
+        logits = torch.empty((rows, vocab), dtype=dtype, device="meta")
+        class_log_softmax_forward(logits, torch.empty(C, dtype=torch.int64, device="meta"))
+
+    def backward(dtype: torch.dtype, C: int) -> None:
+        out = torch.empty((rows, C), dtype=torch.float32, device="meta")
+        ids = torch.empty(C, dtype=torch.int64, device="meta")
+        class_log_softmax_backward(torch.empty_like(out), out, ids, vocab, dtype)
+
     specs = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for C in (2, 32, 256, 2048):
-            block_r, block_c, num_warps = _blocks(C, interpret=False)
-            common = {"BLOCK_R": block_r, "BLOCK_C": block_c}
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        for C in (2, 20, 200, 1500):
+            _, block_c, _ = _blocks(C, interpret=False)
+            tag = f"{name},C<={block_c}"
             specs.append(
                 AotSpec(
-                    f"class_log_softmax_fwd[{dtype},C<={block_c}]",
+                    f"class_log_softmax_fwd[{tag}]",
                     _class_log_softmax_fwd_kernel,
-                    {"x_ptr": dtype, "ids_ptr": "i64", "out_ptr": "fp32"},
-                    # Row strides are the vocabulary (151936, 131072: multiples of 16, as the JIT sees them).
-                    common,
-                    num_warps=num_warps,
-                    unit_args=("stride_xv",),
-                    aligned_args=("stride_xr",),
+                    launch=lambda dtype=dtype, C=C: forward(dtype, C),
                 )
             )
             specs.append(
                 AotSpec(
-                    f"class_log_softmax_bwd[{dtype},C<={block_c}]",
+                    f"class_log_softmax_bwd[{tag}]",
                     _class_log_softmax_bwd_kernel,
-                    {"grad_out_ptr": "fp32", "out_ptr": "fp32", "ids_ptr": "i64", "grad_x_ptr": dtype},
-                    common,
-                    num_warps=num_warps,
-                    unit_args=("stride_gv",),
-                    aligned_args=("stride_gr",),
+                    launch=lambda dtype=dtype, C=C: backward(dtype, C),
                 )
             )
     return specs

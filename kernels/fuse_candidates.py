@@ -227,35 +227,42 @@ def fuse_candidates_backward(
 
 
 def aot_specs() -> list[AotSpec]:
-    """The configurations the launchers pick on a GPU, for each log-prob dtype: the paper's K = 50
-    with a binary task (8 queries per program) and a 100-way task (one query, the class loop), and
-    K = 2048 (one query on 16 warps); contiguous log-probabilities and scores (unit inner strides),
-    as the pipeline passes them."""
+    """The configurations the launchers pick on a GPU, each as a launch at inference on a batch of
+    B = 16 queries, for each log-prob dtype: the paper's K = 50 with a binary task (8 queries per
+    program) and a 100-way task (one query, the class loop), and K = 2048 candidates of one class
+    (one query on 16 warps; C = 1 makes the class stride and count constants, as the JIT sees them);
+    contiguous log-probabilities, float32 scores (as top-k returns them) and a contiguous upstream
+    gradient."""
+    B, tau = 16, 1.0
+
+    def inputs(dtype: torch.dtype, K: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lp = torch.empty((B, K, C), dtype=dtype, device="meta")
+        return lp, torch.empty((B, K), dtype=torch.float32, device="meta")
+
+    def forward(dtype: torch.dtype, K: int, C: int) -> None:
+        fuse_candidates_forward(*inputs(dtype, K, C), tau)
+
+    def backward(dtype: torch.dtype, K: int, C: int) -> None:
+        grad_out = torch.empty((B, C), dtype=torch.float32, device="meta")
+        fuse_candidates_backward(grad_out, *inputs(dtype, K, C), tau)
+
     specs = []
-    for dtype in ("fp32", "fp16", "bf16"):
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for K, C in ((50, 2), (50, 100), (2048, 1)):
-            block_b, block_k, block_c, num_warps = _blocks(K, C, interpret=False)
-            common = {"BLOCK_B": block_b, "BLOCK_K": block_k, "BLOCK_C": block_c}
-            tag = f"{dtype},K<={block_k},BLOCK_B={block_b},BLOCK_C={block_c}"
-            inputs = {"l_ptr": dtype, "s_ptr": "fp32", "inv_tau": "fp32"}
+            block_b, block_k, block_c, _ = _blocks(K, C, interpret=False)
+            tag = f"{name},K<={block_k},BLOCK_B={block_b},BLOCK_C={block_c}"
             specs.append(
                 AotSpec(
                     f"fuse_candidates_fwd[{tag}]",
                     _fuse_candidates_fwd_kernel,
-                    {**inputs, "out_ptr": "fp32"},
-                    common,
-                    num_warps=num_warps,
-                    unit_args=("stride_lc", "stride_sk"),
+                    launch=lambda dtype=dtype, K=K, C=C: forward(dtype, K, C),
                 )
             )
             specs.append(
                 AotSpec(
                     f"fuse_candidates_bwd[{tag}]",
                     _fuse_candidates_bwd_kernel,
-                    {**inputs, "grad_out_ptr": "fp32", "grad_l_ptr": dtype, "grad_s_ptr": "fp32"},
-                    common,
-                    num_warps=num_warps,
-                    unit_args=("stride_lc", "stride_sk"),
+                    launch=lambda dtype=dtype, K=K, C=C: backward(dtype, K, C),
                 )
             )
     return specs

@@ -349,81 +349,77 @@ def head_class_log_softmax_backward_weight(
 
 
 def aot_specs() -> list[AotSpec]:
-    """The GPU configurations the launchers pick: per dtype, the typical class block (C <= 16) and
-    the largest fused one (C = 256); with bias for bf16 (the real head's dtype; the bias is one
-    epilogue load); the unfused C > 256 path; fp32 hidden on a bf16 head; both backward kernels.
-    H and the row strides made of it are compiled as multiples of 16, as every real head's are."""
+    """The GPU configurations the launchers pick, each as a launch on the paper's reader (Qwen2-VL
+    7B: a [V = 152064, H = 3584] head, contiguous hidden states of the K = 50 candidates of a
+    query): per dtype, a binary task (C = 2) and a 200-class one in the largest fused block (256);
+    with bias for bf16 (the real head's dtype; the bias is one epilogue load); the unfused C > 256
+    path (C = 1000); fp32 hidden on a bf16 head; both backward kernels."""
+    vocab, hidden_size, rows = 152064, 3584, 50
+
+    def meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def forward(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, C: int, has_bias: bool) -> None:
+        head_class_log_softmax_forward(
+            meta((rows, hidden_size), hidden_dtype),
+            meta((vocab, hidden_size), weight_dtype),
+            meta((C,), torch.int64),
+            meta((vocab,), weight_dtype) if has_bias else None,
+        )
+
+    def backward_hidden(dtype: torch.dtype, C: int) -> None:
+        head_class_log_softmax_backward_hidden(
+            meta((rows, C), torch.float32), meta((vocab, hidden_size), dtype), meta((C,), torch.int64), dtype
+        )
+
+    def backward_weight(dtype: torch.dtype, C: int) -> None:
+        head_class_log_softmax_backward_weight(
+            meta((rows, C), torch.float32), meta((rows, hidden_size), dtype), meta((C,), torch.int64), vocab, dtype
+        )
+
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    f32, f16, b16 = torch.float32, torch.float16, torch.bfloat16
     specs = []
     for hidden_dtype, weight_dtype, C, has_bias in [
-        ("fp32", "fp32", 2, False),
-        ("fp32", "fp32", 256, False),
-        ("fp16", "fp16", 2, False),
-        ("fp16", "fp16", 256, False),
-        ("bf16", "bf16", 2, False),
-        ("bf16", "bf16", 256, False),
-        ("bf16", "bf16", 2, True),
-        ("bf16", "bf16", 256, True),
-        ("bf16", "bf16", 1000, False),  # C > 256: grid over class blocks, raw logits
-        ("fp32", "bf16", 2, False),  # mixed: upcast to fp32
+        (f32, f32, 2, False),
+        (f32, f32, 200, False),
+        (f16, f16, 2, False),
+        (f16, f16, 200, False),
+        (b16, b16, 2, False),
+        (b16, b16, 200, False),
+        (b16, b16, 2, True),
+        (b16, b16, 200, True),
+        (b16, b16, 1000, False),  # C > 256: grid over class blocks, raw logits
+        (f32, b16, 2, False),  # mixed: upcast to fp32
     ]:
-        dot_f32 = hidden_dtype != weight_dtype or hidden_dtype == "fp32"
+        dot_f32 = hidden_dtype != weight_dtype or hidden_dtype == f32
         blocks = _fwd_blocks(C, dot_f32, interpret=False)
         fuse = C <= blocks.block_c
-        dtypes = hidden_dtype if hidden_dtype == weight_dtype else f"{hidden_dtype} hidden,{weight_dtype} weight"
+        h, w = names[hidden_dtype], names[weight_dtype]
+        dtypes = h if h == w else f"{h} hidden,{w} weight"
         classes = f"C<={blocks.block_c}" if fuse else f"C>{MAX_FUSED_C} unfused"
-        pointers = {
-            "hidden_ptr": hidden_dtype,
-            "weight_ptr": weight_dtype,
-            "ids_ptr": "i64",
-            "bias_ptr": weight_dtype,
-            "out_ptr": "fp32",
-        }
-        consts = {
-            "HAS_BIAS": has_bias,
-            "FUSE_SOFTMAX": fuse,
-            "DOT_F32": dot_f32,
-            "BLOCK_N": blocks.block_n,
-            "BLOCK_C": blocks.block_c,
-            "BLOCK_H": blocks.block_h,
-        }
         specs.append(
             AotSpec(
                 f"head_class_log_softmax_fwd[{dtypes},{classes},bias={int(has_bias)}]",
                 _head_class_log_softmax_fwd_kernel,
-                pointers,
-                consts,
-                blocks.num_warps,
-                blocks.num_stages,
-                unit_args=("stride_hh", "stride_wh"),
-                aligned_args=("H", "stride_hn", "stride_wv"),
+                launch=lambda h=hidden_dtype, w=weight_dtype, C=C, b=has_bias: forward(h, w, C, b),
             )
         )
 
-    for dtype, C in [("fp32", 2), ("fp32", 256), ("fp16", 2), ("bf16", 2), ("bf16", 256)]:
+    for dtype, C in [(f32, 2), (f32, 200), (f16, 2), (b16, 2), (b16, 200)]:
         blocks = _bwd_blocks(C, interpret=False)
-        consts = {"BLOCK_N": blocks.block_n, "BLOCK_C": blocks.block_c, "BLOCK_H": blocks.block_h}
         specs.append(
             AotSpec(
-                f"head_class_log_softmax_bwd_hidden[{dtype},C<={blocks.block_c} per step]",
+                f"head_class_log_softmax_bwd_hidden[{names[dtype]},C<={blocks.block_c} per step]",
                 _head_class_log_softmax_bwd_hidden_kernel,
-                {"dlogits_ptr": "fp32", "weight_ptr": dtype, "ids_ptr": "i64", "grad_hidden_ptr": dtype},
-                consts,
-                blocks.num_warps,
-                blocks.num_stages,
-                unit_args=("stride_wh",),
-                aligned_args=("H", "stride_wv"),
+                launch=lambda dtype=dtype, C=C: backward_hidden(dtype, C),
             )
         )
         specs.append(
             AotSpec(
-                f"head_class_log_softmax_bwd_weight[{dtype},C<={blocks.block_c} per block]",
+                f"head_class_log_softmax_bwd_weight[{names[dtype]},C<={blocks.block_c} per block]",
                 _head_class_log_softmax_bwd_weight_kernel,
-                {"dlogits_ptr": "fp32", "hidden_ptr": dtype, "ids_ptr": "i64", "grad_weight_ptr": dtype},
-                consts,
-                blocks.num_warps,
-                blocks.num_stages,
-                unit_args=("stride_hh",),
-                aligned_args=("H", "stride_hn"),
+                launch=lambda dtype=dtype, C=C: backward_weight(dtype, C),
             )
         )
     return specs

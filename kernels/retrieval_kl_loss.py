@@ -212,35 +212,38 @@ def retrieval_kl_loss_backward(
 
 
 def aot_specs() -> list[AotSpec]:
-    """The configurations the launchers pick on a GPU, for each score dtype: 64 rows of K <= 16,
-    the paper's K = 50 (16 rows per program), and K = 4096 (one row per program on 16 warps);
-    contiguous scores and log-likelihoods (unit inner strides), as the pipeline passes them."""
+    """The configurations the launchers pick on a GPU, each as a launch of stage 2 on a batch of
+    B = 2 queries (the authors' batch): for each score dtype, K = 16, the paper's K = 50, and
+    K = 4096 (one row per program on 16 warps); contiguous scores and float32 log-likelihoods, and
+    under ``batchmean`` an upstream gradient expanded from a scalar (stride 0)."""
+    B, tau = 2, 1.0
+
+    def forward(dtype: torch.dtype, K: int) -> None:
+        s = torch.empty((B, K), dtype=dtype, device="meta")
+        retrieval_kl_loss_forward(s, torch.empty((B, K), dtype=torch.float32, device="meta"), tau, tau)
+
+    def backward(dtype: torch.dtype, K: int) -> None:
+        s = torch.empty((B, K), dtype=dtype, device="meta")
+        r = torch.empty((B, K), dtype=torch.float32, device="meta")
+        grad_loss = torch.empty((), dtype=torch.float32, device="meta").expand(B)
+        retrieval_kl_loss_backward(grad_loss, s, r, tau, tau)
+
     specs = []
-    for dtype in ("fp32", "fp16", "bf16"):
+    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         for K in (16, 50, 4096):
-            block_b, block_k, num_warps = _blocks(K, interpret=False)
-            common = {"BLOCK_B": block_b, "BLOCK_K": block_k}
-            inputs = {"s_ptr": dtype, "r_ptr": "fp32", "inv_tau_s": "fp32", "inv_tau_r": "fp32"}
+            _, block_k, _ = _blocks(K, interpret=False)
             specs.append(
                 AotSpec(
-                    f"retrieval_kl_loss_fwd[{dtype},K<={block_k}]",
+                    f"retrieval_kl_loss_fwd[{name},K<={block_k}]",
                     _retrieval_kl_loss_fwd_kernel,
-                    {**inputs, "loss_ptr": "fp32"},
-                    common,
-                    num_warps=num_warps,
-                    unit_args=("stride_sk", "stride_rk"),
+                    launch=lambda dtype=dtype, K=K: forward(dtype, K),
                 )
             )
             specs.append(
                 AotSpec(
-                    f"retrieval_kl_loss_bwd[{dtype},K<={block_k}]",
+                    f"retrieval_kl_loss_bwd[{name},K<={block_k}]",
                     _retrieval_kl_loss_bwd_kernel,
-                    {**inputs, "grad_loss_ptr": "fp32", "grad_s_ptr": dtype},
-                    # stride_g is 0 under batchmean / sum (an expanded scalar), which the JIT marks divisible.
-                    common,
-                    num_warps=num_warps,
-                    unit_args=("stride_sk", "stride_rk"),
-                    aligned_args=("stride_g",),
+                    launch=lambda dtype=dtype, K=K: backward(dtype, K),
                 )
             )
     return specs
