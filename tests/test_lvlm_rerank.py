@@ -33,16 +33,22 @@ CANDIDATES = {f"c{i}": (image(100 + i), f"caption of c{i}") for i in range(8)}
 
 
 def records():
-    """Two inconsistent queries (q0, q1) and one consistent (q2), four candidates each."""
+    """Two inconsistent queries (q0, q1) and one consistent (q2), four candidates each, over the
+    seven Derma classes."""
     preds = {"q0": [0, 1, 2, 1], "q1": [3, 3, 0, 3], "q2": [4, 4, 4, 4]}
     gold = {"q0": 2, "q1": 0, "q2": 4}
+
+    def probs(c):
+        return [0.4 if i == c else 0.1 for i in range(7)]
+
     out = []
     for q, ps in preds.items():
         ids = [f"c{(int(q[1]) * 3 + k) % 8}" for k in range(K)]
         cands = [
-            Candidate(i, "text" if k < 2 else "image", 1.0 - 0.1 * k, [], p) for k, (i, p) in enumerate(zip(ids, ps))
+            Candidate(i, "text" if k < 2 else "image", 1.0 - 0.1 * k, probs(p), p)
+            for k, (i, p) in enumerate(zip(ids, ps))
         ]
-        out.append(PredictionRecord(q, gold[q], "multiclass", cands, ps[0]))
+        out.append(PredictionRecord(q, gold[q], "multiclass", cands, ps[0], probs(ps[0])))
     return out
 
 
@@ -271,3 +277,68 @@ def test_reader_chat_matches_the_unmodified_hf_model(tmp_path):
     want = hf_proc.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert reply == want and len(reply) > 0
     assert parse_choice(reply, K).index in (None, 0, 1, 2, 3)
+
+
+# ------------------------------------------------------------------------------------------ analyze
+def _workspace(tmp_path):
+    """Predictions of two systems, their samples and index records (images as PNG files)."""
+    from jomed_fast.analysis import write_jsonl
+
+    recs = records()
+    for name, img in QUERY_IMAGES.items():
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+    for cid, (img, _caption) in CANDIDATES.items():
+        Image.fromarray(img).save(tmp_path / f"{cid}.png")
+    labels = get_task("derma").labels
+    (tmp_path / "samples.jsonl").write_text(
+        "".join(
+            json.dumps({"id": r.query_id, "image_path": f"{r.query_id}.png", "answer": labels[r.gold]}) + "\n"
+            for r in recs
+        )
+    )
+    (tmp_path / "index.jsonl").write_text(
+        "".join(json.dumps({"id": c, "image_path": f"{c}.png", "text": t}) + "\n" for c, (_i, t) in CANDIDATES.items())
+    )
+    write_jsonl(str(tmp_path / "rag.jsonl"), recs)
+    write_jsonl(str(tmp_path / "jomed.jsonl"), recs)
+    return recs
+
+
+def test_analyze_runs_the_lvlm_reranker_against_an_endpoint(tmp_path, capsys, monkeypatch):
+    from jomed_fast.cli import main
+
+    recs = _workspace(tmp_path)
+    monkeypatch.setenv("RERANK_TEST_KEY", "sk-cli")
+    argv = ["analyze", "--system", f"rag={tmp_path / 'rag.jsonl'}", f"jomed={tmp_path / 'jomed.jsonl'}"]
+    argv += ["--out", str(tmp_path / "report"), "--task", "derma", "--samples", str(tmp_path / "samples.jsonl")]
+    argv += ["--index-records", str(tmp_path / "index.jsonl"), "--lvlm-variant", "both"]
+    # incomplete: refused in one line before anything is written
+    assert main([*argv, "--lvlm-rerank", "http://127.0.0.1:1/v1"]) == 2
+    err = capsys.readouterr().err
+    assert "--lvlm-model: required with --lvlm-rerank URL" in err and err.count("\n") == 1
+    assert not (tmp_path / "report").exists()
+    # q0 then q1, images variant first, then captions only
+    script = [(200, completion(t), 0.0) for t in ("Caption Number: 3", "Caption 9", "Caption Number: 2", "4")]
+    with Endpoint(script) as server:
+        argv += ["--lvlm-rerank", server.url, "--lvlm-model", "o3", "--lvlm-api-key-env", "RERANK_TEST_KEY"]
+        assert main(argv) == 0, capsys.readouterr().err
+    assert [len(r["body"]["messages"][0]["content"]) for r in server.seen] == [2 + 2 * K + 1] * 2 + [2 + K + 1] * 2
+    report = json.loads((tmp_path / "report" / "rerank.json").read_text())["table"]
+    assert set(report) == {"rag", "jomed"} and "lvlm_images" not in report["rag"]
+    picks = {"lvlm_images": {"q0": 2, "q1": None}, "lvlm_captions": {"q0": 1, "q1": 3}}
+    for row, by_query in picks.items():
+        hits = sum(
+            by_query[r.query_id] is not None and r.candidates[by_query[r.query_id]].prediction == r.gold
+            for r in recs[:2]
+        )
+        cell = report["jomed"][row]["inconsistent"]
+        assert (cell["hits"], cell["n"], cell["no_choice"]) == (hits, 2, sum(p is None for p in by_query.values()))
+    replies = [json.loads(line) for line in (tmp_path / "report" / "lvlm_rerank.jsonl").read_text().splitlines()]
+    assert [(r["query_id"], r["variant"], r["pick"]) for r in replies] == [
+        ("q0", "images", 2),
+        ("q1", "images", None),
+        ("q0", "captions", 1),
+        ("q1", "captions", 3),
+    ]
+    md = (tmp_path / "report" / "rerank.md").read_text()
+    assert "| lvlm images |" in md and "o3 at http://127.0.0.1" in md

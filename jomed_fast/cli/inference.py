@@ -14,6 +14,7 @@ from .common import (
     load_samples_from,
 )
 from .options import Command, Opt
+from .rerank import LVLM_OPTS, LVLM_REPLIES, lvlm_backend, lvlm_inputs, write_rerank_table
 
 PREDICT_OPTS = (
     *READER_OPTS,
@@ -171,6 +172,7 @@ ANALYZE_OPTS = (
         "the task whose class names label the per-class chart",
         default_doc="class 0, class 1, ...",
     ),
+    *LVLM_OPTS,
 )
 ANALYSIS_TABLES = (
     "consistency_accuracy",
@@ -199,14 +201,15 @@ def _system_paths(specs: list[str]) -> dict:
     return out
 
 
-def _check_analysis_out(out: Path, paths: dict) -> None:
+def _check_analysis_out(out: Path, paths: dict, lvlm_inputs: dict) -> None:
     """The output directory is a directory, and none of the tables written there is an input."""
     from ..infer import refuse_inputs_as_outputs
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} is a file; expected the output directory")
     outputs = {f"--out's {t}.{ext}": out / f"{t}.{ext}" for t in ANALYSIS_TABLES for ext in ("json", "md", "png")}
-    inputs: dict = {}
+    outputs[f"--out's {LVLM_REPLIES}"] = out / LVLM_REPLIES
+    inputs: dict = dict(lvlm_inputs)
     for name, path in paths.items():
         inputs.update(_predictions_inputs(f"--system {name}", path))
     refuse_inputs_as_outputs(outputs, inputs)
@@ -220,8 +223,11 @@ def run_analyze(v: dict) -> int:
     ref = v["split_from"] or next(iter(paths))
     if ref not in paths:
         raise ValueError(f"--split-from: expected one of {sorted(paths)}, got {ref!r}")
+    if v["lvlm_system"] is not None and v["lvlm_system"] not in paths:
+        raise ValueError(f"--lvlm-system: expected one of {sorted(paths)}, got {v['lvlm_system']!r}")
     out = Path(v["out"])
-    _check_analysis_out(out, paths)
+    _check_analysis_out(out, paths, lvlm_inputs(v))
+    chat = lvlm_backend(v)
     systems = {name: read_predictions(path) for name, path in paths.items()}
     check_same_queries(systems)  # before anything is written
     tables = write_consistency_tables(str(out), systems, split_consistency(systems[ref]), extra={"split_from": ref})
@@ -229,28 +235,10 @@ def run_analyze(v: dict) -> int:
         print(f"{metric} by split (inconsistent share {100 * m['share_inconsistent']:.1f}%, split from {ref}):")
         for name, row in m["systems"].items():
             print(f"  {name:<24}" + "  ".join(f"{k} {'-' if x is None else f'{100 * x:.1f}'}" for k, x in row.items()))
-    _write_rerank_table(out, systems)
+    write_rerank_table(out, systems, v, chat)
     _write_class_analyses(out, systems, v["task"])
     print(f"Table 8 (rerankers vs fusion and the oracle), per-class F1 and calibration written to {out}")
     return 0
-
-
-def _write_rerank_table(out: Path, systems: dict) -> None:
-    """Table 8 per system with candidates to pick from, each on its own inconsistent queries."""
-    from ..analysis import rerank_table, write_rerank_tables
-
-    tables = {name: rerank_table(recs) for name, recs in systems.items() if any(len(r.candidates) > 1 for r in recs)}
-    write_rerank_tables(str(out), tables)
-    print("Table 8, accuracy on each system's inconsistent queries [95% Wilson interval]:")
-    for name, table in tables.items():
-        cells = [(row, c["inconsistent"]) for row, c in table.items()]
-        shown = [
-            f"{row} {100 * c['accuracy']:.1f} [{100 * c['ci95'][0]:.1f}, {100 * c['ci95'][1]:.1f}]"
-            for row, c in cells
-            if c
-        ]
-        n = table["oracle"]["inconsistent"]["n"] if table["oracle"]["inconsistent"] else 0
-        print(f"  {name:<24}n={n}  " + ("  ".join(shown) or "no inconsistent query"))
 
 
 def _write_class_analyses(out: Path, systems: dict, task_name: str | None) -> None:
