@@ -95,8 +95,8 @@ class ReaderChat:
                 eos_token_id=proc.end_of_turn_token_id,
                 pad_token_id=proc.pad_token_id,
             )
-        new = out[0, inputs["input_ids"].shape[1] :].tolist()
-        return proc.decode(new, skip_special_tokens=True).strip()
+        generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+        return proc.decode(generated, skip_special_tokens=True).strip()
 
 
 def endpoint(url: str) -> str:
