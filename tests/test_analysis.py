@@ -10,10 +10,6 @@ from jomed_fast.analysis import (
     oracle_accuracy,
     oracle_correct,
     read_jsonl,
-    rerank_accuracy,
-    rerank_fusion,
-    rerank_top_confidence,
-    rerank_top_retrieval,
     split_consistency,
     split_metrics,
     uniform_random_records,
@@ -48,38 +44,21 @@ def test_roundtrip(tmp_path):
     assert read_jsonl(p) == RECS
 
 
-def test_split_oracle_rerank(tmp_path):
+def test_split_oracle(tmp_path):
     split = split_consistency(RECS)
     assert split == {"inconsistent": {"b"}, "consistent": {"a", "c"}}
     m = split_metrics({"jomed": RECS}, split)
     assert m["share_inconsistent"] == pytest.approx(1 / 3)
     assert m["systems"]["jomed"] == {"all": pytest.approx(2 / 3), "inconsistent": 1.0, "consistent": 0.5}
     assert oracle_accuracy(RECS) == pytest.approx(2 / 3)
-    acc = rerank_accuracy(
-        RECS,
-        {
-            "top1": rerank_top_retrieval,
-            "conf": rerank_top_confidence,
-            "fusion": rerank_fusion,
-            "last": lambda r: len(r.candidates) - 1,
-        },
-    )
-    assert acc == {
-        "top1": pytest.approx(1 / 3),
-        "conf": pytest.approx(2 / 3),
-        "fusion": pytest.approx(2 / 3),
-        "last": pytest.approx(2 / 3),
-    }
-    paths = write_analysis(str(tmp_path), "rerank", {"jomed": acc})
-    assert json.load(open(paths["json"]))["table"]["jomed"]["top1"] == pytest.approx(1 / 3)
+    paths = write_analysis(str(tmp_path), "split", {"jomed": m["systems"]["jomed"]})
+    assert json.load(open(paths["json"]))["table"]["jomed"]["consistent"] == pytest.approx(0.5)
     assert "| jomed |" in open(paths["md"]).read()
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="kind"):
         PredictionRecord("x", 0, "nope", [], 0)
-    with pytest.raises(ValueError, match="rerankers"):
-        rerank_accuracy(RECS, {"bad": lambda r: 9})
 
 
 def test_multilabel_and_open():

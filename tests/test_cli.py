@@ -76,7 +76,7 @@ def test_build_predict_evaluate_analyze(files, capsys):
         ["analyze", "--system", f"rag={preds['rag']}", f"wide={preds['wide']}", "--out", root / "report"], capsys
     )
     assert code == 0 and "accuracy by split" in out
-    for f in ("consistency_accuracy.json", "consistency_macro_f1.md", "rerank_oracle.png"):
+    for f in ("consistency_accuracy.json", "consistency_macro_f1.md", "rerank.png"):
         assert (root / "report" / f).is_file()
 
 

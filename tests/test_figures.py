@@ -275,7 +275,7 @@ def test_analyze_writes_every_chart(tmp_path, capsys):
     assert code == 2 and "--task: derma has 7 classes, the predictions' distributions [4]" in err
     assert main(argv) == 0
     report = tmp_path / "report"
-    for name in ("consistency_split", "per_class_f1", "calibration", "rerank_oracle"):
+    for name in ("consistency_split", "per_class_f1", "calibration", "rerank"):
         assert (report / f"{name}.png").is_file(), name
     per_class = json.loads((report / "per_class_f1.json").read_text())["table"]
     assert set(per_class) == {"ft_rag", "jomed", "reader_only"} and list(per_class["jomed"]) == [

@@ -1,13 +1,14 @@
 """Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed.
 
-``consistency`` (the inconsistent / consistent split, oracle, rerankers, writing tables),
+``consistency`` (the inconsistent / consistent split, oracle, writing tables), ``rerankers``
+(Table 8: one candidate picked vs fusion, per split) and ``rerank_tables`` (writing it),
+``lvlm_rerank`` (an LVLM picks the candidate: the paper's o3 study),
 ``robustness`` (Table 7), ``per_class`` (F1 per class), ``calibration`` (reliability of the fused
 probabilities), ``figures`` (the charts, drawn without pyplot), ``prediction_records`` (the format).
 """
 
 from .calibration import reliability, write_calibration
 from .consistency import (
-    PAPER_RERANKERS,
     check_same_queries,
     inconsistency_shares,
     is_inconsistent,
@@ -15,10 +16,6 @@ from .consistency import (
     oracle_correct,
     oracle_f1,
     oracle_pick,
-    rerank_accuracy,
-    rerank_fusion,
-    rerank_top_confidence,
-    rerank_top_retrieval,
     split_consistency,
     split_metrics,
     write_analysis,
@@ -26,6 +23,17 @@ from .consistency import (
 )
 from .per_class import per_class_f1, write_per_class_f1
 from .prediction_records import Candidate, PredictionRecord, read_jsonl, write_jsonl
+from .rerank_tables import write_rerank_tables
+from .rerankers import (
+    PAPER_RERANKERS,
+    pick_correct,
+    rerank_table,
+    rerank_top_confidence,
+    rerank_top_retrieval,
+    rerank_top_retrieval_in_head,
+    rerankers_for,
+    wilson_interval,
+)
 from .robustness import metrics_table, uniform_random_records
 
 __all__ = [
@@ -43,10 +51,12 @@ __all__ = [
     "per_class_f1",
     "read_jsonl",
     "reliability",
-    "rerank_accuracy",
-    "rerank_fusion",
+    "pick_correct",
+    "rerank_table",
     "rerank_top_confidence",
     "rerank_top_retrieval",
+    "rerank_top_retrieval_in_head",
+    "rerankers_for",
     "split_consistency",
     "split_metrics",
     "uniform_random_records",
@@ -54,5 +64,7 @@ __all__ = [
     "write_calibration",
     "write_consistency_tables",
     "write_jsonl",
+    "wilson_interval",
     "write_per_class_f1",
+    "write_rerank_tables",
 ]

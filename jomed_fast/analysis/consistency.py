@@ -1,4 +1,4 @@
-"""Inconsistent/consistent split, oracle, reranking baselines, and writing results.
+"""Inconsistent/consistent split, oracle, and writing results (the rerankers: :mod:`.rerankers`).
 
 A query is *inconsistent* when its K candidates do not all give the same answer (for multi-label,
 not all the same label set). The split is
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -22,8 +22,6 @@ from jomed_fast.eval.metrics import normalize_answer
 
 from .figures import ChartSpec, bar_chart, display_name, percent, save_png
 from .prediction_records import PredictionRecord
-
-Reranker = Callable[[PredictionRecord], int]  # returns the index of the chosen candidate
 
 
 def _key(pred, kind):
@@ -166,19 +164,6 @@ def oracle_f1(records: Sequence[PredictionRecord], num_classes: int | None = Non
     return float(prediction_metrics(picked, num_classes)["macro_f1"])
 
 
-def rerank_top_retrieval(rec: PredictionRecord) -> int:
-    return int(np.argmax([c.score for c in rec.candidates]))
-
-
-def rerank_top_confidence(rec: PredictionRecord) -> int:
-    return int(np.argmax([max(c.probs) if c.probs else -np.inf for c in rec.candidates]))
-
-
-def rerank_fusion(rec: PredictionRecord):
-    """Not a pick: the record's fused prediction (marker used by ``rerank_accuracy``)."""
-    return rec.fused
-
-
 def inconsistency_shares(systems: Mapping[str, Sequence[PredictionRecord]]) -> dict:
     """``{system: {"inconsistent", "consistent"}}``: the share of each system's queries whose own
     candidates disagree (and agree); ``None`` for a system that never has two candidates to compare
@@ -188,25 +173,6 @@ def inconsistency_shares(systems: Mapping[str, Sequence[PredictionRecord]]) -> d
         comparable = [r for r in recs if len(r.candidates) > 1]
         share = float(np.mean([is_inconsistent(r) for r in comparable])) if comparable else None
         out[name] = {"inconsistent": share, "consistent": None if share is None else 1.0 - share}
-    return out
-
-
-def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> dict[str, float | None]:
-    """Accuracy of each reranker's chosen candidate (``rerank_fusion`` scores the fused answer)."""
-    out = {}
-    for name, fn in rerankers.items():
-        hits = []
-        for r in records:
-            if fn is rerank_fusion:
-                hits.append(_correct(r.fused, r))
-                continue
-            k = fn(r)
-            if not isinstance(k, (int, np.integer)) or not 0 <= k < len(r.candidates):
-                raise ValueError(
-                    f"rerankers[{name!r}]: expected a candidate index in 0..{len(r.candidates) - 1}, got {k!r}"
-                )
-            hits.append(_correct(r.candidates[k].prediction, r))
-        out[name] = float(np.mean(hits)) if hits else None
     return out
 
 
@@ -241,14 +207,6 @@ def write_analysis(
         spec = ChartSpec(title or display_name(name), ylabel, column_n=column_n, row_n=row_n)
         paths["png"] = save_png(bar_chart(table, spec), os.path.join(out_dir, name + ".png"))
     return paths
-
-
-# The paper's Table 8 rerankers (an external one is any ``Reranker`` added to this mapping).
-PAPER_RERANKERS: dict[str, Reranker] = {
-    "top1_retrieval": rerank_top_retrieval,
-    "top1_confidence": rerank_top_confidence,
-    "fusion": rerank_fusion,
-}
 
 
 def _capitalised(text: str) -> str:

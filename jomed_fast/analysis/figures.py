@@ -42,9 +42,10 @@ _NAMES = {
     "macro_f1": "macro-F1",
     "subset_accuracy": "subset accuracy",
     "exact_match": "exact match",
-    "top1_retrieval": "top-1 retrieval",
+    "top1_retrieval": "top-1 retrieval (own-head softmax)",
+    "top1_retrieval_text": "top-1 retrieval, text head",
+    "top1_retrieval_image": "top-1 retrieval, image head",
     "top1_confidence": "top-1 confidence",
-    "rerank_oracle": "reranking and oracle",
 }
 _WORDS = {"jomed": "JOMED", "rag": "RAG", "ft": "fine-tuned", "f1": "F1", "top1": "top-1", "ece": "ECE"}
 

@@ -14,6 +14,7 @@ from .common import (
     load_samples_from,
 )
 from .options import Command, Opt
+from .rerank import LVLM_OPTS, LVLM_REPLIES, lvlm_backend, lvlm_inputs, write_rerank_table
 
 PREDICT_OPTS = (
     *READER_OPTS,
@@ -171,12 +172,13 @@ ANALYZE_OPTS = (
         "the task whose class names label the per-class chart",
         default_doc="class 0, class 1, ...",
     ),
+    *LVLM_OPTS,
 )
 ANALYSIS_TABLES = (
     "consistency_accuracy",
     "consistency_macro_f1",
     "consistency_split",
-    "rerank_oracle",
+    "rerank",
     "per_class_f1",
     "calibration",
 )
@@ -199,37 +201,33 @@ def _system_paths(specs: list[str]) -> dict:
     return out
 
 
-def _check_analysis_out(out: Path, paths: dict) -> None:
+def _check_analysis_out(out: Path, paths: dict, lvlm_inputs: dict) -> None:
     """The output directory is a directory, and none of the tables written there is an input."""
     from ..infer import refuse_inputs_as_outputs
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} is a file; expected the output directory")
     outputs = {f"--out's {t}.{ext}": out / f"{t}.{ext}" for t in ANALYSIS_TABLES for ext in ("json", "md", "png")}
-    inputs: dict = {}
+    outputs[f"--out's {LVLM_REPLIES}"] = out / LVLM_REPLIES
+    inputs: dict = dict(lvlm_inputs)
     for name, path in paths.items():
         inputs.update(_predictions_inputs(f"--system {name}", path))
     refuse_inputs_as_outputs(outputs, inputs)
 
 
 def run_analyze(v: dict) -> int:
-    from ..analysis import (
-        PAPER_RERANKERS,
-        check_same_queries,
-        oracle_accuracy,
-        rerank_accuracy,
-        split_consistency,
-        write_analysis,
-        write_consistency_tables,
-    )
+    from ..analysis import check_same_queries, split_consistency, write_consistency_tables
     from ..infer import read_predictions
 
     paths = _system_paths(v["system"])
     ref = v["split_from"] or next(iter(paths))
     if ref not in paths:
         raise ValueError(f"--split-from: expected one of {sorted(paths)}, got {ref!r}")
+    if v["lvlm_system"] is not None and v["lvlm_system"] not in paths:
+        raise ValueError(f"--lvlm-system: expected one of {sorted(paths)}, got {v['lvlm_system']!r}")
     out = Path(v["out"])
-    _check_analysis_out(out, paths)
+    _check_analysis_out(out, paths, lvlm_inputs(v))
+    chat = lvlm_backend(v)
     systems = {name: read_predictions(path) for name, path in paths.items()}
     check_same_queries(systems)  # before anything is written
     tables = write_consistency_tables(str(out), systems, split_consistency(systems[ref]), extra={"split_from": ref})
@@ -237,19 +235,9 @@ def run_analyze(v: dict) -> int:
         print(f"{metric} by split (inconsistent share {100 * m['share_inconsistent']:.1f}%, split from {ref}):")
         for name, row in m["systems"].items():
             print(f"  {name:<24}" + "  ".join(f"{k} {'-' if x is None else f'{100 * x:.1f}'}" for k, x in row.items()))
-    table = {
-        name: {**rerank_accuracy(recs, PAPER_RERANKERS), "oracle": oracle_accuracy(recs)}
-        for name, recs in systems.items()
-    }
-    write_analysis(
-        str(out),
-        "rerank_oracle",
-        table,
-        title="Picking one candidate (reranking), fusion, and some candidate right (oracle)",
-        row_n={name: len(recs) for name, recs in systems.items()},
-    )
+    write_rerank_table(out, systems, v, chat)
     _write_class_analyses(out, systems, v["task"])
-    print(f"reranking and oracle accuracy, per-class F1 and calibration written to {out}")
+    print(f"Table 8 (rerankers vs fusion and the oracle), per-class F1 and calibration written to {out}")
     return 0
 
 
@@ -300,8 +288,9 @@ COMMANDS = (
     Command(
         "analyze",
         "the paper's analyses over several systems' predictions",
-        "Inconsistent vs consistent split (Tables 5-6, accuracy and macro-F1), oracle (Table 1) and "
-        "rerankers (Table 8); JSON, markdown and PNG per table.",
+        "Inconsistent vs consistent split (Tables 5-6, accuracy and macro-F1); rerankers against fusion "
+        "and the oracle (Table 8) on each system's inconsistent queries, with the consistent and all "
+        "queries beside; JSON, markdown and PNG per table.",
         ANALYZE_OPTS,
         run_analyze,
     ),
