@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,5 +233,128 @@ def test_block_search_takes_the_stack_and_what_follows_it():
     path, blocks = find_blocks(tower, "tower")
     assert path == "trunk.blocks" and blocks is tower.trunk.blocks
     assert modules_after(tower, path) == [tower.trunk.norm, tower.head]
-    with pytest.raises(ValueError, match="tower: expected a ModuleList of transformer blocks"):
+    with pytest.raises(ValueError, match="tower: expected a ModuleList .or Sequential. of transformer blocks"):
         find_blocks(nn.Sequential(nn.Linear(2, 2)), "tower")
+
+
+# ---------------------------------------------------------------------------------------- open_clip
+def import_open_clip():
+    """open_clip, or a skip where it is not installed (``.ci/openclip_env.sh`` installs it for CI).
+
+    The torchvision wheels on the public index are CUDA builds; beside a CPU torch their C++ ops do
+    not load, which torchvision 0.28 survives except for two fake-kernel registrations it makes
+    unguarded (``torchvision::nms``, ``qnms``). Declaring those two schemas first lets its Python
+    transforms import; open_clip uses no torchvision op."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip: torchvision not installed (see .ci/openclip_env.sh)")
+    # the build's tag is in version.py (the wheel's metadata says 0.28.0 for every build)
+    build = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+    if "+cu" in build and torch.version.cuda is None and "torchvision" not in sys.modules:
+        for op in ("nms", "qnms"):
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return pytest.importorskip("open_clip")
+
+
+def tiny_bert(path: Path) -> str:
+    from transformers import BertConfig
+
+    BertConfig(
+        vocab_size=len(WORDS) + 2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(path)
+    return str(path)
+
+
+OPEN_CLIP_VISION = {
+    # BiomedCLIP's layout: a timm ViT trunk (token pooling, linear projection) and a BERT text tower
+    "biomedclip": dict(image_size=224, timm_model_name="vit_tiny_patch16_224", timm_pool="", timm_proj="linear"),
+    # EVA-CLIP's: a timm EVA-02 trunk whose head projects
+    "eva": dict(image_size=224, timm_model_name="eva02_tiny_patch14_224", timm_pool="token", timm_proj=None),
+}
+OPEN_CLIP_TRAINABLE = {
+    "biomedclip": (
+        ["model.visual.trunk.blocks.10.", "model.visual.trunk.blocks.11."],
+        ["model.visual.trunk.norm.", "model.visual.head."],
+    ),
+    "eva": (
+        ["model.visual.trunk.blocks.10.", "model.visual.trunk.blocks.11."],
+        ["model.visual.trunk.norm.", "model.visual.trunk.head."],
+    ),
+}
+
+
+def build_open_clip(path: Path, kind: str) -> Path:
+    """A tiny open_clip model in the hub layout (``open_clip_config.json`` + safetensors weights)."""
+    open_clip = import_open_clip()
+    from safetensors.torch import save_file
+
+    if kind == "biomedclip":
+        text = dict(
+            hf_model_name=tiny_bert(path.parent / f"{path.name}-bert"),
+            hf_tokenizer_name=str(path),  # with local-dir: open_clip reads the tokenizer beside the weights
+            hf_proj_type="mlp",
+            hf_pooler_type="cls_last_hidden_state_pooler",
+            context_length=16,
+        )
+    else:
+        text = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)
+    size = OPEN_CLIP_VISION[kind]["image_size"]
+    config = {
+        "model_cfg": {"embed_dim": 16, "vision_cfg": OPEN_CLIP_VISION[kind], "text_cfg": text, "custom_text": True},
+        "preprocess_cfg": {"size": size, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+    path.mkdir(parents=True)
+    if kind == "biomedclip":
+        save_word_tokenizer(path)
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{path}", pretrained_image=False, pretrained_text=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return path
+
+
+def open_clip_embeddings(path: Path, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip alone: ``create_model_and_transforms`` / ``get_tokenizer`` on the directory."""
+    from PIL import Image
+
+    open_clip = import_open_clip()
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", pretrained_text=False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    with torch.no_grad():
+        im = model.eval().encode_image(torch.stack([preprocess(Image.fromarray(a)) for a in images]))
+        tx = model.encode_text(tokenizer(texts))
+    return unit(im), unit(tx)
+
+
+@pytest.mark.parametrize("kind", list(OPEN_CLIP_VISION))
+def test_open_clip_embeds_as_open_clip_trains_its_last_blocks_and_saves_its_layout(kind, tmp_path):
+    source = build_open_clip(tmp_path / kind, kind)
+    enc = load_encoder(source)
+    want_im, want_tx = open_clip_embeddings(source, pictures(), TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_images(pictures()), want_im, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.encode_texts(TEXTS), want_tx, atol=1e-5, rtol=1e-5)
+    assert want_im.shape == (3, enc.dim)
+
+    untrained = enc.fingerprint()
+    q = QueryEncoder(enc, n_trainable=2)
+    blocks, heads = OPEN_CLIP_TRAINABLE[kind]
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in enc.named_parameters() if n.startswith(tuple(blocks + heads))}
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    opt = torch.optim.SGD(enc.parameters(), lr=1.0)
+    target = torch.randn(3, enc.dim, generator=torch.Generator().manual_seed(1))
+    (q(pictures()) * target).sum().backward()
+    opt.step()
+    changed = {n for n, p in enc.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= trainable
+    assert all(any(n.startswith(prefix) for n in changed) for prefix in blocks + heads), sorted(changed)
+
+    out = save_encoder(enc, tmp_path / "trained")
+    want_im, want_tx = open_clip_embeddings(out, pictures(), TEXTS)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_images(pictures()), want_im, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.encode_texts(TEXTS), want_tx, atol=1e-5, rtol=1e-5)
+    assert load_encoder(out).fingerprint() == enc.fingerprint() != untrained

@@ -2,7 +2,7 @@
 
 Families name the block stack differently: HF CLIP / SigLIP ``encoder.layers``, BERT-style text
 towers ``encoder.layer``, EVA and timm ViTs ``blocks``, open_clip's own towers
-``transformer.resblocks``. ``find_blocks`` looks for ``nn.ModuleList`` s under those names and takes
+``transformer.resblocks``. ``find_blocks`` looks for ``nn.ModuleList`` s (timm: ``nn.Sequential``) under those names and takes
 the one holding the most parameters: the stack itself, never a list nested inside one block
 (which holds a fraction of one block's parameters), nor an empty or parameter-free list.
 
@@ -25,16 +25,18 @@ def _size(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def find_blocks(tower: nn.Module, name: str) -> tuple[str, nn.ModuleList]:
+def find_blocks(tower: nn.Module, name: str) -> tuple[str, nn.ModuleList | nn.Sequential]:
     """``(dotted path under tower, the block list)``; ``name`` names the tower in the error."""
     found = [
         (path, module)
         for path, module in tower.named_modules()
-        if isinstance(module, nn.ModuleList) and path.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES and _size(module) > 0
+        if isinstance(module, (nn.ModuleList, nn.Sequential))
+        and path.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES
+        and _size(module) > 0
     ]
     if not found:
         raise ValueError(
-            f"{name}: expected a ModuleList of transformer blocks named one of {', '.join(BLOCK_LIST_NAMES)} "
+            f"{name}: expected a ModuleList (or Sequential) of transformer blocks named one of {', '.join(BLOCK_LIST_NAMES)} "
             f"in {type(tower).__name__}, found none"
         )
     # most parameters first; among equals the deepest path (a wrapper list around the real one)
