@@ -19,7 +19,13 @@ from .options import Command, Opt
 
 BUILD_INDEX_OPTS = (
     Opt("records", str, None, "index records JSONL ({id, image_path, text})", required=True),
-    Opt("encoder", str, None, "retriever encoder directory (TinyCLIP, HF CLIP / SigLIP, open_clip, remote code)", required=True),
+    Opt(
+        "encoder",
+        str,
+        None,
+        "retriever encoder directory (TinyCLIP, HF CLIP / SigLIP, open_clip, remote code)",
+        required=True,
+    ),
     Opt("out", str, None, "index directory (a rerun resumes an interrupted build)", required=True),
     Opt("batch_size", int, 256, "records per encoder call"),
     Opt("chunk_size", int, 1024, "records per resumable chunk"),

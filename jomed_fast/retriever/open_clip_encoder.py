@@ -16,6 +16,7 @@ local directory, or a hub name already in the local cache (loading is offline).
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +41,8 @@ class OpenCLIPEncoder(Retriever):
 
     def __init__(self, path, device: str = "cpu"):
         super().__init__()
-        import open_clip
+        # an optional dependency, installed apart from the package (docs/install.md)
+        open_clip = importlib.import_module("open_clip")
 
         p = Path(path)
         self.path = p
@@ -94,8 +96,8 @@ class OpenCLIPEncoder(Retriever):
             (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(self._config, indent=2) + "\n")
             save_file(state, str(tmp / OPEN_CLIP_WEIGHTS))
             # a Hugging Face tokenizer is read from the model's directory (BiomedCLIP's layout)
-            hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
-            if callable(getattr(hf_tokenizer, "save_pretrained", None)):
-                hf_tokenizer.save_pretrained(tmp)
+            save_tokenizer = getattr(getattr(self.tokenizer, "tokenizer", None), "save_pretrained", None)
+            if callable(save_tokenizer):
+                save_tokenizer(tmp)
 
         return replace_dir_atomically(out_dir, fill)
