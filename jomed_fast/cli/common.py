@@ -20,8 +20,8 @@ DATA_OPTS = (
 INDEX_OPTS = (
     Opt("index", str, None, "index directory (jomed-fast build-index)"),
     Opt("index_records", str, None, "the index records JSONL in index order", default_doc="the index's own"),
-    Opt("encoder", str, None, "retriever encoder directory (TinyCLIP or CLIP)"),
-    Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
+    Opt("encoder", str, None, "retriever encoder directory (TinyCLIP, HF CLIP / SigLIP, open_clip, remote code)"),
+    Opt("trust_remote_code", bool, False, "run the encoder directory's own model code (jina-clip-v1)"),
 )
 
 

@@ -19,11 +19,17 @@ from .options import Command, Opt
 
 BUILD_INDEX_OPTS = (
     Opt("records", str, None, "index records JSONL ({id, image_path, text})", required=True),
-    Opt("encoder", str, None, "retriever encoder directory (TinyCLIP or CLIP)", required=True),
+    Opt(
+        "encoder",
+        str,
+        None,
+        "retriever encoder directory (TinyCLIP, HF CLIP / SigLIP, open_clip, remote code)",
+        required=True,
+    ),
     Opt("out", str, None, "index directory (a rerun resumes an interrupted build)", required=True),
     Opt("batch_size", int, 256, "records per encoder call"),
     Opt("chunk_size", int, 1024, "records per resumable chunk"),
-    Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
+    Opt("trust_remote_code", bool, False, "run the encoder directory's own model code (jina-clip-v1)"),
     Opt("skip_bad", bool, False, "skip and count bad records instead of stopping"),
     Opt(
         "verify_images",
@@ -154,7 +160,7 @@ def run_index_synthetic(v: dict) -> int:
 VERIFY_OPTS = (
     Opt("index", str, None, "index directory", required=True, positional=True),
     Opt("encoder", str, None, "encoder directory whose fingerprint must be the index's", default_doc="not checked"),
-    Opt("trust_remote_code", bool, False, "allow the encoder's own code (jina-clip)"),
+    Opt("trust_remote_code", bool, False, "run the encoder directory's own model code (jina-clip-v1)"),
     Opt("image_root", str, None, "where the record images are now", default_doc="the folder recorded at build time"),
     Opt(
         "images",

@@ -1,47 +1,42 @@
-"""``load_encoder(path)`` / ``save_encoder(encoder, path)``: a retriever encoder in a local directory —
-the in-code TinyCLIP (its ``config.json`` + ``model.safetensors``) or a Hugging Face CLIP-style
-model (``HFCLIPEncoder``)."""
+"""``load_encoder(path)`` / ``save_encoder(encoder, path)``: a retriever encoder in a local directory,
+of any family ``model_dir.family_of`` tells apart: the in-code TinyCLIP, Hugging Face CLIP / SigLIP
+(``HFCLIPEncoder``), remote-code models such as jina-clip-v1 (``RemoteCodeEncoder``, only with
+``trust_remote_code=True``) and open_clip models such as BiomedCLIP (``OpenCLIPEncoder``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .._files import replace_dir_atomically
 from .._manifest import verify_dir
-from .tiny_clip import TinyCLIP, TinyConfig
+from .model_dir import family_of
+from .tiny_clip import TinyCLIP
 
 __all__ = ["load_encoder", "save_encoder"]
 
 
 def load_encoder(path: str | os.PathLike, *, trust_remote_code: bool = False, device: str = "cpu"):
-    """TinyCLIP when ``config.json`` holds TinyCLIP's fields, else ``HFCLIPEncoder`` (offline only)."""
+    """The encoder in ``path``, of the family its files name (offline only)."""
     p = Path(path).expanduser()
-    config = p / "config.json"
-    if not config.is_file():
-        raise ValueError(f"encoder: {config} not found (expected a TinyCLIP or CLIP model directory)")
+    family = family_of(p)
     verify_dir(p)
-    try:
-        fields = set(json.loads(config.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"encoder: {config} is not valid JSON ({e})") from None
-    if fields <= set(TinyConfig.__dataclass_fields__):
+    if family == "tiny":
         return TinyCLIP.load(p).to(device)
+    if family == "open_clip":
+        from .open_clip_encoder import OpenCLIPEncoder
+
+        return OpenCLIPEncoder(p, device=device)
+    if family == "remote_code":
+        from .remote_code import RemoteCodeEncoder
+
+        return RemoteCodeEncoder(p, trust_remote_code=trust_remote_code, device=device)
     from .hf import HFCLIPEncoder
 
     return HFCLIPEncoder(p, trust_remote_code=trust_remote_code, device=device)
 
 
 def save_encoder(encoder, out: str | os.PathLike) -> Path:
-    """Write ``encoder`` so that :func:`load_encoder` reads it back (TinyCLIP or an HF CLIP-style encoder)."""
-    out = Path(out)
-    if hasattr(encoder, "save"):
-        return encoder.save(out)
-
-    def fill(tmp: Path) -> None:  # an HF CLIP-style encoder
-        for part in (encoder.model, encoder.tokenizer, encoder.processor):
-            part.save_pretrained(tmp)
-
-    # through a temporary directory: atomic, and save_pretrained's 0600 weights get the umask's mode
-    return replace_dir_atomically(out, fill)
+    """Write ``encoder`` in its library's own format so that :func:`load_encoder` reads it back."""
+    if not callable(getattr(encoder, "save", None)):
+        raise TypeError(f"encoder: expected a retriever with save(out_dir), got {type(encoder).__name__}")
+    return encoder.save(Path(out))

@@ -1,74 +1,115 @@
-r"""CLIP-style dual encoder loaded from a local directory through transformers (offline).
+r"""Hugging Face ``CLIPModel`` / ``SiglipModel`` as a retriever, loaded from a local directory (offline).
 
-``encode_images`` -> :math:`\mathrm{norm}(W_v\, \mathrm{ViT}(x))` ``[N, D]``; ``encode_texts`` ->
-:math:`\mathrm{norm}(W_t\, \mathrm{Text}(t))` ``[N, D]``. Images are preprocessed with
-``CLIPImageProcessorPil`` (PIL + numpy; the default ``CLIPImageProcessor`` may need torchvision).
-jina-clip (custom code) loads only with ``trust_remote_code=True`` passed by the caller.
+``encode_images`` -> :math:`\mathrm{norm}(\texttt{get\_image\_features}(x))` ``[N, D]``;
+``encode_texts`` -> :math:`\mathrm{norm}(\texttt{get\_text\_features}(t))` ``[N, D]``: the model's own
+feature functions, so the embeddings are the library's. Images go through the ``*ImageProcessorPil``
+class of the family (PIL + numpy; the default fast processors need torchvision). SigLIP's texts are
+padded to its ``max_position_embeddings``, as it was trained (it pools the last position).
+
+Trainable set for stage 2: the last vision ``encoder.layers`` plus what follows them
+(``post_layernorm``, SigLIP's attention-pooling ``head``) and CLIP's ``visual_projection``.
+``save`` writes ``save_pretrained``'s files (model, tokenizer, image processor).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .._files import replace_dir_atomically
+from .blocks import find_blocks, modules_after
+from .interface import Retriever, check_texts, pil_images
+from .model_dir import read_config
+
+__all__ = ["HFCLIPEncoder", "HF_FAMILIES", "features"]
+
+# config.json's model_type -> (model class, PIL image processor class), names in transformers
+HF_FAMILIES = {
+    "clip": ("CLIPModel", "CLIPImageProcessorPil"),
+    "siglip": ("SiglipModel", "SiglipImageProcessorPil"),
+}
 
 
-class HFCLIPEncoder(torch.nn.Module):
+def features(out: Any) -> torch.Tensor:
+    """A ``get_*_features`` result as ``[N, D]``: transformers 5 returns a model output whose
+    ``pooler_output`` is projected; remote-code models (jina-clip) return the tensor itself."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if not isinstance(pooled, torch.Tensor):
+        raise TypeError(f"features: expected a tensor or an output with pooler_output, got {type(out).__name__}")
+    return pooled
+
+
+class HFCLIPEncoder(Retriever):
+    """A CLIP or SigLIP checkpoint directory (``config.json`` with ``model_type`` clip / siglip)."""
+
     def __init__(self, path, trust_remote_code: bool = False, device: str = "cpu"):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer, CLIPImageProcessorPil
+        import transformers
 
         p = Path(path)
-        if not (p / "config.json").is_file():
-            raise ValueError(f"path: {p / 'config.json'} not found (expected a local CLIP model directory)")
+        model_type = read_config(p).get("model_type")
+        if model_type not in HF_FAMILIES:
+            raise ValueError(
+                f"path: {p / 'config.json'} has model_type {model_type!r}, expected one of {', '.join(HF_FAMILIES)}"
+            )
+        model_class, processor_class = (getattr(transformers, n) for n in HF_FAMILIES[model_type])
         self.path = p
-        self.model = (
-            AutoModel.from_pretrained(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
-            .to(device)
-            .eval()
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(
+        self.family = model_type
+        self.model = model_class.from_pretrained(str(p), local_files_only=True).to(device).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(p), local_files_only=True, trust_remote_code=trust_remote_code
         )
-        self.processor = CLIPImageProcessorPil.from_pretrained(str(p), local_files_only=True)
+        self.processor = processor_class.from_pretrained(str(p), local_files_only=True)
+        self._blocks_path, self._blocks = find_blocks(self.model.vision_model, "vision_model")
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        if self.family == "clip":
+            return int(self.model.config.projection_dim)
+        return int(self.model.config.vision_config.hidden_size)
 
-    def image_layers(self):
-        return list(self.model.vision_model.encoder.layers)
+    def image_layers(self) -> list[nn.Module]:
+        return list(self._blocks)
 
-    def image_head_modules(self):
-        return [self.model.vision_model.post_layernorm, self.model.visual_projection]
+    def image_head_modules(self) -> list[nn.Module | nn.Parameter]:
+        after: list[nn.Module | nn.Parameter] = list(modules_after(self.model.vision_model, self._blocks_path))
+        projection = getattr(self.model, "visual_projection", None)
+        return after + ([projection] if projection is not None else [])
 
-    def _dev(self):
-        return next(self.model.parameters()).device
+    def text_layers(self) -> list[nn.Module]:
+        return list(find_blocks(self.model.text_model, "text_model")[1])
+
+    def config_dict(self) -> dict:
+        return self.model.config.to_dict()
 
     def encode_images(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor):  # already pixel_values [N, 3, H, W]
             pv = images
         else:
-            from ..prompts import as_image  # uint8, float in [0, 1] and any PIL mode alike
+            pv = self.processor(images=pil_images(images), return_tensors="pt")["pixel_values"]
+        out = self.model.get_image_features(pixel_values=pv.to(self.device()))
+        return F.normalize(features(out), dim=-1)
 
-            pil = [as_image(a, name=f"images[{i}]") for i, a in enumerate(images)]
-            pv = self.processor(images=pil, return_tensors="pt")["pixel_values"]
-        out = self.model.vision_model(pixel_values=pv.to(self._dev()))
-        return F.normalize(self.model.visual_projection(out.pooler_output), dim=-1)
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = check_texts(texts)
+        if self.family == "siglip":
+            length = int(self.model.config.text_config.max_position_embeddings)
+            tok = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        else:
+            tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        tok = {k: v.to(self.device()) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return F.normalize(features(self.model.get_text_features(**tok)), dim=-1)
 
-    def encode_texts(self, texts) -> torch.Tensor:
-        if isinstance(texts, str):
-            raise TypeError("texts: expected a sequence of strings, got a single str")
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self._dev())
-        out = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-        return F.normalize(self.model.text_projection(out.pooler_output), dim=-1)
+    def save(self, out_dir) -> Path:
+        def fill(tmp: Path) -> None:
+            for part in (self.model, self.tokenizer, self.processor):
+                part.save_pretrained(tmp)
 
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
-        for k, v in sorted(self.model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
-        return h.hexdigest()
+        # through a temporary directory: atomic, and save_pretrained's 0600 weights get the umask's mode
+        return replace_dir_atomically(out_dir, fill)
