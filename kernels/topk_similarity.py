@@ -59,6 +59,7 @@ torch reference and the CPU path live in ``jomed_fast/ops/topk_similarity.py``.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -76,6 +77,11 @@ MAX_K = 1024
 # in 4 to 6 of the 10 configs once D is a multiple of 16, under Triton 3.7, 3.8 and 3.9 alike. With the limit it allocates what the merge needs (96-222 registers, one
 # program per SM above 128) and spills nothing.
 MAXNREG = 255
+# Keys one split-merge step holds per program (16 KB of int64), and its warps.
+MERGE_KEYS = 2048
+MERGE_WARPS = 8
+# Shortest split, in tiles: a shorter one spends most of its tiles merging (its k-th is still low).
+MIN_SPLIT_TILES = 8
 
 
 @triton.constexpr_function
@@ -120,20 +126,29 @@ def _bitonic_rounds(h, stage: tl.constexpr, order: tl.constexpr):
 
 
 @triton.jit
+def _merge_runs(h, log_n: tl.constexpr, log_k: tl.constexpr, DESCENDING: tl.constexpr):
+    """The top 2**log_k of each row of the hypercube ``h`` (rows of 2**log_n, log_n > log_k) whose
+    runs of 2**log_k are sorted alternately ascending (even runs) and descending (odd runs): keep the
+    elementwise max of neighbouring runs (a bitonic run holding the top of both) and re-sort it."""
+    for i in tl.static_range(log_k + 1, log_n + 1):
+        h = tl.max(h, axis=_log2(h.numel) - 1 - log_k)
+        h = _bitonic_rounds(h, log_k, 2 if i < log_n else DESCENDING)
+    return h
+
+
+@triton.jit
 def _top_keys(x, K: tl.constexpr, DESCENDING: tl.constexpr):
     """The K largest keys of each row of ``x`` [R, L] (K <= L), sorted in the given order.
 
-    Bitonic top-k: sort runs of K alternately up and down, then repeatedly keep the elementwise max
-    of neighbouring runs (a bitonic run holding the top K of both) and re-sort it. K = L is a sort.
+    Bitonic top-k: sort runs of K alternately up and down, then merge neighbouring runs
+    (``_merge_runs``). K = L is a sort.
     """
     log_n: tl.constexpr = _log2(x.shape[1])
     log_k: tl.constexpr = _log2(K)
     h = tl.reshape(x, [2] * _log2(x.numel))
     for i in tl.static_range(1, log_k + 1):
         h = _bitonic_rounds(h, i, 2 if i < log_n else DESCENDING)
-    for i in tl.static_range(log_k + 1, log_n + 1):
-        h = tl.max(h, axis=_log2(h.numel) - 1 - log_k)
-        h = _bitonic_rounds(h, log_k, 2 if i < log_n else DESCENDING)
+    h = _merge_runs(h, log_n, log_k, DESCENDING)
     return tl.reshape(h, [x.shape[0], K])
 
 
@@ -146,45 +161,9 @@ def _bitonic_sort_rows(x, DESCENDING: tl.constexpr):
 
 
 @triton.jit
-def _score_keys(
-    q_ptr,
-    x_ptr,
-    rows_q,
-    q_ok,
-    n0,
-    n_end,
-    D,
-    stride_qm,
-    stride_xn,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Sortable int64 keys of the score tile ``q[rows_q] . x[n0:n0+BLOCK_N]`` ``[BLOCK_Q, BLOCK_N]``;
-    rows from ``n_end`` on (past N, or in the next split) get ``KEY_MIN``."""
-    rows_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = rows_n < n_end
-    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = cols_d < D
-        q = tl.load(
-            q_ptr + rows_q.to(tl.int64)[:, None] * stride_qm + cols_d[None, :],
-            mask=q_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        # int64 offsets: N * D passes 2**31 for a few million 768-d rows.
-        x = tl.load(
-            x_ptr + rows_n.to(tl.int64)[:, None] * stride_xn + cols_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:  # the interpreter computes bf16 tl.dot wrongly; fp32 products of bf16 values are exact
-            q = q.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(q, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+def _encode(acc, rows_n, row_ok):
+    """Sortable int64 keys of a fp32 score tile ``acc`` [BLOCK_Q, BLOCK_N] of index rows ``rows_n``;
+    entries outside ``row_ok`` (rows past the split's end, queries past Q) get ``KEY_MIN``."""
     # Equal scores need equal high words, so -0.0 becomes +0.0 (-0.0 + 0.0 = +0.0). A sum of -0.0
     # products is -0.0 when the compiler drops the zero accumulator of the first dot (Hopper wgmma
     # with the accumulator disabled); the interpreter always adds it, so no test reaches this line.
@@ -193,7 +172,47 @@ def _score_keys(
     high = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as a signed int
     high = tl.where(s != s, 0x7FFFFFFF, high)  # NaN ranks first, as in torch.topk
     key = (high.to(tl.int64) << 32) | (4294967295 - rows_n.to(tl.int64))[None, :]
-    return tl.where(q_ok[:, None] & n_ok[None, :], key, KEY_MIN)
+    return tl.where(row_ok, key, KEY_MIN)
+
+
+@triton.jit
+def _decode(key):
+    """int64 keys -> (float32 scores, int64 ids); the inverse of ``_encode``."""
+    high = (key >> 32).to(tl.int32)
+    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), 4294967295 - (key & 4294967295)
+
+
+@triton.jit
+def _dot_slice(
+    q_rows,
+    x_ptr,
+    rows_n,
+    q_ok,
+    n_ok,
+    d0,
+    D,
+    stride_xn,
+    acc,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``acc + q[:, d0:d0+BLOCK_D] . x[rows_n, d0:d0+BLOCK_D]^T`` ([BLOCK_Q, BLOCK_N], fp32); masked
+    rows and columns read 0."""
+    cols_d = d0 + tl.arange(0, BLOCK_D)
+    d_ok = cols_d < D
+    q = tl.load(q_rows + cols_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    # int64 offsets: N * D passes 2**31 for a few million 768-d rows.
+    x = tl.load(
+        x_ptr + rows_n.to(tl.int64)[:, None] * stride_xn + cols_d[None, :],
+        mask=n_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    if DOT_FP32:  # the interpreter computes bf16 tl.dot wrongly; fp32 products of bf16 values are exact
+        q = q.to(tl.float32)
+        x = x.to(tl.float32)
+    return tl.dot(q, tl.trans(x), acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -214,6 +233,7 @@ def _topk_similarity_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     KPAD: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -226,32 +246,43 @@ def _topk_similarity_kernel(
     n_end = tl.minimum(N, n_start + rows_per_split)
     out_rows = out_ptr + split.to(tl.int64) * stride_os + rows_q.to(tl.int64)[:, None] * stride_oq
     thr = tl.full((BLOCK_Q,), KEY_MIN, tl.int64)  # each query's current k-th key
+    q_rows = q_ptr + rows_q.to(tl.int64)[:, None] * stride_qm
 
     if KPAD <= BLOCK_N:
         cols = tl.arange(0, KPAD)
         top = tl.full((BLOCK_Q, KPAD), KEY_MIN, tl.int64)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            keys = _score_keys(
-                q_ptr,
-                x_ptr,
-                rows_q,
-                q_ok,
-                n0,
-                n_end,
-                D,
-                stride_qm,
-                stride_xn,
-                BLOCK_Q,
-                BLOCK_N,
-                BLOCK_D,
-                DOT_FP32,
-                INPUT_PRECISION,
+        d_steps = tl.cdiv(D, BLOCK_D)
+        n_tiles = tl.cdiv(n_end - n_start, BLOCK_N)
+        # One flat loop over (tile, D step), so the software pipeline keeps NUM_STAGES - 1 slices of
+        # the index in flight across tile boundaries too (a loop over D inside a loop over tiles
+        # drains the pipeline at every tile). The tile's merge sits in the branch of its last D step.
+        acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+        for step in tl.range(0, n_tiles * d_steps, num_stages=NUM_STAGES):
+            tile = step // d_steps
+            d0 = (step - tile * d_steps) * BLOCK_D
+            rows_n = n_start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rows_n < n_end
+            acc = _dot_slice(
+                q_rows, x_ptr, rows_n, q_ok, n_ok, d0, D, stride_xn, acc, BLOCK_D, DOT_FP32, INPUT_PRECISION
             )
-            if tl.max((keys > thr[:, None]).to(tl.int32)) > 0:
-                # top descending, tile's top ascending: their elementwise max is bitonic and holds
-                # the top KPAD of the union.
-                top = _bitonic_sort_rows(tl.maximum(top, _top_keys(keys, KPAD, 0)), 1)
-                thr = tl.min(tl.where(cols[None, :] < k, top, KEY_MAX), axis=1)
+            if d0 + BLOCK_D >= D:
+                keys = _encode(acc, rows_n, q_ok[:, None] & n_ok[None, :])
+                acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+                # Entries that beat their query's k-th: after the first tiles at most one per query
+                # (the tile's max), which goes in by one sort of a bitonic row instead of a tile sort.
+                most = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
+                if most == 1:
+                    # top descending with its last entry raised to the tile's max: descending,
+                    # then ascending, so a bitonic row.
+                    best = tl.max(keys, axis=1)
+                    top = tl.where(cols[None, :] == KPAD - 1, tl.maximum(top, best[:, None]), top)
+                    top = _bitonic_sort_rows(top, 1)
+                    thr = tl.min(tl.where(cols[None, :] < k, top, KEY_MAX), axis=1)
+                elif most > 1:
+                    # top descending, tile's top ascending: their elementwise max is bitonic and
+                    # holds the top KPAD of the union.
+                    top = _bitonic_sort_rows(tl.maximum(top, _top_keys(keys, KPAD, 0)), 1)
+                    thr = tl.min(tl.where(cols[None, :] < k, top, KEY_MAX), axis=1)
         tl.store(out_rows + cols[None, :], top, mask=q_ok[:, None])
     else:
         cols = tl.arange(0, BLOCK_N)
@@ -260,24 +291,22 @@ def _topk_similarity_kernel(
         for j in range(0, n_seg):
             tl.store(out_rows + j * BLOCK_N + cols[None, :], empty, mask=q_ok[:, None])
         for n0 in range(n_start, n_end, BLOCK_N):
-            keys = _score_keys(
-                q_ptr,
-                x_ptr,
-                rows_q,
-                q_ok,
-                n0,
-                n_end,
-                D,
-                stride_qm,
-                stride_xn,
-                BLOCK_Q,
-                BLOCK_N,
-                BLOCK_D,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
-            if tl.max((keys > thr[:, None]).to(tl.int32)) > 0:
-                carry = _top_keys(keys, BLOCK_N, 0)  # the whole tile, ascending
+            # The segment loop below keeps the compiler from pipelining a flat loop: the D loop of
+            # each tile is pipelined on its own.
+            rows_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rows_n < n_end
+            acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=NUM_STAGES):
+                acc = _dot_slice(
+                    q_rows, x_ptr, rows_n, q_ok, n_ok, d0, D, stride_xn, acc, BLOCK_D, DOT_FP32, INPUT_PRECISION
+                )
+            keys = _encode(acc, rows_n, q_ok[:, None] & n_ok[None, :])
+            most = tl.max(tl.sum((keys > thr[:, None]).to(tl.int32), axis=1))
+            if most > 0:
+                if most == 1:  # the carry is the tile's max alone, ascending: last
+                    carry = tl.where(cols[None, :] == BLOCK_N - 1, tl.max(keys, axis=1)[:, None], KEY_MIN)
+                else:
+                    carry = _top_keys(keys, BLOCK_N, 0)  # the whole tile, ascending
                 new_thr = tl.full((BLOCK_Q,), KEY_MIN, tl.int64)
                 for j in range(0, n_seg):
                     # Other threads of this program wrote the segment: make their stores visible.
@@ -296,37 +325,97 @@ def _topk_similarity_kernel(
                 thr = new_thr
 
 
-def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 keys -> (float32 scores, int64 ids); the inverse of the kernel's encoding."""
-    high = (keys >> 32).to(torch.int32)
-    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
-    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+@triton.jit
+def _merge_splits_kernel(
+    keys_ptr,
+    scores_ptr,
+    ids_ptr,
+    splits,
+    k,
+    stride_ks,
+    stride_kq,
+    stride_oq,
+    KPAD: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+):
+    """One query per program: the top k of its ``splits`` sorted key lists ``keys[s, q, :k]``,
+    decoded into ``scores[q, :k]`` (float32) and ``ids[q, :k]`` (int64)."""
+    q = tl.program_id(0)
+    split_in = tl.arange(0, SPLIT_BLOCK)
+    cols = tl.arange(0, KPAD)
+    # Each list is stored descending; even lists of a block are read back to front (ascending), so
+    # the block is the alternating runs _merge_runs takes, and needs no sort of its own. Entries
+    # past k (stale or padding) and lists past ``splits`` read as KEY_MIN, which keeps runs sorted.
+    pos = tl.where((split_in % 2 == 1)[:, None], cols[None, :], KPAD - 1 - cols[None, :])
+    base = keys_ptr + q.to(tl.int64) * stride_kq
+    top = tl.full((1, KPAD), KEY_MIN, tl.int64)  # descending
+    for s0 in range(0, splits, SPLIT_BLOCK):
+        s = s0 + split_in
+        block = tl.load(
+            base + s.to(tl.int64)[:, None] * stride_ks + pos, mask=(s < splits)[:, None] & (pos < k), other=KEY_MIN
+        )
+        h = tl.reshape(block, [2] * _log2(SPLIT_BLOCK * KPAD))
+        best = tl.reshape(_merge_runs(h, _log2(SPLIT_BLOCK * KPAD), _log2(KPAD), 0), [1, KPAD])  # ascending
+        top = _bitonic_sort_rows(tl.maximum(top, best), 1)
+    scores, ids = _decode(top)
+    out = q.to(tl.int64) * stride_oq + cols[None, :]
+    tl.store(scores_ptr + out, scores, mask=cols[None, :] < k)
+    tl.store(ids_ptr + out, ids, mask=cols[None, :] < k)
 
 
-def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_Q, BLOCK_N, BLOCK_D, KPAD, num_warps, num_stages) for Q queries, top-k, the index dtype.
+class _Config(NamedTuple):
+    """One launch of the search kernel: its blocks, list width, compile options, and how many of its
+    programs one SM holds at once (from the compiled registers and shared memory, ``aot_specs``)."""
+
+    block_q: int
+    block_n: int
+    block_d: int
+    kpad: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int
+    programs_per_sm: int
+
+
+def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> _Config:
+    """The search kernel's launch for Q queries, top-k, the index dtype (fp32 or a 16-bit one).
 
     k <= 64 (KPAD 64) keeps the running list in registers; k > 64 takes the segment path, whose
-    code does not depend on KPAD (1024 names the bucket, so one compile serves every k). 64 queries per program read the index once
-    for a batch of up to 64 queries; Q <= 16 (one query per sample at inference) takes 16-query
-    programs, whose merges sort 4x fewer rows. An fp32 index (an ``ieee`` FMA dot, not the storage
-    dtype) keeps the large blocks: with 16 or 32 queries its program spills to the stack on sm_89;
-    and it runs one stage: the second, pipelined stage (the next x tile and its addresses in
-    flight beside the FMA dot's operand slices) takes the segment path past 255 registers into
-    spills under Triton 3.7 and 3.8. BLOCK_D = 32, 8 warps and ``MAXNREG`` keep every shipped
-    config free of spills on sm_89 / sm_90 (see ``aot_specs``).
+    code does not depend on KPAD (1024 names the bucket, so one compile serves every k).
+    16-bit index, k <= 64 (the retrieval case; the kernel docstring derives the bytes in flight):
+
+    * Q <= 16 (one query per sample at inference): 16-query programs of 4 warps, BLOCK_D 128,
+      3 stages: 182 registers and 42 KB of shared memory, so two programs per SM, each with one
+      or two 16 KB index slices in flight.
+    * Q > 16: 64-query programs (the index read once per 64 queries) of 16 warps, BLOCK_D 64,
+      4 stages: at most 128 registers (``maxnreg``; 16 warps x 128 fill the register file), one
+      program per SM with up to three 8 KB index slices in flight. With 8 warps ptxas on sm_89
+      moves the sorting network's shuffles into a called subroutine with a stack frame.
+
+    k > 64 takes 16- or 32-query programs of 8 warps, BLOCK_D 64, its D loop pipelined per tile.
+    An fp32 index (an ``ieee`` FMA dot, its operands twice as wide) takes BLOCK_D 16 (32 on the
+    segment path) and 2 stages. Every shipped config compiles for sm_89 and sm_90 without spills.
     Under the interpreter, whose cost is per program and per op, blocks are as large as the shapes
-    allow.
+    allow and there is one stage.
     """
     interpret = interpreter_enabled() if interpret is None else interpret
     kpad = REGISTER_KPAD_MAX if k <= REGISTER_KPAD_MAX else MAX_K  # one compile per path
+    registers = kpad <= REGISTER_KPAD_MAX
     if interpret:
-        return min(64, max(16, triton.next_power_of_2(Q))), 256, 128, kpad, 4, 1
-    small = Q <= 16 and not fp32
-    stages = 1 if fp32 else 2
-    if kpad <= REGISTER_KPAD_MAX:
-        return (16 if small else 64), 64, 32, kpad, 8, stages
-    return (16 if small else 32), 64, 32, kpad, 8, stages
+        return _Config(min(64, max(16, triton.next_power_of_2(Q))), 256, 128, kpad, 4, 1, MAXNREG, 1)
+    if fp32:
+        return _Config(64, 64, 16, kpad, 8, 2, MAXNREG, 1) if registers else _Config(32, 64, 32, kpad, 8, 2, MAXNREG, 1)
+    small = Q <= 16
+    if registers:
+        return _Config(16, 64, 128, kpad, 4, 3, MAXNREG, 2) if small else _Config(64, 64, 64, kpad, 16, 4, 128, 1)
+    return _Config(16 if small else 32, 64, 64, kpad, 8, 3, MAXNREG, 1)
+
+
+def _merge_config(k: int) -> tuple[int, int]:
+    """(KPAD, SPLIT_BLOCK) of the split merge: lists padded to a power of two (64 for k <= 64, the
+    search kernel's bucket), SPLIT_BLOCK lists merged at a time, 2048 keys (16 KB) per step."""
+    kpad = max(REGISTER_KPAD_MAX, triton.next_power_of_2(k))
+    return kpad, max(2, MERGE_KEYS // kpad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,38 +423,56 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _splits(Q: int, N: int, block_q: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows_per_split): enough programs to fill the GPU (about 4 per SM) when Q is small,
-    each split at least 8 tiles long so its merges stay amortised; one split under the interpreter."""
+def split_rows(Q: int, N: int, block_q: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(splits, rows_per_split) of an N-row index: enough splits that the query blocks x splits
+    fill ``programs`` (the programs the GPU holds at once) in a single wave, each program streaming
+    one long split (so the running top-k's threshold rises far enough for most tiles to skip the
+    merge), at least ``MIN_SPLIT_TILES`` tiles per split; whole tiles, so every split starts on a
+    tile boundary."""
     tiles = triton.cdiv(N, block_n)
-    if device.type != "cuda":
-        return 1, tiles * block_n
-    programs_per_split = triton.cdiv(Q, block_q)
-    want = triton.cdiv(4 * _sm_count(device.index or 0), programs_per_split)
-    splits = max(1, min(want, tiles // 8))
+    splits = max(1, min(triton.cdiv(programs, triton.cdiv(Q, block_q)), tiles // MIN_SPLIT_TILES))
     rows_per_split = triton.cdiv(tiles, splits) * block_n
     return triton.cdiv(N, rows_per_split), rows_per_split
+
+
+def _splits(Q: int, N: int, cfg: _Config, device: torch.device) -> tuple[int, int]:
+    """``split_rows`` for the programs the device holds; one split off the GPU (the interpreter)."""
+    if device.type != "cuda":
+        return 1, triton.cdiv(N, cfg.block_n) * cfg.block_n
+    programs = cfg.programs_per_sm * _sm_count(device.index or 0)
+    return split_rows(Q, N, cfg.block_q, cfg.block_n, programs)
+
+
+def _check_rows_contiguous(index: torch.Tensor) -> None:
+    """The kernel reads each index row in place (any row stride, unit element stride): a view with
+    strided columns is refused rather than copied, since a copy of the paper's index is 3.24 GB."""
+    N, D = index.shape
+    if D > 1 and index.stride(1) != 1:
+        nbytes = N * D * index.element_size()
+        raise ValueError(
+            f"index: expected rows of contiguous elements (stride(1) == 1), got strides {tuple(index.stride())} "
+            f"for shape {tuple(index.shape)}; index.contiguous() would copy {N} x {D} x {index.element_size()} B "
+            f"= {nbytes} bytes ({nbytes / 1e9:.2f} GB): make the copy once and search it"
+        )
 
 
 def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """queries ``[Q, D]``, index ``[N, D]`` -> (float32 scores ``[Q, k]`` descending, int64 ids ``[Q, k]``)."""
     Q, D = queries.shape
     N = index.shape[0]
+    _check_rows_contiguous(index)
+    scores = torch.empty((Q, k), device=index.device, dtype=torch.float32)
+    ids = torch.empty((Q, k), device=index.device, dtype=torch.int64)
     if Q == 0:
-        return (
-            torch.empty((0, k), device=index.device, dtype=torch.float32),
-            torch.empty((0, k), device=index.device, dtype=torch.int64),
-        )
-    if index.stride(1) != 1:
-        index = index.contiguous()
+        return scores, ids
     q = queries.to(index.dtype)
     if q.stride(1) != 1:
-        q = q.contiguous()
-    block_q, block_n, block_d, kpad, num_warps, num_stages = _config(Q, k, index.dtype == torch.float32)
-    splits, rows_per_split = _splits(Q, N, block_q, block_n, index.device)
-    width = kpad if kpad <= block_n else triton.cdiv(k, block_n) * block_n
+        q = q.contiguous()  # Q x D: small
+    cfg = _config(Q, k, index.dtype == torch.float32)
+    splits, rows_per_split = _splits(Q, N, cfg, index.device)
+    width = cfg.kpad if cfg.kpad <= cfg.block_n else triton.cdiv(k, cfg.block_n) * cfg.block_n
     keys = torch.empty((splits, Q, width), device=index.device, dtype=torch.int64)
-    _topk_similarity_kernel[(triton.cdiv(Q, block_q), splits)](
+    _topk_similarity_kernel[(triton.cdiv(Q, cfg.block_q), splits)](
         q,
         index,
         keys,
@@ -378,37 +485,47 @@ def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) 
         index.stride(0),
         keys.stride(0),
         keys.stride(1),
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        KPAD=kpad,
+        BLOCK_Q=cfg.block_q,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d,
+        KPAD=cfg.kpad,
+        NUM_STAGES=cfg.num_stages,
         DOT_FP32=interpreter_enabled(),
         INPUT_PRECISION="ieee" if index.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
-        maxnreg=MAXNREG,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
     )
-    # Each split's first k keys are its exact top-k; keys are distinct, so topk's order is exact.
-    cand = keys[:, :, :k]
-    if splits > 1:
-        cand = torch.topk(cand.permute(1, 0, 2).reshape(Q, splits * k), k, dim=1).values
-    else:
-        cand = cand[0]
-    return decode_keys(cand)
+    merge_kpad, split_block = _merge_config(k)
+    _merge_splits_kernel[(Q,)](
+        keys,
+        scores,
+        ids,
+        splits,
+        k,
+        keys.stride(0),
+        keys.stride(1),
+        scores.stride(0),
+        KPAD=merge_kpad,
+        SPLIT_BLOCK=split_block,
+        num_warps=MERGE_WARPS,
+    )
+    return scores, ids
 
 
 def aot_specs() -> list[AotSpec]:
     """Every configuration the launcher can pick on a GPU: each index dtype x (Q <= 16, Q > 16) x
-    (k <= 64 in registers, k > 64 on the segment path, one compile for every KPAD up to 1024).
+    (k <= 64 in registers, k > 64 on the segment path, one compile for every KPAD up to 1024), and
+    the split merge for each list width (64 for k <= 64, then every power of two up to 1024).
     D (768 in the paper's index; any real embedding width) and the row strides made of it are
-    multiples of 16, and so, always, are rows_per_split and the output strides (whole BLOCK_N
-    blocks): the JIT marks them divisible, so the AOT build does."""
+    multiples of 16, and so, always, are rows_per_split and the key buffer's strides (whole
+    BLOCK_N blocks): the JIT marks them divisible, so the AOT build does."""
     specs = []
     for dtype in ("fp16", "bf16", "fp32"):
         for Q, k in ((1, 64), (64, 64), (1, 1024), (64, 1024)):
-            block_q, block_n, block_d, kpad, num_warps, num_stages = _config(Q, k, dtype == "fp32", interpret=False)
-            path = "registers" if kpad <= REGISTER_KPAD_MAX else "segments"
-            name = f"topk_similarity[{dtype},BLOCK_Q={block_q},k<={kpad},{path}]"
+            cfg = _config(Q, k, dtype == "fp32", interpret=False)
+            path = "registers" if cfg.kpad <= REGISTER_KPAD_MAX else "segments"
+            name = f"topk_similarity[{dtype},BLOCK_Q={cfg.block_q},k<={cfg.kpad},{path}]"
             if any(spec.name == name for spec in specs):
                 continue  # fp32 takes the same blocks for Q <= 16 as for Q > 16
             specs.append(
@@ -417,17 +534,31 @@ def aot_specs() -> list[AotSpec]:
                     _topk_similarity_kernel,
                     {"q_ptr": dtype, "x_ptr": dtype, "out_ptr": "i64"},
                     {
-                        "BLOCK_Q": block_q,
-                        "BLOCK_N": block_n,
-                        "BLOCK_D": block_d,
-                        "KPAD": kpad,
+                        "BLOCK_Q": cfg.block_q,
+                        "BLOCK_N": cfg.block_n,
+                        "BLOCK_D": cfg.block_d,
+                        "KPAD": cfg.kpad,
+                        "NUM_STAGES": cfg.num_stages,
                         "DOT_FP32": False,
                         "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
                     },
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                    maxnreg=MAXNREG,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    maxnreg=cfg.maxnreg,
                     aligned_args=("D", "stride_qm", "stride_xn", "stride_os", "stride_oq", "rows_per_split"),
                 )
             )
+    for k in (64, 128, 256, 512, 1024):
+        kpad, split_block = _merge_config(k)
+        specs.append(
+            AotSpec(
+                f"topk_similarity_merge[KPAD={kpad},SPLIT_BLOCK={split_block}]",
+                _merge_splits_kernel,
+                {"keys_ptr": "i64", "scores_ptr": "fp32", "ids_ptr": "i64"},
+                {"KPAD": kpad, "SPLIT_BLOCK": split_block},
+                num_warps=MERGE_WARPS,
+                num_stages=1,
+                aligned_args=("stride_ks", "stride_kq"),
+            )
+        )
     return specs

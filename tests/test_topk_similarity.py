@@ -7,6 +7,7 @@ gives exact scores on every path, so there ties are many and ids, tie order incl
 
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -105,19 +106,64 @@ def test_duplicate_rows_tie_across_cpu_chunks(monkeypatch):
         assert torch.equal(ids, ref_ids)
 
 
-def test_several_splits_merge(monkeypatch):
-    """On a GPU the launcher splits N across programs when Q is small; force splits here."""
+def _force_splits(monkeypatch, rows_per_split):
+    """Run the Triton path with the index cut into splits of ``rows_per_split`` rows, as a GPU
+    launch cuts it (off the GPU the launcher takes one split)."""
     monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
     from jomed_fast.kernels import topk_similarity as kernel
 
-    monkeypatch.setattr(kernel, "_splits", lambda Q, N, block_q, block_n, device: (triton_cdiv(N, 200), 200))
+    monkeypatch.setattr(kernel, "_splits", lambda Q, N, cfg, device: (-(-N // rows_per_split), rows_per_split))
+
+
+@pytest.mark.parametrize("rows_per_split", [200, 10])  # 4 splits; 65 splits, past one merge block
+@pytest.mark.parametrize("k", [30, 90])  # the register and the segment path
+def test_several_splits_merge(monkeypatch, rows_per_split, k):
+    """The split merge kernel against float64, random and tied (integer-valued) data; splits
+    shorter than k leave padding in their lists."""
+    _force_splits(monkeypatch, rows_per_split)
     gen = torch.Generator().manual_seed(5)
-    for k in (30, 90):  # the register and the segment path
-        _check(_rand((3, 24), torch.float16, gen), _rand((650, 24), torch.float16, gen), k)
+    _check(_rand((3, 24), torch.float16, gen), _rand((650, 24), torch.float16, gen), k)
+    queries = torch.randint(-2, 3, (3, 6), generator=gen).half()
+    index = torch.randint(-1, 2, (650, 6), generator=gen).half()
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(scores.double(), ref_scores)
+    assert torch.equal(ids, ref_ids)
 
 
-def triton_cdiv(a, b):
-    return -(-a // b)
+@pytest.mark.parametrize("splits", [False, True])
+@pytest.mark.parametrize("N,k", [(60, 60), (300, 300)])  # every row returned: registers, segments
+def test_minus_inf_and_nan_scores(monkeypatch, backend, splits, N, k):
+    """-inf scores rank below every number (ties by id), NaN above, and both above the padding
+    of short lists: with k = N every row comes back, in the reference's order."""
+    if splits:
+        if backend == "torch":
+            pytest.skip("splits are the Triton path's")
+        _force_splits(monkeypatch, 16)
+    gen = torch.Generator().manual_seed(8)
+    index = torch.randint(-3, 4, (N, 4), generator=gen).float()
+    index[torch.randperm(N, generator=gen)[: N // 3], 0] = -math.inf
+    index[torch.randperm(N, generator=gen)[:3], 1] = math.nan
+    queries = torch.tensor([[1.0, 1.0, 2.0, -1.0], [3.0, 0.5, 1.0, 1.0]])
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=0, rtol=0, equal_nan=True)
+    assert torch.isinf(scores).any() and torch.isnan(scores).sum() == 6  # 3 NaN rows per query
+
+
+def test_split_rows_fill_the_gpu_in_one_wave():
+    from jomed_fast.kernels.topk_similarity import MIN_SPLIT_TILES, split_rows
+
+    for Q, N, block_q, programs in ((1, 2_108_000, 16, 264), (64, 2_108_000, 64, 132), (200, 2_108_000, 64, 132)):
+        splits, rows = split_rows(Q, N, block_q, 64, programs)
+        q_blocks = -(-Q // block_q)
+        assert rows % 64 == 0 and (splits - 1) * rows < N <= splits * rows  # every split has rows
+        assert programs - q_blocks < q_blocks * splits <= programs + q_blocks  # one wave
+    # A short index keeps MIN_SPLIT_TILES tiles per split rather than filling the GPU.
+    splits, rows = split_rows(1, 64 * MIN_SPLIT_TILES * 3, 16, 64, 132)
+    assert splits == 3 and rows == 64 * MIN_SPLIT_TILES
+    assert split_rows(1, 10, 16, 64, 132) == (1, 64)
 
 
 @pytest.mark.parametrize("k", [1, 5, 64, 65, 300])
@@ -134,16 +180,26 @@ def test_late_entrant_at_rank_k(backend, k):
 
 
 def test_gpu_block_sizes(monkeypatch):
-    """The blocks a GPU launch picks (BLOCK_N = 64, so many tiles and, for k > 64, several list
-    segments), run under the interpreter."""
+    """The blocks and splits a GPU launch picks (BLOCK_N = 64, so many tiles per split, single-key
+    inserts and full merges both; for k > 64 several list segments; Q > BLOCK_Q), run under the
+    interpreter."""
     monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
     from jomed_fast.kernels import topk_similarity as kernel
 
     gpu_config = kernel._config
     monkeypatch.setattr(kernel, "_config", lambda Q, k, fp32: gpu_config(Q, k, fp32, interpret=False))
+    monkeypatch.setattr(
+        kernel, "_splits", lambda Q, N, cfg, device: kernel.split_rows(Q, N, cfg.block_q, cfg.block_n, programs=4)
+    )
     gen = torch.Generator().manual_seed(9)
-    for Q, k, dtype in ((3, 1, torch.float16), (20, 50, torch.bfloat16), (5, 200, torch.float32)):
-        _check(_rand((Q, 40), dtype, gen), _rand((700, 40), dtype, gen), k)
+    for Q, N, k, dtype in (
+        (3, 1100, 1, torch.float16),
+        (5, 1100, 50, torch.float16),
+        (20, 700, 50, torch.bfloat16),
+        (70, 300, 10, torch.float16),
+        (5, 700, 200, torch.float32),
+    ):
+        _check(_rand((Q, 40), dtype, gen), _rand((N, 40), dtype, gen), k)
 
 
 def test_query_dtype_is_cast_to_index_dtype(backend):
@@ -157,9 +213,25 @@ def test_query_dtype_is_cast_to_index_dtype(backend):
 
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(4)
-    index = torch.randn(120, 64, generator=gen)[:, ::2]  # strides (64, 2)
+    index = torch.randn(240, 32, generator=gen)[::2]  # strides (64, 1): rows read in place
     queries = torch.randn(32, 5, generator=gen).T  # strides (1, 5)
     _check(queries, index, 11)
+
+
+@pytest.mark.parametrize("view", ["columns", "transposed"])
+def test_strided_index_columns_refused_on_the_triton_path(monkeypatch, view):
+    """A view whose rows are not contiguous would cost a full copy of the index (3.24 GB for the
+    paper's): the Triton path refuses it by name, with the strides and the copy's size."""
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
+    base = torch.randn(100, 48, dtype=torch.float16)
+    index = base[:, ::2] if view == "columns" else torch.randn(24, 100, dtype=torch.float16).T
+    strides = re.escape(str(tuple(index.stride())))
+    with pytest.raises(
+        ValueError, match=rf"index: expected rows of contiguous .* got strides {strides} .* = 4800 bytes"
+    ):
+        topk_similarity(torch.randn(2, 24, dtype=torch.float16), index, 3)
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "torch")  # the CPU path reads strided chunks as they are
+    _check(torch.randn(2, 24, dtype=torch.float16), index, 3)
 
 
 def test_large_magnitude_fp16_index(backend):
