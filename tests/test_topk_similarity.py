@@ -9,6 +9,7 @@ import importlib
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -131,6 +132,40 @@ def test_several_splits_merge(monkeypatch, rows_per_split, k):
     assert torch.equal(ids, ref_ids)
 
 
+@pytest.mark.parametrize("k", [30, 90])
+def test_sampling_pass_floor(monkeypatch, k):
+    """Long splits first search a sample (their first tiles) for a floor under each query's k-th:
+    results stay exact, ties (a tie at the sample's k-th included) in id order."""
+    from jomed_fast.kernels import topk_similarity as kernel
+
+    _force_splits(monkeypatch, 300)  # 5 splits of 2 interpreter tiles; the sample is the first
+    monkeypatch.setattr(kernel, "SAMPLE_MIN_TILES", 1)
+    monkeypatch.setattr(kernel, "SAMPLE_TILES", 1)
+    calls = []
+    real = kernel._merge_splits_kernel
+    monkeypatch.setattr(kernel, "_merge_splits_kernel", _Recorder(real, calls))
+    gen = torch.Generator().manual_seed(11)
+    _check(_rand((3, 16), torch.float16, gen), _rand((1300, 16), torch.float16, gen), k)
+    assert len(calls) == 2  # the sample's merge, then the full pass's
+    queries = torch.randint(-2, 3, (3, 6), generator=gen).half()
+    index = torch.randint(-1, 2, (1300, 6), generator=gen).half()
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(scores.double(), ref_scores)
+    assert torch.equal(ids, ref_ids)
+
+
+class _Recorder:
+    """A launched Triton kernel that records its launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("splits", [False, True])
 @pytest.mark.parametrize("N,k", [(60, 60), (300, 300)])  # every row returned: registers, segments
 def test_minus_inf_and_nan_scores(monkeypatch, backend, splits, N, k):
@@ -194,6 +229,7 @@ def test_gpu_block_sizes(monkeypatch):
     gen = torch.Generator().manual_seed(9)
     for Q, N, k, dtype in (
         (3, 1100, 1, torch.float16),
+        (2, 4000, 5, torch.float16),  # most tiles past the first add one key per query, or none
         (5, 1100, 50, torch.float16),
         (20, 700, 50, torch.bfloat16),
         (70, 300, 10, torch.float16),
@@ -341,3 +377,64 @@ _Q, _X = torch.randn(3, 8), torch.randn(20, 8)
 def test_bad_inputs(backend, queries, index, k, error, match):
     with pytest.raises(error, match=match):
         topk_similarity(queries, index, k)
+
+
+def simulate_merges(queries, rows, block_n, k, rng, sample_rows=0):
+    """What the search kernel does per tile of one program for i.i.d. scores: (tiles, single-key
+    inserts, full merges), exactly as it decides them (count of keys above each query's k-th, or
+    above the floor from a sampling pass over ``sample_rows`` rows, whichever is higher)."""
+    scores = rng.standard_normal((queries, rows))
+    floor = np.full((queries, 1), -np.inf)
+    if sample_rows >= k:
+        floor = np.sort(rng.standard_normal((queries, sample_rows)), axis=1)[:, -k : -k + 1]
+    top = np.tile(floor, (1, k))  # each query's running top k, any order (the floor as entries)
+    single = full = 0
+    tiles = -(-rows // block_n)
+    for t in range(tiles):
+        tile = scores[:, t * block_n : (t + 1) * block_n]
+        most = int((tile > top.min(axis=1, keepdims=True)).sum(axis=1).max())
+        single += most == 1
+        full += most > 1
+        both = np.concatenate([top, tile], axis=1)
+        top = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
+    return tiles, single, full
+
+
+def expected_merged_tiles(queries, rows, block_n, k):
+    """Tiles in which some query gains an entry, for i.i.d. scores: row n (0-based) enters a
+    query's top k with probability min(1, k / (n + 1)), independently of the other rows."""
+    enters = np.minimum(1.0, k / np.arange(1, rows + 1))
+    tiles = -(-rows // block_n)
+    none = [np.prod(1 - enters[t * block_n : (t + 1) * block_n]) for t in range(tiles)]
+    return float(np.sum(1 - np.asarray(none) ** queries))
+
+
+@pytest.mark.parametrize("Q", [1, 16, 64])
+@pytest.mark.parametrize("sms", [132, 142])  # H200, L40
+def test_merge_rate_simulation_at_the_papers_shapes(Q, sms):
+    """The merged-tile rates the kernel docstring's model uses: the launcher's split of the paper's
+    index (N = 2.1M, k = 50) for each Q, one program's tiles simulated; the merged share agrees
+    with its closed form; the sampling pass's floor cuts the full merges (4x or more for Q <= 16)."""
+    from jomed_fast.kernels.topk_similarity import SAMPLE_TILES, _config, split_rows
+
+    cfg = _config(Q, 50, fp32=False, interpret=False)
+    programs = sms * cfg.programs_per_sm
+    _, rows = split_rows(Q, 2_108_000, cfg.block_q, cfg.block_n, programs)
+    queries = min(Q, cfg.block_q)
+    rng = np.random.default_rng(Q)
+    runs = [simulate_merges(queries, rows, cfg.block_n, 50, rng) for _ in range(4)]
+    tiles = sum(r[0] for r in runs)
+    single, full = sum(r[1] for r in runs), sum(r[2] for r in runs)
+    expected = 4 * expected_merged_tiles(queries, rows, cfg.block_n, 50)
+    assert abs((single + full) - expected) < 0.05 * tiles + 4 * expected**0.5
+    assert full >= 4 * (50 // cfg.block_n + 1)  # the first tiles, before the k-th settles, merge fully
+    # The sampling pass (the first SAMPLE_TILES tiles of every split): most tiles skip, or add one
+    # key per query, at Q = 1; every merge costs less at Q = 16 and 64.
+    splits, _ = split_rows(Q, 2_108_000, cfg.block_q, cfg.block_n, programs)
+    sample_rows = splits * SAMPLE_TILES * cfg.block_n
+    sampled = [simulate_merges(queries, rows, cfg.block_n, 50, rng, sample_rows) for _ in range(4)]
+    sampled_single, sampled_full = sum(r[1] for r in sampled), sum(r[2] for r in sampled)
+    assert sampled_full < (full / 4 if queries <= 16 else 0.8 * full)
+    assert sampled_single + sampled_full <= single + full
+    if queries == 1:
+        assert sampled_single + sampled_full < 0.2 * tiles
