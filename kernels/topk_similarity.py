@@ -1,4 +1,4 @@
-r"""Exact inner-product top-k search, streaming the index once.
+r"""Exact inner-product top-k search, streaming the index once per query block.
 
 Given queries ``q`` ``[Q, D]`` and an index ``x`` ``[N, D]`` (fp16 / bf16 / fp32; queries are cast to
 the index dtype), for every query ``i`` return the k largest scores and their row ids
@@ -10,9 +10,12 @@ the index dtype), for every query ``i`` return the k largest scores and their ro
 
 sorted by score descending, ties broken by the lower id first. The ``[Q, N]`` score matrix is never
 written to memory: each program owns ``BLOCK_Q`` queries and a contiguous split of the index rows;
-it computes one ``[BLOCK_Q, BLOCK_N]`` tile of scores with ``tl.dot`` (a loop over ``BLOCK_D`` slices
-of D), and merges the tile into a running top-k kept on chip. Bytes moved: the index once per
-query block (``ceil(Q / BLOCK_Q) * N * D * elem``), plus ``splits * Q * KPAD * 8`` of candidates.
+it computes ``[BLOCK_Q, BLOCK_N]`` tiles of scores with ``tl.dot`` over ``BLOCK_D`` slices of D and
+merges each tile into a running top-k kept on chip. Bytes moved: the index once per query block
+(``ceil(Q / BLOCK_Q) * N * D * elem``, BLOCK_Q = 16 for Q <= 16, 64 above; the query blocks of a
+split are neighbours on the grid's fastest axis, so above Q = 64 their re-reads may be L2 hits),
+plus the sampling pass's ``splits * SAMPLE_TILES * BLOCK_N`` rows (1.6% at the paper's shapes),
+plus ``2 * splits * Q * KPAD * 8`` of candidates.
 
 **Sortable keys.** A (score, id) pair is packed into one int64 so that one integer comparison orders
 by score descending, then id ascending, and every key is distinct:
@@ -21,38 +24,72 @@ by score descending, then id ascending, and every key is distinct:
     low  32 bits: 0xFFFFFFFF - id                                           (lower id = larger key)
 
 ``-0.0`` is canonicalised to ``+0.0`` (torch orders them as equal), and NaN (of either sign) to
-the largest key, so a NaN score ranks first, as ``torch.topk`` / ``torch.sort`` rank it. Rows past N (and queries past Q)
-get ``KEY_MIN``, below every real key, so they never enter a top-k (k <= N).
+the largest key, so a NaN score ranks first, as ``torch.topk`` / ``torch.sort`` rank it; ``-inf``
+ranks below every number. Rows past N (and queries past Q) get ``KEY_MIN``, below every real key,
+so they never enter a top-k (k <= N).
+
+**Streaming.** On the register path one flat loop runs over (tile, D step) with
+``tl.range(num_stages=...)``, so the pipeline keeps the next slices of the index in flight across
+tile boundaries (a D loop nested in a tile loop drains at every tile); the tile's merge sits in the
+branch of its last D step. The compiled Q <= 16 program (4 warps, BLOCK_D 128, 3 stages) waits with
+``DEPBAR.LE SB0, 0x2``: the next stage's 16 KB of index stays pending while a slice is multiplied,
+and two programs fit an SM (182 registers). The Q > 16 program (16 warps, BLOCK_D 64, 4 stages,
+``maxnreg`` 128) keeps two or three 8 KB slices in flight, one program per SM. The query slices are
+re-read per step (from L1 / L2: 24 KB for 16 queries of 768 fp16): Triton cannot index a register
+tensor by a runtime D step, so a resident ``[BLOCK_Q, D]`` block would need D as a constexpr.
 
 **Merging a tile** (two code paths, chosen by the constexpr ``KPAD``):
 
 * ``KPAD <= BLOCK_N`` (k <= 64, the retrieval case): the running list ``top`` ``[BLOCK_Q, KPAD]``
-  (descending) lives in registers. The tile's top KPAD are selected *ascending* (bitonic top-k);
-  ``max(top, tile_top)`` of a descending and an ascending run is a bitonic run holding the top KPAD
-  of the union (Batcher's half-cleaner), and log2 KPAD compare-exchange rounds sort it again.
+  (descending) lives in registers. When at most one key per query beats its k-th (``thr``), that
+  key is the query's tile maximum: it replaces the list's last entry, which leaves a descending then
+  ascending (bitonic) row, sorted in log2 KPAD rounds. Otherwise the tile's top KPAD are selected
+  *ascending* (bitonic top-k); ``max(top, tile_top)`` of a descending and an ascending run is a
+  bitonic run holding the top KPAD of the union (Batcher's half-cleaner), and log2 KPAD
+  compare-exchange rounds sort it again.
 * ``KPAD > BLOCK_N`` (k > 64): a list of up to 1024 int64 per query does not fit in registers next
   to the tile, so it lives in this program's slice of the output buffer, as ``ceil(k / BLOCK_N)``
-  sorted segments of ``BLOCK_N``. The whole tile, sorted ascending, is a "carry" merged through the
-  segments in order: segment ``j`` keeps ``max(seg_j, carry)`` (the top half of their union), the
-  carry keeps ``min`` (the bottom half), each bitonic and re-sorted. This is a block merge of two
-  sorted lists: after the last segment the list is the top of the union. A segment whose smallest
-  key beats the carry's largest in every row is left as it is.
+  sorted segments of ``BLOCK_N``. The tile (sorted ascending; or its maximum alone when one key per
+  query beats its k-th) is a "carry" merged through the segments in order: segment ``j`` keeps
+  ``max(seg_j, carry)`` (the top half of their union), the carry keeps ``min`` (the bottom half),
+  each bitonic and re-sorted. After the last segment the list is the top of the union. A segment
+  whose smallest key beats the carry's largest in every row is left as it is. The segment loop
+  keeps the compiler from pipelining a flat loop, so this path pipelines each tile's D loop alone.
 
-Either way a tile is merged only when one of its keys beats some query's current k-th key
-(``thr``); after the first few tiles almost none do (for random data a tile of ``BLOCK_N`` rows
-after ``n`` rows adds about ``BLOCK_Q * BLOCK_N * k / n`` entries), so the sort work, which can cost
-more than the tile's ``tl.dot``, is skipped for most of the index. Entries past k in the list may
-then be stale; the first k stay exact (a skipped key is below the k-th, so it is not in the top k).
+A tile with no key above any query's ``thr`` costs one count. ``thr`` never drops below the query's
+*floor*: the launcher first searches the first ``SAMPLE_TILES`` tiles of every split (when splits
+are at least ``SAMPLE_MIN_TILES`` long) and merges them; their k-th key is below the query's k-th
+over the whole index, so a key under it cannot be in the answer, and every program of the full pass
+filters as if it had read the whole sample. For i.i.d. scores, at the paper's shapes (8k rows per
+split at Q <= 16 on an H200), this takes the tiles merged per program from 61% (33% full merges) to
+8% (0.5% full) at Q = 1, and the full merges from 92% to 6% at Q = 16 (``simulate_merges`` in
+``tests/test_topk_similarity.py``; ``docs/benchmarks.md`` has the whole table). Entries past k in a
+list may be stale, and entries under the floor may be missing; the first k are exact wherever they
+are above the floor, which is all the merge needs.
+
+**Splits and their merge.** The launcher cuts the index into one split per program slot left by the
+query blocks (``programs_per_sm`` x SMs, a single wave: 264 splits of 8k rows for Q <= 16 on an
+H200), at least ``MIN_SPLIT_TILES`` tiles each. ``_merge_splits_kernel`` (one program per query)
+reads the splits' sorted lists, even ones back to front, so a block of lists is a row of alternately
+ascending and descending runs whose neighbours merge by elementwise max and log2 KPAD rounds, no
+sort of their own; it decodes the top k into scores and ids and writes the floor. Two launches per
+pass (and one pass more with the sample) replace a copy, ``torch.topk`` and the decoding kernels.
+
+**Cost model (predictions, unmeasured).** Per SM at the roofline a 96 KB tile (64 rows x 768 fp16)
+takes 2.6 µs on an H200 and 15.8 µs on an L40; Little's law asks ~25 KB / ~4 KB in flight per SM.
+The Q <= 16 programs hold 32-64 KB per SM, the Q > 16 program 16-24 KB. With the simulated merge
+rates and an estimated ~80 instructions per thread per compare-exchange round (full merge ~39
+rounds, single insert ~24, skip ~6), the predicted fractions of the roofline are H200 ~0.93 / ~0.85
+/ ~0.30 and L40 ~0.95 / ~0.95 / ~0.90 at Q = 1 / 16 / 64. The H200 at Q = 64 misses the 70% target:
+65% of its tiles still merge fully, and a single 16-warp program per SM has no second program to
+stream while it merges (``docs/benchmarks.md`` derives each figure).
 
 The sorting networks are triton.language.standard's bitonic ones with one change: the partner of
 an element in a compare-exchange round is found with a sum (``a + b - a``, exact in wrapping int64)
-rather than ``xor_sum``, which the interpreter reduces element by element in Python.
+rather than ``xor_sum``, which the interpreter reduces element by element in Python. fp32 indexes
+use ``input_precision="ieee"`` (no TF32), so fp32 scores are fp32-exact sums.
 
-The launcher merges the splits' first-k keys with ``torch.topk`` (``[Q, splits * k]``, keys are
-distinct, so the order is exact) and decodes scores and ids from the keys. fp32 indexes use
-``input_precision="ieee"`` (no TF32), so fp32 scores are fp32-exact sums.
-
-Layout: kernel -> launcher -> ``aot_specs()``; the contract (shapes, dtypes, ties, NaN, errors), the
+Layout: kernels -> launcher -> ``aot_specs()``; the contract (shapes, dtypes, ties, NaN, errors), the
 torch reference and the CPU path live in ``jomed_fast/ops/topk_similarity.py``.
 """
 

@@ -153,6 +153,13 @@ def test_sampling_pass_floor(monkeypatch, k):
     ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
     assert torch.equal(scores.double(), ref_scores)
     assert torch.equal(ids, ref_ids)
+    # The sample's k-th key is the floor's successor: alone in its tile of the full pass (nothing
+    # else there beats the floor), it must still get in.
+    values = -torch.arange(1300, dtype=torch.float32)
+    values[: k - 1] = 2000 + torch.arange(k - 1, 0, -1)  # ranks 1..k-1, in split 0's sample
+    values[305] = 1000  # rank k, in split 1's sample
+    scores, ids = topk_similarity(torch.ones(1, 1, dtype=torch.float16), values[:, None].half(), k)
+    assert ids[0, -1] == 305 and torch.equal(ids[0, :-1], torch.arange(k - 1))
 
 
 class _Recorder:
