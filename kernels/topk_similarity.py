@@ -446,8 +446,8 @@ def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> _Confi
       moves the sorting network's shuffles into a called subroutine with a stack frame.
 
     k > 64 takes 16- or 32-query programs of 8 warps, BLOCK_D 64, its D loop pipelined per tile.
-    An fp32 index (an ``ieee`` FMA dot, its operands twice as wide) takes BLOCK_D 16 (32 on the
-    segment path) and 2 stages. Every shipped config compiles for sm_89 and sm_90 without spills.
+    An fp32 index (an ``ieee`` FMA dot, its operands twice as wide) takes BLOCK_D 16 and 2 stages
+    (wider slices spill on the segment path). Every shipped config compiles for sm_89 and sm_90 without spills.
     Under the interpreter, whose cost is per program and per op, blocks are as large as the shapes
     allow and there is one stage.
     """
@@ -457,7 +457,7 @@ def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> _Confi
     if interpret:
         return _Config(min(64, max(16, triton.next_power_of_2(Q))), 256, 128, kpad, 4, 1, MAXNREG, 1)
     if fp32:
-        return _Config(64, 64, 16, kpad, 8, 2, MAXNREG, 1) if registers else _Config(32, 64, 32, kpad, 8, 2, MAXNREG, 1)
+        return _Config(64, 64, 16, kpad, 8, 2, MAXNREG, 1) if registers else _Config(32, 64, 16, kpad, 8, 2, MAXNREG, 1)
     small = Q <= 16
     if registers:
         return _Config(16, 64, 128, kpad, 4, 3, MAXNREG, 2) if small else _Config(64, 64, 64, kpad, 16, 4, 128, 1)
