@@ -33,7 +33,7 @@ so they never enter a top-k (k <= N).
 tile boundaries (a D loop nested in a tile loop drains at every tile); the tile's merge sits in the
 branch of its last D step. The compiled Q <= 16 program (4 warps, BLOCK_D 128, 3 stages) waits with
 ``DEPBAR.LE SB0, 0x2``: the next stage's 16 KB of index stays pending while a slice is multiplied,
-and two programs fit an SM (182 registers). The Q > 16 program (16 warps, BLOCK_D 64, 4 stages,
+and two programs fit an SM (182-185 registers). The Q > 16 program (16 warps, BLOCK_D 64, 4 stages,
 ``maxnreg`` 128) keeps two or three 8 KB slices in flight, one program per SM. The query slices are
 re-read per step (from L1 / L2: 24 KB for 16 queries of 768 fp16): Triton cannot index a register
 tensor by a runtime D step, so a resident ``[BLOCK_Q, D]`` block would need D as a constexpr.
@@ -438,7 +438,7 @@ def _config(Q: int, k: int, fp32: bool, interpret: bool | None = None) -> _Confi
     16-bit index, k <= 64 (the retrieval case; the kernel docstring derives the bytes in flight):
 
     * Q <= 16 (one query per sample at inference): 16-query programs of 4 warps, BLOCK_D 128,
-      3 stages: 182 registers and 42 KB of shared memory, so two programs per SM, each with one
+      3 stages: 182-185 registers and 42 KB of shared memory, so two programs per SM, each with one
       or two 16 KB index slices in flight.
     * Q > 16: 64-query programs (the index read once per 64 queries) of 16 warps, BLOCK_D 64,
       4 stages: at most 128 registers (``maxnreg``; 16 warps x 128 fill the register file), one
