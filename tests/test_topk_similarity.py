@@ -116,7 +116,7 @@ def _force_splits(monkeypatch, rows_per_split):
     monkeypatch.setattr(kernel, "_splits", lambda Q, N, cfg, device: (-(-N // rows_per_split), rows_per_split))
 
 
-@pytest.mark.parametrize("rows_per_split", [200, 10])  # 4 splits; 65 splits, past one merge block
+@pytest.mark.parametrize("rows_per_split", [200, 20])  # 4 splits; 33 splits, past one merge block
 @pytest.mark.parametrize("k", [30, 90])  # the register and the segment path
 def test_several_splits_merge(monkeypatch, rows_per_split, k):
     """The split merge kernel against float64, random and tied (integer-valued) data; splits
