@@ -7,7 +7,9 @@ gives exact scores on every path, so there ties are many and ids, tie order incl
 
 import importlib
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -105,19 +107,105 @@ def test_duplicate_rows_tie_across_cpu_chunks(monkeypatch):
         assert torch.equal(ids, ref_ids)
 
 
-def test_several_splits_merge(monkeypatch):
-    """On a GPU the launcher splits N across programs when Q is small; force splits here."""
+def _force_splits(monkeypatch, rows_per_split):
+    """Run the Triton path with the index cut into splits of ``rows_per_split`` rows, as a GPU
+    launch cuts it (off the GPU the launcher takes one split)."""
     monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
     from jomed_fast.kernels import topk_similarity as kernel
 
-    monkeypatch.setattr(kernel, "_splits", lambda Q, N, block_q, block_n, device: (triton_cdiv(N, 200), 200))
+    monkeypatch.setattr(kernel, "_splits", lambda Q, N, cfg, device: (-(-N // rows_per_split), rows_per_split))
+
+
+@pytest.mark.parametrize("rows_per_split", [200, 20])  # 4 splits; 33 splits, past one merge block
+@pytest.mark.parametrize("k", [30, 90])  # the register and the segment path
+def test_several_splits_merge(monkeypatch, rows_per_split, k):
+    """The split merge kernel against float64, random and tied (integer-valued) data; splits
+    shorter than k leave padding in their lists."""
+    _force_splits(monkeypatch, rows_per_split)
     gen = torch.Generator().manual_seed(5)
-    for k in (30, 90):  # the register and the segment path
-        _check(_rand((3, 24), torch.float16, gen), _rand((650, 24), torch.float16, gen), k)
+    _check(_rand((3, 24), torch.float16, gen), _rand((650, 24), torch.float16, gen), k)
+    queries = torch.randint(-2, 3, (3, 6), generator=gen).half()
+    index = torch.randint(-1, 2, (650, 6), generator=gen).half()
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(scores.double(), ref_scores)
+    assert torch.equal(ids, ref_ids)
 
 
-def triton_cdiv(a, b):
-    return -(-a // b)
+@pytest.mark.parametrize("k", [30, 90])
+def test_sampling_pass_floor(monkeypatch, k):
+    """Long splits first search a sample (their first tiles) for a floor under each query's k-th:
+    results stay exact, ties (a tie at the sample's k-th included) in id order."""
+    from jomed_fast.kernels import topk_similarity as kernel
+
+    _force_splits(monkeypatch, 300)  # 5 splits of 2 interpreter tiles; the sample is the first
+    monkeypatch.setattr(kernel, "SAMPLE_MIN_TILES", 1)
+    monkeypatch.setattr(kernel, "SAMPLE_TILES", 1)
+    calls = []
+    real = kernel._merge_splits_kernel
+    monkeypatch.setattr(kernel, "_merge_splits_kernel", _Recorder(real, calls))
+    gen = torch.Generator().manual_seed(11)
+    _check(_rand((3, 16), torch.float16, gen), _rand((1300, 16), torch.float16, gen), k)
+    assert len(calls) == 2  # the sample's merge, then the full pass's
+    queries = torch.randint(-2, 3, (3, 6), generator=gen).half()
+    index = torch.randint(-1, 2, (1300, 6), generator=gen).half()
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(scores.double(), ref_scores)
+    assert torch.equal(ids, ref_ids)
+    # The sample's k-th key is the floor's successor: alone in its tile of the full pass (nothing
+    # else there beats the floor), it must still get in.
+    values = -torch.arange(1300, dtype=torch.float32)
+    values[: k - 1] = 2000 + torch.arange(k - 1, 0, -1)  # ranks 1..k-1, in split 0's sample
+    values[305] = 1000  # rank k, in split 1's sample
+    scores, ids = topk_similarity(torch.ones(1, 1, dtype=torch.float16), values[:, None].half(), k)
+    assert ids[0, -1] == 305 and torch.equal(ids[0, :-1], torch.arange(k - 1))
+
+
+class _Recorder:
+    """A launched Triton kernel that records its launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("splits", [False, True])
+@pytest.mark.parametrize("N,k", [(60, 60), (300, 300)])  # every row returned: registers, segments
+def test_minus_inf_and_nan_scores(monkeypatch, backend, splits, N, k):
+    """-inf scores rank below every number (ties by id), NaN above, and both above the padding
+    of short lists: with k = N every row comes back, in the reference's order."""
+    if splits:
+        if backend == "torch":
+            pytest.skip("splits are the Triton path's")
+        _force_splits(monkeypatch, 16)
+    gen = torch.Generator().manual_seed(8)
+    index = torch.randint(-3, 4, (N, 4), generator=gen).float()
+    index[torch.randperm(N, generator=gen)[: N // 3], 0] = -math.inf
+    index[torch.randperm(N, generator=gen)[:3], 1] = math.nan
+    queries = torch.tensor([[1.0, 1.0, 2.0, -1.0], [3.0, 0.5, 1.0, 1.0]])
+    scores, ids = topk_similarity(queries, index, k)
+    ref_scores, ref_ids = topk_similarity_reference(queries.double(), index.double(), k)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores.double(), ref_scores, atol=0, rtol=0, equal_nan=True)
+    assert torch.isinf(scores).any() and torch.isnan(scores).sum() == 6  # 3 NaN rows per query
+
+
+def test_split_rows_fill_the_gpu_in_one_wave():
+    from jomed_fast.kernels.topk_similarity import MIN_SPLIT_TILES, split_rows
+
+    for Q, N, block_q, programs in ((1, 2_108_000, 16, 264), (64, 2_108_000, 64, 132), (200, 2_108_000, 64, 132)):
+        splits, rows = split_rows(Q, N, block_q, 64, programs)
+        q_blocks = -(-Q // block_q)
+        assert rows % 64 == 0 and (splits - 1) * rows < N <= splits * rows  # every split has rows
+        assert programs - q_blocks < q_blocks * splits <= programs + q_blocks  # one wave
+    # A short index keeps MIN_SPLIT_TILES tiles per split rather than filling the GPU.
+    splits, rows = split_rows(1, 64 * MIN_SPLIT_TILES * 3, 16, 64, 132)
+    assert splits == 3 and rows == 64 * MIN_SPLIT_TILES
+    assert split_rows(1, 10, 16, 64, 132) == (1, 64)
 
 
 @pytest.mark.parametrize("k", [1, 5, 64, 65, 300])
@@ -134,16 +222,27 @@ def test_late_entrant_at_rank_k(backend, k):
 
 
 def test_gpu_block_sizes(monkeypatch):
-    """The blocks a GPU launch picks (BLOCK_N = 64, so many tiles and, for k > 64, several list
-    segments), run under the interpreter."""
+    """The blocks and splits a GPU launch picks (BLOCK_N = 64, so many tiles per split, single-key
+    inserts and full merges both; for k > 64 several list segments; Q > BLOCK_Q), run under the
+    interpreter."""
     monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
     from jomed_fast.kernels import topk_similarity as kernel
 
     gpu_config = kernel._config
     monkeypatch.setattr(kernel, "_config", lambda Q, k, fp32: gpu_config(Q, k, fp32, interpret=False))
+    monkeypatch.setattr(
+        kernel, "_splits", lambda Q, N, cfg, device: kernel.split_rows(Q, N, cfg.block_q, cfg.block_n, programs=4)
+    )
     gen = torch.Generator().manual_seed(9)
-    for Q, k, dtype in ((3, 1, torch.float16), (20, 50, torch.bfloat16), (5, 200, torch.float32)):
-        _check(_rand((Q, 40), dtype, gen), _rand((700, 40), dtype, gen), k)
+    for Q, N, k, dtype in (
+        (3, 1100, 1, torch.float16),
+        (2, 4000, 5, torch.float16),  # most tiles past the first add one key per query, or none
+        (5, 1100, 50, torch.float16),
+        (20, 700, 50, torch.bfloat16),
+        (70, 300, 10, torch.float16),
+        (5, 700, 200, torch.float32),
+    ):
+        _check(_rand((Q, 40), dtype, gen), _rand((N, 40), dtype, gen), k)
 
 
 def test_query_dtype_is_cast_to_index_dtype(backend):
@@ -157,9 +256,25 @@ def test_query_dtype_is_cast_to_index_dtype(backend):
 
 def test_non_contiguous_inputs(backend):
     gen = torch.Generator().manual_seed(4)
-    index = torch.randn(120, 64, generator=gen)[:, ::2]  # strides (64, 2)
+    index = torch.randn(240, 32, generator=gen)[::2]  # strides (64, 1): rows read in place
     queries = torch.randn(32, 5, generator=gen).T  # strides (1, 5)
     _check(queries, index, 11)
+
+
+@pytest.mark.parametrize("view", ["columns", "transposed"])
+def test_strided_index_columns_refused_on_the_triton_path(monkeypatch, view):
+    """A view whose rows are not contiguous would cost a full copy of the index (3.24 GB for the
+    paper's): the Triton path refuses it by name, with the strides and the copy's size."""
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "triton")
+    base = torch.randn(100, 48, dtype=torch.float16)
+    index = base[:, ::2] if view == "columns" else torch.randn(24, 100, dtype=torch.float16).T
+    strides = re.escape(str(tuple(index.stride())))
+    with pytest.raises(
+        ValueError, match=rf"index: expected rows of contiguous .* got strides {strides} .* = 4800 bytes"
+    ):
+        topk_similarity(torch.randn(2, 24, dtype=torch.float16), index, 3)
+    monkeypatch.setenv("JOMED_FAST_BACKEND", "torch")  # the CPU path reads strided chunks as they are
+    _check(torch.randn(2, 24, dtype=torch.float16), index, 3)
 
 
 def test_large_magnitude_fp16_index(backend):
@@ -269,3 +384,64 @@ _Q, _X = torch.randn(3, 8), torch.randn(20, 8)
 def test_bad_inputs(backend, queries, index, k, error, match):
     with pytest.raises(error, match=match):
         topk_similarity(queries, index, k)
+
+
+def simulate_merges(queries, rows, block_n, k, rng, sample_rows=0):
+    """What the search kernel does per tile of one program for i.i.d. scores: (tiles, single-key
+    inserts, full merges), exactly as it decides them (count of keys above each query's k-th, or
+    above the floor from a sampling pass over ``sample_rows`` rows, whichever is higher)."""
+    scores = rng.standard_normal((queries, rows))
+    floor = np.full((queries, 1), -np.inf)
+    if sample_rows >= k:
+        floor = np.sort(rng.standard_normal((queries, sample_rows)), axis=1)[:, -k : -k + 1]
+    top = np.tile(floor, (1, k))  # each query's running top k, any order (the floor as entries)
+    single = full = 0
+    tiles = -(-rows // block_n)
+    for t in range(tiles):
+        tile = scores[:, t * block_n : (t + 1) * block_n]
+        most = int((tile > top.min(axis=1, keepdims=True)).sum(axis=1).max())
+        single += most == 1
+        full += most > 1
+        both = np.concatenate([top, tile], axis=1)
+        top = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
+    return tiles, single, full
+
+
+def expected_merged_tiles(queries, rows, block_n, k):
+    """Tiles in which some query gains an entry, for i.i.d. scores: row n (0-based) enters a
+    query's top k with probability min(1, k / (n + 1)), independently of the other rows."""
+    enters = np.minimum(1.0, k / np.arange(1, rows + 1))
+    tiles = -(-rows // block_n)
+    none = [np.prod(1 - enters[t * block_n : (t + 1) * block_n]) for t in range(tiles)]
+    return float(np.sum(1 - np.asarray(none) ** queries))
+
+
+@pytest.mark.parametrize("Q", [1, 16, 64])
+@pytest.mark.parametrize("sms", [132, 142])  # H200, L40
+def test_merge_rate_simulation_at_the_papers_shapes(Q, sms):
+    """The merged-tile rates the kernel docstring's model uses: the launcher's split of the paper's
+    index (N = 2.1M, k = 50) for each Q, one program's tiles simulated; the merged share agrees
+    with its closed form; the sampling pass's floor cuts the full merges (4x or more for Q <= 16)."""
+    from jomed_fast.kernels.topk_similarity import SAMPLE_TILES, _config, split_rows
+
+    cfg = _config(Q, 50, fp32=False, interpret=False)
+    programs = sms * cfg.programs_per_sm
+    _, rows = split_rows(Q, 2_108_000, cfg.block_q, cfg.block_n, programs)
+    queries = min(Q, cfg.block_q)
+    rng = np.random.default_rng(Q)
+    runs = [simulate_merges(queries, rows, cfg.block_n, 50, rng) for _ in range(4)]
+    tiles = sum(r[0] for r in runs)
+    single, full = sum(r[1] for r in runs), sum(r[2] for r in runs)
+    expected = 4 * expected_merged_tiles(queries, rows, cfg.block_n, 50)
+    assert abs((single + full) - expected) < 0.05 * tiles + 4 * expected**0.5
+    assert full >= 4 * (50 // cfg.block_n + 1)  # the first tiles, before the k-th settles, merge fully
+    # The sampling pass (the first SAMPLE_TILES tiles of every split): most tiles skip, or add one
+    # key per query, at Q = 1; every merge costs less at Q = 16 and 64.
+    splits, _ = split_rows(Q, 2_108_000, cfg.block_q, cfg.block_n, programs)
+    sample_rows = splits * SAMPLE_TILES * cfg.block_n
+    sampled = [simulate_merges(queries, rows, cfg.block_n, 50, rng, sample_rows) for _ in range(4)]
+    sampled_single, sampled_full = sum(r[1] for r in sampled), sum(r[2] for r in sampled)
+    assert sampled_full < (full / 4 if queries <= 16 else 0.8 * full)
+    assert sampled_single + sampled_full <= single + full
+    if queries == 1:
+        assert sampled_single + sampled_full < 0.2 * tiles

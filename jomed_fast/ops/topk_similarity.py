@@ -12,13 +12,19 @@ the k index rows of largest inner product: (float32 scores ``[Q, k]`` sorted des
   Which of two *nearly* equal scores wins may differ between paths (fp32 sums in another order).
 * **NaN.** A NaN score ranks above every number, as in ``torch.topk``: a NaN index row is returned
   first (it propagates; NaN never crashes), NaN queries give k NaN scores with ids ``0..k-1``.
+* **Layout.** The Triton path (CUDA tensors) reads the index's rows in place: any row stride, but
+  contiguous elements within a row (``index.stride(1) == 1``). A view with strided columns
+  (``index[:, ::2]``, a transpose) is a ``ValueError`` naming its strides and the bytes
+  ``index.contiguous()`` would copy (3.24 GB for the paper's index), never a silent copy. The CPU
+  path reads such a view chunk by chunk. Queries of any layout are accepted (a ``[Q, D]`` copy).
 * **Not differentiable.** Retrieval is a selection; the outputs carry no gradient (inputs are
   detached). To train through the scores, recompute them for the returned ids:
   ``(queries[:, None, :] * index[ids]).sum(-1)``.
 
 Paths (``jomed_fast.ops``): CUDA tensors run the Triton kernel of
 ``jomed_fast.kernels.topk_similarity``, whose docstring holds the search (score tiles merged into a
-running top-k on chip, the sortable keys, the bytes moved). CPU tensors run
+running top-k on chip, the sortable keys, the splits and their merge, the bytes moved and the
+predicted fraction of the roofline). CPU tensors run
 :func:`_topk_similarity_cpu`: fp32 matmul + ``torch.topk`` over 4096-row chunks of the index (fp16 /
 bf16 chunks are upcast, CPU half matmul being slow), so the ``[Q, N]`` matrix is never materialised.
 Measured on the 2-core development machine for Q=64, N=200k, D=768, k=50, side by side in one
