@@ -132,23 +132,39 @@ def generate_answer_tokens(
     return answers, mean_lp, tokens
 
 
+def _append_answer(inputs: dict, y: torch.Tensor) -> dict:
+    """``inputs`` with the answer tokens ``y [T]`` after every row: the ids, an attention mask of
+    ones, and 0 (a text token) in every other per-token tensor (Qwen2-VL's ``mm_token_type_ids``)."""
+    ids = inputs["input_ids"]
+    out = dict(inputs)
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor) or t.shape != ids.shape:
+            continue
+        if name == "input_ids":
+            tail = y.expand(ids.shape[0], -1)
+        elif name == "attention_mask":
+            tail = torch.ones(ids.shape[0], y.numel(), dtype=t.dtype, device=t.device)
+        else:
+            tail = torch.zeros(ids.shape[0], y.numel(), dtype=t.dtype, device=t.device)
+        out[name] = torch.cat([t, tail], 1)
+    return out
+
+
 @torch.no_grad()
 def answer_log_likelihoods(reader, inputs: dict, answer_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``[K, J]``: :math:`\log p(y^{(j)} \mid \text{prompt}_k)`, the teacher-forced log-likelihood
+    r"""``[K, J]``: :math:`\log p(y^{(j)} \mid \text{prompt}_k)`, the teacher-forced log-likelihood
     of each answer's tokens after each of the K left-padded prompts in ``inputs``."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    L = ids.shape[1]
-    out = torch.empty(ids.shape[0], len(answer_tokens), dtype=torch.float64)
+    ids = inputs["input_ids"]
+    K, L = ids.shape
+    out = torch.empty(K, len(answer_tokens), dtype=torch.float64)
     for j, answer in enumerate(answer_tokens):
         y = torch.tensor(list(answer), dtype=ids.dtype, device=ids.device)
         if y.numel() == 0:
             raise ValueError(f"answer_tokens: answer {j} has no token")
-        forced = dict(inputs)
-        forced["input_ids"] = torch.cat([ids, y.expand(ids.shape[0], -1)], 1)
-        forced["attention_mask"] = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, y.numel())], 1)
+        forced = _append_answer(inputs, y)
         # the prompt's last position predicts y_1, the answer's t-th position predicts y_{t+1}
         logits = reader.hf_model(**forced, use_cache=False).logits[:, L - 1 : L - 1 + y.numel()]
-        lp = torch.log_softmax(logits.double(), -1).gather(-1, y.expand(ids.shape[0], -1)[..., None])[..., 0]
+        lp = torch.log_softmax(logits.double(), -1).gather(-1, y.expand(K, -1)[..., None])[..., 0]
         out[:, j] = lp.sum(1).cpu()
     return out
 
@@ -164,7 +180,7 @@ def paper_open_answer(
     answer_tokens: Sequence[Sequence[int]],
     weights: torch.Tensor,
 ) -> tuple[str, dict]:
-    """The paper's marginal over one query's candidate answers (module docstring): (the most
+    r"""The paper's marginal over one query's candidate answers (module docstring): (the most
     probable answer string, {answer string: :math:`\sum_k w_k p(a \mid z_k, q)`}). ``answer_tokens``:
     the K generated answers' token ids (end-of-turn token included when reached)."""
     if not (len(candidates) == len(answer_tokens) == weights.numel()):

@@ -106,7 +106,7 @@ class RetrieverTrainConfig(JsonConfig):
             "help": "distillation target: gold (the paper's), reference_double_softmax_gold_with_prior "
             "(exactly the authors' --add_prior_to_gold_score), reference_double_softmax_gold (the code's "
             "gold -cross_entropy(softmax(logits), gold) alone), gold_with_retriever_prior (the paper's "
-            "gold with that prior)"
+            "gold with that prior)",
         },
     )
     lr: float = 1e-4
@@ -122,7 +122,7 @@ class RetrieverTrainConfig(JsonConfig):
         metadata={
             "choices": CANDIDATE_QUERIES,
             "help": "query retrieving the training candidates: mixed, alpha x the stale learned copy + "
-            "(1 - alpha) x the frozen encoder (the authors' code); unmixed, the stale copy alone"
+            "(1 - alpha) x the frozen encoder (the authors' code); unmixed, the stale copy alone",
         },
     )
     n_trainable: int = 10
