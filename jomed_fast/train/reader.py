@@ -29,8 +29,9 @@ checkpoints and resume are :mod:`.loop`'s, shared with stage 2. A NaN/inf loss r
 Files in ``run_dir``: ``identity.json`` (what decides the result: the reader with the adapter it
 starts from, the train and validation samples, the index and encoder or their absence, the task
 and every option but ``RESUME_FREE``; a resume with any of them changed is refused naming them),
-``config.json`` (the options and the adapter's ``lora`` settings), ``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``log.jsonl`` (a line per
-step and per validation, :mod:`.run_log`; ``tensorboard/`` with ``report_to="tensorboard"``),
+``config.json`` (the options and the adapter's ``lora`` settings), ``checkpoints/`` (``step-*``,
+``best``, ``LATEST``), ``log.jsonl`` (a line per step and per validation, :mod:`.run_log`;
+``tensorboard/`` with ``report_to="tensorboard"``),
 ``adapter/`` (the final LoRA adapter, ``load_reader(path, lora=run_dir / "adapter")``; its
 ``jomed_adapter.json`` records ``config.layout``, which stage 2 and inference then hold to),
 ``result.json``. SIGTERM stops the run after the step under way, checkpointed

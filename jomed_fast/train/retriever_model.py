@@ -2,8 +2,8 @@ r"""Stage 2's model side, for one head: the trained query encoder, the candidate
 frozen copy of the learned encoder, re-copied by ``refresh``: the reference's ``base_retriever``)
 and the query that retrieves the training candidates from it (``candidate_queries``: by default
 mixed with the frozen initial encoder as the trained score is, as the reference's
-``_image_retrieve`` does), the batch (candidates from the index, the reader's gold log-likelihoods through the score cache,
-the candidates' fixed embeddings), and the evaluation (KL, top-1 agreement, the fused accuracy of
+``_image_retrieve`` does), the batch (candidates from the index, the reader's gold scores through
+the score cache, the candidates' fixed embeddings), and the evaluation (KL, top-1 agreement, the fused accuracy of
 the head alone and, with a :class:`Partner` — the other head as inference runs it — of the whole
 system). Used by :mod:`.retriever` (the trainer).
 """
