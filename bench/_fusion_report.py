@@ -148,7 +148,9 @@ def write_plot(records: list[dict], path: str, title: str) -> None:
 
 def summarize(ks: list[int], runs: dict[str, Run], flops: dict[str, dict]) -> tuple[dict, list]:
     """Per method the least-squares cost growth ``t(K) = prefix + K × per_candidate`` (seconds per
-    query; NaN from one K); per K the shared_query toolkit over hf_batched on the paper layout."""
+    query; NaN from one K); per K the shared_query toolkit over hf_batched on the paper layout:
+    two different prompts (``shared_query`` puts the query before the candidate), so the ratio is
+    a speed-up only for a reader trained and distilled on ``shared_query`` (docs/training.md)."""
     growth = {}
     for key in sorted({r.name for r in runs.values()}):
         points = [(float(r.K), r.seconds / r.queries) for r in runs.values() if r.name == key]
@@ -179,6 +181,12 @@ def print_report(records: list[dict], growth: dict, cross: list, markdown: bool 
         print(
             f"K={c['K']:>3}: jomed_shared_query over hf_batched on the paper layout: {c['measured']:.2f}x "
             f"(FLOP model {c['flop_model']:.2f}x)"
+        )
+    if cross:
+        print(
+            "  (two different prompts: shared_query puts the query before the candidate, so these ratios "
+            "hold for a reader trained on shared_query; on the paper layout compare jomed_paper with "
+            "hf_batched/paper)"
         )
     if markdown:
         print("\n" + format_markdown(records))

@@ -8,7 +8,8 @@ r"""Candidate scoring throughput: the toolkit against what users would otherwise
 Class log-probabilities ``[B, K, C]`` of B queries × K retrieved candidates, from the raw images and
 captions, by each method of ``bench/_fusion.py`` on one reader: ``reference_loop`` (the published
 code's ``generate`` loop), ``hf_batched`` (one padded forward per query, both layouts),
-``jomed_paper`` / ``jomed_shared_query`` (``CandidateScorer``). At each K the methods' first calls
+``jomed_paper`` / ``jomed_shared_query`` (``CandidateScorer``; the two layouts are two prompts, so a
+cross-layout ratio is a speed-up only for a reader trained on ``shared_query``). At each K the methods' first calls
 are compared (above the tolerance the run stops before reporting any speed), then timed
 round-robin: ``queries_per_s = B / median time``. Writes a table (stdout), records with exactly
 ``RECORD_FIELDS`` and the run's details (``bench/results/fusion_throughput.json``), a PNG beside

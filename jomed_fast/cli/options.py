@@ -289,12 +289,13 @@ def _shown_default(f: dataclasses.Field, presets: dict | None) -> str:
 def config_options(cls, *, skip: tuple = (), prefix: str = "", presets: dict | None = None) -> tuple:
     """One :class:`Opt` per field of a config dataclass, default :data:`UNSET` (keep the field's value).
 
-    Option types are the fields' types (:func:`option_type`): ``int``, ``float``, ``str`` or
-    ``bool``; ``T | None`` gives a nullable option (``none`` sets the field to None). ``prefix``
-    namespaces the flags when two configs share a command. A field whose metadata has
-    ``"setting": False`` is not an option; one with ``"choices"`` gives an option with those choices. ``presets`` (name -> instance of ``cls``, the default one
-    first) makes ``--help`` show the default as :func:`preset_default_doc` does: with a preset
-    option, the dataclass's own default is not what an unset flag gives.
+        Option types are the fields' types (:func:`option_type`): ``int``, ``float``, ``str`` or
+        ``bool``; ``T | None`` gives a nullable option (``none`` sets the field to None). ``prefix``
+        namespaces the flags when two configs share a command. A field whose metadata has
+        ``"setting": False`` is not an option; one with ``"choices"`` gives an option with those choices,
+    one with ``"help"`` that help line (else ``Class.field``). ``presets`` (name -> instance of ``cls``, the default one
+        first) makes ``--help`` show the default as :func:`preset_default_doc` does: with a preset
+        option, the dataclass's own default is not what an unset flag gives.
     """
     opts = []
     for f in dataclasses.fields(cls):
@@ -306,7 +307,7 @@ def config_options(cls, *, skip: tuple = (), prefix: str = "", presets: dict | N
                 prefix + f.name,
                 kind,
                 UNSET,
-                f"{cls.__name__}.{f.name}",
+                f.metadata.get("help", f"{cls.__name__}.{f.name}"),
                 choices=f.metadata.get("choices"),
                 default_doc=_shown_default(f, presets),
                 nullable=nullable,

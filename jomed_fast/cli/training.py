@@ -43,6 +43,13 @@ def _reader_opts() -> tuple:
         *SPLIT_OPTS,
         *INDEX_OPTS,
         Opt("lora_r", int, 8, "LoRA rank (alpha = 2 r)"),
+        Opt(
+            "lora_vision",
+            bool,
+            False,
+            "LoRA on the vision tower's blocks too (the authors' code trains the tower; the paper "
+            "grid-searched freezing it); recorded in the adapter and the reader's fingerprint",
+        ),
         Opt("seed_lora", int, 0, "seed of the fresh LoRA adapter's initialisation"),
         *config_options(ReaderTrainConfig, skip=("layout",)),
     )
@@ -64,7 +71,7 @@ def run_train_reader(v: dict) -> int:
     val = _samples(v["val"], task, v["skip_bad"]) if v["val"] else []
     retrieval, encoder = load_retrieval_from(v)
     torch.manual_seed(v["seed_lora"])
-    lora = v["adapter"] or {"r": v["lora_r"], "alpha": 2 * v["lora_r"]}
+    lora = v["adapter"] or {"r": v["lora_r"], "alpha": 2 * v["lora_r"], "vision": v["lora_vision"]}
     reader = load_reader(v["reader"], quantization=quant, lora=lora, device=v["device"], lora_trainable=True)
     result = train_reader(
         config,

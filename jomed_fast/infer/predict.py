@@ -5,13 +5,20 @@ For a batch of B queries (images + questions):
 1. **retrieve** (NVTX ``jomed.retrieve``): the retriever's query embeddings ``[B, D]``, the top
    ``k_text`` of the text head and ``k_image`` of the image head (``K = k_T + k_I``, default 2 + 2 as
    the reference) — or, for the robustness study (paper Table 7), no retrieval (``K = 1``, the plain
-   query prompt) or K random index records (uniform weights);
+   query prompt) or random retrieval, two ways (``RETRIEVAL_MODES``): ``random_records``
+   (``random``), K index records drawn uniformly with uniform weights (this project's reading of
+   the paper's "random retrieval"); ``random_query``, what the authors' code does
+   (``--random_query`` in ``src/jomed.py``): a standard-normal query vector drawn in place of each
+   head's query embedding, its top ``k_text`` / ``k_image`` neighbours retrieved and fused by their
+   scores like retrieved ones;
 2. **score** (``jomed.score``): ``CandidateScorer`` -> class log-probs ``[B, K, C]`` (query image
    optionally left out: the "no query image" row of Table 7);
 3. **fuse** (``jomed.fuse``): ``fusion.fuse`` (``paper`` or ``reference``) -> ``p(c | q)`` ``[B, C]``,
    then ``fusion.decide`` (argmax, or the multi-label threshold);
-   Open VQA (``open_vqa``): K greedy answers per query instead, fused over identical normalised
-   strings weighted by ``softmax(s)_k * exp(mean token log-prob)``;
+   Open VQA (``open_vqa``): K greedy answers per query instead, fused by ``open_fusion``: the
+   paper's marginal ``sum_k softmax(s)_k p(a_j | z_k, q)`` over the K candidate answers
+   (``paper``, default) or this project's vote over identical normalised strings
+   (``vote``);
 4. **write**: one :class:`~jomed_fast.analysis.prediction_records.PredictionRecord` per query, with every
    candidate's record id, head, retrieval score, class probabilities and individual prediction, so
    the analyses (inconsistent split, oracle, rerankers) can be redone offline.
@@ -23,8 +30,9 @@ identity (:func:`predict_identity`: the reader's weights and adapter, the index,
 encoder, the samples' content, the task, the layout and every option that changes a result); a
 rerun from other inputs is refused, naming them, rather than mixing two runs in one file. Options
 that cannot change a result (batch size, progress) never block a resume. Random retrieval draws each
-query's records from a generator seeded by (seed, query id), so a resumed run draws what an
-uninterrupted one would.
+query's records (or query vectors) from a generator seeded by (seed, query id), so a resumed run
+draws what an uninterrupted one would. A reader whose stage-1 adapter recorded another prompt
+layout than the scorer's is refused, naming both, unless ``allow_layout_mismatch``.
 """
 
 from __future__ import annotations
@@ -44,22 +52,27 @@ from .._checks import is_int, is_number
 from .._profiling import stage
 from ..analysis.prediction_records import Candidate as CandidateRecord
 from ..analysis.prediction_records import PredictionRecord
+from ..readers.hf_reader import check_trained_layout
 from .fusion import FUSIONS, decide, fuse
-from .open_vqa import fuse_open_answers, generate_answers
+from .open_vqa import OPEN_FUSIONS, fuse_open_answers, generate_answer_tokens, paper_open_answer
 from .output import PredictionsFile, read_predictions
 
 __all__ = [
+    "RETRIEVAL_ALIASES",
     "RETRIEVAL_MODES",
     "InferConfig",
     "check_inputs",
     "encoder_fingerprint",
     "predict",
     "predict_identity",
+    "random_queries",
     "read_predictions",
     "result_options",
 ]
 
-RETRIEVAL_MODES = ("retrieved", "none", "random")
+RETRIEVAL_MODES = ("retrieved", "none", "random_records", "random_query")
+# an older name, kept for configs and commands written with it
+RETRIEVAL_ALIASES = {"random": "random_records"}
 IDENTITY_FORMAT = "jomed-predictions-v2"
 
 
@@ -75,10 +88,17 @@ class InferConfig:
         tau: retrieval-score temperature of the ``paper`` fusion (finite, > 0).
         threshold: multi-label decision threshold on the fused per-label probability, in (0, 1].
         batch_size: queries per scorer call (cannot change a result).
-        retrieval: ``"retrieved"``, ``"none"`` (no retrieval) or ``"random"`` (random records).
+        retrieval: ``"retrieved"``, ``"none"`` (no retrieval), ``"random_records"`` (uniform
+            records, uniform weights; ``"random"`` is read as it) or ``"random_query"`` (the
+            authors' code: the neighbours of a random query vector per head, weighted by their
+            scores); see the module docstring.
         query_image: False leaves the query image out of the prompt (robustness study).
         seed: the random-retrieval seed (each query's draw is seeded by (seed, query id)).
         max_new_tokens: the greedy answer's length limit (open VQA).
+        open_fusion: open VQA's fusion, ``"paper"`` (the marginal over candidate answers) or
+            ``"vote"`` (this project's rule; ``open_vqa``).
+        allow_layout_mismatch: score with ``layout`` even when the reader's stage-1 adapter
+            recorded another (cannot change a result, so not in the identity).
     """
 
     k_text: int = 2
@@ -92,16 +112,24 @@ class InferConfig:
     query_image: bool = True
     seed: int = 0
     max_new_tokens: int = 16
+    open_fusion: str = "paper"
+    allow_layout_mismatch: bool = False
 
     def __post_init__(self):
         from ..prompts import LAYOUTS
 
+        object.__setattr__(self, "retrieval", RETRIEVAL_ALIASES.get(self.retrieval, self.retrieval))
         for name in ("k_text", "k_image", "batch_size", "seed", "max_new_tokens"):
             if not is_int(getattr(self, name)):
                 raise TypeError(f"{name}: expected an int, got {getattr(self, name)!r}")
         if self.k_text < 0 or self.k_image < 0 or self.k_text + self.k_image == 0:
             raise ValueError(f"k_text, k_image: expected >= 0 with a positive sum, got {self.k_text}, {self.k_image}")
-        for name, choices in (("layout", LAYOUTS), ("fusion", FUSIONS), ("retrieval", RETRIEVAL_MODES)):
+        for name, choices in (
+            ("layout", LAYOUTS),
+            ("fusion", FUSIONS),
+            ("retrieval", RETRIEVAL_MODES),
+            ("open_fusion", OPEN_FUSIONS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
         if self.batch_size < 1:
@@ -110,8 +138,9 @@ class InferConfig:
             raise ValueError(f"tau: expected a finite number > 0, got {self.tau!r}")
         if not (is_number(self.threshold) and 0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold: expected a number in (0, 1], got {self.threshold!r}")
-        if not isinstance(self.query_image, bool):
-            raise TypeError(f"query_image: expected true or false, got {self.query_image!r}")
+        for name in ("query_image", "allow_layout_mismatch"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
 
@@ -122,8 +151,8 @@ class InferConfig:
 
 def check_inputs(config: InferConfig, retrieval=None, encoder=None) -> None:
     """What the retrieval mode needs, checked before any model runs or any file is written: an index
-    (``retrieval``) for ``retrieved`` / ``random``, a query encoder and ``k_text``, ``k_image`` no
-    larger than the index for ``retrieved``."""
+    (``retrieval``) for every mode but ``none``, a query encoder for ``retrieved``, and ``k_text``,
+    ``k_image`` no larger than the index for ``retrieved`` and ``random_query``."""
     if config.retrieval == "none":
         return
     if retrieval is None:
@@ -134,9 +163,9 @@ def check_inputs(config: InferConfig, retrieval=None, encoder=None) -> None:
     n = len(retrieval.records)
     if n == 0:
         raise ValueError("retrieval: the index has no records")
-    if config.retrieval == "random":
+    if config.retrieval == "random_records":
         return
-    if encoder is None:
+    if encoder is None and config.retrieval == "retrieved":
         raise ValueError("encoder: retrieval='retrieved' needs the retriever's query encoder (encode_images)")
     for name in ("k_text", "k_image"):
         if getattr(config, name) > n:
@@ -148,14 +177,18 @@ def result_options(config: InferConfig, task) -> dict:
     """The settings that can change a prediction of ``task``, by name. Left out: the batch size, and
     whatever the retrieval mode does not use (k and the fusion without retrieval, tau where every
     score is 0, the threshold of a single-label task)."""
-    c, retrieved = config, config.retrieval == "retrieved"
+    c = config
+    # retrieved and random_query both search the index per head and fuse by the scores
+    retrieved = c.retrieval in ("retrieved", "random_query")
     opts: dict = {"retrieval": c.retrieval, "query_image": c.query_image}
     if retrieved:
         opts.update(k_text=c.k_text, k_image=c.k_image)
-    elif c.retrieval == "random":
+    if c.retrieval == "random_records":
         opts.update(k=c.k, seed=c.seed)
+    if c.retrieval == "random_query":
+        opts["seed"] = c.seed
     if task.is_open:
-        opts["max_new_tokens"] = c.max_new_tokens
+        opts.update(max_new_tokens=c.max_new_tokens, open_fusion=c.open_fusion)
         if retrieved:
             opts["tau"] = c.tau
         return opts
@@ -224,8 +257,9 @@ def predict_identity(
         identity["max_labels"] = getattr(scorer.head, "max_labels", None)
     if config.retrieval != "none":
         identity["index_records"] = records_digest(retrieval.records)
-    if config.retrieval == "retrieved":
+    if config.retrieval in ("retrieved", "random_query"):
         identity["index"] = retrieval.index.digest()
+    if config.retrieval == "retrieved":
         identity["encoder"] = encoder_fingerprint(encoder)
     for name, value in (inputs or {}).items():
         if name in identity:
@@ -242,19 +276,34 @@ def _query_generator(seed: int, query_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def random_queries(seed: int, query_ids: Sequence[str], dim: int) -> dict[str, torch.Tensor]:
+    """``{"text": [B, D], "image": [B, D]}`` standard-normal query vectors, one per query and head
+    (the authors' code draws one per head search), each query's from its own generator
+    (:func:`_query_generator`), the text head's first."""
+    text, image = [], []
+    for qid in query_ids:
+        g = _query_generator(seed, str(qid))
+        text.append(torch.randn(dim, generator=g))
+        image.append(torch.randn(dim, generator=g))
+    return {"text": torch.stack(text), "image": torch.stack(image)}
+
+
 def _candidates(config: InferConfig, retrieval, encoder, batch, images):
     """(candidates [B][K], scores [B, K], heads [B][K], record ids [B][K]) for one batch."""
     B = len(batch)
     if config.retrieval == "none":
         return [[None] for _ in range(B)], torch.zeros(B, 1), [["none"] for _ in range(B)], [["-"] for _ in range(B)]
-    if config.retrieval == "random":
+    if config.retrieval == "random_records":
         n = len(retrieval.records)
         rows = [torch.randint(n, (config.k,), generator=_query_generator(config.seed, str(s.id))) for s in batch]
         cands = [[retrieval.candidate(int(r)) for r in row] for row in rows]
         ids = [[c.id for c in row] for row in cands]
         return cands, torch.zeros(B, config.k), [["random"] * config.k for _ in range(B)], ids
-    with torch.no_grad():
-        q = encoder.encode_images(images)
+    if config.retrieval == "random_query":
+        q = random_queries(config.seed, [str(s.id) for s in batch], retrieval.index.dim)
+    else:
+        with torch.no_grad():
+            q = encoder.encode_images(images)
     got = retrieval.search(q, config.k_text, config.k_image)
     ids = [[c.id for c in row] for row in got.candidates]
     return got.candidates, got.scores.float(), got.heads, ids
@@ -295,7 +344,7 @@ def _open_records(scorer, batch, images, cands, scores, heads, ids, config) -> l
     out = []
     for b, sample in enumerate(batch):
         with stage("jomed.generate"):
-            answers, mean_lp = generate_answers(
+            answers, mean_lp, tokens = generate_answer_tokens(
                 scorer.reader,
                 scorer.task,
                 scorer.layout,
@@ -305,7 +354,19 @@ def _open_records(scorer, batch, images, cands, scores, heads, ids, config) -> l
                 config.max_new_tokens,
             )
         weights = torch.softmax(scores[b].double() / config.tau, 0)
-        fused, _ = fuse_open_answers(answers, mean_lp, weights)
+        if config.open_fusion == "paper":
+            fused, _ = paper_open_answer(
+                scorer.reader,
+                scorer.task,
+                scorer.layout,
+                images[b] if config.query_image else None,
+                sample.question,
+                cands[b],
+                tokens,
+                weights,
+            )
+        else:
+            fused, _ = fuse_open_answers(answers, mean_lp, weights)
         cand_recs = [
             CandidateRecord(
                 id=str(ids[b][k]),
@@ -340,7 +401,8 @@ def _predict_batch(scorer, batch, retrieval, encoder, config: InferConfig) -> li
             images if config.query_image else [None] * len(batch), [s.question for s in batch], cands
         ).float()
     with stage("jomed.fuse"):
-        method = config.fusion if config.retrieval == "retrieved" else "paper"  # no head scores otherwise
+        # random records have no scores to normalise per head: the paper rule (uniform weights)
+        method = config.fusion if config.retrieval in ("retrieved", "random_query") else "paper"
         fused = fuse(log_probs, scores, heads, method, config.tau, multilabel=task.is_multilabel)
     return _records(task, batch, log_probs, scores, heads, rec_ids, fused, config)
 
@@ -385,6 +447,9 @@ def predict(
     """
     if config.layout != scorer.layout:
         raise ValueError(f"config: layout {config.layout!r} differs from the scorer's {scorer.layout!r}")
+    check_trained_layout(
+        scorer.reader, scorer.layout, "the inference layout (InferConfig.layout)", config.allow_layout_mismatch
+    )
     ids = [str(s.id) for s in samples]
     if len(set(ids)) != len(ids):
         twice = sorted(i for i, n in Counter(ids).items() if n > 1)[:3]

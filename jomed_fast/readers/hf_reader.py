@@ -26,10 +26,17 @@ in ``Reader.unquantized_layers`` and in the reader's fingerprint; see ``readers.
 CPU it runs the portable kernel, or bitsandbytes' packed AVX512-BF16 one on request (``cpu_kernel``).
 ``"int8"``: LLM.int8() (on CPU, bitsandbytes runs the int8 matmul with fp16 inputs).
 
-LoRA (PEFT): on every linear layer of the language model only (q/k/v/o and gate/up/down projections
-of every decoder layer; not the vision tower, the projector or ``lm_head``); defaults r=8, alpha=16,
-dropout 0, no bias, B initialised to zero (a fresh adapter leaves the outputs unchanged).
-Adapters are saved and loaded as safetensors (``adapter_model.safetensors`` + ``adapter_config.json``).
+LoRA (PEFT): on every linear layer of the language model (q/k/v/o and gate/up/down projections
+of every decoder layer; never the projector or ``lm_head``); defaults r=8, alpha=16, dropout 0, no
+bias, B initialised to zero (a fresh adapter leaves the outputs unchanged). ``LoraSettings(vision=True)``
+(``train-reader --lora-vision``) also puts adapters on the linear layers of the vision tower's
+blocks: the paper grid-searched freezing the tower or not; the authors' code trains it
+(LLaMA-Factory ``lora_target: all`` with the tower unfrozen). Off by default, as the paper's
+frozen-tower arm and the project's earlier readers.
+Adapters are saved and loaded as safetensors (``adapter_model.safetensors`` + ``adapter_config.json``);
+``jomed_adapter.json`` beside them records the family, the settings and, for a stage-1 adapter, the
+prompt layout it was trained on (``Reader.trained_layout``: later stages refuse another layout
+unless asked, :func:`check_trained_layout`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,7 @@ from .processor import ReaderProcessor
 QUANTIZATIONS = (None, "nf4", "int8")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "jomed_adapter.json"
 
 _LM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,11 +73,14 @@ _LM_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters; the defaults are the reference's (LLaMA-Factory) defaults."""
+    """LoRA hyper-parameters; r, alpha and dropout default to the reference's (LLaMA-Factory)
+    defaults. ``vision``: adapters on the vision tower's blocks too (the reference trains the tower;
+    the paper grid-searched freezing it), off by default."""
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
+    vision: bool = False
 
     def __post_init__(self):
         positive_int("lora.r", self.r)
@@ -76,6 +88,8 @@ class LoraSettings:
             raise ValueError(f"lora.alpha: expected a positive number, got {self.alpha!r}")
         if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout: expected a float in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.vision, bool):
+            raise ValueError(f"lora.vision: expected true or false, got {self.vision!r}")
 
     def peft_config(self, target_modules: str):
         from peft import LoraConfig
@@ -90,17 +104,42 @@ class LoraSettings:
         )
 
 
-def lora_target_regex(model: torch.nn.Module) -> str:
+def _linear_leaf_names(model: torch.nn.Module, inside: str) -> list[str]:
+    """The last name part of every ``nn.Linear`` whose dotted path contains ``inside``."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if inside in f".{name}" and isinstance(module, torch.nn.Linear)
+        }
+    )
+
+
+def lora_target_regex(model: torch.nn.Module, vision_tower: str | None = None) -> str:
     """A regex (PEFT ``target_modules``, full match) naming every linear layer of the language
-    model's decoder layers, and nothing in the vision tower, the projector or ``lm_head``."""
-    names = set()
-    for name, module in model.named_modules():
-        if ".language_model.layers." in f".{name}" and isinstance(module, torch.nn.Linear):
-            names.add(name.rsplit(".", 1)[-1])
+    model's decoder layers, and nothing in the projector or ``lm_head``. ``vision_tower`` (the
+    tower's attribute, ``Family.vision_modules[0]``) adds the linear layers of the tower's numbered
+    blocks (its patch embedding and any merger outside the blocks stay frozen)."""
+    names = _linear_leaf_names(model, ".language_model.layers.")
     if not names:
         raise ValueError("model: found no linear layer under language_model.layers")
-    alternatives = "|".join(sorted(names))
-    return rf"(?:.*\.)?language_model\.layers\.\d+\.(?:.*\.)?(?:{alternatives})"
+    pattern = rf"(?:.*\.)?language_model\.layers\.\d+\.(?:.*\.)?(?:{'|'.join(names)})"
+    if vision_tower is None:
+        return pattern
+    # a block is a numbered child somewhere below the tower (Qwen2-VL visual.blocks.N, Pixtral
+    # vision_tower.transformer.layers.N); the merger's Sequential indices sit outside "blocks"
+    tower = re.escape(vision_tower)
+    blocks = re.compile(rf"(?:.*\.)?{tower}\.(?:[^.]+\.)*?(?:blocks|layers)\.\d+\..+")
+    vision = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and blocks.fullmatch(name)
+        }
+    )
+    if not vision:
+        raise ValueError(f"lora.vision: found no linear layer in the blocks of the vision tower {vision_tower!r}")
+    return rf"{pattern}|(?:.*\.)?{tower}\.(?:[^.]+\.)*?(?:blocks|layers)\.\d+\.(?:.*\.)?(?:{'|'.join(vision)})"
 
 
 # ------------------------------------------------------------------------------------------
@@ -132,6 +171,8 @@ class Reader:
     image_token_id: int
     image_token_ids: tuple[int, ...]
     lora: LoraSettings | None = None
+    trained_layout: str | None = None  # the prompt layout stage 1 trained the adapter on
+    trained_layout_from: str | None = None  # where that was recorded (the adapter's jomed_adapter.json)
     config: Any = field(default=None, repr=False)
     unquantized_layers: tuple[str, ...] = ()
     cpu_kernel: str | None = None
@@ -179,7 +220,8 @@ class Reader:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def vision_parameters(self):
-        """The parameters of the vision tower and the projector (which LoRA leaves out)."""
+        """The parameters of the vision tower and the projector (LoRA leaves them out unless
+        ``LoraSettings.vision``, which adapts the tower's blocks)."""
         model = self.hf_model.model
         for name in self.family_facts.vision_modules:
             module = getattr(model, name, None)
@@ -257,9 +299,10 @@ class Reader:
             raise ValueError("lora: this reader already has a LoRA adapter")
         settings = _lora_settings(settings)
         self.use_trainable_kernel()
+        tower = self.family_facts.vision_modules[0] if settings.vision else None
         with warnings.catch_warnings():  # PEFT calls a deprecated transformers property
             warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(self.model, settings.peft_config(lora_target_regex(self.model)))
+            model = get_peft_model(self.model, settings.peft_config(lora_target_regex(self.model, tower)))
         self.model = model
         self.lora = settings
         return self
@@ -273,8 +316,8 @@ class Reader:
             self.cpu_kernel = "dequantize"
         return self
 
-    def save_adapter(self, out_dir: str | os.PathLike) -> Path:
-        return save_adapter(self, out_dir)
+    def save_adapter(self, out_dir: str | os.PathLike, layout: str | None = None) -> Path:
+        return save_adapter(self, out_dir, layout)
 
     def load_adapter(self, adapter_dir: str | os.PathLike, trainable: bool = False) -> "Reader":
         return load_adapter(self, adapter_dir, trainable=trainable)
@@ -338,10 +381,10 @@ def _lora_settings(lora) -> LoraSettings:
     if isinstance(lora, dict):
         unknown = set(lora) - {f.name for f in dataclasses.fields(LoraSettings)}
         if unknown:
-            raise ValueError(f"lora: unknown settings {sorted(unknown)}; expected r, alpha, dropout")
+            raise ValueError(f"lora: unknown settings {sorted(unknown)}; expected r, alpha, dropout, vision")
         return LoraSettings(**lora)
     raise TypeError(
-        f"lora: expected None, True, a LoraSettings, a dict (r, alpha, dropout) or an adapter directory, "
+        f"lora: expected None, True, a LoraSettings, a dict (r, alpha, dropout, vision) or an adapter directory, "
         f"got {type(lora).__name__}"
     )
 
@@ -484,9 +527,11 @@ def check_adapter_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def save_adapter(reader: Reader, out_dir: str | os.PathLike) -> Path:
+def save_adapter(reader: Reader, out_dir: str | os.PathLike, layout: str | None = None) -> Path:
     """Write the reader's LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
-    to ``out_dir`` atomically (a temporary directory renamed into place)."""
+    to ``out_dir`` atomically (a temporary directory renamed into place), with ``jomed_adapter.json``:
+    family, base, settings and ``layout``, the prompt layout the adapter was trained on (stage 1
+    gives it; None records none)."""
     if not reader.has_lora:
         raise ValueError("reader: has no LoRA adapter to save (load it with lora=True or call add_lora)")
     out = Path(out_dir)
@@ -498,10 +543,49 @@ def save_adapter(reader: Reader, out_dir: str | os.PathLike) -> Path:
             "family": reader.family,
             "base": str(reader.path),
             "lora": dataclasses.asdict(reader.lora) if reader.lora else None,
+            "layout": layout,
         }
-        (tmp / "jomed_adapter.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
 
     return replace_dir_atomically(out, fill)
+
+
+def _adapter_meta(p: Path) -> dict:
+    """``jomed_adapter.json`` of an adapter directory ({} for one written elsewhere, e.g. by PEFT)."""
+    f = p / ADAPTER_META
+    if not f.is_file():
+        return {}
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"lora: {str(f)!r} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"lora: {str(f)!r}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _adapts_vision(p: Path, tower: str) -> bool:
+    """Whether the saved adapter holds weights inside the vision tower (read off the tensor names)."""
+    from safetensors import safe_open
+
+    with safe_open(str(p / ADAPTER_WEIGHTS), framework="pt") as f:
+        return any(f".{tower}." in f".{k}" for k in f.keys())
+
+
+def check_trained_layout(reader, layout: str, where: str, allow_mismatch: bool = False) -> None:
+    """Refuse to score with ``layout`` a reader whose adapter stage 1 trained on another layout
+    (a prompt the reader never saw), unless ``allow_mismatch``. ``where`` names the option that
+    asked for ``layout``. A reader with no recorded layout (no adapter, or one trained elsewhere)
+    passes."""
+    trained = getattr(reader, "trained_layout", None)
+    if trained is None or trained == layout or allow_mismatch:
+        return
+    source = getattr(reader, "trained_layout_from", None) or "its adapter"
+    raise ValueError(
+        f"layout: the reader's adapter was trained (stage 1) on the {trained!r} layout (recorded in "
+        f"{source}), but {where} is {layout!r}; use one layout for every stage, or pass "
+        "allow_layout_mismatch=True (--allow-layout-mismatch) to score another prompt on purpose"
+    )
 
 
 def load_adapter(reader: Reader, adapter_dir: str | os.PathLike, trainable: bool = False) -> Reader:
@@ -516,7 +600,13 @@ def load_adapter(reader: Reader, adapter_dir: str | os.PathLike, trainable: bool
     if trainable:
         reader.use_trainable_kernel()
     saved = LoraConfig.from_pretrained(str(p))
-    settings = LoraSettings(r=int(saved.r), alpha=saved.lora_alpha, dropout=float(saved.lora_dropout))
+    meta = _adapter_meta(p)
+    settings = LoraSettings(
+        r=int(saved.r),
+        alpha=saved.lora_alpha,
+        dropout=float(saved.lora_dropout),
+        vision=_adapts_vision(p, reader.family_facts.vision_modules[0]),
+    )
     if not reader.has_lora:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -532,6 +622,8 @@ def load_adapter(reader: Reader, adapter_dir: str | os.PathLike, trainable: bool
             raise ValueError(f"lora: the adapter in {str(p)!r} does not fit this reader (unexpected {missing[:3]})")
         for prm in reader.lora_parameters().values():
             prm.requires_grad_(trainable)
+    reader.trained_layout = meta.get("layout")
+    reader.trained_layout_from = str(p / ADAPTER_META) if reader.trained_layout is not None else None
     reader.model.eval()
     return reader
 
@@ -544,5 +636,6 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "check_checkpoint_dir",
+    "check_trained_layout",
     "lora_target_regex",
 ]

@@ -29,15 +29,18 @@ checkpoints and resume are :mod:`.loop`'s, shared with stage 2. A NaN/inf loss r
 Files in ``run_dir``: ``identity.json`` (what decides the result: the reader with the adapter it
 starts from, the train and validation samples, the index and encoder or their absence, the task
 and every option but ``RESUME_FREE``; a resume with any of them changed is refused naming them),
-``config.json``, ``checkpoints/`` (``step-*``, ``best``, ``LATEST``), ``log.jsonl`` (a line per
-step and per validation, :mod:`.run_log`; ``tensorboard/`` with ``report_to="tensorboard"``),
-``adapter/`` (the final LoRA adapter, ``load_reader(path, lora=run_dir / "adapter")``),
+``config.json`` (the options and the adapter's ``lora`` settings), ``checkpoints/`` (``step-*``,
+``best``, ``LATEST``), ``log.jsonl`` (a line per step and per validation, :mod:`.run_log`;
+``tensorboard/`` with ``report_to="tensorboard"``),
+``adapter/`` (the final LoRA adapter, ``load_reader(path, lora=run_dir / "adapter")``; its
+``jomed_adapter.json`` records ``config.layout``, which stage 2 and inference then hold to),
 ``result.json``. SIGTERM stops the run after the step under way, checkpointed
 (:class:`~.preemption.StoppedBySignal`); a rerun resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -329,7 +332,10 @@ def train_reader(
     _check_args(config, reader, task, train_samples, val_samples, retrieval, retriever)
     run_dir = Path(run_dir)
     identity = _identity(config, reader, task, train_samples, val_samples, retrieval, retriever)
-    ckpt = open_run(run_dir, identity, config.to_dict(), resume)
+    # config.json also shows the adapter's settings (rank, vision tower adapted or not): the
+    # identity holds them through the reader's fingerprint, which people cannot read
+    lora = dataclasses.asdict(reader.lora) if reader.lora is not None else None
+    ckpt = open_run(run_dir, identity, {**config.to_dict(), "lora": lora}, resume)
     _seed_everything(config.seed)
     train, val = _build_examples(config, task, train_samples, val_samples, retrieval, retriever)
     _set_gradient_checkpointing(reader, config.gradient_checkpointing)
@@ -339,6 +345,11 @@ def train_reader(
     finally:
         reader.model.zero_grad(set_to_none=True)
     reader.eval()
-    result = _result(state, stage1, run_dir, reader.save_adapter(run_dir / ADAPTER_DIR))
+    adapter_dir = reader.save_adapter(run_dir / ADAPTER_DIR, layout=config.layout)
+    # the reader in memory now carries what its saved adapter records: stage 2 and inference in
+    # this process are held to the layout it was trained on, as a reader loaded from the adapter is
+    reader.trained_layout = config.layout
+    reader.trained_layout_from = str(adapter_dir / "jomed_adapter.json")
+    result = _result(state, stage1, run_dir, adapter_dir)
     write_result(run_dir, result.to_dict())
     return result

@@ -2,10 +2,14 @@ r"""Stage 2 of JOMED: retriever fine-tuning by Sharp Perplexity Distillation (re
 
 For a batch of B training queries (image :math:`x_b`, question, gold class :math:`a_b`):
 
-1. **candidates** — the *candidate encoder* (a frozen copy of the learned query encoder,
-   re-copied every ``refresh_every`` steps; the reference's ``base_retriever``) embeds the query
-   images and the index returns the top K rows of the trained head (``text``: index captions,
-   ``image``: index images; the other head brings nothing);
+1. **candidates** — the index returns the top K rows of the trained head (``text``: index
+   captions, ``image``: index images; the other head brings nothing) for the *candidate query*:
+   with ``candidate_query="mixed"`` (default) :math:`\mathrm{norm}(\alpha f_{stale}(x_b) +
+   (1-\alpha) f_0(x_b))`, where :math:`f_{stale}` is the candidate encoder (a frozen copy of the
+   learned query encoder, re-copied every ``refresh_every`` steps) and :math:`f_0` the frozen
+   initial encoder — the reference's ``partial_encoding(base_retriever,
+   passage_encoder_for_train)``, the same kind of query inference uses; ``"unmixed"``:
+   :math:`f_{stale}(x_b)` alone (``HeadModel.candidate_queries``);
 2. **reader posterior** — the frozen reader's class log-probabilities ``[B, K, C]``
    (``CandidateScorer``), through the exact score cache (:mod:`.score_cache`, :mod:`.pair_scores`:
    keyed by the reader's fingerprint and the query's and candidate's content),
@@ -20,12 +24,13 @@ For a batch of B training queries (image :math:`x_b`, question, gold class :math
 4. **loss** — ``ops.retrieval_kl_loss(s, t, tau_retriever, tau_reader)``
    :math:`= \frac1B \sum_b \mathrm{KL}(\mathrm{softmax}(t_b/\tau_{reader}) \,\|\,
    \mathrm{softmax}(s_b/\tau_{retriever}))` with target logits :math:`t = r` (``target="gold"``,
-   the paper) or :math:`t = \log\mathrm{softmax}(r) + \log\mathrm{softmax}(s.\mathrm{detach}())`
-   (``"gold_with_retriever_prior"``, the reference scripts' ``--add_prior_to_gold_score``);
-   AdamW on the last ``n_trainable`` image-tower layers, linear warm-up + cosine decay.
+   the paper) or one of the other ``retriever_loss.TARGETS`` (the authors' code's double-softmax
+   gold, with or without the retriever's detached log-prior: ``--add_prior_to_gold_score`` is
+   ``"reference_double_softmax_gold_with_prior"``); AdamW on the last ``n_trainable`` image-tower
+   layers, linear warm-up + cosine decay.
 
 Metrics (per epoch, on ``val`` or else the training queries, candidates from the current
-candidate encoder): the KL above with the paper's target, the **top-1 agreement**
+candidate query): the KL above with the paper's target, the **top-1 agreement**
 :math:`\frac1B\sum_b [\arg\max_k s_{b,k} = \arg\max_k r_{b,k}]` — how often the retriever's first
 choice is the reader's — and the **head-only accuracy**: the head's top ``select_k`` under the
 trained query embedding, fused by the paper's rule. Given a ``partner`` (the other head as
@@ -56,6 +61,7 @@ from pathlib import Path
 
 from ..data.records import records_digest
 from ..readers.fingerprint import reader_fingerprint
+from ..readers.hf_reader import check_trained_layout
 from ..retriever.dual import QueryEncoder
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint
 from .loop import (
@@ -72,7 +78,7 @@ from .loop import (
 from .pair_scores import PairScores, scoring_layout
 from .retriever_config import RESUME_FREE, RetrieverTrainConfig
 from .retriever_data import QuerySet
-from .retriever_loss import distillation_loss, retriever_scores, top1_agreement
+from .retriever_loss import distillation_loss, gold_kind, retriever_scores, top1_agreement
 from .retriever_model import HeadModel, Partner, evaluate_retriever
 from .score_cache import ScoreCache
 
@@ -180,7 +186,7 @@ class _Stage2(HeadModel):
         (idx,) = batches  # one batch per step (grad_accum 1)
         before = self._counters()
         self.train_mode(True)
-        r, e, images = self.batch(self.queries, idx)
+        r, e, images = self.batch(self.queries, idx, gold_kind(self.config.target))
         s = retriever_scores(self.query_embeddings(images), e)
         loss = distillation_loss(s, r, self.config)
         loss.backward()
@@ -363,6 +369,9 @@ def train_retriever(
     eval_queries = QuerySet.from_samples(val, task, "val") if val is not None else queries
     reader.eval()
     scorer = _scorer(reader, task, config) if scorer is None else scorer
+    if scorer.layout != config.layout:
+        raise ValueError(f"scorer: its layout {scorer.layout!r} differs from config.layout {config.layout!r}")
+    check_trained_layout(reader, config.layout, "RetrieverTrainConfig.layout (stage 2)", config.allow_layout_mismatch)
     ns = (reader_fingerprint(reader), task.identity, scoring_layout(scorer))
     run_path = Path(run_dir)
     ckpt = open_run(run_path, _identity(config, ns, train, val, retrieval, encoder, partner), config.to_dict(), resume)

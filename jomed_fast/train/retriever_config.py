@@ -26,10 +26,21 @@ option                 default    where it comes from
 ``n_trainable``        10         the paper (the last 10 image-tower layers); the reference
                                   code freezes by model type and shows no such number for jina
 ``seed``               10         scripts: ``--seed 10``
-``target``             "gold"     the paper's SPD target ``softmax(log p(a|z_k,q) / tau_reader)``;
-                                  ``"gold_with_retriever_prior"`` is the scripts'
-                                  ``--add_prior_to_gold_score``: ``softmax((log_softmax(gold) +
-                                  log_softmax(s.detach())) / tau_reader)`` (``src/jomed.py``)
+``target``             "gold"     the paper's SPD target ``softmax(log p(a|z_k,q) / tau_reader)``
+                                  (``retriever_loss`` has the four targets):
+                                  ``"reference_double_softmax_gold_with_prior"`` is exactly the
+                                  scripts' ``--add_prior_to_gold_score`` (the code's gold
+                                  ``-cross_entropy(softmax(class logits), gold)``, a softmax applied
+                                  twice, plus the retriever's detached log-prior; ``src/jomed.py``);
+                                  ``"reference_double_softmax_gold"`` the code's gold alone;
+                                  ``"gold_with_retriever_prior"`` the paper's gold with that prior
+``candidate_query``    "mixed"    the query that retrieves the K training candidates:
+                                  ``norm(alpha f_stale(x) + (1 - alpha) f_0(x))``, the reference's
+                                  ``partial_encoding(base_retriever, passage_encoder_for_train)``
+                                  in ``_image_retrieve`` (the same mix as the trained score, with
+                                  the stale copy ``f_stale`` refreshed every ``refresh_every``
+                                  steps in place of the learned encoder); ``"unmixed"``:
+                                  ``f_stale(x)`` alone. The same with ``alpha=None``
 ``grad_clip``          None       the reference calls ``clip_grad_norm_`` before ``backward`` (no
                                   effect), so none by default
 ``select``             "last"     ``"best_val_accuracy"``: keep the epoch (step 0 included) whose
@@ -43,8 +54,10 @@ option                 default    where it comes from
 Chosen here (not in the reference): ``epochs`` (the reference runs ``--total_steps 50000``; set
 ``max_steps`` for that), ``checkpoint_every`` (200), ``keep_checkpoints`` (2), ``log_every`` (1:
 a line of ``run_dir/log.jsonl`` per step), ``report_to`` (``"none"``; ``"tensorboard"`` also
-writes ``run_dir/tensorboard/``), ``layout``
-(``"shared_query"``, exact and faster than ``"paper"``; see ``scoring``), ``class_mode`` /
+writes ``run_dir/tensorboard/``), ``layout`` (``"paper"``, the order of the paper and its code and
+the default of stage 1 and inference: the reader is distilled on the prompt it was trained on;
+``"shared_query"`` is faster but another prompt, see ``jomed_fast.prompts``), ``allow_layout_mismatch``
+(False: a reader whose stage-1 adapter recorded another layout is refused, naming both), ``class_mode`` /
 ``sequence_normalize``. The reference's ``KLDivLoss()`` averages over B*K entries; we use
 ``ops.retrieval_kl_loss`` (mean over B): the gradient differs by the constant K, which AdamW
 undoes (up to its epsilon).
@@ -56,17 +69,26 @@ import dataclasses
 
 from ..prompts import LAYOUTS
 from ._config import JsonConfig
+from .retriever_loss import TARGETS
 from .run_log import REPORT_TO
 
-__all__ = ["HEADS", "RESUME_FREE", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
+__all__ = ["CANDIDATE_QUERIES", "HEADS", "RESUME_FREE", "SELECTIONS", "TARGETS", "RetrieverTrainConfig"]
 
 HEADS = ("text", "image")
-TARGETS = ("gold", "gold_with_retriever_prior")
+CANDIDATE_QUERIES = ("mixed", "unmixed")
 SELECTIONS = ("last", "best_val_accuracy")
 CLASS_MODES = ("auto", "first_token", "sequence")
 # options that cannot change the trained weights (a resume is exact whatever they are; the score
 # cache is exact wherever it is): they may differ between a run and its resume
-RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "cache_path", "eval_each_epoch", "log_every", "report_to")
+RESUME_FREE = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "cache_path",
+    "eval_each_epoch",
+    "log_every",
+    "report_to",
+    "allow_layout_mismatch",  # a permission: the layout itself is part of the identity
+)
 
 
 @dataclasses.dataclass
@@ -77,7 +99,16 @@ class RetrieverTrainConfig(JsonConfig):
     k: int = 50
     tau_retriever: float = 1.0
     tau_reader: float = 1.0
-    target: str = "gold"
+    target: str = dataclasses.field(
+        default="gold",
+        metadata={
+            "choices": TARGETS,
+            "help": "distillation target: gold (the paper's), reference_double_softmax_gold_with_prior "
+            "(exactly the authors' --add_prior_to_gold_score), reference_double_softmax_gold (the code's "
+            "gold -cross_entropy(softmax(logits), gold) alone), gold_with_retriever_prior (the paper's "
+            "gold with that prior)",
+        },
+    )
     lr: float = 1e-4
     weight_decay: float = 1.0
     warmup_steps: int = 20
@@ -86,13 +117,28 @@ class RetrieverTrainConfig(JsonConfig):
     max_steps: int | None = None
     refresh_every: int | None = 10
     alpha: float | None = 0.15
+    candidate_query: str = dataclasses.field(
+        default="mixed",
+        metadata={
+            "choices": CANDIDATE_QUERIES,
+            "help": "query retrieving the training candidates: mixed, alpha x the stale learned copy + "
+            "(1 - alpha) x the frozen encoder (the authors' code); unmixed, the stale copy alone",
+        },
+    )
     n_trainable: int = 10
     grad_clip: float | None = None
     select: str = "last"
     select_k: int = 2
     seed: int = 10
     shuffle: bool = True
-    layout: str = "shared_query"
+    layout: str = "paper"
+    allow_layout_mismatch: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "score with a layout other than the one the reader's stage-1 adapter recorded "
+            "(distils a prompt the reader was not trained on)"
+        },
+    )
     class_mode: str = "auto"
     sequence_normalize: bool = False
     memory_budget: int | None = None
@@ -111,6 +157,7 @@ class RetrieverTrainConfig(JsonConfig):
         for name, choices in (
             ("head", HEADS),
             ("target", TARGETS),
+            ("candidate_query", CANDIDATE_QUERIES),
             ("layout", LAYOUTS),
             ("class_mode", CLASS_MODES),
             ("select", SELECTIONS),
@@ -132,7 +179,7 @@ class RetrieverTrainConfig(JsonConfig):
         self._check_float("weight_decay", 0.0)
         self._check_float("alpha", 0.0, 1.0, optional=True)
         self._check_float("grad_clip", 0.0, lo_open=True, optional=True)
-        self._check_bool("shuffle", "sequence_normalize", "eval_each_epoch")
+        self._check_bool("shuffle", "sequence_normalize", "eval_each_epoch", "allow_layout_mismatch")
         if self.cache_path is not None and not isinstance(self.cache_path, str):
             self._fail("cache_path", "a str path or None", self.cache_path)
         return self

@@ -1,7 +1,9 @@
-r"""Stage 2's model side, for one head: the trained query encoder, the candidate encoder that
-retrieves the training candidates (a frozen copy of the learned encoder, re-copied by ``refresh``),
-the batch (candidates from the index, the reader's gold log-likelihoods through the score cache,
-the candidates' fixed embeddings), and the evaluation (KL, top-1 agreement, the fused accuracy of
+r"""Stage 2's model side, for one head: the trained query encoder, the candidate encoder (a
+frozen copy of the learned encoder, re-copied by ``refresh``: the reference's ``base_retriever``)
+and the query that retrieves the training candidates from it (``candidate_queries``: by default
+mixed with the frozen initial encoder as the trained score is, as the reference's
+``_image_retrieve`` does), the batch (candidates from the index, the reader's gold scores through
+the score cache, the candidates' fixed embeddings), and the evaluation (KL, top-1 agreement, the fused accuracy of
 the head alone and, with a :class:`Partner` — the other head as inference runs it — of the whole
 system). Used by :mod:`.retriever` (the trainer).
 """
@@ -13,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import ops
 from .._checks import check_int
@@ -20,9 +23,9 @@ from ..identity import json_digest
 from ..retriever.dual import QueryEncoder
 from .data_order import epoch_batches
 from .loop import encoder_fingerprint
-from .pair_scores import CandidateKeys, PairScores, gold_log_likelihoods
+from .pair_scores import CandidateKeys, PairScores
 from .retriever_data import QuerySet
-from .retriever_loss import retriever_scores, top1_agreement
+from .retriever_loss import gold_scores, retriever_scores, top1_agreement
 
 __all__ = ["HeadModel", "Partner", "evaluate_retriever"]
 
@@ -83,16 +86,34 @@ class HeadModel:
             got.candidates,
         )
 
-    def batch(self, queries: QuerySet, idx: list[int]):
-        """Reader gold log-likelihoods ``r [B, K]``, candidate embeddings ``e [B, K, D]``, the B images."""
+    @torch.no_grad()
+    def candidate_queries(self, images: list) -> torch.Tensor:
+        r"""``[B, D]``: the query that retrieves the training candidates. ``candidate_query="mixed"``
+        (default): :math:`\mathrm{norm}(\alpha f_{stale}(x) + (1-\alpha) f_0(x))`, the trained
+        score's mix (``QueryEncoder``) with the candidate encoder in place of the learned one, as
+        the reference's ``partial_encoding(base_retriever, passage_encoder_for_train)`` (its mix is
+        not normalised; a positive factor per query leaves its top-k the same). ``"unmixed"``, or
+        ``alpha`` None: :math:`f_{stale}(x)` alone."""
+        q = self.candidate_encoder.encode_images(images)
+        alpha = self.encoder.alpha
+        if self.config.candidate_query == "unmixed" or alpha is None:
+            return q
+        q0 = self.encoder.frozen.encode_images(images)
+        return F.normalize(alpha * q + (1 - alpha) * q0, dim=-1)
+
+    def candidates(self, images: list):
+        """The top ``config.k`` of the trained head for ``candidate_queries(images)`` (``Retrieved``)."""
         cfg = self.config
-        images = queries.images(idx)
-        with torch.no_grad():
-            qc = self.candidate_encoder.encode_images(images)
         kt, ki = (cfg.k, 0) if cfg.head == "text" else (0, cfg.k)
-        got = self.retrieval.search(qc, k_text=kt, k_image=ki)
-        r = gold_log_likelihoods(self._rows(queries, idx, images, got), queries.labels[idx], self.pairs.scorer.head)
-        return r, self.retrieval.embeddings(cfg.head, got.ids), images
+        return self.retrieval.search(self.candidate_queries(images), k_text=kt, k_image=ki)
+
+    def batch(self, queries: QuerySet, idx: list[int], gold: str = "paper"):
+        """Gold scores ``r [B, K]`` of kind ``gold`` (``retriever_loss.gold_scores``; the paper's:
+        the reader's gold log-likelihoods), candidate embeddings ``e [B, K, D]``, the B images."""
+        images = queries.images(idx)
+        got = self.candidates(images)
+        r = gold_scores(self._rows(queries, idx, images, got), queries.labels[idx], gold, self.pairs.scorer.head)
+        return r, self.retrieval.embeddings(self.config.head, got.ids), images
 
     def train_mode(self, on: bool) -> None:
         """Train mode for the learned encoder only; the mixing anchor and candidate encoder stay in eval."""
