@@ -110,7 +110,10 @@ def run_predict(v: dict) -> int:
     )
     from ..eval import prediction_metrics
 
-    print(json.dumps({"predictions": out, **prediction_metrics(records)}, indent=1))
+    summary = {"predictions": out, **prediction_metrics(records)}
+    if retrieval is not None and config.retrieval == "retrieved":
+        summary["excluded_self"] = retrieval.excluded.to_dict()  # this process's queries (a resume: the rest)
+    print(json.dumps(summary, indent=1))
     return 0
 
 

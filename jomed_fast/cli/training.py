@@ -85,6 +85,7 @@ def run_train_reader(v: dict) -> int:
                 "best_val_loss": result.best_val_loss,
                 "best_step": result.best_step,
                 "steps": result.steps,
+                "excluded_self": result.excluded_self,
             }
         )
     )
@@ -161,6 +162,7 @@ def run_train_retriever(v: dict) -> int:
                     h: {"final_eval": r.final_eval, "selected": r.selected, "cache": r.cache}
                     for h, r in results.items()
                 },
+                "excluded_self": retrieval.excluded.to_dict(),
             }
         )
     )

@@ -225,6 +225,7 @@ def predict_identity(
     if config.retrieval == "retrieved":
         identity["index"] = retrieval.index.digest()
         identity["encoder"] = encoder_fingerprint(encoder)
+        identity["exclusion"] = retrieval.exclusion.identity()
     for name, value in (inputs or {}).items():
         if name in identity:
             raise ValueError(f"inputs: {name!r} is already part of the identity")
@@ -253,7 +254,7 @@ def _candidates(config: InferConfig, retrieval, encoder, batch, images):
         return cands, torch.zeros(B, config.k), [["random"] * config.k for _ in range(B)], ids
     with torch.no_grad():
         q = encoder.encode_images(images)
-    got = retrieval.search(q, config.k_text, config.k_image)
+    got = retrieval.search(q, config.k_text, config.k_image, queries=batch)
     ids = [[c.id for c in row] for row in got.candidates]
     return got.candidates, got.scores.float(), got.heads, ids
 

@@ -86,6 +86,9 @@ class ReaderTrainResult:
         resumed_from: the checkpoint this process resumed from, if any.
         examples_per_second: training throughput of this process: examples over the seconds spent in
             training steps (encoding, forward, backward, optimizer; validation and checkpoints excluded).
+        excluded_self: ``{"train", "val"}`` index rows left out of the samples' retrieval as the
+            samples themselves (same id or image sha256, or near duplicates), summed over the split;
+            ``None`` without retrieval.
     """
 
     train_loss: list = field(default_factory=list)
@@ -100,6 +103,7 @@ class ReaderTrainResult:
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
     examples_per_second: float = 0.0
+    excluded_self: dict | None = None
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -151,15 +155,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_examples(config, task, train_samples, val_samples, retrieval, retriever) -> tuple[ExampleSet, ExampleSet]:
+def _build_examples(
+    config, task, train_samples, val_samples, retrieval, retriever
+) -> tuple[ExampleSet, ExampleSet, dict | None]:
+    """The train and validation examples, and the index rows their retrieval left out as the samples
+    themselves (``None`` without retrieval)."""
     train = list(train_samples)
     if config.class_balanced:
         train = [train[i] for i in balanced_indices(train, config.seed)]
     if retrieval is None:
-        return ExampleSet(train, task, config.layout), ExampleSet(list(val_samples), task, config.layout)
-    train_c, _ = retrieve_candidates(train, retrieval, retriever, config.k_text, config.k_image)
-    val_c, _ = retrieve_candidates(list(val_samples), retrieval, retriever, config.k_text, config.k_image)
-    return (ExampleSet(train, task, config.layout, train_c), ExampleSet(list(val_samples), task, config.layout, val_c))
+        return ExampleSet(train, task, config.layout), ExampleSet(list(val_samples), task, config.layout), None
+    train_c, _, train_x = retrieve_candidates(train, retrieval, retriever, config.k_text, config.k_image)
+    val_c, _, val_x = retrieve_candidates(list(val_samples), retrieval, retriever, config.k_text, config.k_image)
+    excluded = {"train": int(train_x.sum()), "val": int(val_x.sum())}
+    return (
+        ExampleSet(train, task, config.layout, train_c),
+        ExampleSet(list(val_samples), task, config.layout, val_c),
+        excluded,
+    )
 
 
 def _checkpointing_on(model) -> bool:
@@ -275,7 +288,9 @@ def _loop_options(config: ReaderTrainConfig, n: int) -> LoopOptions:
     )
 
 
-def _result(state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: Path) -> ReaderTrainResult:
+def _result(
+    state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: Path, excluded: dict | None
+) -> ReaderTrainResult:
     best = state.best
     return ReaderTrainResult(
         train_loss=[tuple(x) for x in state.log["train_loss"]],
@@ -290,6 +305,7 @@ def _result(state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: P
         last_checkpoint=state.last_checkpoint,
         resumed_from=state.resumed_from,
         examples_per_second=stage1.seen / stage1.busy if stage1.seen else 0.0,
+        excluded_self=excluded,
     )
 
 
@@ -331,7 +347,7 @@ def train_reader(
     identity = _identity(config, reader, task, train_samples, val_samples, retrieval, retriever)
     ckpt = open_run(run_dir, identity, config.to_dict(), resume)
     _seed_everything(config.seed)
-    train, val = _build_examples(config, task, train_samples, val_samples, retrieval, retriever)
+    train, val, excluded = _build_examples(config, task, train_samples, val_samples, retrieval, retriever)
     _set_gradient_checkpointing(reader, config.gradient_checkpointing)
     stage1 = _ReaderStage(config, reader, train, val)
     try:
@@ -339,6 +355,6 @@ def train_reader(
     finally:
         reader.model.zero_grad(set_to_none=True)
     reader.eval()
-    result = _result(state, stage1, run_dir, reader.save_adapter(run_dir / ADAPTER_DIR))
+    result = _result(state, stage1, run_dir, reader.save_adapter(run_dir / ADAPTER_DIR), excluded)
     write_result(run_dir, result.to_dict())
     return result

@@ -90,7 +90,7 @@ class HeadModel:
         with torch.no_grad():
             qc = self.candidate_encoder.encode_images(images)
         kt, ki = (cfg.k, 0) if cfg.head == "text" else (0, cfg.k)
-        got = self.retrieval.search(qc, k_text=kt, k_image=ki)
+        got = self.retrieval.search(qc, k_text=kt, k_image=ki, queries=[queries.samples[i] for i in idx])
         r = gold_log_likelihoods(self._rows(queries, idx, images, got), queries.labels[idx])
         return r, self.retrieval.embeddings(cfg.head, got.ids), images
 
@@ -118,7 +118,7 @@ class HeadModel:
                 raise ValueError("with_partner: expected a HeadModel built with a partner, got none")
             k[other] = self.partner.k
             q = {cfg.head: mine, other: self.partner.embed(images)}
-        got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"])
+        got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"], queries=[queries.samples[i] for i in idx])
         rows = self._rows(queries, idx, images, got)
         fused = ops.fuse_candidates(rows, got.scores.to(rows), 1.0)
         return int((fused.argmax(-1).cpu() == queries.labels[idx]).sum())
