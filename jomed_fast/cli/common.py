@@ -64,10 +64,10 @@ def load_retrieval_from(values: dict):
 
     if values["encoder"] is None:
         raise ValueError("--encoder: required with --index (the index's encoder embeds the queries)")
-    encoder = load_encoder(values["encoder"], trust_remote_code=values["trust_remote_code"])
-    index = Index.open(values["index"], encoder)
     near = values["near_duplicate"]
     if near is not None and not 0.0 < near <= 1.0:
         raise ValueError(f"--near-duplicate: expected a cosine in (0, 1], got {near!r}")
+    encoder = load_encoder(values["encoder"], trust_remote_code=values["trust_remote_code"])
+    index = Index.open(values["index"], encoder)
     records = load_index_records(values["index_records"]) if values["index_records"] else None
     return Retrieval(index, records, exclude_self=values["exclude_self"], near_duplicate=near), encoder
