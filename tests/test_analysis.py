@@ -13,7 +13,8 @@ from jomed_fast.analysis import (
     rerank_accuracy,
     rerank_fusion,
     rerank_top_confidence,
-    rerank_top_retrieval,
+    rerank_top_image,
+    rerank_top_text,
     split_consistency,
     split_metrics,
     uniform_random_records,
@@ -58,7 +59,8 @@ def test_split_oracle_rerank(tmp_path):
     acc = rerank_accuracy(
         RECS,
         {
-            "top1": rerank_top_retrieval,
+            "top1": rerank_top_text,
+            "top1_image": rerank_top_image,
             "conf": rerank_top_confidence,
             "fusion": rerank_fusion,
             "last": lambda r: len(r.candidates) - 1,
@@ -66,6 +68,7 @@ def test_split_oracle_rerank(tmp_path):
     )
     assert acc == {
         "top1": pytest.approx(1 / 3),
+        "top1_image": pytest.approx(2 / 3),
         "conf": pytest.approx(2 / 3),
         "fusion": pytest.approx(2 / 3),
         "last": pytest.approx(2 / 3),

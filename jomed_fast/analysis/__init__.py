@@ -1,6 +1,8 @@
 """Analyses over stored per-query prediction records (``jomed_fast.analysis``); no model needed.
 
 ``consistency`` (the inconsistent / consistent split, oracle, rerankers, writing tables),
+``head_top1`` (the top-1 candidate of each retrieval head, the one definition ``evaluate`` and
+``analyze`` share),
 ``robustness`` (Table 7), ``per_class`` (F1 per class), ``calibration`` (reliability of the fused
 probabilities), ``figures`` (the charts, drawn without pyplot), ``prediction_records`` (the format).
 """
@@ -16,12 +18,14 @@ from .consistency import (
     rerank_accuracy,
     rerank_fusion,
     rerank_top_confidence,
-    rerank_top_retrieval,
+    rerank_top_image,
+    rerank_top_text,
     split_consistency,
     split_metrics,
     write_analysis,
     write_consistency_tables,
 )
+from .head_top1 import head_top1, head_top1_metrics
 from .per_class import per_class_f1, write_per_class_f1
 from .prediction_records import Candidate, PredictionRecord, read_jsonl, write_jsonl
 from .robustness import metrics_table, uniform_random_records
@@ -31,6 +35,8 @@ __all__ = [
     "Candidate",
     "PredictionRecord",
     "check_same_queries",
+    "head_top1",
+    "head_top1_metrics",
     "inconsistency_shares",
     "is_inconsistent",
     "metrics_table",
@@ -42,7 +48,8 @@ __all__ = [
     "rerank_accuracy",
     "rerank_fusion",
     "rerank_top_confidence",
-    "rerank_top_retrieval",
+    "rerank_top_image",
+    "rerank_top_text",
     "split_consistency",
     "split_metrics",
     "uniform_random_records",

@@ -18,9 +18,12 @@ from jomed_fast.data.io import atomic_write_text
 from jomed_fast.eval.metrics import normalize_answer
 
 from .figures import ChartSpec, bar_chart, display_name, percent, save_png
+from .head_top1 import head_top1
 from .prediction_records import PredictionRecord
 
-Reranker = Callable[[PredictionRecord], int]  # returns the index of the chosen candidate
+# returns the index of the chosen candidate, or None when the reranker has nothing to choose from
+# (the per-head top-1 of a record without a candidate of that head): the record is left out
+Reranker = Callable[[PredictionRecord], int | None]
 
 
 def _key(pred, kind):
@@ -124,8 +127,14 @@ def oracle_accuracy(records: Sequence[PredictionRecord]) -> float:
     return float(np.mean([oracle_correct(r) for r in records]))
 
 
-def rerank_top_retrieval(rec: PredictionRecord) -> int:
-    return int(np.argmax([c.score for c in rec.candidates]))
+def rerank_top_text(rec: PredictionRecord) -> int | None:
+    """The text head's top-1 (:mod:`.head_top1`: scores are compared within a head only)."""
+    return head_top1(rec, "text")
+
+
+def rerank_top_image(rec: PredictionRecord) -> int | None:
+    """The image head's top-1 (:mod:`.head_top1`)."""
+    return head_top1(rec, "image")
 
 
 def rerank_top_confidence(rec: PredictionRecord) -> int:
@@ -150,7 +159,8 @@ def inconsistency_shares(systems: Mapping[str, Sequence[PredictionRecord]]) -> d
 
 
 def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str, Reranker]) -> dict[str, float | None]:
-    """Accuracy of each reranker's chosen candidate (``rerank_fusion`` scores the fused answer)."""
+    """Accuracy of each reranker's chosen candidate (``rerank_fusion`` scores the fused answer) over
+    the records it chose one for (None: it chose for none)."""
     out = {}
     for name, fn in rerankers.items():
         hits = []
@@ -159,6 +169,8 @@ def rerank_accuracy(records: Sequence[PredictionRecord], rerankers: Mapping[str,
                 hits.append(_correct(r.fused, r))
                 continue
             k = fn(r)
+            if k is None:
+                continue
             if not isinstance(k, (int, np.integer)) or not 0 <= k < len(r.candidates):
                 raise ValueError(
                     f"rerankers[{name!r}]: expected a candidate index in 0..{len(r.candidates) - 1}, got {k!r}"
@@ -203,7 +215,8 @@ def write_analysis(
 
 # The paper's Table 8 rerankers (an external one is any ``Reranker`` added to this mapping).
 PAPER_RERANKERS: dict[str, Reranker] = {
-    "top1_retrieval": rerank_top_retrieval,
+    "top1_text": rerank_top_text,
+    "top1_image": rerank_top_image,
     "top1_confidence": rerank_top_confidence,
     "fusion": rerank_fusion,
 }

@@ -42,7 +42,8 @@ _NAMES = {
     "macro_f1": "macro-F1",
     "subset_accuracy": "subset accuracy",
     "exact_match": "exact match",
-    "top1_retrieval": "top-1 retrieval",
+    "top1_text": "top-1 text head",
+    "top1_image": "top-1 image head",
     "top1_confidence": "top-1 confidence",
     "rerank_oracle": "reranking and oracle",
 }

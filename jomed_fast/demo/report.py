@@ -8,7 +8,7 @@ Tables (each as JSON + markdown + PNG through ``analysis.write_analysis``):
 * oracle (Table 1): any candidate right, for fine-tuned RAG's and JOMED's candidates;
 * robustness (Table 7): JOMED with no retrieval, random retrieval, no query image, and a
   uniform-random classifier;
-* reranking (Table 8): JOMED's top-1 candidate by retrieval score, by reader confidence, fusion;
+* reranking (Table 8): JOMED's top-1 candidate of each head by retrieval score, by reader confidence, fusion;
 * per-class F1 of the three systems, each system's share of inconsistent queries, and the
   reliability diagram of their fused probabilities (``calibration``).
 
