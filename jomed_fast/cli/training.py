@@ -84,6 +84,8 @@ def run_train_reader(v: dict) -> int:
                 "adapter": str(result.adapter_dir),
                 "best_val_loss": result.best_val_loss,
                 "best_step": result.best_step,
+                "select_by": result.select_by,
+                "best_value": result.best_value,
                 "steps": result.steps,
                 "excluded_self": result.excluded_self,
             }

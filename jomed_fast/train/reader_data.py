@@ -142,6 +142,10 @@ class ExampleSet:
             raise ValueError(f"samples[{i}]: expected a label or a non-empty answer string, got {answer!r}")
         return answer
 
+    def label(self, j: int) -> int:
+        """The class index of example ``j``'s sample."""
+        return int(self.samples[self.examples[j].sample].label)
+
     def prompt(self, j: int) -> tuple[list[Any], list[dict], str]:
         """``(images, messages, answer)`` of example ``j``."""
         ex = self.examples[j]
