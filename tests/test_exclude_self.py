@@ -183,3 +183,68 @@ def test_queries_must_match_the_embeddings(setup):
     q = _embed(enc, [recs[0].load_image()])
     with pytest.raises(ValueError, match=r"queries: expected one record per query embedding \(1\), got 2"):
         Retrieval(ix).search(q, 1, 1, queries=[_sample("a"), _sample("b")])
+
+
+@pytest.fixture(scope="module")
+def own_records(tmp_path_factory):
+    """An index that holds the queries themselves (their ids and pixels) beside other records, a
+    tiny reader's scorer and the index's encoder."""
+    from jomed_fast.readers import load_reader, tiny
+    from jomed_fast.scoring import CandidateScorer
+
+    root = tmp_path_factory.mktemp("own_records")
+    gen = SyntheticGenerator(index_size=16, image_size=32)
+    samples = [gen.sample("train", i) for i in range(6)]
+    recs = gen.index_records(0, 16) + [IndexRecord(s.id, None, "a case like this one", s.load_image()) for s in samples]
+    torch.manual_seed(0)
+    enc = TinyCLIP.from_captions([r.text for r in recs], width=8, depth=1, dim=16)
+    ix = Index.build(recs, enc, root / "ix", progress=False)
+    reader = load_reader(tiny.build("qwen2_vl", root / "reader"), device="cpu")
+    reader.model.requires_grad_(False)
+    return samples, recs, ix, enc, reader, CandidateScorer(reader, "synthetic", "paper")
+
+
+def test_predict_never_shows_a_query_its_own_record(own_records):
+    from jomed_fast.infer import InferConfig, predict, predict_identity
+
+    samples, recs, ix, enc, _reader, scorer = own_records
+    config = InferConfig(k_text=2, k_image=2)
+    retrieval = Retrieval(ix, recs)
+    got = predict(scorer, samples, retrieval=retrieval, encoder=enc, config=config, progress=False)
+    for s, r in zip(samples, got):
+        assert len(r.candidates) == 4 and all(c.id != s.id for c in r.candidates)
+    assert retrieval.excluded.records == len(samples) and retrieval.excluded.by_id == len(samples)
+    plain = Retrieval(ix, recs, exclude_self=False)
+    back = predict(scorer, samples, retrieval=plain, encoder=enc, config=config, progress=False)
+    # off: the image head brings each query's own record (its very pixels) back, in its top 2 (the
+    # tiny encoder ties some images)
+    assert all(s.id in {c.id for c in r.candidates[2:]} for s, r in zip(samples, back))
+    ids = [predict_identity(scorer, samples, retrieval=x, encoder=enc, config=config) for x in (retrieval, plain)]
+    assert ids[0]["exclusion"] != ids[1]["exclusion"]  # a predictions file resumes only with the same rule
+
+
+def test_stage_two_never_scores_a_query_against_its_own_record(own_records, tmp_path, monkeypatch):
+    from jomed_fast.retriever import QueryEncoder
+    from jomed_fast.train.retriever import RetrieverTrainConfig, train_retriever
+
+    samples, recs, ix, enc, reader, _scorer = own_records
+    retrieval = Retrieval(ix, recs)
+    seen = []
+    search = retrieval.search
+
+    def spy(*args, **kwargs):
+        got = search(*args, **kwargs)
+        seen.append((kwargs.get("queries"), got))
+        return got
+
+    monkeypatch.setattr(retrieval, "search", spy)
+    cfg = RetrieverTrainConfig(k=4, batch_size=3, max_steps=2, refresh_every=None, alpha=None, head="image")
+    import copy
+
+    query = QueryEncoder(copy.deepcopy(enc), cfg.n_trainable, cfg.alpha)
+    train_retriever(cfg, reader, "synthetic", query, retrieval, samples, None, tmp_path / "run", progress=False)
+    assert seen and all(q is not None for q, _ in seen)
+    for queries, got in seen:
+        for s, row in zip(queries, got.candidates):
+            assert len(row) in (cfg.k, cfg.select_k) and all(c.id != s.id for c in row)
+    assert retrieval.excluded.by_id == sum(len(q) for q, _ in seen)
