@@ -20,6 +20,12 @@ in-memory pixels is compared with the decoded pixels), so records in another ord
 with other images are refused before any search. Record images are decoded on first use
 and kept (the same index rows come back across queries and epochs); with the index's own rows, an
 image is checked against its recorded sha256 when it is first decoded.
+
+Leave-self-out (:mod:`jomed_fast.self_exclusion`, on by default): given the query records
+(``search(..., queries=samples)``), index rows with a query's id or image digest (and, with
+``near_duplicate``, rows whose image embedding is that close to it) are left out of every head's
+top-k, which still holds k rows; ``Retrieved.excluded`` counts them per query and
+``Retrieval.excluded`` over every search of the object.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from .data.records import IndexRecord, image_identity, pixels_digest
 from .prompts import Candidate
 from .retriever.dual import Candidates, merge_heads
+from .self_exclusion import ExclusionCount, RowKeys, SelfExclusion, keep_first_allowed
 
 __all__ = ["Retrieval", "Retrieved"]
 
@@ -45,12 +52,14 @@ class Retrieved:
         ids: ``[Q, K]`` int64 index rows. scores: ``[Q, K]`` float32 similarities (comparable
         within a head only). heads: ``[Q][K]`` ``"text"`` / ``"image"``. candidates: ``[Q][K]``
         :class:`Candidate` (image, caption, record id) ready for ``CandidateScorer.score``.
+        excluded: ``[Q]`` int64, the index rows left out of each query's search as the query itself.
     """
 
     ids: torch.Tensor
     scores: torch.Tensor
     heads: list
     candidates: list
+    excluded: torch.Tensor
 
 
 class Retrieval:
@@ -66,9 +75,23 @@ class Retrieval:
             query embeddings stay there and ``Retrieved.ids`` / ``scores`` and ``embeddings`` come
             back on it (the reader's device, so stage 2 and inference never round-trip through the
             CPU); None keeps the index where it is (memory-mapped on the CPU unless moved).
+        exclude_self: leave each query's own index rows (same record id or image sha256) out of its
+            search when the query records are given to :meth:`search`.
+        near_duplicate: also leave out rows whose image embedding has cosine >= this with the query's
+            image-head embedding (``None``: off); see :mod:`jomed_fast.self_exclusion`.
     """
 
-    def __init__(self, index, records: Sequence[IndexRecord] | None = None, *, backend: str = "ops", device=None):
+    def __init__(
+        self,
+        index,
+        records: Sequence[IndexRecord] | None = None,
+        *,
+        backend: str = "ops",
+        device=None,
+        exclude_self: bool = True,
+        near_duplicate: float | None = None,
+    ):
+        self.exclusion = SelfExclusion(exclude_self, near_duplicate)
         if device is not None:
             index.to(device)
         stored = index.records()
@@ -87,6 +110,8 @@ class Retrieval:
         self.backend = backend
         self._stored = stored if own else None
         self._images: dict[int, object] = {}
+        self._row_keys = RowKeys(stored) if self.exclusion.exclude_self else None
+        self.excluded = ExclusionCount()
 
     def candidate(self, row: int) -> Candidate:
         """Index row -> ``Candidate(image, caption, id)``; the image is decoded once per row."""
@@ -119,22 +144,85 @@ class Retrieval:
                 f"(sha256 {have[:12]}…, built from {want[:12]}…); rebuild the index"
             )
 
-    def search(self, query_embeddings, k_text: int = 2, k_image: int = 2) -> Retrieved:
+    def search(
+        self, query_embeddings, k_text: int = 2, k_image: int = 2, *, queries: Sequence | None = None
+    ) -> Retrieved:
         """Top ``k_text`` of the text head and ``k_image`` of the image head for Q queries.
 
         ``query_embeddings``: one ``[Q, D]`` tensor for both heads, or ``{"text": [Q, D], "image":
         [Q, D]}`` when each head has its own query encoder (``retriever.HeadEncoders``).
+        ``queries``: the Q query records (``id``, ``image_path`` / ``image``): their own index rows
+        are left out (``exclude_self``, ``near_duplicate``); ``None`` searches every row.
         """
         if k_text < 0 or k_image < 0 or k_text + k_image == 0:
             raise ValueError(f"k_text, k_image: expected >= 0 with a positive sum, got {k_text}, {k_image}")
         per_head = _per_head_queries(query_embeddings, self.device)
         n = per_head["text"].shape[0]
+        own = self._own_rows(queries, per_head["image"]) if queries is not None else [[] for _ in range(n)]
+        excluded = _padded(own, self.device)
         empty = (torch.zeros(n, 0, device=self.device), torch.zeros(n, 0, dtype=torch.int64, device=self.device))
-        text = self.index.search(per_head["text"], k_text, head="text", backend=self.backend) if k_text else empty
-        image = self.index.search(per_head["image"], k_image, head="image", backend=self.backend) if k_image else empty
+        text = self._head("text", per_head["text"], k_text, excluded, queries) if k_text else empty
+        image = self._head("image", per_head["image"], k_image, excluded, queries) if k_image else empty
         merged: Candidates = merge_heads(text, image)
         candidates = [[self.candidate(n) for n in row] for row in merged.ids.tolist()]
-        return Retrieved(ids=merged.ids, scores=merged.scores, heads=merged.heads, candidates=candidates)
+        counts = torch.tensor([len(rows) for rows in own], dtype=torch.int64)
+        return Retrieved(
+            ids=merged.ids, scores=merged.scores, heads=merged.heads, candidates=candidates, excluded=counts
+        )
+
+    def _head(self, head: str, q: torch.Tensor, k: int, excluded: torch.Tensor, queries) -> tuple:
+        """One head's top ``k`` without each query's excluded rows: the top ``k + M`` searched (M the
+        most rows any query excludes), the excluded dropped, the first ``k`` kept."""
+        n = self.index.count
+        if excluded.shape[1]:
+            left = n - (excluded >= 0).sum(1)
+            short = int(left.argmin())
+            if int(left[short]) < k:
+                raise ValueError(
+                    f"k_{head}: expected at most {int(left[short])} (the index's {n} rows less the "
+                    f"{n - int(left[short])} left out as query {queries[short].id!r} itself), got {k}"
+                )
+        wide = min(n, k + excluded.shape[1])
+        scores, ids = self.index.search(q, wide, head=head, backend=self.backend)
+        return keep_first_allowed(scores, ids.to(excluded.device), excluded, k)
+
+    def _own_rows(self, queries: Sequence, image_queries: torch.Tensor) -> list[list[int]]:
+        """Per query, the index rows that are the query itself (id, image digest, near duplicate),
+        counted into :attr:`excluded` by reason."""
+        if len(queries) != image_queries.shape[0]:
+            raise ValueError(
+                f"queries: expected one record per query embedding ({image_queries.shape[0]}), got {len(queries)}"
+            )
+        rows: list[list[int]] = [[] for _ in queries]
+        if not self.exclusion.active:
+            return rows
+        near = self._near_duplicates(image_queries) if self.exclusion.near_duplicate is not None else None
+        count = self.excluded
+        for j, query in enumerate(queries):
+            by_id, by_image = self._row_keys.own_rows(query) if self._row_keys is not None else ([], [])
+            seen = set(by_id) | set(by_image)
+            close = [r for r in near[j] if r not in seen] if near is not None else []
+            rows[j] = by_id + by_image + close
+            count.by_id += len(by_id)
+            count.by_image += len(by_image)
+            count.near_duplicate += len(close)
+            count.queries_with_exclusions += bool(rows[j])
+        count.queries += len(queries)
+        return rows
+
+    def _near_duplicates(self, q: torch.Tensor) -> list[list[int]]:
+        """Per query, the rows whose image embedding has cosine >= ``near_duplicate`` with ``q``
+        (the image head searched with a doubling k until its last score falls below the threshold)."""
+        threshold = self.exclusion.near_duplicate
+        q = torch.nn.functional.normalize(q.float(), dim=-1)
+        n, k = self.index.count, min(self.index.count, 16)
+        while True:
+            scores, ids = self.index.search(q, k, head="image", backend=self.backend)
+            if k == n or bool((scores[:, -1] < threshold).all()):
+                break
+            k = min(n, 2 * k)
+        keep = scores >= threshold
+        return [row[mask].tolist() for row, mask in zip(ids.cpu(), keep.cpu())]
 
     def to(self, device) -> Retrieval:
         """Search on ``device`` from now on (``Index.to``: the heads copied there once); returns self."""
@@ -181,6 +269,15 @@ def _check_row(n: int, record, row: dict) -> None:
             f"records: row {n} ({record.id!r}) has another image than the one the index embedded "
             f"({key} {have[key][:12]}…, index {row[key][:12]}…); rebuild the index from these records"
         )
+
+
+def _padded(rows: list[list[int]], device) -> torch.Tensor:
+    """``[Q, M]`` int64 rows per query, padded with -1 (no index row) to the longest list M."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for j, r in enumerate(rows):
+        out[j, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return out.to(device)
 
 
 def _per_head_queries(query_embeddings, device: torch.device) -> dict:

@@ -1,4 +1,3 @@
-
 """Predictions, evaluation and analysis under faults: a resume only from the same inputs (reader +
 adapter, index, query encoder, samples' content, result-changing options), outputs that never
 destroy inputs, one writer per predictions file, per-query random retrieval, checks before any model

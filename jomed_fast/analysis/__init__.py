@@ -2,7 +2,8 @@
 
 ``consistency`` (the inconsistent / consistent split, oracle, writing tables), ``rerankers``
 (Table 8: one candidate picked vs fusion, per split) and ``rerank_tables`` (writing it),
-``lvlm_rerank`` (an LVLM picks the candidate: the paper's o3 study),
+``lvlm_rerank`` (an LVLM picks the candidate: the paper's o3 study), ``head_top1`` (the top-1
+candidate of each retrieval head, the one definition ``evaluate`` and ``analyze`` share),
 ``robustness`` (Table 7), ``per_class`` (F1 per class), ``calibration`` (reliability of the fused
 probabilities), ``figures`` (the charts, drawn without pyplot), ``prediction_records`` (the format).
 """
@@ -21,6 +22,7 @@ from .consistency import (
     write_analysis,
     write_consistency_tables,
 )
+from .head_top1 import head_top1, head_top1_metrics
 from .per_class import per_class_f1, write_per_class_f1
 from .prediction_records import Candidate, PredictionRecord, read_jsonl, write_jsonl
 from .rerank_tables import write_rerank_tables
@@ -41,6 +43,8 @@ __all__ = [
     "Candidate",
     "PredictionRecord",
     "check_same_queries",
+    "head_top1",
+    "head_top1_metrics",
     "inconsistency_shares",
     "is_inconsistent",
     "metrics_table",

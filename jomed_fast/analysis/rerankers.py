@@ -45,6 +45,7 @@ from statistics import NormalDist
 import numpy as np
 
 from .consistency import _correct, is_inconsistent, oracle_correct
+from .head_top1 import head_top1
 from .prediction_records import PredictionRecord
 
 __all__ = [
@@ -76,8 +77,7 @@ def rerank_top_retrieval_in_head(head: str) -> Reranker:
     """The reranker that picks ``head``'s highest-scoring candidate (``None`` where it brought none)."""
 
     def pick(rec: PredictionRecord) -> Pick:
-        ks = [k for k, c in enumerate(rec.candidates) if c.head == head]
-        return ks[int(np.argmax([rec.candidates[k].score for k in ks]))] if ks else None
+        return head_top1(rec, head)  # the definition evaluate reports as top1_<head>
 
     pick.__name__ = f"rerank_top_retrieval_{head}"
     return pick

@@ -22,6 +22,19 @@ INDEX_OPTS = (
     Opt("index_records", str, None, "the index records JSONL in index order", default_doc="the index's own"),
     Opt("encoder", str, None, "retriever encoder directory (TinyCLIP, HF CLIP / SigLIP, open_clip, remote code)"),
     Opt("trust_remote_code", bool, False, "run the encoder directory's own model code (jina-clip-v1)"),
+    Opt(
+        "exclude_self",
+        bool,
+        True,
+        "leave each query's own index records (same record id or image-file sha256) out of its retrieval",
+    ),
+    Opt(
+        "near_duplicate",
+        float,
+        None,
+        "also leave out index records whose image embedding has at least this cosine with the query's",
+        default_doc="off",
+    ),
 )
 
 
@@ -51,7 +64,10 @@ def load_retrieval_from(values: dict):
 
     if values["encoder"] is None:
         raise ValueError("--encoder: required with --index (the index's encoder embeds the queries)")
+    near = values["near_duplicate"]
+    if near is not None and not 0.0 < near <= 1.0:
+        raise ValueError(f"--near-duplicate: expected a cosine in (0, 1], got {near!r}")
     encoder = load_encoder(values["encoder"], trust_remote_code=values["trust_remote_code"])
     index = Index.open(values["index"], encoder)
     records = load_index_records(values["index_records"]) if values["index_records"] else None
-    return Retrieval(index, records), encoder
+    return Retrieval(index, records, exclude_self=values["exclude_self"], near_duplicate=near), encoder

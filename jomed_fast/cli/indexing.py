@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,41 @@ BUILD_INDEX_OPTS = (
         choices=("none", "exists", "open", "decode"),
     ),
     Opt("progress", bool, True, "progress bar on stderr"),
+    Opt(
+        "samples",
+        list,
+        None,
+        "sample JSONL files (train, val, test) checked against the index: a warning names the index "
+        "records that are one of their samples (same id or image-file sha256)",
+        default_doc="none checked",
+    ),
 )
+
+
+def shared_with_samples(index, sample_files: list[str]) -> list[str]:
+    """The ids of the index records that are a sample of ``sample_files`` by the rule retrieval
+    leaves out (:mod:`jomed_fast.self_exclusion`: same record id or image sha256), in index order."""
+    from ..data import load_samples
+    from ..self_exclusion import RowKeys
+
+    keys = RowKeys(index.records())
+    shared: set[int] = set()
+    for path in sample_files:
+        for sample in load_samples(path, verify_images="exists"):
+            by_id, by_image = keys.own_rows(sample)
+            shared.update(by_id, by_image)
+    return [keys.ids[n] for n in sorted(shared)]
+
+
+def _warn_shared(shared: list[str], sample_files: list[str]) -> None:
+    if shared:
+        few = ", ".join(repr(i) for i in shared[:3]) + (", ..." if len(shared) > 3 else "")
+        print(
+            f"jomed-fast build-index: warning: {len(shared)} index record(s) are samples of --samples "
+            f"{' '.join(sample_files)} (same id or image sha256: {few}); retrieval leaves them out of "
+            "those samples' candidates unless --no-exclude-self",
+            file=sys.stderr,
+        )
 
 
 def run_build_index(v: dict) -> int:
@@ -48,6 +83,9 @@ def run_build_index(v: dict) -> int:
     from ..index import Index
     from ..retriever import load_encoder
 
+    for path in v["samples"] or []:
+        if not Path(path).is_file():
+            raise ValueError(f"--samples: {path} not found")
     encoder = load_encoder(v["encoder"], trust_remote_code=v["trust_remote_code"])
     records = load_index_records(v["records"], skip_bad=v["skip_bad"], verify_images=v["verify_images"])
     if not records:
@@ -56,7 +94,12 @@ def run_build_index(v: dict) -> int:
     index = Index.build(
         records, encoder, v["out"], batch_size=v["batch_size"], chunk_size=v["chunk_size"], progress=v["progress"]
     )
-    print(json.dumps({"index": str(index.path), "count": index.count, "dim": index.dim, "skipped": records.n_skipped}))
+    summary = {"index": str(index.path), "count": index.count, "dim": index.dim, "skipped": records.n_skipped}
+    if v["samples"]:
+        shared = shared_with_samples(index, v["samples"])
+        _warn_shared(shared, v["samples"])
+        summary["shared_with_samples"] = len(shared)
+    print(json.dumps(summary))
     return 0
 
 

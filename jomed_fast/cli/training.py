@@ -91,7 +91,10 @@ def run_train_reader(v: dict) -> int:
                 "adapter": str(result.adapter_dir),
                 "best_val_loss": result.best_val_loss,
                 "best_step": result.best_step,
+                "select_by": result.select_by,
+                "best_value": result.best_value,
                 "steps": result.steps,
+                "excluded_self": result.excluded_self,
             }
         )
     )
@@ -168,6 +171,7 @@ def run_train_retriever(v: dict) -> int:
                     h: {"final_eval": r.final_eval, "selected": r.selected, "cache": r.cache}
                     for h, r in results.items()
                 },
+                "excluded_self": retrieval.excluded.to_dict(),
             }
         )
     )

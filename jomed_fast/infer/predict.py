@@ -261,6 +261,7 @@ def predict_identity(
         identity["index"] = retrieval.index.digest()
     if config.retrieval == "retrieved":
         identity["encoder"] = encoder_fingerprint(encoder)
+        identity["exclusion"] = retrieval.exclusion.identity()
     for name, value in (inputs or {}).items():
         if name in identity:
             raise ValueError(f"inputs: {name!r} is already part of the identity")
@@ -304,7 +305,7 @@ def _candidates(config: InferConfig, retrieval, encoder, batch, images):
     else:
         with torch.no_grad():
             q = encoder.encode_images(images)
-    got = retrieval.search(q, config.k_text, config.k_image)
+    got = retrieval.search(q, config.k_text, config.k_image, queries=batch)
     ids = [[c.id for c in row] for row in got.candidates]
     return got.candidates, got.scores.float(), got.heads, ids
 

@@ -103,14 +103,16 @@ def encoder_fingerprint(encoder) -> str | None:
 
 
 def retrieval_identity(retrieval, encoder) -> dict:
-    """``{"index", "encoder"}``: the index's content (``Index.digest()`` and its records' content)
-    and the query encoder's weights; both ``None`` without retrieval (reader only is an input value)."""
+    """``{"index", "encoder", "exclusion"}``: the index's content (``Index.digest()`` and its
+    records' content), the query encoder's weights and which index rows a query's search leaves
+    out as the query itself (``Retrieval.exclusion``); all ``None`` without retrieval (reader only
+    is an input value)."""
     if retrieval is None:
-        return {"index": None, "encoder": None}
+        return {"index": None, "encoder": None, "exclusion": None}
     from ..data.records import records_digest
 
     index = json_digest({"index": retrieval.index.digest(), "records": records_digest(retrieval.records)})
-    return {"index": index, "encoder": encoder_fingerprint(encoder)}
+    return {"index": index, "encoder": encoder_fingerprint(encoder), "exclusion": retrieval.exclusion.identity()}
 
 
 # ------------------------------------------------------------------------------------------ run dir

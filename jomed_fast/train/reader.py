@@ -20,8 +20,14 @@ length, H hidden, T answer tokens of the step)::
     loss_b = NLL_b / T (T over the whole step) ─► backward (grads accumulate)
     check_finite ─► clip ─► AdamW ─► warm-up + cosine LR
 
+With ``class_weights`` the step's loss is instead the class-weighted mean of each example's
+class-restricted answer NLL (:mod:`.class_weights`), for imbalanced tasks.
+
 Every ``eval_every`` steps (and at the last) the validation loss (answer-token mean over every
-validation example) is measured and the lowest is kept (``checkpoints/best``); every
+validation example) is measured and the lowest is kept (``checkpoints/best``) — or, with
+``select_by="macro_f1"`` / ``"accuracy"``, the highest macro-F1 / accuracy of the validation
+samples' predictions (the class-restricted probabilities of a sample's K examples averaged, the
+argmax; ``CandidateScorer``, the reader in eval mode); every
 ``save_every`` steps and at the end a resumable checkpoint is written — the loop, data order,
 checkpoints and resume are :mod:`.loop`'s, shared with stage 2. A NaN/inf loss raises
 :class:`~.guards.NonFiniteLossError` before anything is applied; the last checkpoint stays.
@@ -53,9 +59,11 @@ import torch
 
 from .._profiling import stage
 from ..data.records import records_digest
+from ..eval.metrics import accuracy, macro_f1
 from ..readers.fingerprint import reader_fingerprint
 from . import reader_loss as _loss
 from .checkpoint import CHECKPOINT_DIR
+from .class_weights import class_weight_vector, restricted_answer_nll
 from .guards import check_finite
 from .loop import (
     BEST,
@@ -89,6 +97,14 @@ class ReaderTrainResult:
         resumed_from: the checkpoint this process resumed from, if any.
         examples_per_second: training throughput of this process: examples over the seconds spent in
             training steps (encoding, forward, backward, optimizer; validation and checkpoints excluded).
+        select_by / best_value: what selected ``checkpoints/best`` and its value there.
+        val_metrics: ``[(step, {"val_loss", "accuracy", "macro_f1", "predictions"})]`` per validation
+            (accuracy, macro-F1 and the per-sample predictions with ``select_by`` other than
+            ``val_loss``).
+        class_weights: the ``[C]`` weights of the answer loss (``None``: unweighted).
+        excluded_self: ``{"train", "val"}`` index rows left out of the samples' retrieval as the
+            samples themselves (same id or image sha256, or near duplicates), summed over the split;
+            ``None`` without retrieval.
     """
 
     train_loss: list = field(default_factory=list)
@@ -103,6 +119,11 @@ class ReaderTrainResult:
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
     examples_per_second: float = 0.0
+    select_by: str = "val_loss"
+    best_value: float | None = None
+    val_metrics: list = field(default_factory=list)
+    class_weights: list | None = None
+    excluded_self: dict | None = None
 
     def to_dict(self) -> dict:
         out = dict(self.__dict__)
@@ -131,6 +152,22 @@ def _check_args(config, reader, task, train_samples, val_samples, retrieval, ret
             "retrieval, retriever: expected both (retrieval-augmented) or neither (reader only), "
             f"got retrieval={type(retrieval).__name__}, retriever={type(retriever).__name__}"
         )
+    if config.class_weights is not None or config.select_by != "val_loss":
+        _check_class_labels(config, task, train_samples, "train_samples")
+        _check_class_labels(config, task, val_samples, "val_samples")
+
+
+def _check_class_labels(config, task, samples, name: str) -> None:
+    """Class weights and class-metric selection need single-label samples with a class index."""
+    option = "config.class_weights" if config.class_weights is not None else "config.select_by"
+    if not task.has_label_set or task.is_multilabel:
+        raise ValueError(f"{option}: needs a single-label task with a label set, got {task.name!r} ({task.kind})")
+    for i, s in enumerate(samples):
+        label = getattr(s, "label", None)
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < task.num_classes:
+            raise ValueError(
+                f"{name}[{i}]: {option} needs a class index in 0..{task.num_classes - 1} as label, got {label!r}"
+            )
 
 
 def _identity(config, reader, task, train_samples, val_samples, retrieval, retriever) -> dict:
@@ -154,15 +191,24 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_examples(config, task, train_samples, val_samples, retrieval, retriever) -> tuple[ExampleSet, ExampleSet]:
+def _build_examples(
+    config, task, train_samples, val_samples, retrieval, retriever
+) -> tuple[ExampleSet, ExampleSet, dict | None]:
+    """The train and validation examples, and the index rows their retrieval left out as the samples
+    themselves (``None`` without retrieval)."""
     train = list(train_samples)
     if config.class_balanced:
         train = [train[i] for i in balanced_indices(train, config.seed)]
     if retrieval is None:
-        return ExampleSet(train, task, config.layout), ExampleSet(list(val_samples), task, config.layout)
-    train_c, _ = retrieve_candidates(train, retrieval, retriever, config.k_text, config.k_image)
-    val_c, _ = retrieve_candidates(list(val_samples), retrieval, retriever, config.k_text, config.k_image)
-    return (ExampleSet(train, task, config.layout, train_c), ExampleSet(list(val_samples), task, config.layout, val_c))
+        return ExampleSet(train, task, config.layout), ExampleSet(list(val_samples), task, config.layout), None
+    train_c, _, train_x = retrieve_candidates(train, retrieval, retriever, config.k_text, config.k_image)
+    val_c, _, val_x = retrieve_candidates(list(val_samples), retrieval, retriever, config.k_text, config.k_image)
+    excluded = {"train": int(train_x.sum()), "val": int(val_x.sum())}
+    return (
+        ExampleSet(train, task, config.layout, train_c),
+        ExampleSet(list(val_samples), task, config.layout, val_c),
+        excluded,
+    )
 
 
 def _checkpointing_on(model) -> bool:
@@ -181,6 +227,29 @@ def _set_gradient_checkpointing(reader, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif _checkpointing_on(model):
         model.gradient_checkpointing_disable()
+
+
+def validation_predictions(scorer, examples: ExampleSet, batch_size: int) -> list[int]:
+    """Each sample's class: the argmax of its K examples' class-restricted probabilities averaged
+    (one example each without retrieval); the reader in eval mode, no gradients."""
+    reader = scorer.reader
+    was_training = reader.model.training
+    reader.eval()
+    out: list[int] = []
+    try:
+        with torch.no_grad(), stage("jomed.stage1.validation"):
+            for lo in range(0, len(examples.samples), batch_size):
+                part = examples.samples[lo : lo + batch_size]
+                cands = (
+                    [[None]] * len(part) if examples.candidates is None else examples.candidates[lo : lo + len(part)]
+                )
+                log_p = scorer.score(
+                    [s.load_image() for s in part], [getattr(s, "question", None) for s in part], cands
+                )  # [B, K, C]
+                out.extend(log_p.float().exp().mean(1).argmax(-1).tolist())
+    finally:
+        reader.train(was_training)
+    return out
 
 
 def validation_loss(reader, examples: ExampleSet, batch_size: int) -> float:
@@ -205,8 +274,21 @@ class _ReaderStage:
 
     desc = "stage 1 (reader)"
 
-    def __init__(self, config: ReaderTrainConfig, reader, train: ExampleSet, val: ExampleSet):
+    def __init__(
+        self, config: ReaderTrainConfig, reader, task, train: ExampleSet, val: ExampleSet, weights: torch.Tensor | None
+    ):
         self.config, self.reader, self.examples, self.val = config, reader, train, val
+        self.weights = weights  # [C] float64, or None: the unweighted token mean
+        self.scorer = None
+        if weights is not None or config.select_by != "val_loss":
+            from ..scoring import CandidateScorer
+
+            self.scorer = CandidateScorer(reader, task, config.layout)
+        self.allowed = (
+            torch.tensor(self.scorer.verbalizer.allowed_token_ids, dtype=torch.long)
+            if weights is not None and self.scorer is not None
+            else None
+        )
         self.params = dict(sorted(reader.trainable_parameters().items()))
         self.trainable = list(self.params.values())
         self.eval_bs = config.eval_batch_size or config.batch_size
@@ -216,7 +298,7 @@ class _ReaderStage:
     def start(self, state: RunState, resumed: bool) -> Offer | None:
         offer = None
         if not resumed:
-            state.log = {"train_loss": [], "val_loss": []}
+            state.log = {"train_loss": [], "val_loss": [], "val_metrics": []}
             offer = self._evaluate(state)  # step 0: the validation loss before training
         self.reader.train()
         self.reader.model.zero_grad(set_to_none=True)
@@ -226,13 +308,23 @@ class _ReaderStage:
         """Forward/backward every micro-batch (token mean over the whole step: T counts all of them)."""
         with stage("jomed.stage1.step"):
             inputs = [self.examples.encode(self.reader, idx) for idx in batches]
-            tokens = sum(_loss.count_answer_tokens(x["labels"]) for x in inputs)
             total = 0.0
-            for x in inputs:
-                nll, _ = _loss.answer_nll(self.reader, x)
-                loss = nll / tokens
-                loss.backward()
-                total += float(loss.detach())
+            if self.weights is not None:
+                assert self.allowed is not None  # set with the weights
+                w = [self.weights[[self.examples.label(j) for j in idx]] for idx in batches]
+                mass = float(sum(float(x.sum()) for x in w))  # the weights of the whole step's examples
+                for x, wb in zip(inputs, w):
+                    nll = restricted_answer_nll(self.reader, x, self.allowed)  # [B]
+                    loss = (wb.to(nll) * nll).sum() / mass
+                    loss.backward()
+                    total += float(loss.detach())
+            else:
+                tokens = sum(_loss.count_answer_tokens(x["labels"]) for x in inputs)
+                for x in inputs:
+                    nll, _ = _loss.answer_nll(self.reader, x)
+                    loss = nll / tokens
+                    loss.backward()
+                    total += float(loss.detach())
         self._step_examples = sum(len(b) for b in batches)
         return total
 
@@ -248,7 +340,18 @@ class _ReaderStage:
         loss = validation_loss(self.reader, self.val, self.eval_bs)
         check_finite(loss, state.step, None if state.last_checkpoint is None else str(state.last_checkpoint))
         state.log["val_loss"].append((state.step, loss))
-        return Offer(loss, {"step": state.step, "val_loss": loss}, {"val_loss": loss})
+        metrics: dict = {"val_loss": loss}
+        entry = metrics
+        if self.config.select_by != "val_loss":
+            assert self.scorer is not None  # built for class-metric selection
+            predictions = validation_predictions(self.scorer, self.val, self.eval_bs)
+            golds = [int(s.label) for s in self.val.samples]
+            metrics["accuracy"] = accuracy(predictions, golds)
+            metrics["macro_f1"] = macro_f1(predictions, golds, self.scorer.num_classes)
+            entry = {**metrics, "predictions": predictions}
+        state.log.setdefault("val_metrics", []).append((state.step, entry))
+        value = metrics[self.config.select_by]
+        return Offer(value, {"step": state.step, **metrics}, metrics)
 
     def postfix(self, state: RunState, loss: float) -> dict:
         return {
@@ -272,19 +375,25 @@ def _loop_options(config: ReaderTrainConfig, n: int) -> LoopOptions:
         max_grad_norm=config.max_grad_norm,
         checkpoint_every=config.save_every,
         keep=config.keep,
-        select="min",
+        select="min" if config.select_by == "val_loss" else "max",
         log_every=config.log_every,
         report_to=config.report_to,
     )
 
 
-def _result(state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: Path) -> ReaderTrainResult:
+def _result(
+    state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: Path, excluded: dict | None
+) -> ReaderTrainResult:
     best = state.best
     return ReaderTrainResult(
         train_loss=[tuple(x) for x in state.log["train_loss"]],
         val_loss=[tuple(x) for x in state.log["val_loss"]],
-        best_val_loss=best["value"] if best else math.inf,
+        best_val_loss=best["record"]["val_loss"] if best else math.inf,
         best_step=best["step"] if best else -1,
+        select_by=stage1.config.select_by,
+        best_value=best["value"] if best else None,
+        val_metrics=[tuple(x) for x in state.log.get("val_metrics", [])],
+        class_weights=None if stage1.weights is None else stage1.weights.tolist(),
         steps=state.step,
         examples=len(stage1.examples),
         run_dir=run_dir,
@@ -293,6 +402,7 @@ def _result(state: RunState, stage1: _ReaderStage, run_dir: Path, adapter_dir: P
         last_checkpoint=state.last_checkpoint,
         resumed_from=state.resumed_from,
         examples_per_second=stage1.seen / stage1.busy if stage1.seen else 0.0,
+        excluded_self=excluded,
     )
 
 
@@ -337,9 +447,12 @@ def train_reader(
     lora = dataclasses.asdict(reader.lora) if reader.lora is not None else None
     ckpt = open_run(run_dir, identity, {**config.to_dict(), "lora": lora}, resume)
     _seed_everything(config.seed)
-    train, val = _build_examples(config, task, train_samples, val_samples, retrieval, retriever)
+    train, val, excluded = _build_examples(config, task, train_samples, val_samples, retrieval, retriever)
+    weights = None
+    if config.class_weights is not None:
+        weights = class_weight_vector(config.class_weights, [int(s.label) for s in train.samples], task.num_classes)
     _set_gradient_checkpointing(reader, config.gradient_checkpointing)
-    stage1 = _ReaderStage(config, reader, train, val)
+    stage1 = _ReaderStage(config, reader, task, train, val, weights)
     try:
         state = run_loop(stage1, _loop_options(config, len(train)), run_dir, ckpt, progress=progress, on_step=on_step)
     finally:
@@ -350,6 +463,6 @@ def train_reader(
     # this process are held to the layout it was trained on, as a reader loaded from the adapter is
     reader.trained_layout = config.layout
     reader.trained_layout_from = str(adapter_dir / "jomed_adapter.json")
-    result = _result(state, stage1, run_dir, adapter_dir)
+    result = _result(state, stage1, run_dir, adapter_dir, excluded)
     write_result(run_dir, result.to_dict())
     return result

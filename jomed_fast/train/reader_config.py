@@ -17,9 +17,14 @@ from dataclasses import dataclass, field
 
 from ..prompts import LAYOUTS
 from ._config import JsonConfig
+from .class_weights import parse_class_weights
 from .run_log import REPORT_TO
 
-__all__ = ["RESUME_FREE", "ReaderTrainConfig"]
+__all__ = ["RESUME_FREE", "SELECT_BY", "ReaderTrainConfig"]
+
+# what picks checkpoints/best: the lowest validation loss, or the highest macro-F1 / accuracy of
+# the validation samples' class predictions
+SELECT_BY = ("val_loss", "macro_f1", "accuracy")
 
 # options that cannot change the trained weights or the curves (a resume is exact whatever they are):
 # they may differ between a run and its resume
@@ -46,6 +51,12 @@ class ReaderTrainConfig(JsonConfig):
         eval_batch_size: examples per validation forward (``None``: ``batch_size``).
         class_balanced: truncate every class of the training samples to the minority class's
             count (a seeded random subset per class, as the reference).
+        class_weights: ``None`` (the full-vocabulary token mean), ``"inverse-frequency"`` or one
+            positive weight per class (``"1,2.7"``): the class-weighted, class-restricted answer
+            loss of :mod:`.class_weights`.
+        select_by: what keeps ``checkpoints/best``: ``"val_loss"`` (lowest), ``"macro_f1"`` or
+            ``"accuracy"`` (highest) of the validation samples' predictions (their K candidates'
+            class-restricted probabilities averaged, the argmax).
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         seed: seeds the model's RNGs, the class-balanced subset and the data order.
         layout: the prompt layout (``jomed_fast.prompts.LAYOUTS``).
@@ -67,6 +78,8 @@ class ReaderTrainConfig(JsonConfig):
     keep: int = 2
     eval_batch_size: int | None = None
     class_balanced: bool = False
+    class_weights: str | None = None
+    select_by: str = field(default="val_loss", metadata={"choices": SELECT_BY})
     gradient_checkpointing: bool = True
     seed: int = 0
     layout: str = "paper"
@@ -86,6 +99,9 @@ class ReaderTrainConfig(JsonConfig):
         self._check_int("max_steps", 1, optional=True)
         self._check_int("eval_batch_size", 1, optional=True)
         self._check_bool("class_balanced", "gradient_checkpointing")
+        if self.class_weights is not None:
+            parse_class_weights(self.class_weights)
+        self._check_choice("select_by", SELECT_BY)
         self._check_int("seed", 0)
         self._check_choice("layout", LAYOUTS)
         self._check_int("k_text", 0)

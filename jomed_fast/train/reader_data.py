@@ -91,14 +91,16 @@ def _query_embeddings(retriever, images: list, batch_size: int) -> torch.Tensor:
 
 def retrieve_candidates(
     samples: Sequence[Any], retrieval, retriever, k_text: int, k_image: int, batch_size: int = 64
-) -> tuple[list[list[Candidate]], torch.Tensor]:
-    """Each sample's K candidates (text head first, then image head) and their index rows ``[S, K]``."""
+) -> tuple[list[list[Candidate]], torch.Tensor, torch.Tensor]:
+    """Each sample's K candidates (text head first, then image head), their index rows ``[S, K]``
+    and how many index rows were left out as the sample itself ``[S]`` (the retrieval's
+    ``exclude_self`` / ``near_duplicate``)."""
     if not samples:
-        return [], torch.zeros(0, k_text + k_image, dtype=torch.int64)
+        return [], torch.zeros(0, k_text + k_image, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     images = [s.load_image() for s in samples]
     q = _query_embeddings(retriever, images, batch_size)
-    found = retrieval.search(q, k_text=k_text, k_image=k_image)
-    return found.candidates, found.ids
+    found = retrieval.search(q, k_text=k_text, k_image=k_image, queries=samples)
+    return found.candidates, found.ids, found.excluded
 
 
 class ExampleSet:
@@ -139,6 +141,10 @@ class ExampleSet:
         if not isinstance(answer, str) or not answer:
             raise ValueError(f"samples[{i}]: expected a label or a non-empty answer string, got {answer!r}")
         return answer
+
+    def label(self, j: int) -> int:
+        """The class index of example ``j``'s sample."""
+        return int(self.samples[self.examples[j].sample].label)
 
     def prompt(self, j: int) -> tuple[list[Any], list[dict], str]:
         """``(images, messages, answer)`` of example ``j``."""

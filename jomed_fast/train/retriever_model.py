@@ -101,17 +101,18 @@ class HeadModel:
         q0 = self.encoder.frozen.encode_images(images)
         return F.normalize(alpha * q + (1 - alpha) * q0, dim=-1)
 
-    def candidates(self, images: list):
-        """The top ``config.k`` of the trained head for ``candidate_queries(images)`` (``Retrieved``)."""
+    def candidates(self, images: list, records: list | None = None):
+        """The top ``config.k`` of the trained head for ``candidate_queries(images)`` (``Retrieved``),
+        without the query ``records``' own index rows (``None``: every row)."""
         cfg = self.config
         kt, ki = (cfg.k, 0) if cfg.head == "text" else (0, cfg.k)
-        return self.retrieval.search(self.candidate_queries(images), k_text=kt, k_image=ki)
+        return self.retrieval.search(self.candidate_queries(images), k_text=kt, k_image=ki, queries=records)
 
     def batch(self, queries: QuerySet, idx: list[int], gold: str = "paper"):
         """Gold scores ``r [B, K]`` of kind ``gold`` (``retriever_loss.gold_scores``; the paper's:
         the reader's gold log-likelihoods), candidate embeddings ``e [B, K, D]``, the B images."""
         images = queries.images(idx)
-        got = self.candidates(images)
+        got = self.candidates(images, [queries.samples[i] for i in idx])
         r = gold_scores(self._rows(queries, idx, images, got), queries.labels[idx], gold, self.pairs.scorer.head)
         return r, self.retrieval.embeddings(self.config.head, got.ids), images
 
@@ -139,7 +140,7 @@ class HeadModel:
                 raise ValueError("with_partner: expected a HeadModel built with a partner, got none")
             k[other] = self.partner.k
             q = {cfg.head: mine, other: self.partner.embed(images)}
-        got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"])
+        got = self.retrieval.search(q, k_text=k["text"], k_image=k["image"], queries=[queries.samples[i] for i in idx])
         rows = self._rows(queries, idx, images, got)
         gold = queries.labels[idx]
         if gold.dim() == 2:  # multi-label: the fused label marginals, thresholded; right when the set is
