@@ -9,12 +9,12 @@ them); a caller that takes them says so itself.
 
 from __future__ import annotations
 
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeGuard, overload
 
 __all__ = ["check_int", "is_int", "is_number", "positive_int"]
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """An ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -52,8 +52,8 @@ keep in flight to draw the memory's bandwidth: ``bandwidth x latency / SMs`` (``
 x 0.6 us / 142 SMs = 3.57 KiB for sm_89; H200, 4.8 TB/s x 0.7 us / 132 SMs = 24.9 KiB for sm_90, of
 which an H100 SXM at 3.35 TB/s needs 70%). The ratio is a prediction from the static code, not a
 measurement: predicated-off loads count, and latency under load is longer than idle latency. A spec
-may declare a floor on that ratio (``AotSpec.in_flight_floor``; ``IN_FLIGHT_FLOORS`` by kernel name
-for a module that declares none); the report states it and whether it holds.
+may declare a floor on that ratio (``AotSpec.in_flight_floor``); the report states it and whether it
+holds.
 
 The first line printed names the Triton version and where it was imported from. Exit status 1 when
 any configuration fails to compile or spills. Run it without ``TRITON_INTERPRET``: under the
@@ -117,12 +117,6 @@ NEED = {
     89: MemorySystem("L40", 864e9, 0.6e-6, 142),
     90: MemorySystem("H200", 4.8e12, 0.7e-6, 132),
 }
-
-# Floors on bytes in flight per SM / Little's-law need, for kernels whose module declares none on its
-# specs. The top-k kernel streams the whole index once per query block, so it must keep the memory
-# busy; its module is rewritten for that, and can state its own floor (AotSpec.in_flight_floor)
-# once its specs do. Half the need leaves it at most 2x short of the bandwidth.
-IN_FLIGHT_FLOORS = {"_topk_similarity_kernel": 0.5}
 
 
 @dataclasses.dataclass
@@ -449,8 +443,7 @@ def compiled_specialization(fn, compiled) -> tuple[dict[str, str], dict[str, Any
 
 
 def in_flight_floor(spec) -> float | None:
-    floor = getattr(spec, "in_flight_floor", None)
-    return floor if floor is not None else IN_FLIGHT_FLOORS.get(spec.fn.fn.__name__)
+    return getattr(spec, "in_flight_floor", None)
 
 
 def compile_spec(spec, arch: int) -> CompileReport:

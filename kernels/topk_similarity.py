@@ -611,6 +611,10 @@ def aot_specs() -> list[AotSpec]:
                     num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages,
                     maxnreg=cfg.maxnreg,
+                    # the 16-bit index (the project's storage) streams at or above the Little's-law
+                    # need on both targets; an fp32 index holds two stages of twice the bytes per row
+                    # in the same registers, a third of the need on sm_90 (a precision option)
+                    in_flight_floor=0.25 if dtype == "fp32" else 0.9,
                     aligned_args=(
                         "D",
                         "stride_qm",

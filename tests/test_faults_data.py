@@ -353,6 +353,8 @@ def test_every_row_of_the_given_records_is_checked(setup, capsys):
                 "encoder": str(root / "enc"),
                 "trust_remote_code": False,
                 "index_records": str(root / "data" / "swapped.jsonl"),
+                "exclude_self": True,
+                "near_duplicate": None,
             }
         )
 

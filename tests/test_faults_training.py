@@ -159,7 +159,7 @@ def test_stage1_refuses_another_train_file_and_a_dropped_index(files, stage1_run
     swapped = _moved(data / "train.jsonl", tmp_path / "swapped.jsonl", swap=True)
     _refused(*run(_stage1(files, stage1_run, train=swapped), capsys)[::2], "train")
     # reader only is an input value: dropping --index does not turn the RAG adapter into a reader-only one
-    _refused(*run(_stage1(files, stage1_run, index=False), capsys)[::2], "encoder", "index")
+    _refused(*run(_stage1(files, stage1_run, index=False), capsys)[::2], "encoder", "exclusion", "index")
     _refused(*run(_stage1(files, stage1_run, "--lr", 1e-3, "--seed", 1), capsys)[::2], "config.lr", "config.seed")
     assert _snapshot(stage1_run) == before
 

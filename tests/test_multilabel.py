@@ -277,10 +277,11 @@ def test_stage2_distils_the_gold_set_likelihood(tmp_path_factory, tmp_path, monk
     targets = []
     real_batch = retriever_model.HeadModel.batch
 
-    def spy(self, queries, idx):
-        r, e, images = real_batch(self, queries, idx)
+    def spy(self, queries, idx, gold="paper"):
+        r, e, images = real_batch(self, queries, idx, gold)
         with torch.no_grad():  # the same search as the batch's: the candidates its targets score
-            got = self.retrieval.search(self.candidate_encoder.encode_images(images), k_text=cfg.k, k_image=0)
+            q = self.candidate_encoder.encode_images(images)  # alpha None: the stale query alone
+            got = self.retrieval.search(q, k_text=cfg.k, k_image=0, queries=[queries.samples[i] for i in idx])
         targets.append((list(idx), r.clone(), got))
         return r, e, images
 

@@ -66,8 +66,8 @@ def test_every_layout_choice_is_the_prompts_tuple():
     assert {name: choices for name, choices in layout_opts.items() if choices is not None} == {
         name: prompts.LAYOUTS for name, choices in layout_opts.items() if choices is not None
     }
-    # stage 2's default stays "shared_query" (it never came from the order of its own tuple)
-    assert RetrieverTrainConfig().layout == "shared_query" and Run().layout == "paper"
+    # one default layout for the whole pipeline (stage 1, stage 2, inference, the memory planner)
+    assert RetrieverTrainConfig().layout == "paper" and Run().layout == "paper"
     with pytest.raises(ValueError, match=r"config\.layout: expected one of \('paper', 'shared_query'\), got 'x'"):
         RetrieverTrainConfig(layout="x")
 

@@ -44,6 +44,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from .._checks import is_int
 from .consistency import _correct, is_inconsistent, oracle_correct
 from .head_top1 import head_top1
 from .prediction_records import PredictionRecord
@@ -130,7 +131,7 @@ def pick_correct(rec: PredictionRecord, pick: Pick, name: str = "pick") -> bool:
     """Whether candidate ``pick``'s prediction is right (``None``: no candidate named, wrong)."""
     if pick is None:
         return False
-    if isinstance(pick, bool) or not isinstance(pick, (int, np.integer)) or not 0 <= pick < len(rec.candidates):
+    if not (is_int(pick) or isinstance(pick, np.integer)) or not 0 <= pick < len(rec.candidates):
         raise ValueError(
             f"{name}: expected a candidate index in 0..{len(rec.candidates) - 1} or None for query "
             f"{rec.query_id!r}, got {pick!r}"

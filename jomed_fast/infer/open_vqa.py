@@ -88,6 +88,8 @@ def _greedy(reader, inputs: dict, max_new_tokens: int) -> tuple[torch.Tensor, to
     proc = reader.processor
     out = reader.hf_model.generate(
         **inputs,
+        # an answer holding an image placeholder would take image features on teacher forcing
+        suppress_tokens=_placeholder_tokens(reader) or None,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
@@ -103,6 +105,14 @@ def _greedy(reader, inputs: dict, max_new_tokens: int) -> tuple[torch.Tensor, to
     is_end = new == proc.end_of_turn_token_id
     after_end = (is_end.cumsum(1) - is_end.long()) > 0
     return new, token_lp, ~after_end
+
+
+def _placeholder_tokens(reader) -> list[int]:
+    """The token ids the model replaces with image (or video) features."""
+    config = reader.hf_model.config
+    return [
+        t for t in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if t is not None
+    ]
 
 
 @torch.no_grad()
@@ -161,6 +171,8 @@ def answer_log_likelihoods(reader, inputs: dict, answer_tokens: Sequence[Sequenc
         y = torch.tensor(list(answer), dtype=ids.dtype, device=ids.device)
         if y.numel() == 0:
             raise ValueError(f"answer_tokens: answer {j} has no token")
+        if set(answer) & set(_placeholder_tokens(reader)):
+            raise ValueError(f"answer_tokens: answer {j} holds an image placeholder token ({list(answer)})")
         forced = _append_answer(inputs, y)
         # the prompt's last position predicts y_1, the answer's t-th position predicts y_{t+1}
         logits = reader.hf_model(**forced, use_cache=False).logits[:, L - 1 : L - 1 + y.numel()]

@@ -47,6 +47,7 @@ from math import comb
 import torch
 
 from .. import ops
+from .._checks import is_int
 
 __all__ = ["DEFAULT_MAX_LABELS", "LabelSetHead", "label_sets"]
 
@@ -64,7 +65,7 @@ def label_sets(num_classes: int, max_labels: int | None) -> tuple[tuple[int, ...
 def _check_max_labels(max_labels) -> None:
     if max_labels is None:
         return
-    if isinstance(max_labels, bool) or not isinstance(max_labels, int) or max_labels < 1:
+    if not is_int(max_labels) or max_labels < 1:
         raise ValueError(f"max_labels: expected a positive int or None (every size), got {max_labels!r}")
 
 

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import is_int
 from .._profiling import stage
 from ..data.records import records_digest
 from ..eval.metrics import accuracy, macro_f1
@@ -164,7 +165,7 @@ def _check_class_labels(config, task, samples, name: str) -> None:
         raise ValueError(f"{option}: needs a single-label task with a label set, got {task.name!r} ({task.kind})")
     for i, s in enumerate(samples):
         label = getattr(s, "label", None)
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < task.num_classes:
+        if not is_int(label) or not 0 <= label < task.num_classes:
             raise ValueError(
                 f"{name}[{i}]: {option} needs a class index in 0..{task.num_classes - 1} as label, got {label!r}"
             )
