@@ -211,6 +211,8 @@ def test_open_vqa_answers_match_unbatched_hf_generate(setup):
     qimg, question = samples[0].load_image(), "what abnormality is seen?"
     answers, mean_lp = generate_answers(reader, task, "paper", qimg, question, cands, max_new_tokens=6)
     proc = reader.processor
+    config = reader.hf_model.config  # answers never hold an image (or video) placeholder
+    placeholders = [t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None]
     for k, cand in enumerate(cands):  # one prompt at a time, no padding: the independent reference
         messages, images = build_messages("paper", task, as_image(qimg), question, cand)
         inputs = reader.encode([as_image(i) for i in images], messages)
@@ -222,6 +224,7 @@ def test_open_vqa_answers_match_unbatched_hf_generate(setup):
             return_dict_in_generate=True,
             eos_token_id=proc.end_of_turn_token_id,
             pad_token_id=proc.pad_token_id,
+            suppress_tokens=placeholders,
         )
         new = out.sequences[0, inputs["input_ids"].shape[1] :]
         lps = [torch.log_softmax(s[0].double(), -1)[t] for s, t in zip(out.scores, new)]
