@@ -117,6 +117,9 @@ MAXNREG = 255
 # Keys one split-merge step holds per program (16 KB of int64), and its warps.
 MERGE_KEYS = 2048
 MERGE_WARPS = 8
+# Its register limit: without one, Triton 3.7's ptxas holds the KPAD = 64 merge at 64 registers on
+# sm_89 (four programs per SM) and spills 8 bytes.
+MERGE_MAXNREG = 128
 # Shortest split, in tiles: a shorter one spends most of its tiles merging (its k-th is still low).
 MIN_SPLIT_TILES = 8
 # The sampling pass: the first SAMPLE_TILES tiles of each split, run when splits are at least
@@ -568,6 +571,7 @@ def topk_similarity_forward(queries: torch.Tensor, index: torch.Tensor, k: int) 
             KPAD=merge_kpad,
             SPLIT_BLOCK=split_block,
             num_warps=MERGE_WARPS,
+            maxnreg=MERGE_MAXNREG,
         )
 
     if splits > 1 and rows_per_split >= SAMPLE_MIN_TILES * cfg.block_n:
@@ -638,6 +642,7 @@ def aot_specs() -> list[AotSpec]:
                 {"KPAD": kpad, "SPLIT_BLOCK": split_block},
                 num_warps=MERGE_WARPS,
                 num_stages=1,
+                maxnreg=MERGE_MAXNREG,
                 aligned_args=("stride_ks", "stride_kq"),
             )
         )
