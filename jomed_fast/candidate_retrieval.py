@@ -186,17 +186,24 @@ class Retrieval:
         scores, ids = self.index.search(q, wide, head=head, backend=self.backend)
         return keep_first_allowed(scores, ids.to(excluded.device), excluded, k)
 
-    def _own_rows(self, queries: Sequence, image_queries: torch.Tensor) -> list[list[int]]:
-        """Per query, the index rows that are the query itself (id, image digest, near duplicate),
-        counted into :attr:`excluded` by reason."""
-        if len(queries) != image_queries.shape[0]:
+    def own_rows(self, queries: Sequence) -> list[list[int]]:
+        """Per query record, the index rows with its id or image digest (``exclude_self``; near
+        duplicates need an embedding and are left to :meth:`search`), counted into :attr:`excluded`.
+        Random retrieval draws around them."""
+        return self._own_rows(queries, None)
+
+    def _own_rows(self, queries: Sequence, image_queries: torch.Tensor | None) -> list[list[int]]:
+        """Per query, the index rows that are the query itself (id, image digest and, given the
+        query embeddings, near duplicates), counted into :attr:`excluded` by reason."""
+        if image_queries is not None and len(queries) != image_queries.shape[0]:
             raise ValueError(
                 f"queries: expected one record per query embedding ({image_queries.shape[0]}), got {len(queries)}"
             )
         rows: list[list[int]] = [[] for _ in queries]
         if not self.exclusion.active:
             return rows
-        near = self._near_duplicates(image_queries) if self.exclusion.near_duplicate is not None else None
+        wanted = self.exclusion.near_duplicate is not None and image_queries is not None
+        near = self._near_duplicates(image_queries) if wanted else None
         count = self.excluded
         for j, query in enumerate(queries):
             by_id, by_image = self._row_keys.own_rows(query) if self._row_keys is not None else ([], [])

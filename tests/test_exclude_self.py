@@ -248,3 +248,38 @@ def test_stage_two_never_scores_a_query_against_its_own_record(own_records, tmp_
         for s, row in zip(queries, got.candidates):
             assert len(row) in (cfg.k, cfg.select_k) and all(c.id != s.id for c in row)
     assert retrieval.excluded.by_id == sum(len(q) for q, _ in seen)
+
+
+def test_random_rows_draw_uniformly_around_the_own_rows():
+    from jomed_fast.infer.predict import random_rows
+
+    g = torch.Generator().manual_seed(0)
+    draws = random_rows(7, [5, 1, 1], 70_000, g)
+    counts = torch.bincount(draws, minlength=7)
+    assert counts[1] == counts[5] == 0
+    allowed = counts[[0, 2, 3, 4, 6]].double() / 70_000
+    assert float((allowed - 0.2).abs().max()) < 0.01  # five rows, 1/5 each (binomial sd 0.0015)
+    assert random_rows(3, [], 4, torch.Generator().manual_seed(1)).tolist() == (
+        torch.randint(3, (4,), generator=torch.Generator().manual_seed(1)).tolist()
+    )  # nothing to avoid: the plain uniform draw
+    with pytest.raises(ValueError, match=r"retrieval: every one of the index's 2 records is the query itself"):
+        random_rows(2, [0, 1], 1, g)
+
+
+def test_random_retrieval_never_draws_a_querys_own_record(own_records):
+    from jomed_fast.infer import InferConfig, predict, predict_identity
+
+    samples, recs, ix, enc, _reader, scorer = own_records
+    # k large beside the 22-record index: a draw that ignored the exclusion would hit each query's own
+    # record (1 row of 22) with probability 1 - (21/22)^60 > 0.9 per query
+    config = InferConfig(retrieval="random_records", k_text=30, k_image=30, seed=4)
+    retrieval = Retrieval(ix, recs)
+    got = predict(scorer, samples, retrieval=retrieval, config=config, progress=False)
+    for s, r in zip(samples, got):
+        assert len(r.candidates) == 60 and all(c.id != s.id for c in r.candidates)
+    assert retrieval.excluded.by_id == len(samples)
+    plain = Retrieval(ix, recs, exclude_self=False)
+    back = predict(scorer, samples, retrieval=plain, config=config, progress=False)
+    assert sum(s.id in {c.id for c in r.candidates} for s, r in zip(samples, back)) >= len(samples) - 1
+    ids = [predict_identity(scorer, samples, retrieval=x, config=config) for x in (retrieval, plain)]
+    assert ids[0]["exclusion"] != ids[1]["exclusion"]

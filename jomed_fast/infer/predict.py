@@ -6,8 +6,9 @@ For a batch of B queries (images + questions):
    ``k_text`` of the text head and ``k_image`` of the image head (``K = k_T + k_I``, default 2 + 2 as
    the reference) — or, for the robustness study (paper Table 7), no retrieval (``K = 1``, the plain
    query prompt) or random retrieval, two ways (``RETRIEVAL_MODES``): ``random_records``
-   (``random``), K index records drawn uniformly with uniform weights (this project's reading of
-   the paper's "random retrieval"); ``random_query``, what the authors' code does
+   (``random``), K index records drawn uniformly with uniform weights from the index less the
+   query's own records (``exclude_self``: same id or image digest; this project's reading of the
+   paper's "random retrieval"); ``random_query``, what the authors' code does
    (``--random_query`` in ``src/jomed.py``): a standard-normal query vector drawn in place of each
    head's query embedding, its top ``k_text`` / ``k_image`` neighbours retrieved and fused by their
    scores like retrieved ones;
@@ -257,6 +258,8 @@ def predict_identity(
         identity["max_labels"] = getattr(scorer.head, "max_labels", None)
     if config.retrieval != "none":
         identity["index_records"] = records_digest(retrieval.records)
+    if config.retrieval == "random_records":
+        identity["exclusion"] = retrieval.exclusion.identity()
     if config.retrieval in ("retrieved", "random_query"):
         identity["index"] = retrieval.index.digest()
     if config.retrieval == "retrieved":
@@ -289,6 +292,19 @@ def random_queries(seed: int, query_ids: Sequence[str], dim: int) -> dict[str, t
     return {"text": torch.stack(text), "image": torch.stack(image)}
 
 
+def random_rows(n: int, own: Sequence[int], k: int, generator: torch.Generator) -> torch.Tensor:
+    """``[k]`` index rows drawn uniformly, with replacement, from the ``n`` rows less ``own`` (the
+    query's own records): a draw ``r`` in ``[0, n - |own|)`` steps past each own row ``e <= r`` in
+    ascending order, which maps the allowed rows onto that range one to one."""
+    skip = sorted(set(int(e) for e in own))
+    if len(skip) >= n:
+        raise ValueError(f"retrieval: every one of the index's {n} records is the query itself; nothing to draw")
+    rows = torch.randint(n - len(skip), (k,), generator=generator)
+    for e in skip:
+        rows += (rows >= e).long()
+    return rows
+
+
 def _candidates(config: InferConfig, retrieval, encoder, batch, images):
     """(candidates [B][K], scores [B, K], heads [B][K], record ids [B][K]) for one batch."""
     B = len(batch)
@@ -296,7 +312,8 @@ def _candidates(config: InferConfig, retrieval, encoder, batch, images):
         return [[None] for _ in range(B)], torch.zeros(B, 1), [["none"] for _ in range(B)], [["-"] for _ in range(B)]
     if config.retrieval == "random_records":
         n = len(retrieval.records)
-        rows = [torch.randint(n, (config.k,), generator=_query_generator(config.seed, str(s.id))) for s in batch]
+        own = retrieval.own_rows(batch)
+        rows = [random_rows(n, mine, config.k, _query_generator(config.seed, str(s.id))) for s, mine in zip(batch, own)]
         cands = [[retrieval.candidate(int(r)) for r in row] for row in rows]
         ids = [[c.id for c in row] for row in cands]
         return cands, torch.zeros(B, config.k), [["random"] * config.k for _ in range(B)], ids

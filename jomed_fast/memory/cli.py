@@ -33,7 +33,7 @@ OPTS = (
     ),
     Opt("quantization", str, "nf4", "reader weights", choices=("nf4", "int8", "none")),
     Opt("lora_rank", int, 8, "LoRA rank"),
-    Opt("layout", str, "shared_query", "prompt layout", choices=LAYOUTS),
+    Opt("layout", str, "paper", "prompt layout", choices=LAYOUTS),
     Opt("index_rows", int, 0, "rows of an index held on the GPU (Index.to) in stage 2 and inference; 0: on the CPU"),
     Opt("index_dim", int, 768, "embedding width of that index"),
 )

@@ -71,7 +71,8 @@ class CandidateScorer:
         reader: a ``jomed_fast.readers.Reader`` (``load_reader``), any quantization, with or
             without LoRA; attention implementation ``sdpa`` (default) or ``eager``.
         task: a ``jomed_fast.tasks.Task`` or its registered name; it must have a label set.
-        layout: ``"shared_query"`` (default; prefix KV shared by the K candidates) or ``"paper"``.
+        layout: ``"paper"`` (default: the paper's prompt, the whole pipeline's default) or
+            ``"shared_query"`` (the query first, its prefix KV shared by the K candidates; another prompt).
         memory_budget: bytes one chunk may use (see ``scoring.memory_budget``); None: a fraction of the
             free memory, read at each call.
         class_mode: ``"auto"`` (``first_token`` when every class is one token, else ``sequence``),
@@ -94,7 +95,7 @@ class CandidateScorer:
         self,
         reader,
         task,
-        layout: str = "shared_query",
+        layout: str = "paper",
         *,
         memory_budget: int | None = None,
         class_mode: str = "auto",
