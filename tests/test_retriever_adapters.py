@@ -272,6 +272,8 @@ OPEN_CLIP_VISION = {
     "biomedclip": dict(image_size=224, timm_model_name="vit_tiny_patch16_224", timm_pool="", timm_proj="linear"),
     # EVA-CLIP's: a timm EVA-02 trunk whose head projects
     "eva": dict(image_size=224, timm_model_name="eva02_tiny_patch14_224", timm_pool="token", timm_proj=None),
+    # open_clip's own ViT (the OpenAI / LAION CLIP towers): transformer.resblocks, ln_post, a bare proj matrix
+    "vit": dict(image_size=32, layers=3, width=32, head_width=16, patch_size=8),
 }
 OPEN_CLIP_TRAINABLE = {
     "biomedclip": (
@@ -281,6 +283,10 @@ OPEN_CLIP_TRAINABLE = {
     "eva": (
         ["model.visual.trunk.blocks.10.", "model.visual.trunk.blocks.11."],
         ["model.visual.trunk.norm.", "model.visual.trunk.head."],
+    ),
+    "vit": (
+        ["model.visual.transformer.resblocks.1.", "model.visual.transformer.resblocks.2."],
+        ["model.visual.ln_post.", "model.visual.proj"],
     ),
 }
 
