@@ -10,6 +10,7 @@ from jomed_fast.cli import main
 from jomed_fast.cli.demo import exit_code
 from jomed_fast.demo import PRESETS, check_findings, run_demo
 from jomed_fast.infer import read_predictions
+from jomed_fast.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,12 @@ def test_smoke_demo_runs_every_step_and_resumes(smoke):
         "no query image",
         "uniform random",
     }
-    assert summary["checks"] == check_findings(
-        summary["main"], {m: {"systems": v} for m, v in summary["consistency"].items()}, summary["oracle"]
+    split = {m: {"systems": v} for m, v in summary["consistency"].items()}
+    classes = len(get_task("synthetic").labels)
+    assert summary["checks"] == check_findings(summary["main"], split, summary["robustness"], classes)
+    assert set(summary["context"]) == {"reader_only<ft_rag (accuracy)", "oracle>=jomed (accuracy)"}
+    assert summary["context"]["oracle>=jomed (accuracy)"]["held"] == (
+        summary["oracle"]["jomed"] >= summary["main"]["jomed"]["accuracy"]
     )
     # oracle: some candidate right is at least as often right as any single candidate's own prediction
     ft = read_predictions(tmp_path / "predictions" / "ft_rag.jsonl")
@@ -78,7 +83,7 @@ def test_smoke_demo_reports_the_findings_as_informational_and_exits_0(smoke, cap
     printed = capsys.readouterr().out
     assert code == 0, printed
     held, n = sum(summary["checks"].values()), len(summary["checks"])
-    assert f"findings (informational: the smoke preset is too small for them): {held} of {n} hold\n" in printed
+    assert f"measured checks (informational: the smoke preset is too small for them): {held} of {n} hold\n" in printed
     assert json.loads(printed[: printed.index("\n}\n") + 2])["findings"] == "informational"
     assert "### Checks (informational: this preset is too small for them)" in (out / "report" / "report.md").read_text()
 
@@ -100,18 +105,21 @@ def test_a_preset_that_asserts_the_findings_exits_1_when_one_fails(tmp_path, cap
     assert main(["demo", "--preset", "full", "--out", str(tmp_path), "--no-progress"]) == 1
     printed = capsys.readouterr().out
     assert (
-        "findings (asserted by the full preset): 1 of 2 hold; failed: largest gain on the inconsistent split" in printed
+        "measured checks (asserted by the full preset; an existence proof): 1 of 2 hold; failed: largest gain on the inconsistent split"
+        in printed
         and seen[-1] == PRESETS["full"]
         and seen[-1].asserts_findings
     )
     # the same summary on a preset too small for the findings: informational, exit 0
     assert main(["demo", "--preset", "ci", "--out", str(tmp_path), "--no-progress", "--n-test", "7"]) == 0
-    assert "findings (informational: the ci preset is too small for them): 1 of 2 hold" in capsys.readouterr().out
+    assert (
+        "measured checks (informational: the ci preset is too small for them): 1 of 2 hold" in capsys.readouterr().out
+    )
     assert seen[-1].data.n_test == 7 and not seen[-1].asserts_findings  # flags keep the preset's property
     # every finding held: exit 0 on a preset that asserts them
     monkeypatch.setattr(jomed_fast.demo, "run_demo", _fake_run_demo(dict.fromkeys(checks, True), seen))
     assert main(["demo", "--preset", "full", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert "findings (asserted by the full preset): 2 of 2 hold\n" in capsys.readouterr().out
+    assert "measured checks (asserted by the full preset; an existence proof): 2 of 2 hold\n" in capsys.readouterr().out
 
 
 def test_exit_code_follows_the_findings_only_where_the_preset_asserts_them():

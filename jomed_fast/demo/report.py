@@ -18,9 +18,17 @@ Tables (each as JSON + markdown + PNG through ``analysis.write_analysis``):
 
 Every chart shows the numbers of its table (percent, one decimal), with the queries behind them.
 
-Checks (the paper's qualitative findings): reader-only < fine-tuned RAG < JOMED on accuracy and
-macro-F1, JOMED at least 2 points over fine-tuned RAG on both, JOMED's gain over fine-tuned RAG
-largest on the inconsistent split, and the oracle above JOMED.
+What the run shows is split by what could have come out otherwise. The task is built to contain
+a cue stage 2 can learn (``data.synthetic``: ``atypical_cue``), so a held check is an existence
+proof (the pipeline can realise the paper's orderings), not evidence about medical data.
+
+* checks (measurements: each could fail, and fails on some seeds): fine-tuned RAG < JOMED on
+  accuracy and macro-F1, by at least 2 points on both; JOMED's gain over fine-tuned RAG larger on
+  the inconsistent split than on the consistent one; and Table 7's orderings, random retrieval at
+  or above reader-only and JOMED without the query image at least 10 points above chance (1 / C);
+* context (not findings: they hold by construction, or trivially while the reader-only model is at
+  chance): reader-only < fine-tuned RAG, and the oracle at or above JOMED's fused accuracy (any
+  candidate right is almost always at least the fused answer right).
 """
 
 from __future__ import annotations
@@ -48,10 +56,14 @@ from ..data.io import atomic_write_text
 __all__ = ["check_findings", "write_report"]
 
 MIN_GAIN = 0.02
+# Table 7: "without the query image well above chance"; chance is 1 / C on the balanced test split
+ABOVE_CHANCE = 0.10
+# reader-only within this of chance: "reader-only < fine-tuned RAG" says nothing about the reader
+AT_CHANCE = 0.05
 
 
-def check_findings(main: dict, consistency: dict, oracle: dict) -> dict:
-    """The paper's qualitative findings as named booleans (with the numbers they compare)."""
+def check_findings(main: dict, consistency: dict, robustness: dict, num_classes: int) -> dict:
+    """The measured findings as named booleans: each could come out either way on this task."""
     ro, rag, jomed = main["reader_only"], main["ft_rag"], main["jomed"]
     acc = consistency["accuracy"]["systems"]
     gain = {
@@ -59,14 +71,54 @@ def check_findings(main: dict, consistency: dict, oracle: dict) -> dict:
         for s in ("inconsistent", "consistent")
         if acc["jomed"][s] is not None and acc["ft_rag"][s] is not None
     }
+    chance = 1.0 / num_classes
     return {
-        "reader_only<ft_rag<jomed (accuracy)": ro["accuracy"] < rag["accuracy"] < jomed["accuracy"],
-        "reader_only<ft_rag<jomed (macro_f1)": ro["macro_f1"] < rag["macro_f1"] < jomed["macro_f1"],
+        "ft_rag<jomed (accuracy)": rag["accuracy"] < jomed["accuracy"],
+        "ft_rag<jomed (macro_f1)": rag["macro_f1"] < jomed["macro_f1"],
         f"jomed-ft_rag>={MIN_GAIN:g} (accuracy)": jomed["accuracy"] - rag["accuracy"] >= MIN_GAIN,
         f"jomed-ft_rag>={MIN_GAIN:g} (macro_f1)": jomed["macro_f1"] - rag["macro_f1"] >= MIN_GAIN,
         "largest gain on the inconsistent split": len(gain) == 2 and gain["inconsistent"] > gain["consistent"],
-        "oracle>jomed": oracle["jomed"] > jomed["accuracy"],
+        "random retrieval>=reader_only (accuracy, Table 7)": (
+            robustness["random retrieval"]["accuracy"] >= ro["accuracy"]
+        ),
+        f"no query image>=chance+{ABOVE_CHANCE:g} (accuracy, Table 7)": (
+            robustness["no query image"]["accuracy"] >= chance + ABOVE_CHANCE
+        ),
     }
+
+
+def context_findings(main: dict, oracle: dict, num_classes: int) -> dict:
+    """What holds by construction or trivially here, each ``{"held": bool, "why": str}``: reported
+    beside the checks, never counted as findings."""
+    ro, rag, jomed = main["reader_only"], main["ft_rag"], main["jomed"]
+    at_chance = abs(ro["accuracy"] - 1.0 / num_classes) <= AT_CHANCE
+    return {
+        "reader_only<ft_rag (accuracy)": {
+            "held": ro["accuracy"] < rag["accuracy"],
+            "why": (
+                f"reader-only is within {100 * AT_CHANCE:g} points of chance: any reader that uses its context beats it"
+                if at_chance
+                else "reader-only is above chance here: a measurement on this run"
+            ),
+        },
+        "oracle>=jomed (accuracy)": {
+            "held": oracle["jomed"] >= jomed["accuracy"],
+            "why": "by construction, up to fusion picking a class no candidate predicts",
+        },
+    }
+
+
+def _reading_of(checks: dict) -> list[str]:
+    """Markdown lines: what the checks show and what they do not."""
+    held = sum(checks.values())
+    return [
+        (
+            f"{held} of {len(checks)} measured checks hold. The synthetic task is built to contain a cue "
+            "stage 2 can learn (`atypical_cue`): a held check shows the pipeline can realise the paper's "
+            "ordering on such a task (an existence proof), not that it does on medical data, nor on every seed."
+        ),
+        "",
+    ]
 
 
 def _md_table(title: str, table: dict) -> str:
@@ -139,7 +191,8 @@ def write_report(
     write_rerank_tables(str(out), rerank)
     write_per_class_f1(str(out), systems, num_classes, class_names)
     write_calibration(str(out), systems)
-    checks = check_findings(main, consistency, oracle)
+    checks = check_findings(main, consistency, robustness, num_classes)
+    context = context_findings(main, oracle, num_classes)
     share = consistency["accuracy"]["share_inconsistent"]
     md = [
         "# JOMED on the synthetic task: report",
@@ -157,10 +210,15 @@ def write_report(
         "### Reranking (Table 8)",
         "",
         rerank_markdown(rerank),
-        "### Checks" if findings_asserted else "### Checks (informational: this preset is too small for them)",
+        "### Checks: measurements"
+        if findings_asserted
+        else "### Checks (informational: this preset is too small for them)",
         "",
+        *_reading_of(checks),
     ]
     md += [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
+    md += ["", "### Context: not findings (by construction, or trivial here)", ""]
+    md += [f"- [{'x' if c['held'] else ' '}] {name}: {c['why']}" for name, c in context.items()]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return {
         "main": main,
@@ -170,4 +228,5 @@ def write_report(
         "robustness": robustness,
         "rerank": {k: accuracies(t) for k, t in rerank.items()},
         "checks": checks,
+        "context": context,
     }
