@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from .answer_trie import AnswerTrie
 
 MODES = ("auto", "first_token", "sequence")
 
@@ -51,50 +52,22 @@ class ClassHead:
         self.mode = mode
         self.num_classes = verbalizer.num_classes
 
-        # the trie (sequence mode)
-        node_of: dict[tuple[int, ...], int] = {}
-        tokens: list[int] = []
-        parents: list[int] = []
-        depths: list[int] = []
-        seqs = [tuple(verbalizer.sequence(c)) for c in range(self.num_classes)] if mode == "sequence" else []
-        for s in seqs:
-            for t in range(1, len(s)):
-                key = s[:t]
-                if key not in node_of:
-                    node_of[key] = len(tokens)
-                    tokens.append(s[t - 1])
-                    parents.append(node_of.get(s[: t - 1], -1) if t > 1 else -1)
-                    depths.append(t)
-        self.node_tokens = torch.tensor(tokens, dtype=torch.long)
-        self.node_depths = torch.tensor(depths, dtype=torch.long)
-        n = len(tokens)
-        anc = torch.zeros(n, n, dtype=torch.bool)
-        for j in range(n):
-            i = j
-            while i >= 0:
-                anc[j, i] = True
-                i = parents[i]
-        self.node_ancestors = anc  # [N, N]: anc[j, i] = node i is node j or an ancestor of it
-
+        # the trie (sequence mode): every class's continuation run after the prompt
         if mode == "sequence":
-            allowed = list(verbalizer.allowed_token_ids)
-            where = {t: a for a, t in enumerate(allowed)}
-            T = max(len(s) for s in seqs)
-            src = torch.zeros(self.num_classes, T, dtype=torch.long)
-            tgt = torch.zeros(self.num_classes, T, dtype=torch.long)
-            valid = torch.zeros(self.num_classes, T, dtype=torch.bool)
-            for c, s in enumerate(seqs):
-                for t, tok in enumerate(s):
-                    if tok not in where:
-                        raise ValueError(
-                            f"task {verbalizer.task_name!r}: class {verbalizer.labels[c]!r} token {tok} is not "
-                            "among the allowed tokens"
-                        )
-                    src[c, t] = 0 if t == 0 else 1 + node_of[s[:t]]
-                    tgt[c, t] = where[tok]
-                    valid[c, t] = True
-            self.allowed_ids = torch.tensor(allowed, dtype=torch.long)
-            self._src, self._tgt, self._valid = src, tgt, valid
+            labels = verbalizer.labels
+            trie = AnswerTrie.build(
+                [verbalizer.sequence(c) for c in range(self.num_classes)],
+                verbalizer.allowed_token_ids,
+                name=lambda c: f"class {labels[c]!r}",
+                task=verbalizer.task_name,
+            )
+            self.allowed_ids = trie.allowed_ids
+            self._src, self._tgt, self._valid = trie.src, trie.tgt, trie.valid
+        else:
+            trie = AnswerTrie.empty()
+        self.node_tokens = trie.node_tokens
+        self.node_depths = trie.node_depths
+        self.node_ancestors = trie.node_ancestors  # [N, N]: anc[j, i] = node i is node j or an ancestor of it
 
     @property
     def num_nodes(self) -> int:

@@ -48,6 +48,7 @@ import torch
 
 from .. import ops
 from .._checks import is_int
+from .answer_trie import AnswerTrie
 
 __all__ = ["DEFAULT_MAX_LABELS", "LabelSetHead", "label_sets"]
 
@@ -93,53 +94,23 @@ class LabelSetHead:
         if len(set(seqs)) != len(seqs):
             raise ValueError(f"task {verbalizer.task_name!r}: two label sets share one answer token sequence")
 
-        allowed = list(verbalizer.allowed_token_ids)
-        where = {t: a for a, t in enumerate(allowed)}
-        node_of: dict[tuple[int, ...], int] = {}
-        tokens: list[int] = []
-        parents: list[int] = []
-        depths: list[int] = []
-        for s in seqs:
-            for t in range(1, len(s)):
-                key = s[:t]
-                if key not in node_of:
-                    node_of[key] = len(tokens)
-                    tokens.append(s[t - 1])
-                    parents.append(node_of[s[: t - 1]] if t > 1 else -1)
-                    depths.append(t)
-        n = len(tokens)
-        # state 0 is the answer position, state 1 + j is trie node j
-        children = torch.zeros(1 + n, len(allowed), dtype=torch.bool)
-        T = max(len(s) for s in seqs)
-        src = torch.zeros(len(seqs), T, dtype=torch.long)
-        tgt = torch.zeros(len(seqs), T, dtype=torch.long)
-        valid = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            for t, tok in enumerate(s):
-                if tok not in where:
-                    raise ValueError(
-                        f"task {verbalizer.task_name!r}: answer {list(self.sets[i])} token {tok} is not among "
-                        "the allowed tokens"
-                    )
-                state = 0 if t == 0 else 1 + node_of[s[:t]]
-                src[i, t], tgt[i, t], valid[i, t] = state, where[tok], True
-                children[state, where[tok]] = True
-        anc = torch.zeros(n, n, dtype=torch.bool)
-        for j in range(n):
-            i = j
-            while i >= 0:
-                anc[j, i] = True
-                i = parents[i]
+        sets = self.sets
+        trie = AnswerTrie.build(
+            seqs,
+            verbalizer.allowed_token_ids,
+            name=lambda i: f"answer {list(sets[i])}",
+            task=verbalizer.task_name,
+        )
         member = torch.zeros(len(seqs), C, dtype=torch.bool)
-        for i, s in enumerate(self.sets):
+        for i, s in enumerate(sets):
             member[i, list(s)] = True
-        self.node_tokens = torch.tensor(tokens, dtype=torch.long)
-        self.node_depths = torch.tensor(depths, dtype=torch.long)
-        self.node_ancestors = anc  # [N, N]: anc[j, i] = node i is node j or an ancestor of it
-        self.allowed_ids = torch.tensor(allowed, dtype=torch.long)
-        self.children = children  # [1 + N, A]
+        self.node_tokens = trie.node_tokens
+        self.node_depths = trie.node_depths
+        self.node_ancestors = trie.node_ancestors  # [N, N]: anc[j, i] = node i is node j or an ancestor of it
+        self.allowed_ids = trie.allowed_ids
+        self.children = trie.children  # [1 + N, A]; state 0 is the answer position, state 1 + j trie node j
         self.membership = member  # [|S|, C]
-        self._src, self._tgt, self._valid = src, tgt, valid
+        self._src, self._tgt, self._valid = trie.src, trie.tgt, trie.valid
 
     @property
     def num_nodes(self) -> int:
