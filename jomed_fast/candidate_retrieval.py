@@ -202,8 +202,9 @@ class Retrieval:
         rows: list[list[int]] = [[] for _ in queries]
         if not self.exclusion.active:
             return rows
-        wanted = self.exclusion.near_duplicate is not None and image_queries is not None
-        near = self._near_duplicates(image_queries) if wanted else None
+        near = None
+        if self.exclusion.near_duplicate is not None and image_queries is not None:
+            near = self._near_duplicates(image_queries)
         count = self.excluded
         for j, query in enumerate(queries):
             by_id, by_image = self._row_keys.own_rows(query) if self._row_keys is not None else ([], [])

@@ -14,18 +14,14 @@ Trainable set for stage 2: the last vision ``encoder.layers`` plus what follows 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._files import replace_dir_atomically
 from .blocks import find_blocks, modules_after
-from .interface import Retriever, check_texts, pil_images
+from .feature_model import FeatureModelEncoder
 from .model_dir import read_config
 
-__all__ = ["HFCLIPEncoder", "HF_FAMILIES", "features"]
+__all__ = ["HFCLIPEncoder", "HF_FAMILIES"]
 
 # config.json's model_type -> (model class, PIL image processor class), names in transformers
 HF_FAMILIES = {
@@ -34,18 +30,7 @@ HF_FAMILIES = {
 }
 
 
-def features(out: Any) -> torch.Tensor:
-    """A ``get_*_features`` result as ``[N, D]``: transformers 5 returns a model output whose
-    ``pooler_output`` is projected; remote-code models (jina-clip) return the tensor itself."""
-    if isinstance(out, torch.Tensor):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if not isinstance(pooled, torch.Tensor):
-        raise TypeError(f"features: expected a tensor or an output with pooler_output, got {type(out).__name__}")
-    return pooled
-
-
-class HFCLIPEncoder(Retriever):
+class HFCLIPEncoder(FeatureModelEncoder):
     """A CLIP or SigLIP checkpoint directory (``config.json`` with ``model_type`` clip / siglip)."""
 
     def __init__(self, path, trust_remote_code: bool = False, device: str = "cpu"):
@@ -74,9 +59,6 @@ class HFCLIPEncoder(Retriever):
             return int(self.model.config.projection_dim)
         return int(self.model.config.vision_config.hidden_size)
 
-    def image_layers(self) -> list[nn.Module]:
-        return list(self._blocks)
-
     def image_head_modules(self) -> list[nn.Module | nn.Parameter]:
         after: list[nn.Module | nn.Parameter] = list(modules_after(self.model.vision_model, self._blocks_path))
         projection = getattr(self.model, "visual_projection", None)
@@ -85,31 +67,8 @@ class HFCLIPEncoder(Retriever):
     def text_layers(self) -> list[nn.Module]:
         return list(find_blocks(self.model.text_model, "text_model")[1])
 
-    def config_dict(self) -> dict:
-        return self.model.config.to_dict()
-
-    def encode_images(self, images) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):  # already pixel_values [N, 3, H, W]
-            pv = images
-        else:
-            pv = self.processor(images=pil_images(images), return_tensors="pt")["pixel_values"]
-        out = self.model.get_image_features(pixel_values=pv.to(self.device()))
-        return F.normalize(features(out), dim=-1)
-
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        texts = check_texts(texts)
-        if self.family == "siglip":
+    def _tokenize(self, texts: list[str]) -> dict:
+        if self.family == "siglip":  # trained on max-length padding: it pools the last position
             length = int(self.model.config.text_config.max_position_embeddings)
-            tok = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        else:
-            tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        tok = {k: v.to(self.device()) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-        return F.normalize(features(self.model.get_text_features(**tok)), dim=-1)
-
-    def save(self, out_dir) -> Path:
-        def fill(tmp: Path) -> None:
-            for part in (self.model, self.tokenizer, self.processor):
-                part.save_pretrained(tmp)
-
-        # through a temporary directory: atomic, and save_pretrained's 0600 weights get the umask's mode
-        return replace_dir_atomically(out_dir, fill)
+            return self.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")

@@ -17,16 +17,12 @@ The code runs only when the caller passes ``trust_remote_code=True``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._files import replace_dir_atomically
 from .blocks import find_blocks, modules_after
-from .hf import features
-from .interface import Retriever, check_texts, pil_images
+from .feature_model import FeatureModelEncoder
 
 __all__ = ["RemoteCodeEncoder", "IMAGE_TOWERS", "TEXT_TOWERS"]
 
@@ -44,7 +40,7 @@ def _tower(model: nn.Module, names: tuple[str, ...], what: str) -> tuple[str, nn
     )
 
 
-class RemoteCodeEncoder(Retriever):
+class RemoteCodeEncoder(FeatureModelEncoder):
     """A local directory whose ``config.json`` maps ``AutoModel`` to the model's own code."""
 
     def __init__(self, path, trust_remote_code: bool = False, device: str = "cpu"):
@@ -75,9 +71,6 @@ class RemoteCodeEncoder(Retriever):
         with torch.no_grad():  # code whose config names no width: the width of what it returns
             return int(self.encode_texts([""]).shape[-1])
 
-    def image_layers(self) -> list[nn.Module]:
-        return list(self._blocks)
-
     def image_head_modules(self) -> list[nn.Module | nn.Parameter]:
         after: list[nn.Module | nn.Parameter] = list(modules_after(self._image_tower, self._blocks_path))
         projection = getattr(self.model, "visual_projection", None)
@@ -86,25 +79,3 @@ class RemoteCodeEncoder(Retriever):
     def text_layers(self) -> list[nn.Module]:
         name, tower = _tower(self.model, TEXT_TOWERS, "text")
         return list(find_blocks(tower, name)[1])
-
-    def config_dict(self) -> dict:
-        return self.model.config.to_dict()
-
-    def encode_images(self, images) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):  # already pixel_values [N, 3, H, W]
-            pv = images
-        else:
-            pv = self.processor(images=pil_images(images), return_tensors="pt")["pixel_values"]
-        return F.normalize(features(self.model.get_image_features(pixel_values=pv.to(self.device()))), dim=-1)
-
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tok = self.tokenizer(check_texts(texts), padding=True, truncation=True, return_tensors="pt")
-        tok = {k: v.to(self.device()) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-        return F.normalize(features(self.model.get_text_features(**tok)), dim=-1)
-
-    def save(self, out_dir) -> Path:
-        def fill(tmp: Path) -> None:
-            for part in (self.model, self.tokenizer, self.processor):
-                part.save_pretrained(tmp)
-
-        return replace_dir_atomically(out_dir, fill)
