@@ -226,7 +226,8 @@ def significance_markdown(table: Mapping[str, Mapping], n_boot: int, seed: int) 
 def write_significance(
     out_dir: str, table: Mapping[str, Mapping], n_boot: int, seed: int, name: str = "significance"
 ) -> dict[str, str]:
-    """``name.json`` (every cell, and how it was made) and ``name.md`` (atomic)."""
+    """``name.json`` (every cell, the comparisons in order: the JSON sorts its keys, and how it was
+    made) and ``name.md`` (atomic)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, name + ".json"), "md": os.path.join(out_dir, name + ".md")}
     how = {
@@ -234,6 +235,6 @@ def write_significance(
         "p_mcnemar": "exact McNemar test on per-query correctness",
         "ci95": f"paired percentile bootstrap over the queries, {n_boot} resamples, seed {seed}",
     }
-    atomic_write_text(paths["json"], json.dumps({"table": table, "how": how}, indent=2, sort_keys=True))
+    atomic_write_text(paths["json"], json.dumps({"table": table, "comparisons": list(table), "how": how}, indent=2, sort_keys=True))
     atomic_write_text(paths["md"], significance_markdown(table, n_boot, seed))
     return paths
