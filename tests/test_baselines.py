@@ -128,3 +128,16 @@ def test_refusals_name_the_record_and_the_option():
         knn_vote_records([q], LABELS, 0)
     with pytest.raises(ValueError, match="no record carries a class label"):
         knn_vote_records([q], {"r0": None}, 1)
+
+
+def test_a_run_without_retrieval_has_no_vote_and_no_baseline_row():
+    from jomed_fast.analysis import retrieval_baselines
+
+    rag = [rec("q", 1, [("r1", "text", 1.0), ("r0", "image", 1.0)])]
+    none = [rec("q", 1, [("-", "none", 0.0)])]  # predict's placeholder with --retrieval none
+    with pytest.raises(ValueError, match="a run without retrieval has no index records to vote"):
+        candidate_vote_records(none, LABELS)
+    rows = retrieval_baselines({"reader_only": none, "rag": rag}, LABELS, "rag", 2)
+    assert list(rows) == ["knn2_vote", "rag_candidate_vote"] and rows["knn2_vote"][0].fused == 1
+    with pytest.raises(ValueError, match="a run without retrieval"):
+        retrieval_baselines({"reader_only": none, "rag": rag}, LABELS, "reader_only", 1)

@@ -10,7 +10,7 @@ differences between systems), ``per_class`` (F1 per class), ``calibration`` (rel
 probabilities), ``figures`` (the charts, drawn without pyplot), ``prediction_records`` (the format).
 """
 
-from .baselines import candidate_vote_records, index_labels, knn_vote_records, vote
+from .baselines import candidate_vote_records, index_labels, knn_vote_records, retrieval_baselines, vote
 from .calibration import reliability, write_calibration
 from .consistency import (
     check_same_queries,
@@ -70,6 +70,7 @@ __all__ = [
     "rerank_top_retrieval",
     "rerank_top_retrieval_in_head",
     "rerankers_for",
+    "retrieval_baselines",
     "significance_table",
     "split_consistency",
     "split_metrics",

@@ -50,6 +50,8 @@ __all__ = [
     "index_prior",
     "knn_vote_records",
     "ranked_candidates",
+    "retrieval_baselines",
+    "retrieved",
     "vote",
 ]
 
@@ -160,9 +162,24 @@ def _vote_record(rec: PredictionRecord, positions: Sequence[int], labels: Mappin
     return dataclasses.replace(rec, candidates=[], fused=prior if answer is None else answer, fused_probs=None)
 
 
+NO_RETRIEVAL_HEAD = "none"  # predict's placeholder candidate of a run without retrieval
+
+
+def retrieved(records: Sequence[PredictionRecord]) -> bool:
+    """Every query has candidates from the index (not a run without retrieval, whose one
+    placeholder candidate has head ``"none"``)."""
+    return bool(records) and all(
+        r.candidates and all(c.head != NO_RETRIEVAL_HEAD for c in r.candidates) for r in records
+    )
+
+
 def _check_kind(records: Sequence[PredictionRecord]) -> None:
     if any(r.kind == "vqa_open" for r in records):
         raise ValueError("records: open VQA answers have no label set to vote over")
+    if not retrieved(records):
+        raise ValueError(
+            "records: a run without retrieval has no index records to vote (predicted with --retrieval none)"
+        )
 
 
 def knn_vote_records(
@@ -191,7 +208,26 @@ def candidate_vote_records(records: Sequence[PredictionRecord], labels: Mapping[
     prior = index_prior(labels, any(r.kind == "multilabel" for r in records))
     out = []
     for r in records:
-        if not r.candidates:
-            raise ValueError(f"records: query {r.query_id!r} has no candidates to vote (a run without retrieval)")
         out.append(_vote_record(r, ranked_candidates(r), labels, prior))
+    return out
+
+
+def retrieval_baselines(
+    systems: Mapping[str, Sequence[PredictionRecord]],
+    labels: Mapping[str, Any],
+    knn_from: str,
+    k: int = DEFAULT_K,
+) -> dict[str, list[PredictionRecord]]:
+    """The baseline rows by name: ``knn<k>_vote`` over ``systems[knn_from]`` (the base retriever's
+    system), then ``<system>_candidate_vote`` for every system whose queries all have candidates
+    (a run without retrieval has nothing to vote)."""
+    if knn_from not in systems:
+        raise ValueError(f"knn_from: expected one of {sorted(systems)}, got {knn_from!r}")
+    out = {f"knn{k}_vote": knn_vote_records(systems[knn_from], labels, k)}
+    for name, recs in systems.items():
+        if retrieved(recs):
+            out[f"{name}_candidate_vote"] = candidate_vote_records(recs, labels)
+    clash = sorted(set(out) & set(systems))
+    if clash:
+        raise ValueError(f"systems: the names {clash} are the baselines' rows; name the systems otherwise")
     return out

@@ -235,6 +235,8 @@ def write_significance(
         "p_mcnemar": "exact McNemar test on per-query correctness",
         "ci95": f"paired percentile bootstrap over the queries, {n_boot} resamples, seed {seed}",
     }
-    atomic_write_text(paths["json"], json.dumps({"table": table, "comparisons": list(table), "how": how}, indent=2, sort_keys=True))
+    atomic_write_text(
+        paths["json"], json.dumps({"table": table, "comparisons": list(table), "how": how}, indent=2, sort_keys=True)
+    )
     atomic_write_text(paths["md"], significance_markdown(table, n_boot, seed))
     return paths

@@ -346,7 +346,7 @@ def _classes(systems: dict, task_name: str | None) -> tuple[int, list | None] | 
 def _baselines(systems: dict, v: dict, knn_from: str, classes) -> dict:
     """The retrieval-only votes (``analysis.baselines``) by row name; none without ``--index-records``
     and ``--task`` (a note says so), with ``--no-baselines``, or for open VQA."""
-    from ..analysis import candidate_vote_records, index_labels, knn_vote_records
+    from ..analysis import index_labels, retrieval_baselines
 
     if not v["baselines"]:
         return {}
@@ -364,13 +364,7 @@ def _baselines(systems: dict, v: dict, knn_from: str, classes) -> dict:
     if not labels:
         print(f"baselines: none (no record of {v['index_records']} carries a 'label', 'answer' or 'meta.label' key)")
         return {}
-    out = {f"knn{v['knn_k']}_vote": knn_vote_records(systems[knn_from], labels, v["knn_k"])}
-    for name, recs in systems.items():
-        if all(r.candidates for r in recs):  # a system without retrieval has nothing to vote
-            out[f"{name}_candidate_vote"] = candidate_vote_records(recs, labels)
-    clash = sorted(set(out) & set(systems))
-    if clash:
-        raise ValueError(f"--system: the names {clash} are the baselines' rows; name the systems otherwise")
+    out = retrieval_baselines(systems, labels, knn_from, v["knn_k"])
     print(f"baselines: kNN vote over the top {v['knn_k']} of {knn_from}'s candidates, each system's candidate vote")
     return out
 
@@ -378,11 +372,12 @@ def _baselines(systems: dict, v: dict, knn_from: str, classes) -> dict:
 def _write_oracle(out: Path, systems: dict, num_classes: int) -> None:
     """Table 1a's oracle (some candidate right): accuracy and F1 beside the fused answer's, printed too."""
     from ..analysis import oracle_accuracy, oracle_f1, write_analysis
+    from ..analysis.baselines import retrieved
     from ..eval import prediction_metrics
 
     table = {}
     for name, recs in systems.items():
-        if not recs or not all(r.candidates for r in recs):
+        if not retrieved(recs):  # a run without retrieval has no candidates to pick from
             continue
         fused = prediction_metrics(recs, num_classes)
         acc = fused.get("accuracy", fused.get("subset_accuracy"))
