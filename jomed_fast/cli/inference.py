@@ -203,7 +203,7 @@ ANALYZE_OPTS = (
         "task",
         str,
         None,
-        "the task whose class names label the per-class chart",
+        "the task whose class names label the per-class chart (and whose labels the baselines read)",
         default_doc="class 0, class 1, ...",
     ),
     Opt(
