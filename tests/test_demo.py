@@ -49,6 +49,15 @@ def test_smoke_demo_runs_every_step_and_resumes(smoke):
             1 if system in ("reader_only", "jomed_no_retrieval") else config.inference.k_text + config.inference.k_image
         )
     assert set(summary["main"]) == {"reader_only", "ft_rag", "jomed"}
+    # the retrieval-only baselines (the index records' labels) beside the systems, and the
+    # significance of every difference the report states
+    k = min(4, config.inference.k_text + config.inference.k_image)
+    baselines = {f"knn{k}_vote", "ft_rag_candidate_vote", "jomed_candidate_vote"}
+    assert set(summary["consistency"]["accuracy"]) == {"reader_only", "ft_rag", "jomed"} | baselines
+    assert {"jomed vs ft_rag", "ft_rag vs reader_only", f"jomed vs knn{k}_vote"} <= set(summary["significance"])
+    assert 0 <= summary["significance"]["jomed vs ft_rag"]["p_mcnemar"] <= 1
+    assert "| JOMED vs fine-tuned RAG | all |" in (report / "report.md").read_text()
+    assert (report / "significance.md").is_file()
     assert set(summary["robustness"]) == {
         "jomed",
         "no retrieval",

@@ -219,15 +219,19 @@ def write_consistency_tables(
     split: dict[str, set],
     num_classes: int | None = None,
     extra: dict | None = None,
+    baselines: Mapping[str, Sequence[PredictionRecord]] | None = None,
 ) -> dict:
-    """Tables 5-6: accuracy and macro-F1 per split for every system, each written by
-    :func:`write_analysis` as ``consistency_<metric>`` (the groups' n in the chart), and each
-    system's own share of inconsistent queries as ``consistency_split``; returns
-    ``{metric: split_metrics(...)}``."""
+    """Tables 5-6: accuracy and macro-F1 per split for every system, then every baseline
+    (:mod:`.baselines`, rows of those two tables only), each written by :func:`write_analysis` as
+    ``consistency_<metric>`` (the groups' n in the chart), and each system's own share of
+    inconsistent queries as ``consistency_split``; returns ``{metric: split_metrics(...)}``."""
     out = {}
     where = f", split from {display_name(extra['split_from'])}" if extra and "split_from" in extra else ""
+    clash = sorted(set(systems) & set(baselines or {}))
+    if clash:
+        raise ValueError(f"baselines: the names {clash} are systems' names; name each row once")
     for metric in ("accuracy", "macro_f1"):
-        res = split_metrics(systems, split, metric, num_classes)
+        res = split_metrics({**systems, **(baselines or {})}, split, metric, num_classes)
         write_analysis(
             out_dir,
             f"consistency_{metric}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..analysis.baselines import DEFAULT_K
+from ..analysis.significance import DEFAULT_BOOTSTRAP
 from ..infer.open_vqa import OPEN_FUSIONS
 from ..infer.predict import RETRIEVAL_ALIASES, RETRIEVAL_MODES
 from .common import (
@@ -201,15 +203,39 @@ ANALYZE_OPTS = (
         "task",
         str,
         None,
-        "the task whose class names label the per-class chart",
+        "the task whose class names label the per-class chart (and whose labels the baselines read)",
         default_doc="class 0, class 1, ...",
     ),
+    Opt(
+        "baselines",
+        bool,
+        True,
+        "the retrieval-only votes (kNN over --knn-from's candidates, each system's own candidates) as "
+        "rows of the consistency tables, when --index-records (with labels) and --task are given",
+    ),
+    Opt(
+        "knn_k",
+        int,
+        DEFAULT_K,
+        "neighbours of the kNN vote (the paper's r = 4: 2 per head), the top by each head's retrieval softmax",
+    ),
+    Opt(
+        "knn_from",
+        str,
+        None,
+        "the system predicted with the base (un-fine-tuned) retriever, whose candidates the kNN vote reads",
+        default_doc="the --split-from system",
+    ),
+    Opt("bootstrap", int, DEFAULT_BOOTSTRAP, "paired bootstrap resamples of the significance table"),
+    Opt("seed", int, 0, "seed of the paired bootstrap"),
     *LVLM_OPTS,
 )
 ANALYSIS_TABLES = (
     "consistency_accuracy",
     "consistency_macro_f1",
     "consistency_split",
+    "oracle",
+    "significance",
     "rerank",
     "per_class_f1",
     "calibration",
@@ -257,30 +283,48 @@ def run_analyze(v: dict) -> int:
         raise ValueError(f"--split-from: expected one of {sorted(paths)}, got {ref!r}")
     if v["lvlm_system"] is not None and v["lvlm_system"] not in paths:
         raise ValueError(f"--lvlm-system: expected one of {sorted(paths)}, got {v['lvlm_system']!r}")
+    knn_from = v["knn_from"] or ref
+    if knn_from not in paths:
+        raise ValueError(f"--knn-from: expected one of {sorted(paths)}, got {knn_from!r}")
+    if v["bootstrap"] < 1:
+        raise ValueError(f"--bootstrap: expected at least 1 resample, got {v['bootstrap']}")
     out = Path(v["out"])
     _check_analysis_out(out, paths, lvlm_inputs(v))
     chat = lvlm_backend(v)
     systems = {name: read_predictions(path) for name, path in paths.items()}
     check_same_queries(systems)  # before anything is written
-    tables = write_consistency_tables(str(out), systems, split_consistency(systems[ref]), extra={"split_from": ref})
+    classes = _classes(systems, v["task"])
+    baselines = _baselines(systems, v, knn_from, classes)  # refused before anything is written
+    split = split_consistency(systems[ref])
+    tables = write_consistency_tables(
+        str(out),
+        systems,
+        split,
+        None if classes is None else classes[0],
+        extra={"split_from": ref},
+        baselines=baselines,
+    )
     for metric, m in tables.items():
         print(f"{metric} by split (inconsistent share {100 * m['share_inconsistent']:.1f}%, split from {ref}):")
         for name, row in m["systems"].items():
             print(f"  {name:<24}" + "  ".join(f"{k} {'-' if x is None else f'{100 * x:.1f}'}" for k, x in row.items()))
+    if classes is not None:
+        _write_oracle(out, systems, classes[0])
+        _write_significance(out, systems, baselines, split, classes[0], v)
     write_rerank_table(out, systems, v, chat)
-    _write_class_analyses(out, systems, v["task"])
+    if classes is not None:
+        _write_class_analyses(out, systems, *classes)
     print(f"Table 8 (rerankers vs fusion and the oracle), per-class F1 and calibration written to {out}")
     return 0
 
 
-def _write_class_analyses(out: Path, systems: dict, task_name: str | None) -> None:
-    """Per-class F1 and the reliability diagram, for tasks with classes (open VQA has neither)."""
-    from ..analysis import write_calibration, write_per_class_f1
+def _classes(systems: dict, task_name: str | None) -> tuple[int, list | None] | None:
+    """``(C, class names or None)`` of the predictions (``--task`` names them), or ``None`` for open VQA."""
     from ..tasks import get_task
 
     first = next(iter(systems.values()))
     if not first or first[0].kind == "vqa_open":
-        return
+        return None
     task = get_task(task_name) if task_name is not None else None
     if task is not None and task.kind != first[0].kind:
         raise ValueError(f"--task: expected a {first[0].kind} task (the predictions'), got {task.name} ({task.kind})")
@@ -290,14 +334,99 @@ def _write_class_analyses(out: Path, systems: dict, task_name: str | None) -> No
             raise ValueError(
                 f"--task: {task.name} has {task.num_classes} classes, the predictions' distributions {sorted(sizes)}"
             )
-        num_classes, names = task.num_classes, list(task.label_names or task.labels)
-    elif len(sizes) == 1:
-        num_classes, names = sizes.pop(), None
-    else:
-        raise ValueError(
-            f"--system: the predictions' class distributions have {sorted(sizes) or 'no'} sizes; "
-            "expected one (give --task to name the classes)"
+        return task.num_classes, list(task.label_names or task.labels)
+    if len(sizes) == 1:
+        return sizes.pop(), None
+    raise ValueError(
+        f"--system: the predictions' class distributions have {sorted(sizes) or 'no'} sizes; "
+        "expected one (give --task to name the classes)"
+    )
+
+
+def _baselines(systems: dict, v: dict, knn_from: str, classes) -> dict:
+    """The retrieval-only votes (``analysis.baselines``) by row name; none without ``--index-records``
+    and ``--task`` (a note says so), with ``--no-baselines``, or for open VQA."""
+    from ..analysis import index_labels, retrieval_baselines
+
+    if not v["baselines"]:
+        return {}
+    if classes is None:
+        print("baselines: none for open VQA (no label set to vote over)")
+        return {}
+    if v["index_records"] is None or v["task"] is None:
+        print("baselines: none (give --index-records with labels and --task for the kNN and candidate votes)")
+        return {}
+    from ..data import load_index_records
+    from ..tasks import get_task
+
+    records = load_index_records(v["index_records"], verify_images="none")
+    labels = index_labels(records, get_task(v["task"]), f"--index-records {v['index_records']}")
+    if not labels:
+        print(f"baselines: none (no record of {v['index_records']} carries a 'label', 'answer' or 'meta.label' key)")
+        return {}
+    out = retrieval_baselines(systems, labels, knn_from, v["knn_k"])
+    print(f"baselines: kNN vote over the top {v['knn_k']} of {knn_from}'s candidates, each system's candidate vote")
+    return out
+
+
+def _write_oracle(out: Path, systems: dict, num_classes: int) -> None:
+    """Table 1a's oracle (some candidate right): accuracy and F1 beside the fused answer's, printed too."""
+    from ..analysis import oracle_accuracy, oracle_f1, write_analysis
+    from ..analysis.baselines import retrieved
+    from ..eval import prediction_metrics
+
+    table = {}
+    for name, recs in systems.items():
+        if not retrieved(recs):  # a run without retrieval has no candidates to pick from
+            continue
+        fused = prediction_metrics(recs, num_classes)
+        acc = fused.get("accuracy", fused.get("subset_accuracy"))
+        table[name] = {
+            "accuracy": acc,
+            "oracle_accuracy": oracle_accuracy(recs),
+            "macro_f1": fused["macro_f1"],
+            "oracle_f1": oracle_f1(recs, num_classes),
+        }
+    if not table:
+        return
+    write_analysis(
+        str(out),
+        "oracle",
+        table,
+        title="Fused answer vs the oracle (some candidate right, Table 1a)",
+        row_n={name: len(systems[name]) for name in table},
+    )
+    print("oracle (some candidate right; Table 1a):")
+    for name, row in table.items():
+        print(
+            f"  {name:<24}oracle accuracy {100 * row['oracle_accuracy']:.1f}  oracle F1 {100 * row['oracle_f1']:.1f}"
+            f"  (fused accuracy {100 * row['accuracy']:.1f}  macro-F1 {100 * row['macro_f1']:.1f})"
         )
+
+
+def _write_significance(out: Path, systems: dict, baselines: dict, split: dict, num_classes: int, v: dict) -> None:
+    """Every pair of systems and every system against every baseline: McNemar p and bootstrap intervals."""
+    from ..analysis import significance_table, write_significance
+
+    table = significance_table(systems, split, num_classes, baselines, n_boot=v["bootstrap"], seed=v["seed"])
+    if not table:
+        return
+    write_significance(str(out), table, v["bootstrap"], v["seed"])
+    print(f"paired significance (all queries; {v['bootstrap']} bootstrap resamples, seed {v['seed']}):")
+    for key, row in table.items():
+        c = row["all"]
+        lo, hi = c["ci95_accuracy"]
+        flo, fhi = c["ci95_macro_f1"]
+        print(
+            f"  {key:<40}accuracy {100 * c['diff_accuracy']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"p={c['p_mcnemar']:.3g}  macro-F1 {100 * c['diff_macro_f1']:+.1f} [{100 * flo:+.1f}, {100 * fhi:+.1f}]"
+        )
+
+
+def _write_class_analyses(out: Path, systems: dict, num_classes: int, names: list | None) -> None:
+    """Per-class F1 and the reliability diagram, for tasks with classes (open VQA has neither)."""
+    from ..analysis import write_calibration, write_per_class_f1
+
     write_per_class_f1(str(out), systems, num_classes, names)
     write_calibration(str(out), systems)
 
@@ -321,7 +450,10 @@ COMMANDS = (
     Command(
         "analyze",
         "the paper's analyses over several systems' predictions",
-        "Inconsistent vs consistent split (Tables 5-6, accuracy and macro-F1); rerankers against fusion "
+        "Inconsistent vs consistent split (Tables 5-6, accuracy and macro-F1), with the retrieval-only "
+        "baselines (a kNN vote over the base retriever's records, each system's candidate vote) as rows; "
+        "the oracle's accuracy and F1 (Table 1a); paired significance of every difference (exact "
+        "McNemar, bootstrap intervals); rerankers against fusion "
         "and the oracle (Table 8: each head's top-1 as evaluate reports it, the most confident candidate) "
         "on each system's inconsistent queries, with the consistent and all queries beside; JSON, "
         "markdown and PNG per table.",

@@ -41,7 +41,12 @@ LVLM_OPTS = (
     Opt("lvlm_retries", int, 2, "further attempts after a timeout, a connection failure or HTTP 408/429/5xx"),
     Opt("lvlm_max_new_tokens", int, 32, "reply length limit of the local LVLM"),
     Opt("samples", str, None, "the samples JSONL the systems predicted (query images, for --lvlm-rerank)"),
-    Opt("index_records", str, None, "the index records JSONL the candidates came from (for --lvlm-rerank)"),
+    Opt(
+        "index_records",
+        str,
+        None,
+        "the index records JSONL the candidates came from (for --lvlm-rerank; their labels for the baselines)",
+    ),
     Opt("reader", str, None, "the local LVLM's checkpoint directory (--lvlm-rerank local)"),
     Opt("adapter", str, None, "a LoRA adapter for the local LVLM"),
     Opt("device", str, None, "cpu, cuda or cuda:N for the local LVLM", default_doc="cuda when available, else cpu"),

@@ -217,6 +217,7 @@ def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encod
 
 def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True) -> dict:
     """Run (or resume) the demo in ``out_dir``; returns the report's summary (tables and checks)."""
+    from ..analysis import index_labels
     from .report import write_report
 
     config = config if config is not None else DemoConfig()
@@ -242,6 +243,7 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True
         seed=config.seed,
         findings_asserted=config.asserts_findings,
         class_names=ds.task.labels,
+        index_labels=index_labels(ds.index, ds.task),
     )
     summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(out / "report" / "summary.json", summary)

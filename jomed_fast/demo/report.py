@@ -13,6 +13,12 @@ Tables (each as JSON + markdown + PNG through ``analysis.write_analysis``):
   fine-tuned RAG's and JOMED's candidates, on each system's inconsistent queries (the paper's
   part) with the consistent and all queries beside, every cell with its n and 95% Wilson interval
   (``analysis.write_rerank_tables``);
+* baselines: with the index records' labels, the retrieval-only votes (``analysis.baselines``: the
+  kNN vote over fine-tuned RAG's candidates, the base retriever's, and each system's candidate
+  vote) as rows of the consistency tables;
+* significance: every difference between the three systems, and between each and each baseline,
+  with the exact McNemar p and paired bootstrap intervals (``analysis.significance``, seeded by
+  the demo's seed);
 * per-class F1 of the three systems, each system's share of inconsistent queries, and the
   reliability diagram of their fused probabilities (``calibration``).
 
@@ -33,13 +39,16 @@ proof (the pipeline can realise the paper's orderings), not evidence about medic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..analysis import (
     metrics_table,
     oracle_accuracy,
     rerank_table,
+    retrieval_baselines,
+    significance_table,
     split_consistency,
     uniform_random_records,
     write_analysis,
@@ -47,10 +56,13 @@ from ..analysis import (
     write_consistency_tables,
     write_per_class_f1,
     write_rerank_tables,
+    write_significance,
 )
+from ..analysis.baselines import DEFAULT_K
 from ..analysis.figures import columns_label
 from ..analysis.rerank_tables import rerank_markdown
 from ..analysis.rerankers import accuracies
+from ..analysis.significance import DEFAULT_BOOTSTRAP, significance_markdown
 from ..data.io import atomic_write_text
 
 __all__ = ["check_findings", "write_report"]
@@ -139,11 +151,13 @@ def write_report(
     *,
     findings_asserted: bool = True,
     class_names: Sequence[str] | None = None,
+    index_labels: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write every table and ``report.md`` to ``out_dir``; return the summary (tables + checks).
 
     ``findings_asserted`` False (a preset too small for the findings) marks the checks as
-    informational in ``report.md``; ``class_names`` name the classes of the per-class chart.
+    informational in ``report.md``; ``class_names`` name the classes of the per-class chart;
+    ``index_labels`` (``analysis.index_labels`` of the index records) adds the baselines.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +173,15 @@ def write_report(
         row_n=queries,
     )
     split = split_consistency(records["ft_rag"])
-    consistency = write_consistency_tables(str(out), systems, split, num_classes, extra={"split_from": "ft_rag"})
+    baselines = {}
+    if index_labels:  # the paper's 4 neighbours, or all of them when a preset retrieves fewer
+        k = min(DEFAULT_K, *(len(r.candidates) for r in records["ft_rag"]))
+        baselines = retrieval_baselines(systems, index_labels, "ft_rag", k)
+    consistency = write_consistency_tables(
+        str(out), systems, split, num_classes, extra={"split_from": "ft_rag"}, baselines=baselines
+    )
+    significance = significance_table(systems, split, num_classes, baselines, n_boot=DEFAULT_BOOTSTRAP, seed=seed)
+    write_significance(str(out), significance, DEFAULT_BOOTSTRAP, seed)
     oracle = {k: oracle_accuracy(records[k]) for k in ("ft_rag", "jomed")}
     oracle_table = {k: {"fused": main[k]["accuracy"], "oracle": v} for k, v in oracle.items()}
     write_analysis(
@@ -206,6 +228,9 @@ def write_report(
         _md_table("Accuracy by split (Tables 5-6)", consistency["accuracy"]["systems"]),
         _md_table("Macro-F1 by split (Tables 5-6)", consistency["macro_f1"]["systems"]),
         _md_table("Oracle (Table 1)", oracle_table),
+        "### Paired significance (differences in points; the first system minus the second)",
+        "",
+        significance_markdown(significance, DEFAULT_BOOTSTRAP, seed),
         _md_table("Robustness (Table 7)", robustness),
         "### Reranking (Table 8)",
         "",
@@ -227,6 +252,7 @@ def write_report(
         "oracle": oracle,
         "robustness": robustness,
         "rerank": {k: accuracies(t) for k, t in rerank.items()},
+        "significance": {key: row["all"] for key, row in significance.items()},
         "checks": checks,
         "context": context,
     }
