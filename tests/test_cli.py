@@ -396,3 +396,67 @@ def test_plan_memory_reads_a_config_and_flags_override_it(tmp_path, capsys):
     cfg.write_text("budget: 3\n")
     assert module_main(["--config", str(cfg)]) == 2
     assert capsys.readouterr().err.startswith("python -m jomed_fast.memory: error: --config: unknown option 'budget'")
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what the command built: the run goes no further."""
+
+
+def test_max_labels_and_prompts_reach_every_stage(files, capsys, tmp_path, monkeypatch):
+    """``--max-labels`` reaches stage 1's and stage 2's configs (so their run identities) and
+    predict's scorer; ``--prompts`` picks the task variant; a single-label task refuses the flag."""
+    import dataclasses
+
+    import jomed_fast.scoring
+    import jomed_fast.train
+    from jomed_fast.tasks import get_task, register_task
+
+    root, data, reader = files
+    synthetic = get_task("synthetic")
+    sets = register_task(dataclasses.replace(synthetic, name="synthetic_sets_cli", kind="multilabel"), overwrite=True)
+    seen: dict = {}
+
+    def spy(name):
+        def record(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            raise _Stop
+
+        return record
+
+    monkeypatch.setattr(jomed_fast.train, "train_reader", spy("train_reader"))
+    monkeypatch.setattr(jomed_fast.train, "train_retriever_heads", spy("train_retriever_heads"))
+    monkeypatch.setattr(jomed_fast.scoring, "CandidateScorer", spy("scorer"))
+    common = ["--reader", reader, "--train", data / "train.jsonl", "--run-dir", tmp_path / "r", "--no-progress"]
+    for command in ("train-reader", "train-retriever"):
+        with pytest.raises(_Stop):
+            main([command, *map(str, common), "--task", sets.name, "--max-labels", "2", *_index(root, data)])
+    assert seen["train_reader"][0][0].max_labels == 2
+    assert seen["train_retriever_heads"][0][0].max_labels == 2
+    with pytest.raises(_Stop):
+        main(["predict", "--reader", str(reader), "--samples", str(data / "test.jsonl"), "--out", str(tmp_path / "p"),
+              "--retrieval", "none", "--task", sets.name, "--max-labels", "4"])  # fmt: skip
+    assert seen["scorer"][1]["max_labels"] == 4 and seen["scorer"][0][1] is sets
+    # the reference prompts of a task that has them; a single-label task refuses --max-labels
+    with pytest.raises(_Stop):
+        main(["predict", "--reader", str(reader), "--samples", str(data / "test.jsonl"), "--out", str(tmp_path / "p"),
+              "--retrieval", "none", "--task", "synthetic", "--prompts", "reference"])  # fmt: skip
+    assert seen["scorer"][0][1] is get_task("synthetic", "reference") and seen["scorer"][1]["max_labels"] == 3
+    from jomed_fast.cli.common import task_from
+
+    breast = {p: task_from({"task": "breast", "prompts": p}) for p in ("paper", "reference")}
+    assert breast["reference"] is get_task("breast_reference") and breast["paper"] is get_task("breast")
+    assert breast["reference"].identity != breast["paper"].identity
+    capsys.readouterr()  # what the runs above printed (the reader's loading bar)
+    code, _out, err = run(["predict", "--reader", reader, "--samples", data / "test.jsonl", "--out", tmp_path / "q",
+                           "--retrieval", "none", "--max-labels", 2], capsys)  # fmt: skip
+    assert code == 2 and err == (
+        "jomed-fast predict: error: --max-labels: applies to multi-label tasks only; task 'synthetic' is multiclass\n"
+    )
+
+
+def _index(root, data) -> list[str]:
+    ix = root / "ix_max_labels"
+    if not ix.is_dir():
+        assert main(["build-index", "--records", str(data / "index.jsonl"), "--encoder", str(root / "encoder"),
+                     "--out", str(ix), "--no-progress"]) == 0  # fmt: skip
+    return ["--index", str(ix), "--index-records", str(data / "index.jsonl"), "--encoder", str(root / "encoder")]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..prompts import LAYOUTS
+from ..scoring.label_set_head import DEFAULT_MAX_LABELS
+from ..tasks import PROMPT_STYLES
 from .options import Opt
 
 READER_OPTS = (
@@ -11,6 +13,20 @@ READER_OPTS = (
     Opt("quantization", str, "none", "reader weights", choices=("none", "nf4", "int8")),
     Opt("device", str, None, "cpu, cuda or cuda:N", default_doc="cuda when available, else cpu"),
     Opt("task", str, "synthetic", "task name (see jomed_fast.tasks)"),
+    Opt(
+        "prompts",
+        str,
+        "paper",
+        "the built-in task's prompts: the paper's listings, or the authors' code's where they differ",
+        choices=PROMPT_STYLES,
+    ),
+    Opt(
+        "max_labels",
+        int,
+        None,
+        "multi-label tasks: the largest answer set scored (the task's label count scores every set)",
+        default_doc=str(DEFAULT_MAX_LABELS),
+    ),
     Opt("layout", str, "paper", "prompt layout", choices=LAYOUTS),
 )
 DATA_OPTS = (
@@ -36,6 +52,26 @@ INDEX_OPTS = (
         default_doc="off",
     ),
 )
+
+
+def task_from(values: dict):
+    """The task of ``--task`` in the ``--prompts`` variant."""
+    from ..tasks import get_task
+
+    return get_task(values["task"], values["prompts"])
+
+
+def max_labels_from(values: dict, task) -> int:
+    """``--max-labels`` for ``task``: the head's default unless given; given for a task that does
+    not score answer sets, or below 1, it is an error."""
+    m = values["max_labels"]
+    if m is None:
+        return DEFAULT_MAX_LABELS
+    if not task.is_multilabel:
+        raise ValueError(f"--max-labels: applies to multi-label tasks only; task {task.name!r} is {task.kind}")
+    if m < 1:
+        raise ValueError(f"--max-labels: expected a positive int, got {m}")
+    return int(m)
 
 
 def load_reader_from(values: dict):

@@ -16,6 +16,8 @@ from .common import (
     load_reader_from,
     load_retrieval_from,
     load_samples_from,
+    max_labels_from,
+    task_from,
 )
 from .options import Command, Opt
 from .rerank import LVLM_OPTS, LVLM_REPLIES, lvlm_backend, lvlm_inputs, write_rerank_table
@@ -82,9 +84,9 @@ def run_predict(v: dict) -> int:
     from ..infer import InferConfig, check_inputs, check_output_free, predict, refuse_inputs_as_outputs
     from ..infer.output import lock_path, meta_path
     from ..scoring import CandidateScorer
-    from ..tasks import get_task
 
-    task = get_task(v["task"])
+    task = task_from(v)
+    max_labels = max_labels_from(v, task)
     config = InferConfig(
         k_text=v["k_text"],
         k_image=v["k_image"],
@@ -124,7 +126,7 @@ def run_predict(v: dict) -> int:
     if task.is_open:  # no class set: greedy answers per candidate, fused over normalised strings
         scorer = OpenAnswerer(load_reader_from(v), task, v["layout"])
     else:
-        scorer = CandidateScorer(load_reader_from(v), task, v["layout"])
+        scorer = CandidateScorer(load_reader_from(v), task, v["layout"], max_labels=max_labels)
     if retrieval is not None:
         retrieval.to(scorer.reader.device)  # search beside the reader: queries never round-trip via the CPU
     records = predict(

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from ..train.run_log import check_report_to
-from .common import INDEX_OPTS, READER_OPTS, load_retrieval_from
+from .common import INDEX_OPTS, READER_OPTS, load_retrieval_from, max_labels_from, task_from
 from .options import Command, Opt, config_from, config_options
 
 
@@ -51,7 +51,7 @@ def _reader_opts() -> tuple:
             "grid-searched freezing it); recorded in the adapter and the reader's fingerprint",
         ),
         Opt("seed_lora", int, 0, "seed of the fresh LoRA adapter's initialisation"),
-        *config_options(ReaderTrainConfig, skip=("layout",)),
+        *config_options(ReaderTrainConfig, skip=("layout", "max_labels")),
     )
 
 
@@ -59,11 +59,10 @@ def run_train_reader(v: dict) -> int:
     import torch
 
     from ..readers import load_reader
-    from ..tasks import get_task
     from ..train import ReaderTrainConfig, train_reader
 
-    task = get_task(v["task"])
-    config = config_from(ReaderTrainConfig, v, layout=v["layout"])
+    task = task_from(v)
+    config = config_from(ReaderTrainConfig, v, layout=v["layout"], max_labels=max_labels_from(v, task))
     check_report_to(config.report_to)
     quant = None if v["quantization"] == "none" else v["quantization"]
     # the data and the index first: a bad file is reported before a reader of many GB loads
@@ -115,20 +114,19 @@ def _retriever_opts() -> tuple:
             "train the text head, the image head, or both in sequence",
             choices=("both", "text", "image"),
         ),
-        *config_options(RetrieverTrainConfig, skip=("head", "layout")),
+        *config_options(RetrieverTrainConfig, skip=("head", "layout", "max_labels")),
     )
 
 
 def run_train_retriever(v: dict) -> int:
     from ..readers import load_reader
     from ..retriever import HeadEncoders, QueryEncoder
-    from ..tasks import get_task
     from ..train import RetrieverTrainConfig, train_retriever, train_retriever_heads
 
     if v["index"] is None:
         raise ValueError("--index: required (stage 2 trains the retriever against a fixed index)")
-    task = get_task(v["task"])
-    config = config_from(RetrieverTrainConfig, v, layout=v["layout"])
+    task = task_from(v)
+    config = config_from(RetrieverTrainConfig, v, layout=v["layout"], max_labels=max_labels_from(v, task))
     check_report_to(config.report_to)
     quant = None if v["quantization"] == "none" else v["quantization"]
     train = _samples(v["train"], task, v["skip_bad"])  # before the reader loads, as above

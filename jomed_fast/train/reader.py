@@ -284,7 +284,7 @@ class _ReaderStage:
         if weights is not None or config.select_by != "val_loss":
             from ..scoring import CandidateScorer
 
-            self.scorer = CandidateScorer(reader, task, config.layout)
+            self.scorer = CandidateScorer(reader, task, config.layout, max_labels=config.max_labels)
         self.allowed = (
             torch.tensor(self.scorer.verbalizer.allowed_token_ids, dtype=torch.long)
             if weights is not None and self.scorer is not None

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..prompts import LAYOUTS
+from ..scoring.label_set_head import DEFAULT_MAX_LABELS
 from ._config import JsonConfig
 from .class_weights import parse_class_weights
 from .run_log import REPORT_TO
@@ -60,6 +61,8 @@ class ReaderTrainConfig(JsonConfig):
         gradient_checkpointing: recompute decoder activations in backward (non-reentrant).
         seed: seeds the model's RNGs, the class-balanced subset and the data order.
         layout: the prompt layout (``jomed_fast.prompts.LAYOUTS``).
+        max_labels: multi-label tasks: the largest answer set the validation scorer reads
+            (``scoring.label_set_head``; the number of labels scores every set).
         k_text / k_image: candidates retrieved per sample by each head (with retrieval).
         log_every: a ``train`` line in ``run_dir/log.jsonl`` every this many steps (and at the last).
         report_to: ``"tensorboard"`` also writes the log's scalars to ``run_dir/tensorboard/``.
@@ -83,6 +86,7 @@ class ReaderTrainConfig(JsonConfig):
     gradient_checkpointing: bool = True
     seed: int = 0
     layout: str = "paper"
+    max_labels: int = DEFAULT_MAX_LABELS
     k_text: int = 2
     k_image: int = 2
     log_every: int = 1
@@ -104,6 +108,7 @@ class ReaderTrainConfig(JsonConfig):
         self._check_choice("select_by", SELECT_BY)
         self._check_int("seed", 0)
         self._check_choice("layout", LAYOUTS)
+        self._check_int("max_labels", 1)
         self._check_int("k_text", 0)
         self._check_int("k_image", 0)
         if self.k_text + self.k_image < 1:

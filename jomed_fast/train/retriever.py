@@ -289,6 +289,7 @@ def _scorer(reader, task, config: RetrieverTrainConfig):
         memory_budget=config.memory_budget,
         class_mode=config.class_mode,
         normalize=config.sequence_normalize,
+        max_labels=config.max_labels,
     )
 
 

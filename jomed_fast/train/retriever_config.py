@@ -58,7 +58,8 @@ writes ``run_dir/tensorboard/``), ``layout`` (``"paper"``, the order of the pape
 the default of stage 1 and inference: the reader is distilled on the prompt it was trained on;
 ``"shared_query"`` is faster but another prompt, see ``jomed_fast.prompts``), ``allow_layout_mismatch``
 (False: a reader whose stage-1 adapter recorded another layout is refused, naming both), ``class_mode`` /
-``sequence_normalize``. The reference's ``KLDivLoss()`` averages over B*K entries; we use
+``sequence_normalize``, ``max_labels`` (multi-label tasks: the largest answer set scored, 3;
+``scoring.label_set_head``). The reference's ``KLDivLoss()`` averages over B*K entries; we use
 ``ops.retrieval_kl_loss`` (mean over B): the gradient differs by the constant K, which AdamW
 undoes (up to its epsilon).
 """
@@ -68,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..prompts import LAYOUTS
+from ..scoring.label_set_head import DEFAULT_MAX_LABELS
 from ._config import JsonConfig
 from .retriever_loss import TARGETS
 from .run_log import REPORT_TO
@@ -140,6 +142,7 @@ class RetrieverTrainConfig(JsonConfig):
         },
     )
     class_mode: str = "auto"
+    max_labels: int = DEFAULT_MAX_LABELS
     sequence_normalize: bool = False
     memory_budget: int | None = None
     checkpoint_every: int = 200
@@ -173,6 +176,7 @@ class RetrieverTrainConfig(JsonConfig):
         self._check_int("max_steps", 1, optional=True)
         self._check_int("refresh_every", 0, optional=True)
         self._check_int("memory_budget", 1, optional=True)
+        self._check_int("max_labels", 1)
         self._check_float("tau_retriever", 0.0, lo_open=True)
         self._check_float("tau_reader", 0.0, lo_open=True)
         self._check_float("lr", 0.0)
