@@ -299,7 +299,7 @@ def test_convert_vqa_rad_by_kind(tmp_path, capsys):
         ),
         (
             ["convert", "--format", "slake", "--src", "s", "--out", "o", "--task", "breast"],
-            "--task: only --format medmnist takes it, got --format slake",
+            "--task: only --format medmnist, image_folder takes it, got --format slake",
         ),
         (
             ["convert", "--format", "medmnist", "--src", "x.npz", "--out", "o", "--task", "breast", "--kinds", "open"],
@@ -317,7 +317,10 @@ def test_convert_vqa_rad_by_kind(tmp_path, capsys):
             ["convert", "--format", "vqa_rad", "--src", "s", "--out", "o", "--limit", "0"],
             "--limit: expected an int >= 1",
         ),
-        (["convert", "--format", "roco", "--src", "s", "--out", "o"], "--format: expected one of medmnist, vqa_rad"),
+        (
+            ["convert", "--format", "roco", "--src", "s", "--out", "o"],
+            "--format: expected one of medmnist, image_folder, vqa_rad",
+        ),
         (
             ["convert", "--format", "medmnist", "--src", "/nonexistent.npz", "--out", "o", "--task", "breast"],
             "/nonexistent.npz",

@@ -7,25 +7,35 @@ from ..scoring.label_set_head import DEFAULT_MAX_LABELS
 from ..tasks import PROMPT_STYLES
 from .options import Opt
 
+DEFAULT_TASK = "synthetic"
+TASK_OPTS = (
+    Opt("task", str, None, "a built-in task's name (see jomed_fast.tasks)", default_doc=DEFAULT_TASK),
+    Opt(
+        "task_file",
+        str,
+        None,
+        "a task of your own: a YAML file of jomed_fast.tasks.Task fields (jomed_fast.tasks.task_file)",
+    ),
+)
 READER_OPTS = (
     Opt("reader", str, None, "reader checkpoint directory (local only)", required=True),
     Opt("adapter", str, None, "LoRA adapter directory written by training"),
     Opt("quantization", str, "none", "reader weights", choices=("none", "nf4", "int8")),
     Opt("device", str, None, "cpu, cuda or cuda:N", default_doc="cuda when available, else cpu"),
-    Opt("task", str, "synthetic", "task name (see jomed_fast.tasks)"),
+    *TASK_OPTS,
     Opt(
         "prompts",
         str,
-        "paper",
+        None,
         "the built-in task's prompts: the paper's listings, or the authors' code's where they differ",
         choices=PROMPT_STYLES,
+        default_doc="paper",
     ),
     Opt(
         "max_labels",
         int,
-        None,
+        DEFAULT_MAX_LABELS,
         "multi-label tasks: the largest answer set scored (the task's label count scores every set)",
-        default_doc=str(DEFAULT_MAX_LABELS),
     ),
     Opt("layout", str, "paper", "prompt layout", choices=LAYOUTS),
 )
@@ -54,20 +64,28 @@ INDEX_OPTS = (
 )
 
 
-def task_from(values: dict):
-    """The task of ``--task`` in the ``--prompts`` variant."""
-    from ..tasks import get_task
+def task_from(values: dict, default: str | None = DEFAULT_TASK):
+    """The task of ``--task`` (in the ``--prompts`` variant) or of ``--task-file``; ``default``
+    when neither is given (None: no task)."""
+    from ..tasks import get_task, load_task_file
 
-    return get_task(values["task"], values["prompts"])
+    name, file, prompts = values.get("task"), values.get("task_file"), values.get("prompts")
+    if file is not None:
+        if name is not None:
+            raise ValueError(f"--task-file: give --task or --task-file, not both (got --task {name})")
+        if prompts is not None:
+            raise ValueError("--prompts: chooses a built-in task's prompts; a --task-file task brings its own")
+        return load_task_file(file)
+    if name is None and default is None:
+        return None
+    return get_task(str(name if name is not None else default), prompts or "paper")
 
 
 def max_labels_from(values: dict, task) -> int:
-    """``--max-labels`` for ``task``: the head's default unless given; given for a task that does
-    not score answer sets, or below 1, it is an error."""
+    """``--max-labels`` for ``task``; another value than the default for a task that does not
+    score answer sets, or one below 1, is an error."""
     m = values["max_labels"]
-    if m is None:
-        return DEFAULT_MAX_LABELS
-    if not task.is_multilabel:
+    if m != DEFAULT_MAX_LABELS and not task.is_multilabel:
         raise ValueError(f"--max-labels: applies to multi-label tasks only; task {task.name!r} is {task.kind}")
     if m < 1:
         raise ValueError(f"--max-labels: expected a positive int, got {m}")

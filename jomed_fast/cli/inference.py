@@ -208,6 +208,7 @@ ANALYZE_OPTS = (
         "the task whose class names label the per-class chart (and whose labels the baselines read)",
         default_doc="class 0, class 1, ...",
     ),
+    Opt("task_file", str, None, "the task as a YAML file of Task fields, in place of --task"),
     Opt(
         "baselines",
         bool,
@@ -295,8 +296,9 @@ def run_analyze(v: dict) -> int:
     chat = lvlm_backend(v)
     systems = {name: read_predictions(path) for name, path in paths.items()}
     check_same_queries(systems)  # before anything is written
-    classes = _classes(systems, v["task"])
-    baselines = _baselines(systems, v, knn_from, classes)  # refused before anything is written
+    task = task_from(v, default=None)
+    classes = _classes(systems, task)
+    baselines = _baselines(systems, v, knn_from, classes, task)  # refused before anything is written
     split = split_consistency(systems[ref])
     tables = write_consistency_tables(
         str(out),
@@ -320,14 +322,11 @@ def run_analyze(v: dict) -> int:
     return 0
 
 
-def _classes(systems: dict, task_name: str | None) -> tuple[int, list | None] | None:
+def _classes(systems: dict, task) -> tuple[int, list | None] | None:
     """``(C, class names or None)`` of the predictions (``--task`` names them), or ``None`` for open VQA."""
-    from ..tasks import get_task
-
     first = next(iter(systems.values()))
     if not first or first[0].kind == "vqa_open":
         return None
-    task = get_task(task_name) if task_name is not None else None
     if task is not None and task.kind != first[0].kind:
         raise ValueError(f"--task: expected a {first[0].kind} task (the predictions'), got {task.name} ({task.kind})")
     sizes = {len(r.fused_probs) for recs in systems.values() for r in recs if r.fused_probs}
@@ -345,7 +344,7 @@ def _classes(systems: dict, task_name: str | None) -> tuple[int, list | None] | 
     )
 
 
-def _baselines(systems: dict, v: dict, knn_from: str, classes) -> dict:
+def _baselines(systems: dict, v: dict, knn_from: str, classes, task) -> dict:
     """The retrieval-only votes (``analysis.baselines``) by row name; none without ``--index-records``
     and ``--task`` (a note says so), with ``--no-baselines``, or for open VQA."""
     from ..analysis import index_labels, retrieval_baselines
@@ -355,14 +354,13 @@ def _baselines(systems: dict, v: dict, knn_from: str, classes) -> dict:
     if classes is None:
         print("baselines: none for open VQA (no label set to vote over)")
         return {}
-    if v["index_records"] is None or v["task"] is None:
+    if v["index_records"] is None or task is None:
         print("baselines: none (give --index-records with labels and --task for the kNN and candidate votes)")
         return {}
     from ..data import load_index_records
-    from ..tasks import get_task
 
     records = load_index_records(v["index_records"], verify_images="none")
-    labels = index_labels(records, get_task(v["task"]), f"--index-records {v['index_records']}")
+    labels = index_labels(records, task, f"--index-records {v['index_records']}")
     if not labels:
         print(f"baselines: none (no record of {v['index_records']} carries a 'label', 'answer' or 'meta.label' key)")
         return {}

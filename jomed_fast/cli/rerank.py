@@ -84,7 +84,9 @@ def lvlm_backend(v: dict):
 
     if v["lvlm_rerank"] is None:
         return None
-    for flag in ("task", "samples", "index_records"):
+    if v["task"] is None and v.get("task_file") is None:
+        raise ValueError("--task: required with --lvlm-rerank (or --task-file)")
+    for flag in ("samples", "index_records"):
         if v[flag] is None:
             raise ValueError(f"--{flag.replace('_', '-')}: required with --lvlm-rerank")
     if v["lvlm_rerank"] == "local":
@@ -108,9 +110,9 @@ def _lvlm_rows(v: dict, chat, records: list) -> tuple[dict, list]:
     from ..analysis import is_inconsistent
     from ..analysis.lvlm_rerank import lvlm_picks, row_name
     from ..data import load_index_records, load_samples
-    from ..tasks import get_task
+    from .common import task_from
 
-    task = get_task(v["task"])
+    task = task_from(v, default=None)
     chosen = [r for r in records if is_inconsistent(r)]
     wanted = {c.id for r in chosen for c in r.candidates}
     samples = {str(s.id): s for s in load_samples(v["samples"], task)}

@@ -23,6 +23,7 @@ from typing import Iterator
 
 from .catalog import ALIASES, PROMPT_STYLES, builtin_tasks, legend_instructions, paper_legend
 from .spec import KINDS, Task, normalize, normalize_open_answer
+from .task_file import load_task_file
 
 # The verbalizer (tokenizer-dependent) loads on first use: the data loaders and configs that
 # only need a Task never import it.
@@ -35,6 +36,7 @@ __all__ = [
     "RestrictedDecoding",
     "build_verbalizer",
     "get_task",
+    "load_task_file",
     "register_task",
     "task_names",
     "iter_tasks",
