@@ -182,12 +182,18 @@ def _diagnostics(rec: dict) -> dict:
     }
 
 
-def _offer(epoch: int, ev: dict | None) -> Offer | None:
-    """Selection by the system accuracy (head-only without a partner)."""
+def _offer(epoch: int, ev: dict | None, record: dict | None = None) -> Offer | None:
+    """Selection by the system accuracy (head-only without a partner). The log's ``eval`` line holds
+    the evaluation and, from the epoch's ``record``, its training diagnostics (``train_`` before
+    each name) and warnings."""
     if ev is None:
         return None
     metric = "system_accuracy" if "system_accuracy" in ev else "accuracy"
-    return Offer(ev[metric], {"epoch": epoch, "metric": metric, "accuracy": ev[metric]}, dict(ev))
+    metrics = dict(ev)
+    if record is not None:
+        metrics.update({f"train_{k}": v for k, v in record["diagnostics"].items()})
+        metrics["warnings"] = [w["message"] for w in record["warnings"]]
+    return Offer(ev[metric], {"epoch": epoch, "metric": metric, "accuracy": ev[metric]}, metrics)
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -274,7 +280,7 @@ class _Stage2(HeadModel):
         record["warnings"] = self._warn(epoch, record, state.log["initial_eval"])
         state.log["history"].append(record)
         state.log["epoch_partial"] = _new_epoch_record()
-        return _offer(epoch, ev)
+        return _offer(epoch, ev, record)
 
     def _warn(self, epoch: int, record: dict, initial: dict | None) -> list[dict]:
         """The epoch's warnings (:func:`.retriever_diagnostics.epoch_warnings`), each printed as one line."""
