@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from jomed_fast.analysis.figures import stage2_diagnostics_chart
 from jomed_fast.candidate_retrieval import Retrieval
 from jomed_fast.index import Index
 from jomed_fast.retriever import QueryEncoder
@@ -175,11 +176,20 @@ def test_result_holds_the_diagnostics_and_the_norms_the_loop_logged(setup, tmp_p
     evals = [s for s in steps if s["kind"] == "eval"][1:]  # the first: before training
     assert [e["train_grad_norm"] for e in evals] == [e["diagnostics"]["grad_norm"] for e in res.epochs]
     assert [e["distinct_records"] for e in evals] == [e["eval"]["distinct_records"] for e in res.epochs]
+    assert (tmp_path / "run" / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = stage2_diagnostics_chart({"text": on_disk}, "t")  # the chart's lines read back
+    kl, ent, norm, right, distinct = fig.axes
+    assert list(kl.lines[0].get_ydata()) == [e["diagnostics"]["kl"] for e in res.epochs]
+    assert list(ent.lines[0].get_ydata()) == [e["diagnostics"]["target_entropy"] for e in res.epochs]
+    assert list(norm.lines[0].get_ydata()) == [e["diagnostics"]["grad_norm"] for e in res.epochs]
+    assert list(right.lines[0].get_ydata()) == [100 * e["diagnostics"]["reader_right_share"] for e in res.epochs]
+    want = [res.initial_eval["distinct_records"]] + [e["eval"]["distinct_records"] for e in res.epochs]
+    assert list(distinct.lines[0].get_ydata()) == want and list(distinct.lines[0].get_xdata()) == [0, 1, 2]
     assert not res.warnings  # the synthetic captions are scored apart: no flat target
     assert "warning" not in capsys.readouterr().err
 
 
-def test_flat_target_fires_on_copies_and_collapse_when_forced(setup, tmp_path, capsys):
+def test_flat_target_fires_on_copies(setup, tmp_path, capsys):
     reader, enc, retrieval, train, _ = setup
     one = retrieval.records[0]
     copies = [dataclasses.replace(one, id=f"copy{i}") for i in range(16)]

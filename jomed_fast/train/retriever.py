@@ -96,6 +96,7 @@ __all__ = [
 ]
 
 CACHE_FILE = "score_cache.bin"
+DIAGNOSTICS_PNG = "diagnostics.png"
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -468,4 +469,13 @@ def train_retriever(
         cache.close()
     result.excluded_self = {k: v - excluded_before[k] for k, v in retrieval.excluded.to_dict().items()}
     write_result(run_path, result.to_dict())
+    write_diagnostics_chart({config.head: result.to_dict()}, run_path / DIAGNOSTICS_PNG)
     return result
+
+
+def write_diagnostics_chart(runs: dict, path: Path) -> str:
+    """``path``: the per-epoch diagnostics of ``runs`` (``{head: result dict}``) as a PNG."""
+    from ..analysis.figures import save_png, stage2_diagnostics_chart
+
+    heads = " and ".join(f"{h} head" for h in runs)
+    return save_png(stage2_diagnostics_chart(runs, f"Stage 2 diagnostics per epoch ({heads})"), path)
