@@ -39,6 +39,13 @@ inference will run it: its query encoder and its k), also the **system accuracy*
 ``select="best_val_accuracy"`` keeps the epoch (step 0 included) with the highest system accuracy
 (head-only without a partner; checkpoint ``best``, restored at the end).
 
+Diagnostics (:mod:`.retriever_diagnostics`): each epoch record's ``diagnostics`` (mean KL, target
+and retriever entropy beside ``log K``, the reader-right share of the candidates, the gradient
+norm), each evaluation's distinct records and per-class coverage, and the flat-target and
+retrieval-collapse warnings (printed, and in ``RetrieverTrainResult.warnings``); ``run_dir/diagnostics.png``
+draws them. With ``dedup_candidates`` the K candidates hold each caption (text head) or image
+(image head) once (:mod:`.candidate_dedup`).
+
 The loop, data order, checkpoints (trainable weights, the candidate encoder's copies of them,
 AdamW, scheduler, RNG, data position, history) and exact resume are :mod:`.loop`'s, shared with
 stage 1; this module supplies the step's batch and loss (:mod:`.retriever_loss`), the per-epoch
