@@ -168,7 +168,10 @@ def stage2_diagnostics_chart(runs: Mapping[str, Mapping], title: str):
     the reader-right share in percent, the distinct validation records with epoch 0 the base
     retriever's). ``runs``: ``{head: RetrieverTrainResult.to_dict()}``; an epoch without a value
     (no evaluation) is left out of its line and marked ``n/a``."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _new_figure(4.0 * len(_STAGE2_PANELS), 3.6)
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(1, len(_STAGE2_PANELS), squeeze=False)[0]
     for ax, (key, ylabel, log) in zip(axes, _STAGE2_PANELS):
         for i, (head, run) in enumerate(runs.items()):
@@ -198,9 +201,11 @@ def stage2_diagnostics_chart(runs: Mapping[str, Mapping], title: str):
                 ax.text(0.5, 0.5 + 0.1 * i, f"{head}: {MISSING}", transform=ax.transAxes, ha="center", color="0.35")
         if log and ax.lines and all(min(line.get_ydata()) > 0 for line in ax.lines):  # a zero norm: linear
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
-        ax.legend(fontsize=6, frameon=False)
+        if key in ("kl", "entropy"):  # the heads' colours are the same in every panel
+            ax.legend(fontsize=6, frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title, fontsize=10)
     return fig
