@@ -279,9 +279,8 @@ def test_stage2_distils_the_gold_set_likelihood(tmp_path_factory, tmp_path, monk
 
     def spy(self, queries, idx, gold="paper"):
         r, e, images = real_batch(self, queries, idx, gold)
-        with torch.no_grad():  # the same search as the batch's: the candidates its targets score
-            q = self.candidate_encoder.encode_images(images)  # alpha None: the stale query alone
-            got = self.retrieval.search(q, k_text=cfg.k, k_image=0, queries=[queries.samples[i] for i in idx])
+        with torch.no_grad():  # the same search as the batch's (copies of a caption left out)
+            got = self.candidates(images, [queries.samples[i] for i in idx])
         targets.append((list(idx), r.clone(), got))
         return r, e, images
 

@@ -113,7 +113,8 @@ def _perturbed_head(cfg, enc, retrieval):
 @pytest.mark.parametrize("head_name", ["text", "image"])
 def test_stage2_candidates_are_the_brute_force_top_k_of_the_mixed_query(setup, head_name):
     _reader, enc, retrieval, train, _val = setup
-    cfg = RetrieverTrainConfig(k=8, alpha=0.15, head=head_name)
+    # the ranking itself: copies of a caption kept (de-duplication: tests/test_stage2_diagnostics.py)
+    cfg = RetrieverTrainConfig(k=8, alpha=0.15, head=head_name, dedup_candidates=False)
     assert cfg.candidate_query == "mixed"
     head, qe = _perturbed_head(cfg, enc, retrieval)
     images = [s.load_image() for s in train[:6]]

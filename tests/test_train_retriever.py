@@ -134,8 +134,9 @@ def test_distillation_lowers_kl_and_raises_agreement(setup, tmp_path):
     # queries trained on (metrics on the training queries: val=None)
     reader, enc, retrieval, train, _val = setup
     # shared_query, the layout these thresholds were set on: on paper the same ten epochs took the
-    # KL from 0.98 to 0.83 with the agreement unchanged, too little to tell learning from noise
-    cfg = RetrieverTrainConfig(**FAST, epochs=10, layout="shared_query")
+    # KL from 0.98 to 0.83 with the agreement unchanged, too little to tell learning from noise;
+    # and on the candidates as retrieved, copies of a caption kept (without them: 1.48 to 1.19)
+    cfg = RetrieverTrainConfig(**FAST, epochs=10, layout="shared_query", dedup_candidates=False)
     res = train_retriever(
         cfg, reader, "synthetic", _encoder(enc, cfg), retrieval, train, None, tmp_path / "run", progress=False
     )

@@ -31,6 +31,7 @@ __all__ = [
     "percent",
     "reliability_chart",
     "save_png",
+    "stage2_diagnostics_chart",
 ]
 
 MISSING = "n/a"
@@ -147,6 +148,64 @@ def reliability_chart(calibration: Mapping[str, dict], title: str):
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{display_name(name)} (n={rel['n']}, ECE {percent(rel['ece'])}%)", fontsize=9)
         ax.legend(fontsize=6, loc="upper left", frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+_STAGE2_PANELS = (
+    ("kl", "mean KL (training steps)", False),
+    ("entropy", "entropy (nats)", False),
+    ("grad_norm", "gradient norm before clipping", True),
+    ("reader_right_share", "reader-right share of candidates (%)", False),
+    ("distinct_records", "distinct validation records", False),
+)
+
+
+def stage2_diagnostics_chart(runs: Mapping[str, Mapping], title: str):
+    """Stage 2's per-epoch diagnostics, one line per head, one panel per quantity (mean KL, the
+    target's and the retriever's entropy with ``log K`` dashed, the gradient norm on a log axis (linear when one is 0),
+    the reader-right share in percent, the distinct validation records with epoch 0 the base
+    retriever's). ``runs``: ``{head: RetrieverTrainResult.to_dict()}``; an epoch without a value
+    (no evaluation) is left out of its line and marked ``n/a``."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(4.0 * len(_STAGE2_PANELS), 3.6)
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, len(_STAGE2_PANELS), squeeze=False)[0]
+    for ax, (key, ylabel, log) in zip(axes, _STAGE2_PANELS):
+        for i, (head, run) in enumerate(runs.items()):
+            epochs = run["epochs"]
+            n = (run.get("initial_eval") or {}).get("queries")
+            label = f"{head} head" + ("" if n is None else f" (n={n})")
+            diag = [(e["epoch"], e.get("diagnostics") or {}) for e in epochs]
+            if key == "entropy":
+                xs = [x for x, d in diag if d]
+                ax.plot(xs, [d["target_entropy"] for _, d in diag if d], "o-", color=f"C{i}", label=f"{label}: target")
+                ax.plot(
+                    xs, [d["retriever_entropy"] for _, d in diag if d], "s:", color=f"C{i}", label=f"{label}: retriever"
+                )
+                ax.plot(
+                    xs, [d["log_k"] for _, d in diag if d], "--", color="0.5", lw=1, label="log K" if i == 0 else None
+                )
+                continue
+            if key == "distinct_records":
+                evals = [(0, run.get("initial_eval"))] + [(e["epoch"], e.get("eval")) for e in epochs]
+                points = [(x, ev[key]) for x, ev in evals if ev and ev.get(key) is not None]
+            else:
+                scale = 100.0 if key == "reader_right_share" else 1.0
+                points = [(x, scale * d[key]) for x, d in diag if d.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", color=f"C{i}", label=label)
+            else:
+                ax.text(0.5, 0.5 + 0.1 * i, f"{head}: {MISSING}", transform=ax.transAxes, ha="center", color="0.35")
+        if log and ax.lines and all(min(line.get_ydata()) > 0 for line in ax.lines):  # a zero norm: linear
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        if key in ("kl", "entropy"):  # the heads' colours are the same in every panel
+            ax.legend(fontsize=6, frameon=False)
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title, fontsize=10)
     return fig

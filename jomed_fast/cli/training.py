@@ -166,7 +166,14 @@ def run_train_retriever(v: dict) -> int:
             {
                 "query_encoder": str(run / "query_encoder"),
                 **{
-                    h: {"final_eval": r.final_eval, "selected": r.selected, "cache": r.cache}
+                    h: {
+                        "final_eval": r.final_eval,
+                        "selected": r.selected,
+                        "cache": r.cache,
+                        "warnings": r.warnings,
+                        "dedup": r.dedup,
+                        "excluded_self": r.excluded_self,
+                    }
                     for h, r in results.items()
                 },
                 "excluded_self": retrieval.excluded.to_dict(),

@@ -39,10 +39,18 @@ import torch
 from ..identity import bytes_digest, file_digest, json_digest
 from .score_cache import ScoreCache
 
-__all__ = ["CandidateKeys", "PairScores", "gold_log_likelihoods", "query_key", "record_key", "scoring_layout"]
+__all__ = [
+    "CandidateKeys",
+    "PairScores",
+    "gold_log_likelihoods",
+    "query_key",
+    "record_key",
+    "image_key",
+    "scoring_layout",
+]
 
 
-def _image_key(item) -> str | None:
+def image_key(item) -> str | None:
     """The content of the image the reader sees: the in-memory pixels when there are (dtype, shape,
     bytes), else the file's bytes."""
     if getattr(item, "image", None) is not None:
@@ -55,12 +63,12 @@ def _image_key(item) -> str | None:
 
 def query_key(sample) -> str:
     """A query's cache key: the digest of its image's content and its question."""
-    return json_digest(["query", _image_key(sample), getattr(sample, "question", None)])
+    return json_digest(["query", image_key(sample), getattr(sample, "question", None)])
 
 
 def record_key(record) -> str:
     """A candidate's cache key: the digest of its index record's image content and caption."""
-    return json_digest(["candidate", _image_key(record), record.text])
+    return json_digest(["candidate", image_key(record), record.text])
 
 
 class CandidateKeys:

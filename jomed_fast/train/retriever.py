@@ -39,6 +39,13 @@ inference will run it: its query encoder and its k), also the **system accuracy*
 ``select="best_val_accuracy"`` keeps the epoch (step 0 included) with the highest system accuracy
 (head-only without a partner; checkpoint ``best``, restored at the end).
 
+Diagnostics (:mod:`.retriever_diagnostics`): each epoch record's ``diagnostics`` (mean KL, target
+and retriever entropy beside ``log K``, the reader-right share of the candidates, the gradient
+norm), each evaluation's distinct records and per-class coverage, and the flat-target and
+retrieval-collapse warnings (printed, and in ``RetrieverTrainResult.warnings``); ``run_dir/diagnostics.png``
+draws them. With ``dedup_candidates`` the K candidates hold each caption (text head) or image
+(image head) once (:mod:`.candidate_dedup`).
+
 The loop, data order, checkpoints (trainable weights, the candidate encoder's copies of them,
 AdamW, scheduler, RNG, data position, history) and exact resume are :mod:`.loop`'s, shared with
 stage 1; this module supplies the step's batch and loss (:mod:`.retriever_loss`), the per-epoch
@@ -56,6 +63,8 @@ the run after the step under way, checkpointed (:class:`~.preemption.StoppedBySi
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -78,7 +87,8 @@ from .loop import (
 from .pair_scores import PairScores, scoring_layout
 from .retriever_config import RESUME_FREE, RetrieverTrainConfig
 from .retriever_data import QuerySet
-from .retriever_loss import distillation_loss, gold_kind, retriever_scores, top1_agreement
+from .retriever_diagnostics import entropy, epoch_warnings, grad_norm
+from .retriever_loss import distillation_loss, distillation_target, gold_kind, retriever_scores, top1_agreement
 from .retriever_model import HeadModel, Partner, evaluate_retriever
 from .score_cache import ScoreCache
 
@@ -93,6 +103,7 @@ __all__ = [
 ]
 
 CACHE_FILE = "score_cache.bin"
+DIAGNOSTICS_PNG = "diagnostics.png"
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -110,12 +121,27 @@ class RetrieverTrainResult:
     cache: dict
     checkpoint: str | None
     selected: dict | None = None  # {"epoch", "metric", "accuracy"} the weights kept (select="best_val_accuracy")
+    warnings: list = dataclasses.field(default_factory=list)  # {"epoch", "kind", "message"} per warning
+    excluded_self: dict | None = None  # index rows left out as the query itself, this call's searches
+    dedup: dict | None = None  # copies left out of / kept in the training candidates, over the run
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_COUNTERS = ("steps", "seconds", "reader_seconds", "reader_calls", "hits", "misses")
+_COUNTERS = (
+    "steps",
+    "seconds",
+    "reader_seconds",
+    "reader_calls",
+    "hits",
+    "misses",
+    "dedup_removed",
+    "dedup_kept",
+    "excluded_self",
+)
+# per-step sums of the diagnostics (retriever_diagnostics), averaged at the epoch's end
+_SUMS = ("target_entropy_sum", "retriever_entropy_sum", "grad_norm_sum", "reader_right_sum", "pairs", "k_sum")
 
 
 def _new_epoch_record() -> dict:
@@ -126,6 +152,10 @@ def _new_epoch_record() -> dict:
         "reader_calls": 0,
         "hits": 0,
         "misses": 0,
+        "dedup_removed": 0,
+        "dedup_kept": 0,
+        "excluded_self": 0,
+        **dict.fromkeys(_SUMS, 0.0),
         "loss_sum": 0.0,
         "agree_sum": 0,
         "queries": 0,
@@ -139,16 +169,39 @@ def _close_epoch(rec: dict, epoch: int, ev: dict | None) -> dict:
     out["hit_rate"] = rec["hits"] / lookups if lookups else None
     out["train_loss"] = rec["loss_sum"] / max(1, rec["steps"])
     out["train_agreement"] = rec["agree_sum"] / max(1, rec["queries"])
+    out["diagnostics"] = _diagnostics(rec)
     out["eval"] = ev
     return out
 
 
-def _offer(epoch: int, ev: dict | None) -> Offer | None:
-    """Selection by the system accuracy (head-only without a partner)."""
+def _diagnostics(rec: dict) -> dict:
+    """The epoch's mean diagnostics over its steps (:mod:`.retriever_diagnostics`)."""
+    steps = rec["steps"]
+    if not steps:
+        return {}
+    k = rec["k_sum"] / steps
+    return {
+        "kl": rec["loss_sum"] / steps,
+        "target_entropy": rec["target_entropy_sum"] / steps,
+        "retriever_entropy": rec["retriever_entropy_sum"] / steps,
+        "log_k": math.log(k) if k > 0 else 0.0,
+        "grad_norm": rec["grad_norm_sum"] / steps,
+        "reader_right_share": rec["reader_right_sum"] / rec["pairs"] if rec["pairs"] else None,
+    }
+
+
+def _offer(epoch: int, ev: dict | None, record: dict | None = None) -> Offer | None:
+    """Selection by the system accuracy (head-only without a partner). The log's ``eval`` line holds
+    the evaluation and, from the epoch's ``record``, its training diagnostics (``train_`` before
+    each name) and warnings."""
     if ev is None:
         return None
     metric = "system_accuracy" if "system_accuracy" in ev else "accuracy"
-    return Offer(ev[metric], {"epoch": epoch, "metric": metric, "accuracy": ev[metric]}, dict(ev))
+    metrics = dict(ev)
+    if record is not None:
+        metrics.update({f"train_{k}": v for k, v in record["diagnostics"].items()})
+        metrics["warnings"] = [w["message"] for w in record["warnings"]]
+    return Offer(ev[metric], {"epoch": epoch, "metric": metric, "accuracy": ev[metric]}, metrics)
 
 
 # ------------------------------------------------------------------------------------------ stage
@@ -180,6 +233,9 @@ class _Stage2(HeadModel):
             "misses": stats.misses,
             "reader_seconds": stats.reader_seconds,
             "reader_calls": self.pairs.reader_calls,
+            "dedup_removed": self.dedup["removed"],
+            "dedup_kept": self.dedup["kept"],
+            "excluded_self": self.retrieval.excluded.records,
         }
 
     def step_loss(self, batches: list[list[int]], state: RunState) -> float:
@@ -188,9 +244,22 @@ class _Stage2(HeadModel):
         self.train_mode(True)
         r, e, images = self.batch(self.queries, idx, gold_kind(self.config.target))
         s = retriever_scores(self.query_embeddings(images), e)
-        loss = distillation_loss(s, r, self.config)
+        cfg = self.config
+        loss = distillation_loss(s, r, cfg)
         loss.backward()
-        self._step = {"before": before, "agree": int(top1_agreement(s.detach(), r).sum()), "queries": len(idx)}
+        right = self.last_reader_right
+        self._step = {
+            "before": before,
+            "agree": int(top1_agreement(s.detach(), r).sum()),
+            "queries": len(idx),
+            # gradients of this step alone: the loop zeroes them after every optimizer step
+            "grad_norm_sum": grad_norm(self.trainable),
+            "target_entropy_sum": float(entropy(distillation_target(s, r, cfg.target), cfg.tau_reader).mean()),
+            "retriever_entropy_sum": float(entropy(s, cfg.tau_retriever).mean()),
+            "reader_right_sum": int(right.sum()),
+            "pairs": right.numel(),
+            "k_sum": s.shape[1],
+        }
         return float(loss.detach())
 
     def _record(self, rec: dict, loss: float, seconds: float) -> None:
@@ -202,6 +271,8 @@ class _Stage2(HeadModel):
         rec["loss_sum"] += loss
         rec["agree_sum"] += self._step["agree"]
         rec["queries"] += self._step["queries"]
+        for k in _SUMS:
+            rec[k] += self._step[k]
 
     def after_step(self, state: RunState, loss: float, seconds: float, epoch_ended: bool, last: bool) -> Offer | None:
         """Refresh, the epoch's record; at an epoch's end (or the last step, mid-epoch) its evaluation."""
@@ -213,9 +284,19 @@ class _Stage2(HeadModel):
             return None
         epoch = state.epoch if epoch_ended else state.epoch + 1
         ev = self._evaluate()
-        state.log["history"].append(_close_epoch(state.log["epoch_partial"], epoch, ev))
+        record = _close_epoch(state.log["epoch_partial"], epoch, ev)
+        record["warnings"] = self._warn(epoch, record, state.log["initial_eval"])
+        state.log["history"].append(record)
         state.log["epoch_partial"] = _new_epoch_record()
-        return _offer(epoch, ev)
+        return _offer(epoch, ev, record)
+
+    def _warn(self, epoch: int, record: dict, initial: dict | None) -> list[dict]:
+        """The epoch's warnings (:func:`.retriever_diagnostics.epoch_warnings`), each printed as one line."""
+        out = []
+        for message in epoch_warnings(record["diagnostics"], record["eval"], initial, self.config):
+            print(f"warning: stage 2 ({self.config.head} head), epoch {epoch}: {message}", file=sys.stderr)
+            out.append({"epoch": epoch, "kind": message.split(":", 1)[0], "message": message})
+        return out
 
     def postfix(self, state: RunState, loss: float) -> dict:
         history = state.log["history"]
@@ -248,7 +329,16 @@ class _Stage2(HeadModel):
             cache=self.pairs.cache.stats.to_dict(),
             checkpoint=None if state.last_checkpoint is None else str(state.last_checkpoint),
             selected=selected,
+            warnings=[w for e in log["history"] for w in e.get("warnings", [])],
+            dedup=_dedup_totals(log),
         )
+
+
+def _dedup_totals(log: dict) -> dict:
+    """Copies left out of (``removed``) and kept in (``kept``: too few distinct rows) the training
+    candidates, over every step of the run (resumed ones included)."""
+    recs = [*log["history"], log["epoch_partial"]]
+    return {"removed": sum(r.get("dedup_removed", 0) for r in recs), "kept": sum(r.get("dedup_kept", 0) for r in recs)}
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -377,6 +467,7 @@ def train_retriever(
     run_path = Path(run_dir)
     ckpt = open_run(run_path, _identity(config, ns, train, val, retrieval, encoder, partner), config.to_dict(), resume)
     cache = ScoreCache(config.cache_path or run_path / CACHE_FILE)
+    excluded_before = retrieval.excluded.to_dict()
     try:
         stage = _Stage2(config, encoder, retrieval, PairScores(scorer, cache, ns), queries, eval_queries, partner)
         opts = _loop_options(config, len(queries))
@@ -384,5 +475,15 @@ def train_retriever(
         result = stage.result(state, run_path, opts.total_steps)
     finally:
         cache.close()
+    result.excluded_self = {k: v - excluded_before[k] for k, v in retrieval.excluded.to_dict().items()}
     write_result(run_path, result.to_dict())
+    write_diagnostics_chart({config.head: result.to_dict()}, run_path / DIAGNOSTICS_PNG)
     return result
+
+
+def write_diagnostics_chart(runs: dict, path: Path) -> str:
+    """``path``: the per-epoch diagnostics of ``runs`` (``{head: result dict}``) as a PNG."""
+    from ..analysis.figures import save_png, stage2_diagnostics_chart
+
+    heads = " and ".join(f"{h} head" for h in runs)
+    return save_png(stage2_diagnostics_chart(runs, f"Stage 2 diagnostics per epoch ({heads})"), path)

@@ -59,7 +59,10 @@ the default of stage 1 and inference: the reader is distilled on the prompt it w
 ``"shared_query"`` is faster but another prompt, see ``jomed_fast.prompts``), ``allow_layout_mismatch``
 (False: a reader whose stage-1 adapter recorded another layout is refused, naming both), ``class_mode`` /
 ``sequence_normalize``, ``max_labels`` (multi-label tasks: the largest answer set scored, 3;
-``scoring.label_set_head``). The reference's ``KLDivLoss()`` averages over B*K entries; we use
+``scoring.label_set_head``), ``dedup_candidates`` (True: the K candidates hold each caption (text
+head) or image (image head) once, :mod:`.candidate_dedup`; the reference keeps copies),
+``flat_target_ratio`` (0.98) and ``collapse_ratio`` (0.25), the thresholds of the per-epoch
+warnings (:mod:`.retriever_diagnostics`). The reference's ``KLDivLoss()`` averages over B*K entries; we use
 ``ops.retrieval_kl_loss`` (mean over B): the gradient differs by the constant K, which AdamW
 undoes (up to its epsilon).
 """
@@ -90,6 +93,8 @@ RESUME_FREE = (
     "log_every",
     "report_to",
     "allow_layout_mismatch",  # a permission: the layout itself is part of the identity
+    "flat_target_ratio",  # warning thresholds: they only decide what is printed
+    "collapse_ratio",
 )
 
 
@@ -151,6 +156,24 @@ class RetrieverTrainConfig(JsonConfig):
     cache_path: str | None = None
     log_every: int = 1
     report_to: str = dataclasses.field(default="none", metadata={"choices": REPORT_TO})
+    dedup_candidates: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "leave copies out of the K candidates (same caption for the text head, same image "
+            "sha256 for the image head), the list filled from further down"
+        },
+    )
+    flat_target_ratio: float = dataclasses.field(
+        default=0.98,
+        metadata={"help": "warn of a flat target when the epoch's mean target entropy >= this x log K"},
+    )
+    collapse_ratio: float = dataclasses.field(
+        default=0.25,
+        metadata={
+            "help": "warn of retrieval collapse when the distinct validation records fall below this x "
+            "those before training"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,7 +206,11 @@ class RetrieverTrainConfig(JsonConfig):
         self._check_float("weight_decay", 0.0)
         self._check_float("alpha", 0.0, 1.0, optional=True)
         self._check_float("grad_clip", 0.0, lo_open=True, optional=True)
-        self._check_bool("shuffle", "sequence_normalize", "eval_each_epoch", "allow_layout_mismatch")
+        self._check_float("flat_target_ratio", 0.0, 1.0)
+        self._check_float("collapse_ratio", 0.0, 1.0)
+        self._check_bool(
+            "shuffle", "sequence_normalize", "eval_each_epoch", "allow_layout_mismatch", "dedup_candidates"
+        )
         if self.cache_path is not None and not isinstance(self.cache_path, str):
             self._fail("cache_path", "a str path or None", self.cache_path)
         return self

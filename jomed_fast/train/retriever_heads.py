@@ -3,7 +3,8 @@
 Each head gets its own query encoder started from the base encoder (``retriever.HeadEncoders``;
 ``run_dir/text``, ``run_dir/image``) and one score cache, ``run_dir/score_cache.bin``, serves both.
 Each head is selected in the system it will serve in: the text head beside the base image head,
-the image head beside the text head as selected.
+the image head beside the text head as selected. ``run_dir/diagnostics.png`` draws both heads'
+per-epoch diagnostics (each head's own run directory holds its own).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..retriever.dual import QueryEncoder
 from ..retriever.head_encoders import HeadEncoders
-from .retriever import CACHE_FILE, RetrieverTrainResult, train_retriever
+from .retriever import CACHE_FILE, DIAGNOSTICS_PNG, RetrieverTrainResult, train_retriever, write_diagnostics_chart
 from .retriever_config import RetrieverTrainConfig
 from .retriever_model import Partner
 
@@ -90,4 +91,5 @@ def train_retriever_heads(
             progress=progress,
             partner=partners[head](),
         )
+    write_diagnostics_chart({h: r.to_dict() for h, r in results.items()}, Path(run_dir) / DIAGNOSTICS_PNG)
     return HeadsResult(text=results["text"], image=results["image"], encoders=HeadEncoders(**encoders))
