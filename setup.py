@@ -219,6 +219,7 @@ setup(
         "faiss-gpu": ["faiss-gpu>=1.15,<1.16"],
         "dev": [
             "pytest",
+            "pytest-xdist",  # make test: the suite's files over TEST_WORKERS processes
             "hypothesis",
             "scikit-learn",
             "faiss-cpu>=1.15,<1.16",

@@ -15,6 +15,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs TEST_WORKERS processes side by side: one thread each keeps them off each
+    # other's cores (the tiny models gain nothing from a second thread; see `one_thread`)
+    torch.set_num_threads(1)
+
 # the fault tests' module-scoped workspace fixtures (`files`, `full_run`); a module defining its own wins
 pytest_plugins = ["_faults"]
 
