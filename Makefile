@@ -22,7 +22,7 @@ AOT_TRITONS ?= 3.7.1 3.8.0
 # so its module fixtures are built once); TEST_WORKERS=0 runs it in this process
 TEST_WORKERS ?= 2
 
-.PHONY: install bench bench-kernels gpu-check aot aot-tritons lint test clean
+.PHONY: install bench bench-kernels gpu-check aot aot-tritons study lint test clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench-kernels: install
 # (without a GPU: the dry run, which plans and checks every step)
 gpu-check: install
 	$(PY) bench/gpu_check.py
+
+# the real-data study: BreastMNIST and RetinaMNIST from ../shared/data, 5 seeds, every system and
+# baseline -> docs/study.{md,png,json} (about 40 minutes on 2 CPU cores; runs/study resumes)
+study: install
+	$(VENV)/bin/jomed-fast study --out runs/study --doc docs/study.md
 
 aot: install
 	$(PY) -m jomed_fast.kernels.aot

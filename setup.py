@@ -217,6 +217,8 @@ setup(
         # project's own top-k serves exact search); the tests compare against faiss-cpu
         "faiss-cpu": ["faiss-cpu>=1.15,<1.16"],
         "faiss-gpu": ["faiss-gpu>=1.15,<1.16"],
+        # jomed-fast study: the supervised baselines' logistic regression and metrics
+        "study": ["scikit-learn"],
         "dev": [
             "pytest",
             "pytest-xdist",  # make test: the suite's files over TEST_WORKERS processes

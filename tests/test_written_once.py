@@ -419,12 +419,12 @@ def test_the_stage_configs_are_the_ones_the_flat_settings_made():
 
 def test_a_run_directory_resumes_only_the_same_settings(tmp_path):
     from jomed_fast.demo import PRESETS, run_demo
-    from jomed_fast.demo.pipeline import _check_settings
+    from jomed_fast.demo.pipeline import check_run_settings
 
     smoke = PRESETS["smoke"]
     # a run directory of the flat settings resumes: its key is the same JSON
     (tmp_path / "demo_config.json").write_text(json.dumps(OLD_PRESETS["smoke"]))
-    _check_settings(tmp_path, smoke)
+    check_run_settings(tmp_path, smoke.to_dict())
     with pytest.raises(ValueError, match=r"other settings \(\['n_test', 'stage2_k'\]\); use another directory"):
         run_demo(tmp_path, smoke.replace(n_test=13, stage2_k=5), progress=False)
     # settings of another form (nested, renamed) or a damaged file: refused naming the file
@@ -432,12 +432,12 @@ def test_a_run_directory_resumes_only_the_same_settings(tmp_path):
     (tmp_path / "demo_config.json").write_text(json.dumps(nested))
     with pytest.raises(
         ValueError,
-        match=r"demo_config\.json holds other setting names than this demo's \(not here: "
+        match=r"demo_config\.json holds other setting names than this run's \(not here: "
         r"\['data'\], missing: \['arch', ",
     ):
         run_demo(tmp_path, smoke, progress=False)
     for damaged in ("{not json", "[1, 2]", "\xff\xfe"):
         (tmp_path / "demo_config.json").write_text(damaged, encoding="latin-1")
-        with pytest.raises(ValueError, match=r"demo_config\.json is not a demo's settings \(not a JSON object\)"):
+        with pytest.raises(ValueError, match=r"demo_config\.json is not a run's settings \(not a JSON object\)"):
             run_demo(tmp_path, smoke, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_config.json"]  # nothing ran

@@ -43,6 +43,7 @@ from .rerankers import mcnemar_exact
 __all__ = [
     "DEFAULT_BOOTSTRAP",
     "SPLITS",
+    "bootstrap_interval",
     "compare_paired",
     "paired_bootstrap",
     "significance_markdown",
@@ -113,20 +114,59 @@ def paired_bootstrap(
         "accuracy": float(hit.mean()),
         "macro_f1": float((_macro_f1(ones, pb, gold) - _macro_f1(ones, pa, gold))[0]),
     }
-    rng = np.random.default_rng(seed)
     diffs: dict[str, list[np.ndarray]] = {"accuracy": [], "macro_f1": []}
-    chunk = max(1, _CELLS_PER_CHUNK // n)
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(m, n))
-        weights = np.bincount((np.arange(m)[:, None] * n + idx).ravel(), minlength=m * n).reshape(m, n)
-        weights = weights.astype(np.float64)
+    for weights in _resamples(n, n_boot, seed):
         diffs["accuracy"].append(weights @ hit / n)
         diffs["macro_f1"].append(_macro_f1(weights, pb, gold) - _macro_f1(weights, pa, gold))
     q = [(1 - confidence) / 2, (1 + confidence) / 2]
     return {
         metric: {"diff": point[metric], "ci": [float(x) for x in np.quantile(np.concatenate(d), q)]}
         for metric, d in diffs.items()
+    }
+
+
+def _resamples(n: int, n_boot: int, seed: int):
+    """The ``n_boot`` resamples of ``n`` query indices, as ``[m, n]`` float64 counts per chunk."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CELLS_PER_CHUNK // n)
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(m, n))
+        weights = np.bincount((np.arange(m)[:, None] * n + idx).ravel(), minlength=m * n).reshape(m, n)
+        yield weights.astype(np.float64)
+
+
+def bootstrap_interval(
+    records: Sequence[PredictionRecord],
+    num_classes: int,
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """``{"accuracy", "macro_f1"}``, each ``{"value", "ci": [lo, hi]}``: one system's metric with
+    the percentile bootstrap interval over its queries (the resamples of :func:`paired_bootstrap`)."""
+    if not is_int(n_boot) or n_boot < 1:
+        raise ValueError(f"--bootstrap: expected an int >= 1 resamples, got {n_boot!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
+    n = len(records)
+    if n == 0:
+        raise ValueError("records: expected at least one query, got 0")
+    if any(r.kind == "vqa_open" for r in records):
+        raise ValueError("records: the bootstrap interval needs a class set (open VQA has none)")
+    gold = _indicators([r.gold for r in records], num_classes, "gold")
+    pred = _indicators([r.fused for r in records], num_classes, "fused")
+    hit = np.array([_correct(r.fused, r) for r in records], np.float64)
+    point = {"accuracy": float(hit.mean()), "macro_f1": float(_macro_f1(np.ones((1, n)), pred, gold)[0])}
+    values: dict[str, list[np.ndarray]] = {"accuracy": [], "macro_f1": []}
+    for weights in _resamples(n, n_boot, seed):
+        values["accuracy"].append(weights @ hit / n)
+        values["macro_f1"].append(_macro_f1(weights, pred, gold))
+    q = [(1 - confidence) / 2, (1 + confidence) / 2]
+    return {
+        metric: {"value": point[metric], "ci": [float(x) for x in np.quantile(np.concatenate(v), q)]}
+        for metric, v in values.items()
     }
 
 

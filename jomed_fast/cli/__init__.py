@@ -9,6 +9,7 @@ r"""``jomed-fast``: the command line (one subcommand per pipeline step).
     jomed-fast analyze --system rag=rag.jsonl --system jomed=jomed.jsonl --out report/
     jomed-fast plan-memory --model qwen2_vl_7b
     jomed-fast demo --out runs/demo
+    jomed-fast study --out runs/study --doc docs/study.md   # BreastMNIST and RetinaMNIST, 5 seeds
     jomed-fast convert --format medmnist --src breastmnist_224.npz --task breast --out data/breast
     jomed-fast index-synthetic --records 100000 --out runs/ix100k    # torchrun -m jomed_fast.cli: sharded
     jomed-fast verify-index runs/ix100k --encoder runs/ix100k/encoder
@@ -47,9 +48,9 @@ USER_ERRORS = (ValueError, TypeError, OSError, MissingDependency, NonFiniteLossE
 
 def commands() -> dict:
     from ..memory import cli as memory
-    from . import aot, convert, demo, indexing, inference, training
+    from . import aot, convert, demo, indexing, inference, study, training
 
-    modules = (convert, indexing, training, inference, memory, demo, aot)
+    modules = (convert, indexing, training, inference, memory, demo, study, aot)
     return {c.name: c for module in modules for c in module.COMMANDS}
 
 

@@ -26,7 +26,7 @@ import torch
 from ..data.io import atomic_write_json
 from .config import DemoConfig
 
-__all__ = ["run_demo"]
+__all__ = ["check_run_settings", "run_demo", "run_systems"]
 
 SYSTEMS = ("reader_only", "ft_rag", "jomed", "jomed_no_retrieval", "jomed_random_retrieval", "jomed_no_query_image")
 
@@ -43,14 +43,14 @@ def _stored_settings(path: Path) -> dict:
         old = None
     if isinstance(old, dict):
         return old
-    raise ValueError(f"out_dir: {path} is not a demo's settings (not a JSON object); use another directory")
+    raise ValueError(f"out_dir: {path} is not a run's settings (not a JSON object); use another directory")
 
 
-def _check_settings(out: Path, config: DemoConfig) -> None:
-    """A rerun resumes only a run of the same settings; a ``demo_config.json`` that is not one of this
-    demo's (damaged, or with other setting names) is refused as well, naming the file."""
-    path = out / "demo_config.json"
-    new = config.to_dict()
+def check_run_settings(out: Path, new: dict, name: str = "demo_config.json") -> None:
+    """A rerun resumes only a run of the same settings (``out/name`` holds them; written on the
+    first run); a settings file that is not this run's kind (damaged, or with other setting names)
+    is refused as well, naming the file."""
+    path = out / name
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, new)
@@ -58,13 +58,13 @@ def _check_settings(out: Path, config: DemoConfig) -> None:
     old = _stored_settings(path)
     if set(old) != set(new):
         raise ValueError(
-            f"out_dir: {path} holds other setting names than this demo's (not here: "
+            f"out_dir: {path} holds other setting names than this run's (not here: "
             f"{sorted(set(old) - set(new))}, missing: {sorted(set(new) - set(old))}); "
             "use another directory"
         )
     changed = [k for k in new if old[k] != new[k]]
     if changed:
-        raise ValueError(f"out_dir: {out} holds a demo run with other settings ({changed}); use another directory")
+        raise ValueError(f"out_dir: {out} holds a run with other settings ({changed}); use another directory")
 
 
 def _data(out: Path, config: DemoConfig, progress: bool):
@@ -77,7 +77,7 @@ def _data(out: Path, config: DemoConfig, progress: bool):
     return load_synthetic(d)
 
 
-def _retriever(out: Path, config: DemoConfig, ds, progress: bool):
+def _retriever(out: Path, config: DemoConfig, ds, image_size: int, progress: bool):
     from ..retriever import TinyCLIP, pretrain
 
     d = out / "retriever"
@@ -88,7 +88,7 @@ def _retriever(out: Path, config: DemoConfig, ds, progress: bool):
         model = TinyCLIP.from_captions(
             captions,
             seed=config.seed,
-            image_size=config.data.image_size,
+            image_size=image_size,
             width=settings.width,
             depth=settings.depth,
             dim=settings.dim,
@@ -129,7 +129,9 @@ def _reader_checkpoint(out: Path, config: DemoConfig) -> Path:
     return d
 
 
-def _stage1(out: Path, name: str, config: DemoConfig, ckpt: Path, ds, retrieval, encoder, progress: bool) -> Path:
+def _stage1(
+    out: Path, name: str, config: DemoConfig, ckpt: Path, ds, retrieval, encoder, progress: bool, options: dict
+) -> Path:
     from ..readers import load_reader
     from ..train.reader import train_reader
 
@@ -139,7 +141,7 @@ def _stage1(out: Path, name: str, config: DemoConfig, ckpt: Path, ds, retrieval,
         torch.manual_seed(config.seed)
         r = config.stage1.lora_r
         reader = load_reader(ckpt, lora={"r": r, "alpha": 2 * r}, device="cpu")
-        rc = config.reader_config(retrieval=retrieval is not None)
+        rc = dataclasses.replace(config.reader_config(retrieval=retrieval is not None), **options)
         train_reader(
             rc, reader, ds.task, ds.train, ds.val, run, retrieval=retrieval, retriever=encoder, progress=progress
         )
@@ -215,6 +217,26 @@ def _predict_all(out: Path, config: DemoConfig, ds, retrieval, base, jomed_encod
     return out_records
 
 
+def run_systems(
+    out: Path, config: DemoConfig, ds, *, image_size: int, reader_options: dict | None = None, progress: bool = True
+) -> dict:
+    """Steps 2-6 on ``ds`` (``task``, ``train``, ``val``, ``test``, ``index``: the synthetic set's
+    or any labelled task's): ``{system: prediction records}`` of :data:`SYSTEMS` on ``ds.test``.
+    ``config``'s ``data`` group is not read; ``image_size`` is the retriever's input side;
+    ``reader_options`` (``train.ReaderTrainConfig`` fields) change both stage-1 runs."""
+    options = dict(reader_options or {})
+    base = _retriever(out, config, ds, image_size, progress)
+    retrieval = _index(out, ds, base, progress)
+    ckpt = _reader_checkpoint(out, config)
+    adapters = {
+        "reader_only": _stage1(out, "stage1_reader_only", config, ckpt, ds, None, None, progress, options),
+        "rag": _stage1(out, "stage1_rag", config, ckpt, ds, retrieval, base, progress, options),
+    }
+    readers = {name: _frozen_reader(ckpt, path) for name, path in adapters.items()}
+    jomed_encoder = _stage2(out, config, readers["rag"], ds, retrieval, base, progress)
+    return _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
+
+
 def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True) -> dict:
     """Run (or resume) the demo in ``out_dir``; returns the report's summary (tables and checks)."""
     from ..analysis import index_labels
@@ -222,20 +244,11 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, progress: bool = True
 
     config = config if config is not None else DemoConfig()
     out = Path(out_dir)
-    _check_settings(out, config)
+    check_run_settings(out, config.to_dict())
     start = time.time()
     torch.manual_seed(config.seed)
     ds = _data(out, config, progress)
-    base = _retriever(out, config, ds, progress)
-    retrieval = _index(out, ds, base, progress)
-    ckpt = _reader_checkpoint(out, config)
-    adapters = {
-        "reader_only": _stage1(out, "stage1_reader_only", config, ckpt, ds, None, None, progress),
-        "rag": _stage1(out, "stage1_rag", config, ckpt, ds, retrieval, base, progress),
-    }
-    readers = {name: _frozen_reader(ckpt, path) for name, path in adapters.items()}
-    jomed_encoder = _stage2(out, config, readers["rag"], ds, retrieval, base, progress)
-    records = _predict_all(out, config, ds, retrieval, base, jomed_encoder, readers, progress)
+    records = run_systems(out, config, ds, image_size=config.data.image_size, progress=progress)
     summary = write_report(
         out / "report",
         records,

@@ -120,9 +120,11 @@ def context_findings(main: dict, oracle: dict, num_classes: int) -> dict:
     }
 
 
-def _reading_of(checks: dict) -> list[str]:
+def _reading_of(checks: dict, synthetic: bool) -> list[str]:
     """Markdown lines: what the checks show and what they do not."""
     held = sum(checks.values())
+    if not synthetic:
+        return [f"{held} of {len(checks)} measured checks hold on this run (one seed of one task).", ""]
     return [
         (
             f"{held} of {len(checks)} measured checks hold. The synthetic task is built to contain a cue "
@@ -152,12 +154,15 @@ def write_report(
     findings_asserted: bool = True,
     class_names: Sequence[str] | None = None,
     index_labels: Mapping[str, Any] | None = None,
+    task_name: str | None = None,
 ) -> dict:
     """Write every table and ``report.md`` to ``out_dir``; return the summary (tables + checks).
 
     ``findings_asserted`` False (a preset too small for the findings) marks the checks as
     informational in ``report.md``; ``class_names`` name the classes of the per-class chart;
-    ``index_labels`` (``analysis.index_labels`` of the index records) adds the baselines.
+    ``index_labels`` (``analysis.index_labels`` of the index records) adds the baselines;
+    ``task_name`` names a real task the run was on (``None``: the synthetic task, whose checks
+    are read as existence proofs).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +222,7 @@ def write_report(
     context = context_findings(main, oracle, num_classes)
     share = consistency["accuracy"]["share_inconsistent"]
     md = [
-        "# JOMED on the synthetic task: report",
+        f"# JOMED on {task_name or 'the synthetic task'}: report",
         "",
         (
             f"Test queries: {len(records['jomed'])}; inconsistent share (fine-tuned RAG's candidates): "
@@ -239,7 +244,7 @@ def write_report(
         if findings_asserted
         else "### Checks (informational: this preset is too small for them)",
         "",
-        *_reading_of(checks),
+        *_reading_of(checks, synthetic=task_name is None),
     ]
     md += [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
     md += ["", "### Context: not findings (by construction, or trivial here)", ""]

@@ -218,10 +218,14 @@ def pretrain(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Contrastive (CLIP) pre-training on N (image, caption) pairs; returns per-step losses."""
+    """Contrastive (CLIP) pre-training on N (image, caption) pairs; returns per-step losses. A
+    batch holds ``min(batch_size, N)`` pairs (N < batch_size: one whole-set batch per epoch)."""
     x = images if isinstance(images, torch.Tensor) else images_to_tensor(images)
     if len(x) != len(captions):
         raise ValueError(f"captions: expected {len(x)} captions (one per image), got {len(captions)}")
+    if len(x) < 2:
+        raise ValueError(f"images: contrastive pre-training needs at least 2 pairs, got {len(x)}")
+    batch_size = min(batch_size, len(x))
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
