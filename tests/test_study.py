@@ -159,6 +159,8 @@ def test_aggregate_and_statements_count_what_the_runs_show():
     assert "logistic regression on pixels" in said  # the strongest baseline by mean accuracy (0.6)
     assert "larger on the inconsistent split than on the consistent one on 1 of the 2 seeds" in said
     assert "Random retrieval at or above reader-only (the paper's Table 7): 1 of 3 seeds" in said
+    assert "changed JOMED's answer on 4.0% of the test queries on average, no retrieval on 10.0%" in said
+    assert "top 4 is below the majority class on 3 of 3 seeds (40.0 ± 0.0 against 45.0 ± 0.0)" in said
     from jomed_fast.study.document import _why_no_gain
 
     why = _why_no_gain(agg)

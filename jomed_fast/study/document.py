@@ -222,6 +222,11 @@ def statements(agg: Mapping) -> list[str]:
     random_rows = agg["robustness"]["random retrieval"]["accuracy"]["seeds"]
     majority = [c["value"] for c in systems["majority"]["accuracy"]["seeds"]]
     no_image = agg["robustness"]["no query image"]["accuracy"]["seeds"]
+    knn = [c["value"] for c in systems["knn_vote"]["accuracy"]["seeds"]]
+
+    def changed(row: str) -> float:
+        return float(np.mean([c[row] for c in agg["answer_changed"]]))
+
     split = agg["comparisons"]["jomed vs ft_rag"]
     both = [
         (a, b)
@@ -245,6 +250,12 @@ def statements(agg: Mapping) -> list[str]:
         f"of {n} seeds.",
         f"- JOMED without the query image at or above the majority class: "
         f"{sum(a >= m for a, m in zip(no_image, majority))} of {n} seeds.",
+        f"- How much the answer depends on the context: random records in place of the retrieved ones changed "
+        f"JOMED's answer on {_pct(changed('random retrieval'))}% of the test queries on average, no retrieval on "
+        f"{_pct(changed('no retrieval'))}%, removing the query image on {_pct(changed('no query image'))}%.",
+        f"- What the retrieved captions are worth: the kNN vote of the base retriever's top {agg['knn_k']} is "
+        f"below the majority class on {sum(k < m for k, m in zip(knn, majority))} of {n} seeds "
+        f"({_mean_sd(systems['knn_vote']['accuracy'])} against {_mean_sd(systems['majority']['accuracy'])}).",
     ]
     return lines
 
