@@ -47,9 +47,11 @@ gpu-check: install
 	$(PY) bench/gpu_check.py
 
 # the real-data study: BreastMNIST and RetinaMNIST from ../shared/data, 5 seeds, every system and
-# baseline -> docs/study.{md,png,json} (about 40 minutes on 2 CPU cores; runs/study resumes)
+# baseline -> docs/study.{md,png,json} (about 40 minutes on 2 CPU cores; runs/study resumes);
+# STUDY_DATA is the folder holding breastmnist.npz and retinamnist.npz
+STUDY_DATA ?= ../shared/data
 study: install
-	$(VENV)/bin/jomed-fast study --out runs/study --doc docs/study.md
+	$(VENV)/bin/jomed-fast study --out runs/study --doc docs/study.md --data-dir $(STUDY_DATA)
 
 aot: install
 	$(PY) -m jomed_fast.kernels.aot
