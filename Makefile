@@ -19,7 +19,8 @@ STAMP       := $(VENV)/.jomed_fast_installed
 # the AOT check also runs under these Triton releases: the ones torch 2.13 / 2.14's CUDA wheels pin
 AOT_TRITONS ?= 3.7.1 3.8.0
 # the suite runs its files over this many processes (pytest-xdist; one file's tests share a process,
-# so its module fixtures are built once); TEST_WORKERS=0 runs it in this process
+# so its module fixtures are built once; tests/conftest.py puts the longest files first, and
+# --no-loadscope-reorder starts them first); TEST_WORKERS=0 runs it in this process
 TEST_WORKERS ?= 2
 
 .PHONY: install bench bench-kernels gpu-check aot aot-tritons study lint test clean
@@ -66,7 +67,7 @@ lint: install
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf build *.egg-info jomed_fast/*.so jomed_fast/_build_info.py

@@ -62,3 +62,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The suite's longest files, longest first (``pytest --durations``: the full demo ~300 s, then
+# ~90, ~70 and ~30 s). ``make test`` hands files to its workers in collection order
+# (``--dist loadfile --no-loadscope-reorder``; by default xdist starts the files with the most
+# tests first, which put the one-test demo last, with one worker running it alone for 5 minutes),
+# so these start first and the other worker takes the rest meanwhile.
+LONGEST_FIRST = ("test_demo_findings.py", "test_topk_similarity.py", "test_aot.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
