@@ -172,7 +172,6 @@ def run_one(out_dir, config: StudyConfig, dataset: str, seed: int, *, progress: 
     summary_path = out / "run_summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    start = time.time()
     _log(f"{dataset}, seed {seed}", progress)
     recipe = config.recipe.replace(seed=seed)
     torch.manual_seed(seed)
@@ -200,7 +199,6 @@ def run_one(out_dir, config: StudyConfig, dataset: str, seed: int, *, progress: 
     )
     supervised = _supervised(out, ds, config, seed, progress)
     summary = _summarise(records, ds, supervised, report, out, seed)
-    summary["seconds"] = round(time.time() - start, 1)
     atomic_write_json(summary_path, summary)
     return summary
 

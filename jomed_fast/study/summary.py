@@ -81,6 +81,5 @@ def aggregate(by_dataset: Mapping[str, Sequence[Mapping]]) -> dict:
             "answer_changed": [r["answer_changed"] for r in runs],
             "stage2": [r["stage2"] for r in runs],
             "supervised_selected": [r["supervised_selected"] for r in runs],
-            "seconds": [r.get("seconds") for r in runs],
         }
     return out
