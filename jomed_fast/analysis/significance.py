@@ -84,45 +84,21 @@ def _aligned(a: Sequence[PredictionRecord], b: Sequence[PredictionRecord]) -> tu
     return list(a), [by_id[r.query_id] for r in a]
 
 
-def paired_bootstrap(
-    a: Sequence[PredictionRecord],
-    b: Sequence[PredictionRecord],
-    num_classes: int,
-    *,
-    n_boot: int = DEFAULT_BOOTSTRAP,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict:
-    """``{"accuracy", "macro_f1"}``, each ``{"diff": B - A, "ci": [lo, hi]}``: the paired percentile
-    bootstrap of the module docstring over the queries ``a`` and ``b`` share (matched by id)."""
+def _check_resampling(n_boot: int, confidence: float) -> None:
     if not is_int(n_boot) or n_boot < 1:
         raise ValueError(f"--bootstrap: expected an int >= 1 resamples, got {n_boot!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
-    a, b = _aligned(a, b)
-    n = len(a)
-    if n == 0:
-        raise ValueError("records: expected at least one query to compare, got 0")
-    if any(r.kind == "vqa_open" for r in a):
-        raise ValueError("records: the paired bootstrap needs a class set (open VQA has none)")
-    gold = _indicators([r.gold for r in a], num_classes, "gold")
-    pa = _indicators([r.fused for r in a], num_classes, "fused")
-    pb = _indicators([r.fused for r in b], num_classes, "fused")
-    hit = np.array([_correct(y.fused, y) for y in b], np.float64) - np.array([_correct(x.fused, x) for x in a])
-    ones = np.ones((1, n))
-    point = {
-        "accuracy": float(hit.mean()),
-        "macro_f1": float((_macro_f1(ones, pb, gold) - _macro_f1(ones, pa, gold))[0]),
-    }
-    diffs: dict[str, list[np.ndarray]] = {"accuracy": [], "macro_f1": []}
-    for weights in _resamples(n, n_boot, seed):
-        diffs["accuracy"].append(weights @ hit / n)
-        diffs["macro_f1"].append(_macro_f1(weights, pb, gold) - _macro_f1(weights, pa, gold))
-    q = [(1 - confidence) / 2, (1 + confidence) / 2]
-    return {
-        metric: {"diff": point[metric], "ci": [float(x) for x in np.quantile(np.concatenate(d), q)]}
-        for metric, d in diffs.items()
-    }
+
+
+def _answers(records: Sequence[PredictionRecord], num_classes: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred [N, C] indicators, hit [N] 0/1)`` of one system's fused answers."""
+    if not records:
+        raise ValueError(f"records: {what} needs at least one query, got 0")
+    if any(r.kind == "vqa_open" for r in records):
+        raise ValueError(f"records: {what} needs a class set (open VQA has none)")
+    pred = _indicators([r.fused for r in records], num_classes, "fused")
+    return pred, np.array([_correct(r.fused, r) for r in records], np.float64)
 
 
 def _resamples(n: int, n_boot: int, seed: int):
@@ -136,6 +112,46 @@ def _resamples(n: int, n_boot: int, seed: int):
         yield weights.astype(np.float64)
 
 
+def _metric_samples(gold: np.ndarray, systems: Sequence[tuple], n_boot: int, seed: int) -> tuple[list, list]:
+    """For each system ``(pred, hit)`` over the same queries: its accuracy and macro-F1
+    (``{metric: value}``) and their values on every resample (``{metric: [n_boot]}``), all systems
+    on the same resamples."""
+    n = len(gold)
+    ones = np.ones((1, n))
+    points = [
+        {"accuracy": float(hit.mean()), "macro_f1": float(_macro_f1(ones, pred, gold)[0])} for pred, hit in systems
+    ]
+    samples: list[dict[str, list[np.ndarray]]] = [{"accuracy": [], "macro_f1": []} for _ in systems]
+    for weights in _resamples(n, n_boot, seed):
+        for (pred, hit), sample in zip(systems, samples):
+            sample["accuracy"].append(weights @ hit / n)
+            sample["macro_f1"].append(_macro_f1(weights, pred, gold))
+    return points, [{m: np.concatenate(v) for m, v in sample.items()} for sample in samples]
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> list[float]:
+    return [float(x) for x in np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])]
+
+
+def paired_bootstrap(
+    a: Sequence[PredictionRecord],
+    b: Sequence[PredictionRecord],
+    num_classes: int,
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
+    """``{"accuracy", "macro_f1"}``, each ``{"diff": B - A, "ci": [lo, hi]}``: the paired percentile
+    bootstrap of the module docstring over the queries ``a`` and ``b`` share (matched by id)."""
+    _check_resampling(n_boot, confidence)
+    a, b = _aligned(a, b)
+    systems = [_answers(a, num_classes, "the paired bootstrap"), _answers(b, num_classes, "the paired bootstrap")]
+    gold = _indicators([r.gold for r in a], num_classes, "gold")
+    (pa, pb), (sa, sb) = _metric_samples(gold, systems, n_boot, seed)
+    return {m: {"diff": pb[m] - pa[m], "ci": _percentiles(sb[m] - sa[m], confidence)} for m in ("accuracy", "macro_f1")}
+
+
 def bootstrap_interval(
     records: Sequence[PredictionRecord],
     num_classes: int,
@@ -146,28 +162,11 @@ def bootstrap_interval(
 ) -> dict:
     """``{"accuracy", "macro_f1"}``, each ``{"value", "ci": [lo, hi]}``: one system's metric with
     the percentile bootstrap interval over its queries (the resamples of :func:`paired_bootstrap`)."""
-    if not is_int(n_boot) or n_boot < 1:
-        raise ValueError(f"--bootstrap: expected an int >= 1 resamples, got {n_boot!r}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
-    n = len(records)
-    if n == 0:
-        raise ValueError("records: expected at least one query, got 0")
-    if any(r.kind == "vqa_open" for r in records):
-        raise ValueError("records: the bootstrap interval needs a class set (open VQA has none)")
+    _check_resampling(n_boot, confidence)
+    system = _answers(records, num_classes, "the bootstrap interval")
     gold = _indicators([r.gold for r in records], num_classes, "gold")
-    pred = _indicators([r.fused for r in records], num_classes, "fused")
-    hit = np.array([_correct(r.fused, r) for r in records], np.float64)
-    point = {"accuracy": float(hit.mean()), "macro_f1": float(_macro_f1(np.ones((1, n)), pred, gold)[0])}
-    values: dict[str, list[np.ndarray]] = {"accuracy": [], "macro_f1": []}
-    for weights in _resamples(n, n_boot, seed):
-        values["accuracy"].append(weights @ hit / n)
-        values["macro_f1"].append(_macro_f1(weights, pred, gold))
-    q = [(1 - confidence) / 2, (1 + confidence) / 2]
-    return {
-        metric: {"value": point[metric], "ci": [float(x) for x in np.quantile(np.concatenate(v), q)]}
-        for metric, v in values.items()
-    }
+    (point,), (sample,) = _metric_samples(gold, [system], n_boot, seed)
+    return {m: {"value": point[m], "ci": _percentiles(sample[m], confidence)} for m in ("accuracy", "macro_f1")}
 
 
 def compare_paired(
