@@ -259,3 +259,13 @@ def test_the_study_presets_and_bad_options():
         StudyConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match=r"--index-fraction: expected a share in \(0, 1\)"):
         StudyConfig(index_fraction=1.0)
+
+
+def test_percent_rounding_does_not_follow_float_noise():
+    """Shares of 400 queries land on exact halves of the shown digit; noise of 1e-16 (the order of
+    a sum) must not change the text."""
+    from jomed_fast.study.document import _pct
+
+    for x in (0.0025, 0.1185, 0.5075, -0.0025):
+        assert _pct(x, True) == _pct(x + 2e-16, True) == _pct(x - 2e-16, True)
+    assert _pct(0.1234) == "12.3" and _pct(None) == "-"

@@ -39,9 +39,13 @@ def _name(row: str, k: int) -> str:
 
 
 def _pct(x: float | None, signed: bool = False) -> str:
+    """Percent with one decimal. Shares of 400 or 156 queries land on exact halves of the last
+    digit (0.25 points), so the value is rounded to 9 decimals first: float noise of 1e-16 from
+    the order of a sum must not flip how a half rounds."""
     if x is None:
         return "-"
-    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+    v = round(100 * x, 9)
+    return f"{v:+.1f}" if signed else f"{v:.1f}"
 
 
 def _mean_sd(cell: Mapping, signed: bool = False) -> str:
