@@ -15,6 +15,7 @@ import _stage2_worker as W
 import numpy as np
 import pytest
 import torch
+from _stage2_settings import FAST as _FAST
 
 from jomed_fast.analysis.figures import stage2_diagnostics_chart
 from jomed_fast.candidate_retrieval import Retrieval
@@ -27,19 +28,7 @@ from jomed_fast.train.retriever_model import HeadModel
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 
-FAST = {
-    "k": 6,
-    "batch_size": 4,
-    "refresh_every": None,
-    "alpha": None,
-    "lr": 1e-2,
-    "weight_decay": 0.0,
-    "warmup_steps": 0,
-    "tau_reader": 0.1,
-    "tau_retriever": 0.1,
-    "checkpoint_every": 100,
-    "layout": "shared_query",
-}
+FAST = {**_FAST, "k": 6, "layout": "shared_query"}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import _stage2_worker as W
 import numpy as np
 import pytest
 import torch
+from _stage2_settings import FAST
 
 from jomed_fast.identity import IdentityMismatch
 from jomed_fast.retriever import QueryEncoder
@@ -30,19 +31,6 @@ pytestmark = [
     # a test compares float() of a loss that requires grad
     pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar:UserWarning"),
 ]
-
-FAST = {
-    "k": 8,
-    "batch_size": 4,
-    "refresh_every": None,
-    "alpha": None,
-    "lr": 1e-2,
-    "weight_decay": 0.0,
-    "warmup_steps": 0,
-    "tau_reader": 0.1,
-    "tau_retriever": 0.1,
-    "checkpoint_every": 100,
-}
 
 
 @pytest.fixture(scope="module")
