@@ -48,7 +48,7 @@ gpu-check: install
 	$(PY) bench/gpu_check.py
 
 # the real-data study: BreastMNIST and RetinaMNIST from ../shared/data, 5 seeds, every system and
-# baseline -> docs/study.{md,png,json} (about 40 minutes on 2 CPU cores; runs/study resumes);
+# baseline -> docs/study.{md,png,json} (2-2.5 min per BreastMNIST seed, ~4 per RetinaMNIST seed on 2 cores; runs/study resumes);
 # STUDY_DATA is the folder holding breastmnist.npz and retinamnist.npz
 STUDY_DATA ?= ../shared/data
 study: install
