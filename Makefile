@@ -48,8 +48,8 @@ gpu-check: install
 	$(PY) bench/gpu_check.py
 
 # the real-data study: BreastMNIST and RetinaMNIST from ../shared/data, 5 seeds, every system and
-# baseline -> docs/study.{md,png,json} (2-2.5 min per BreastMNIST seed, ~4 per RetinaMNIST seed on 2 cores; runs/study resumes);
-# STUDY_DATA is the folder holding breastmnist.npz and retinamnist.npz
+# baseline -> docs/study.{md,png,json} (2-2.5 min per BreastMNIST seed, ~4 per RetinaMNIST seed
+# on 2 cores; runs/study resumes); STUDY_DATA is the folder holding breastmnist.npz and retinamnist.npz
 STUDY_DATA ?= ../shared/data
 study: install
 	$(VENV)/bin/jomed-fast study --out runs/study --doc docs/study.md --data-dir $(STUDY_DATA)

@@ -12,8 +12,9 @@ The recipe is the demo's ``full`` preset (its ``data`` group is not read) with s
 class-weighted answer loss and macro-F1 checkpoint selection (``class_weights``, ``select_by``),
 since BreastMNIST is 27% malignant and the demo's recipe gives it readers that always answer the
 majority class. ``full`` is the documented study (``make study``: a run took 2-2.5 minutes per
-BreastMNIST seed and about 4 per RetinaMNIST seed on 2 CPU cores, two runs side by side); ``ci`` is the same study on the first queries of each split, one seed, one short epoch
-per stage: a check that every step runs on real data, too small for any finding.
+BreastMNIST seed and about 4 per RetinaMNIST seed on 2 CPU cores, two runs side by side); ``ci``
+is the same study on the first queries of each split, one seed, one short epoch per stage: a
+check that every step runs on real data, too small for any finding.
 """
 
 from __future__ import annotations
